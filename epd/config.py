@@ -1,0 +1,77 @@
+"""Engine configuration: one frozen dataclass per concern, derived values as properties.
+
+Per-instance variants are made with `dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from epd.models.config import VLModelConfig
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    dtype: str = "float32"
+    load_format: str = "safetensors"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+    hf: VLModelConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; choose from {sorted(_DTYPES)}")
+        if not (Path(self.model) / "config.json").exists():
+            raise FileNotFoundError(f"{self.model!r} is not a model directory (no config.json)")
+        object.__setattr__(self, "hf", VLModelConfig.from_pretrained(self.model))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def derived_max_model_len(self) -> int:
+        return self.max_model_len or self.hf.text.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: as many as kv_cache_memory_bytes holds
+    kv_cache_memory_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max_model_len, so any prompt fits one step
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    device: str = "cpu"
+    attention_backend: str = "torch_sdpa"
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        return self.scheduler.max_num_batched_tokens or self.model.derived_max_model_len

@@ -1,0 +1,84 @@
+"""One request's state inside an engine instance.
+
+Lifecycle (owned by the scheduler):
+
+    WAITING --schedule--> RUNNING --finish--> FINISHED
+       ^                     |
+       +----- preempt -------+   (KV freed; recomputed from all tokens on re-admission)
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from epd.inputs.types import ProcessedPrompt
+from epd.models.mrope import mrope_positions
+from epd.outputs import PositionLogprobs, RequestMetrics
+from epd.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    merge_size: int
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.time)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[PositionLogprobs] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in this instance's cache
+    num_cached_tokens: int = 0  # of the prompt, taken from the prefix cache at first admission
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    output_text: str = ""
+    # Encoder outputs per image, kept until the request finishes so a preempted request
+    # recomputes without encoding again.
+    image_embeds: list[torch.Tensor | None] = field(default_factory=list)
+    metrics: RequestMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        self.image_embeds = [None] * len(self.prompt.images)
+        grids = [img.grid_thw for img in self.prompt.images]
+        spans = [(p.offset, p.length) for p in self.prompt.placeholders]
+        self.prompt_positions, self.mrope_delta = mrope_positions(
+            len(self.prompt.prompt_token_ids), spans, grids, self.merge_size
+        )
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.prompt.prompt_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

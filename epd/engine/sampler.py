@@ -1,0 +1,144 @@
+"""Turns one step's logits into next tokens (and logprobs), one row per request.
+
+Style note: this runs every decode step. Masking is vectorised over the batch; only the
+multinomial draw loops over rows, because each seeded request owns its own generator.
+A row's result must not depend on the other rows in the batch (seeded reproducibility), so every
+row goes through the same ops in token-id order whatever features its neighbours use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from epd.outputs import Logprob, PositionLogprobs
+from epd.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # per row; None when that request asked for no logprobs
+
+
+class Sampler:
+    """Greedy rows take the argmax; the others sample after temperature, top-k, top-p and min-p.
+
+    Greedy means `SamplingParams.greedy` (temperature below 1e-5, or top_k == 1); ties go to the
+    lowest token id, like torch.argmax.
+
+    Contract: `logits` is [batch, vocab] of any float dtype (computed in float32); `params` and
+    `generators` have one entry per row. A row's generator (None: torch's default) drives its
+    draw, so a seeded request gets the same tokens whatever else is batched with it.
+    Logprobs come from the raw logits (before temperature and the masks), like vLLM's default.
+    """
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} need one params and one generator per row, "
+                f"got {len(params)} and {len(generators)}"
+            )
+        logits = logits.float()
+        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if greedy_rows:
+            rows = torch.tensor(greedy_rows, device=logits.device)
+            sampled[rows] = logits[rows].argmax(dim=-1)
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            probs = _masked_probs(logits[rows], [params[i] for i in random_rows])
+            sampled[rows] = _draw(probs, [generators[i] for i in random_rows])
+        token_ids = sampled.tolist()
+        return SamplerOutput(token_ids, _logprobs(logits, sampled, params))
+
+
+def _masked_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, then top-k, then top-p, then min-p; [rows, vocab], token order."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature.unsqueeze(1)
+    top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(p < 1.0 for p in top_p):
+        logits = _apply_top_k_top_p(logits, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        # A ratio to the max prob, so renormalisation after top-k/top-p does not change it.
+        threshold = torch.tensor(min_p, device=device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set logits outside each row's top-k and nucleus to -inf (top_k 0 / top_p 1.0: no limit).
+
+    Works on the sorted logits, then scatters back, so the result stays in token-id order.
+    The nucleus is the smallest prefix (by descending prob) whose mass reaches top_p: a token is
+    kept iff the mass strictly before it is < top_p, which always keeps the top token.
+    """
+    vocab = logits.shape[-1]
+    device = logits.device
+    # stable: ties keep token-id order, so which tied token survives the cut is deterministic.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
+    drop = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # top_p 1.0 must keep everything even where rounding pushes the cumulative mass past 1.
+        p = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device).unsqueeze(1)
+        drop |= mass_before >= p
+        drop[:, 0] = False  # guards against rounding when top_p is tiny
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One multinomial draw per row with that row's generator; [rows] token ids."""
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for i, gen in enumerate(generators):
+        out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+    return out
+
+
+def _logprobs(
+    logits: torch.Tensor, sampled: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[PositionLogprobs | None]:
+    """Per row: the sampled token and the top-`logprobs` tokens of the raw distribution.
+
+    Rank is 1 + the number of tokens with a strictly higher logprob (ties share a rank), for the
+    sampled token too, even when it lies outside the reported top tokens.
+    """
+    result: list[PositionLogprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return result
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index], dim=-1)
+    sampled_lp = logprobs.gather(1, sampled[index].unsqueeze(1))
+    sampled_rank = (logprobs > sampled_lp).sum(dim=-1) + 1
+    k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    # Within sorted top-k values, tokens strictly above position j all sit before j.
+    top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(dim=-1) + 1
+    sampled_ids, sampled_rank = sampled[index].tolist(), sampled_rank.tolist()
+    sampled_lp = sampled_lp[:, 0].tolist()
+    top_lp, top_ids, top_rank = top_lp.tolist(), top_ids.tolist(), top_rank.tolist()
+    for r, i in enumerate(rows):
+        entry: PositionLogprobs = {sampled_ids[r]: Logprob(sampled_lp[r], sampled_rank[r])}
+        for j in range(min(params[i].logprobs, k)):
+            entry.setdefault(top_ids[r][j], Logprob(top_lp[r][j], top_rank[r][j]))
+        result[i] = entry
+    return result

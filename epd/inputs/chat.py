@@ -1,0 +1,257 @@
+"""OpenAI-style chat messages -> prompt text (via the model's chat template) + image sources.
+
+The template is the checkpoint's own Jinja template, rendered the way transformers'
+`apply_chat_template(..., tokenize=False)` renders it: an immutable sandboxed environment
+with `trim_blocks` and `lstrip_blocks`, the same globals (`raise_exception`, `strftime_now`,
+`namespace`, `dict`), the same `tojson`, the tokenizer's named special tokens as variables,
+and message data rebuilt from plain JSON types (rich objects such as PIL images become an
+inert "<TypeName>" string: templates only test that an image key is present).
+
+Accepted message shape (anything else raises `InvalidInputError`):
+
+    {"role": "system" | "user" | "assistant" | "tool",
+     "content": str | [part, ...]}
+    part = {"type": "text", "text": str}
+         | {"type": "image_url", "image_url": {"url": str} | str}   # data:/file: URL or local path
+         | {"type": "image", "image": PIL image | str | bytes}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import ImageSource
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """The prompt text and the image sources its image placeholders stand for, in order."""
+
+    text: str
+    images: list[ImageSource]
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special-token variables it renders with."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        self._template = _compile(source)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | os.PathLike, special_tokens: dict[str, str] | None = None
+    ) -> ChatTemplate:
+        return cls(load_chat_template(model_dir), special_tokens)
+
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> RenderedChat:
+        """Validate `messages`, render them, and return the text with the image sources in order.
+
+        `template_kwargs` (e.g. `add_vision_id=True`) reach the template as variables.
+        Raises `InvalidInputError` for malformed messages or when the template rejects them.
+        """
+        template_messages, images = parse_messages(messages)
+        variables = {**self.special_tokens, **_plain(template_kwargs)}
+        try:
+            text = self._template.render(
+                messages=template_messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as e:
+            raise InvalidInputError(f"chat template rejected the messages: {e}") from None
+        return RenderedChat(text=text, images=images)
+
+
+def load_chat_template(model_dir: str | os.PathLike) -> str:
+    """The checkpoint's template, with the precedence AutoTokenizer uses.
+
+    chat_template.jinja, then tokenizer_config.json's `chat_template` (a string, or a list of
+    named templates of which "default" is taken), then the processor's chat_template.json.
+    """
+    jinja_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                template = _pick_default(json.load(f).get("chat_template"))
+            if template is not None:
+                return template
+    raise FileNotFoundError(f"no chat template in {model_dir}")
+
+
+def parse_messages(messages: Any) -> tuple[list[dict], list[ImageSource]]:
+    """Validate messages; return their plain-data copy for the template and the image sources in order."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInputError("messages must be a non-empty list")
+    images: list[ImageSource] = []
+    return [_parse_message(msg, i, images) for i, msg in enumerate(messages)], images
+
+
+def _parse_message(msg: Any, index: int, images: list[ImageSource]) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(msg, dict):
+        raise InvalidInputError(f"{where} must be an object")
+    # Like transformers: a key set to None (OpenAI clients send content=None...) counts as absent.
+    msg = {k: v for k, v in msg.items() if v is not None}
+    role = msg.get("role")
+    if role is None:
+        raise InvalidInputError(f"{where} has no 'role'")
+    if role not in ROLES:
+        raise InvalidInputError(f"{where} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if "content" not in msg:
+        raise InvalidInputError(f"{where} has no 'content'")
+    content = msg["content"]
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(part, f"{where}.content[{j}]", images)
+    elif not isinstance(content, str):
+        raise InvalidInputError(f"{where}.content must be a string or a list of parts")
+    return _plain(msg)
+
+
+def _check_part(part: Any, where: str, images: list[ImageSource]) -> None:
+    if not isinstance(part, dict):
+        raise InvalidInputError(f"{where} must be an object")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InvalidInputError(f"{where} of type 'text' needs a string 'text'")
+    elif kind == "image_url":
+        images.append(_image_url(part.get("image_url"), where))
+    elif kind == "image":
+        if part.get("image") is None:
+            raise InvalidInputError(f"{where} of type 'image' needs an 'image'")
+        images.append(part["image"])
+    elif kind is None:
+        raise InvalidInputError(f"{where} has no 'type'")
+    else:
+        raise InvalidInputError(
+            f"{where} has unknown type {kind!r} (expected 'text', 'image_url' or 'image')"
+        )
+
+
+def _image_url(value: Any, where: str) -> str:
+    # OpenAI sends {"url": ..., "detail": ...}; some clients send the URL string itself.
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise InvalidInputError(f"{where} of type 'image_url' needs 'image_url': {{'url': <string>}}")
+    return url
+
+
+def _pick_default(template: Any) -> str | None:
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+        by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return by_name.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild `value` from JSON types; anything else becomes "<TypeName>" (as transformers does)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    for base in (bool, str, int, float):  # subclasses (enums...) carry methods the sandbox doesn't vet
+        if isinstance(value, base):
+            return base(value)
+    return f"<{type(value).__name__}>"
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask markers): render the body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore attributes, so templates can't reach CPython internals."""
+
+    def __init__(*args: Any, **kwargs: Any):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set namespace attribute {name!r}")
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without exposing the `dict` type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # Jinja's own tojson HTML-escapes; templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=_strftime_now,
+        dict=_TemplateDict(),
+        namespace=_TemplateNamespace,
+    )
+    return env.from_string(source)

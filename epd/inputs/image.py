@@ -1,0 +1,217 @@
+"""Turn a user-supplied image source into an RGB PIL image, safely.
+
+Sources, and what is checked before any pixel is decoded:
+
+| source                         | check                                                   |
+|--------------------------------|---------------------------------------------------------|
+| `PIL.Image.Image`              | pixel count                                             |
+| `bytes` / `bytearray`          | byte count, pixel count (from the header)               |
+| `data:[image/*][;base64],...`  | byte count (estimated before base64 decoding), pixels   |
+| `file://...` or a plain path   | allowed directory (after symlinks and `..`), bytes, px  |
+| `http://`, `https://`, other   | refused: remote media is not enabled                    |
+
+Decoding then mirrors what transformers does with the same image: EXIF orientation is
+applied (`transformers.image_utils.load_image`), transparency is composited onto white
+(`transformers.image_transforms.convert_to_rgb`), and the result is mode "RGB".
+Every failure the caller caused raises `InvalidInputError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import stat
+import urllib.parse
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from epd.inputs.errors import InvalidInputError
+
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+
+# Formats we let Pillow decode from untrusted bytes. Pillow can also open formats that run
+# external programs (EPS calls Ghostscript) or are rarely fuzzed, so we allow only these.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+_DATA_URL_MEDIA_TYPES = ("", "application/octet-stream")
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    allowed_local_media_path: str | None = None,
+    max_image_pixels: int | None = None,
+    max_image_bytes: int | None = None,
+) -> Image.Image:
+    """Load `source` and return a fully decoded RGB image.
+
+    `allowed_local_media_path=None` allows local files anywhere (offline use); otherwise a local
+    path must lie under that directory once symlinks and `..` are resolved, and a relative path
+    is taken relative to it. `max_image_pixels` / `max_image_bytes` (None = no limit of ours;
+    Pillow's own decompression-bomb guard still applies) are checked before full decoding.
+    Raises `InvalidInputError` for anything wrong with the source.
+    """
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_image_pixels)
+        return _finish(source)
+    data = read_image_bytes(
+        source, allowed_local_media_path=allowed_local_media_path, max_image_bytes=max_image_bytes
+    )
+    return decode_image_bytes(data, max_image_pixels=max_image_pixels)
+
+
+def read_image_bytes(
+    source: bytes | bytearray | memoryview | str | os.PathLike,
+    *,
+    allowed_local_media_path: str | None = None,
+    max_image_bytes: int | None = None,
+) -> bytes:
+    """The encoded bytes behind a non-PIL source, with the URL scheme, path and byte checks applied."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        _check_bytes(len(data), max_image_bytes)
+        return data
+    if isinstance(source, os.PathLike):
+        return _read_local_file(os.fspath(source), allowed_local_media_path, max_image_bytes)
+    if not isinstance(source, str):
+        raise InvalidInputError(f"unsupported image source type {type(source).__name__}")
+    if source[:5].lower() == "data:":
+        return _decode_data_url(source, max_image_bytes)
+    if "://" in source:
+        return _read_url(source, allowed_local_media_path, max_image_bytes)
+    return _read_local_file(source, allowed_local_media_path, max_image_bytes)
+
+
+def decode_image_bytes(data: bytes, *, max_image_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (first frame of animations) into an RGB image."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise InvalidInputError(f"image has too many pixels: {e}") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError(
+            f"data is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InvalidInputError(f"cannot read image header: {e}") from None
+    # The header gives the size: refuse decompression bombs before decoding any pixel.
+    _check_pixels(img.size, max_image_pixels)
+    return _finish(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert to RGB exactly like transformers' `convert_to_rgb`: transparency goes onto white."""
+    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+    if img.mode == "RGB" and not has_alpha:
+        return img
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def image_content_hash(img: Image.Image) -> str:
+    """sha256 hex of the decoded pixels (mode, size, raw bytes): same pixels -> same hash, any source."""
+    h = hashlib.sha256()
+    h.update(f"{img.mode}|{img.width}x{img.height}|".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def _finish(img: Image.Image) -> Image.Image:
+    """Decode all pixels, apply EXIF orientation, convert to RGB; decoding errors become input errors."""
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise InvalidInputError(f"image has too many pixels: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InvalidInputError(f"image data is truncated or corrupt: {e}") from None
+
+
+def _check_pixels(size: tuple[int, int], max_image_pixels: int | None) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InvalidInputError(f"image has an empty size {w}x{h}")
+    if max_image_pixels is not None and w * h > max_image_pixels:
+        raise InvalidInputError(f"image has too many pixels: {w}x{h} = {w * h} > limit {max_image_pixels}")
+
+
+def _check_bytes(n: int, max_image_bytes: int | None) -> None:
+    if max_image_bytes is not None and n > max_image_bytes:
+        raise InvalidInputError(f"image is too large: {n} bytes > limit {max_image_bytes}")
+
+
+def _decode_data_url(url: str, max_image_bytes: int | None) -> bytes:
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise InvalidInputError("malformed data URL: no ',' before the data")
+    media_type, *params = header.split(";")
+    media_type = media_type.strip().lower()
+    if not (media_type.startswith("image/") or media_type in _DATA_URL_MEDIA_TYPES):
+        raise InvalidInputError(f"data URL media type {media_type!r} is not an image")
+    if "base64" not in (p.strip().lower() for p in params):
+        data = urllib.parse.unquote_to_bytes(payload)
+    else:
+        # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
+        _check_bytes(len(payload) // 4 * 3 - 2, max_image_bytes)
+        try:
+            data = base64.b64decode(payload)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidInputError(f"data URL has invalid base64: {e}") from None
+    _check_bytes(len(data), max_image_bytes)
+    return data
+
+
+def _read_url(url: str, allowed_root: str | None, max_image_bytes: int | None) -> bytes:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        raise InvalidInputError(
+            f"remote media is not enabled: cannot fetch {scheme}:// image URLs; send the image as a data: URL"
+        )
+    if scheme != "file":
+        raise InvalidInputError(f"unsupported image URL scheme {scheme!r} (use data: URLs or local files)")
+    if parts.netloc not in ("", "localhost"):
+        raise InvalidInputError(f"file:// URL must name a local file, got host {parts.netloc!r}")
+    return _read_local_file(urllib.parse.unquote(parts.path), allowed_root, max_image_bytes)
+
+
+def _resolve_local_path(path: str, allowed_root: str | None) -> Path:
+    if not path:
+        raise InvalidInputError("empty image path")
+    if allowed_root is None:
+        return Path(path)
+    root = Path(allowed_root).resolve()
+    resolved = (root / path).resolve()  # an absolute `path` replaces `root` here
+    if not resolved.is_relative_to(root):
+        raise InvalidInputError(f"local image path {path!r} is outside the allowed media directory")
+    return resolved
+
+
+def _read_local_file(path: str, allowed_root: str | None, max_image_bytes: int | None) -> bytes:
+    resolved = _resolve_local_path(path, allowed_root)
+    try:
+        with open(resolved, "rb") as f:
+            st = os.fstat(f.fileno())
+            # Devices and FIFOs (/dev/zero...) never end: only regular files are images.
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInputError(f"local image path {path!r} is not a regular file")
+            _check_bytes(st.st_size, max_image_bytes)
+            limit = -1 if max_image_bytes is None else max_image_bytes + 1
+            data = f.read(limit)
+    except FileNotFoundError:
+        raise InvalidInputError(f"local image file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"local image path {path!r} is a directory") from None
+    except PermissionError:
+        raise InvalidInputError(f"local image file {path!r} is not readable") from None
+    except OSError as e:
+        raise InvalidInputError(f"cannot open local image file {path!r}: {e.strerror}") from None
+    _check_bytes(len(data), max_image_bytes)  # the file may have grown since fstat
+    return data

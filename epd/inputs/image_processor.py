@@ -1,0 +1,158 @@
+"""Qwen2-VL image preprocessing: resize, rescale, normalise, cut into patches.
+
+A numpy re-implementation of transformers' `Qwen2VLImageProcessorPil`, kept bit-for-bit
+equal to it (tests/inputs/test_image_processor.py checks): the same PIL bicubic resize of
+the uint8 image, the same float64 rescale cast to float32, the same float32 normalisation,
+and the same patch order. Layout of one image's `pixel_values` rows:
+
+    row = ((bh * (grid_w // m) + bw) * m + mh) * m + mw      (m = merge_size)
+    col = ((c * T + t) * P + ph) * P + pw                     (T = temporal_patch_size, P = patch_size)
+
+so the m*m patches merged into one LLM token are contiguous rows, and the T frames of a
+still image are copies of the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import image_content_hash, to_rgb
+from epd.inputs.types import ImageInput
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """What `preprocessor_config.json` says about images; defaults are transformers' Qwen2-VL ones."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: one merged patch group is factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> ImageProcessorConfig:
+        """Read `model_dir/preprocessor_config.json` (defaults where it is silent or missing)."""
+        path = os.path.join(model_dir, "preprocessor_config.json")
+        if not os.path.exists(path):
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageProcessorConfig:
+        """Build from a preprocessor config dict in either the transformers 4 or 5 layout."""
+        kwargs = {k: d[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "resample") if k in d}
+        if "rescale_factor" in d:
+            kwargs["rescale_factor"] = float(d["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                kwargs[key] = tuple(float(x) for x in d[key])
+        # transformers 5 writes size={"shortest_edge": min, "longest_edge": max}; some older files
+        # write size={"min_pixels", "max_pixels"}; top-level min/max_pixels win, as in transformers.
+        size = d.get("size") or {}
+        min_pixels = d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        max_pixels = d.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        if min_pixels is not None:
+            kwargs["min_pixels"] = int(min_pixels)
+        if max_pixels is not None:
+            kwargs["max_pixels"] = int(max_pixels)
+        return cls(**kwargs)
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Same arithmetic as transformers' `smart_resize` (including Python's round-half-even), so the
+    grid always agrees with the reference. Raises `InvalidInputError` for an aspect ratio over 200
+    or an empty side.
+    """
+    if height <= 0 or width <= 0:
+        raise InvalidInputError(f"image has an empty size {width}x{height}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise InvalidInputError(
+            f"image aspect ratio must be at most {MAX_ASPECT_RATIO}, got {width}x{height} "
+            f"({max(height, width) / min(height, width):.1f})"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    if h_bar <= 0 or w_bar <= 0:  # only reachable with min_pixels == 0
+        raise InvalidInputError(f"image {width}x{height} is too small to resize")
+    return h_bar, w_bar
+
+
+def image_grid_thw(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
+    """(grid_t, grid_h, grid_w) in patches for an image of this size, without touching pixels."""
+    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return 1, h // cfg.patch_size, w // cfg.patch_size
+
+
+def process_image(
+    image: Image.Image, cfg: ImageProcessorConfig, content_hash: str | None = None
+) -> ImageInput:
+    """Resize, rescale, normalise and patchify one image, as `Qwen2VLImageProcessorPil` does.
+
+    A non-RGB image is converted first (transparency onto white). `content_hash` defaults to
+    `image_content_hash` of the RGB image; pass it when it is already known.
+    """
+    image = to_rgb(image)
+    if content_hash is None:
+        content_hash = image_content_hash(image)
+    h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    pixels = np.asarray(image.resize((w, h), resample=cfg.resample))  # [H, W, C] uint8
+    pixels = normalize(rescale(pixels, cfg.rescale_factor), cfg.image_mean, cfg.image_std)
+    patches = patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+    grid = (1, h // cfg.patch_size, w // cfg.patch_size)
+    return ImageInput(pixel_values=torch.from_numpy(patches), grid_thw=grid, content_hash=content_hash)
+
+
+def rescale(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 -> float32 times `factor`, computed in float64 first as transformers does."""
+    return (pixels.astype(np.float64) * factor).astype(np.float32)
+
+
+def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(x - mean) / std per channel of an [H, W, C] float32 array, in float32."""
+    return (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+
+
+def patchify(pixels: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int) -> np.ndarray:
+    """[H, W, C] -> [grid_h * grid_w, C * T * P * P] float32 in the order of the module docstring."""
+    height, width, channels = pixels.shape
+    gh, gw, m, p = height // patch_size, width // patch_size, merge_size, patch_size
+    x = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, C, ph, pw)
+    # A still image is T identical frames; broadcasting avoids materialising them before reshape.
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
+    return np.ascontiguousarray(x.reshape(gh * gw, channels * temporal_patch_size * p * p), dtype=np.float32)

@@ -1,0 +1,247 @@
+"""Prompt (text, token ids or chat messages) + images -> `ProcessedPrompt` for the engine.
+
+Prompt shapes accepted by `process_prompt` (vLLM's offline format):
+
+    "text"                                   # no images
+    [token ids]                              # no images
+    {"prompt": "text", "multi_modal_data": {"image": img | [img, ...]}}
+    {"prompt_token_ids": [...], "multi_modal_data": {"image": ...}}
+
+where the prompt holds one `<|image_pad|>` per image (normally inside
+`<|vision_start|><|image_pad|><|vision_end|>`), in image order. Each pad becomes
+`image.num_tokens(merge_size)` copies, as Qwen2VLProcessor does by repeating the pad in the
+text before tokenising: pads are special tokens, so both give the same ids.
+
+    ids:       [ s  V  I  E  t ]              V/E = vision start/end, I = image pad
+    expanded:  [ s  V  I  I  I  I  E  t ]     placeholders = [PlaceholderRange(offset=2, length=4)]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from epd.inputs.chat import ChatTemplate, load_chat_template
+from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import ImageSource, load_image
+from epd.inputs.image_processor import ImageProcessorConfig, process_image
+from epd.inputs.tokenizer import Tokenizer
+from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
+
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a request may bring. None = unlimited (local paths: allowed anywhere)."""
+
+    max_images_per_request: int | None = None
+    allowed_local_media_path: str | None = None
+    max_image_pixels: int | None = None
+    max_image_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class VisionTokenIds:
+    """The special token ids of the Qwen2-VL prompt format."""
+
+    image_token_id: int
+    vision_start_token_id: int | None = None
+    video_token_id: int | None = None
+
+
+class InputProcessor:
+    """Turns user prompts and chats into expanded token ids plus processed images.
+
+    Every problem caused by the request raises `InvalidInputError`; the processor keeps no
+    per-request state, so one instance serves all requests.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessorConfig,
+        token_ids: VisionTokenIds,
+        chat_template: ChatTemplate | None = None,
+        limits: InputLimits = InputLimits(),
+    ):
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.token_ids = token_ids
+        self.chat_template = chat_template
+        self.limits = limits
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        *,
+        image_token_id: int | None = None,
+        limits: InputLimits = InputLimits(),
+    ) -> InputProcessor:
+        """Load tokenizer, preprocessor config and chat template (if any) from a checkpoint directory.
+
+        Token ids come from config.json (top level or `text_config`), falling back to the
+        tokenizer's `<|image_pad|>` / `<|vision_start|>` / `<|video_pad|>`; `image_token_id`
+        overrides. A checkpoint without a chat template loads, but `process_chat` then refuses.
+        """
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        token_ids = _read_token_ids(model_dir, tokenizer, image_token_id)
+        try:
+            template = ChatTemplate(load_chat_template(model_dir), tokenizer.special_tokens)
+        except FileNotFoundError:
+            template = None
+        return cls(tokenizer, ImageProcessorConfig.from_pretrained(model_dir), token_ids, template, limits)
+
+    @property
+    def merge_size(self) -> int:
+        return self.image_config.merge_size
+
+    def process_prompt(self, prompt: Any) -> ProcessedPrompt:
+        """Tokenise (unless ids are given), load and process images, expand the image pads."""
+        text, ids, sources = _split_prompt(prompt)
+        if ids is None:
+            ids = self.tokenizer.encode(text)
+        else:
+            self._check_token_ids(ids)
+        return self._build(ids, sources, text)
+
+    def process_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> ProcessedPrompt:
+        """Render `messages` with the chat template, then process like a text prompt with its images."""
+        if self.chat_template is None:
+            raise InvalidInputError("this model has no chat template; send a plain prompt instead")
+        chat = self.chat_template.render(messages, add_generation_prompt, **template_kwargs)
+        return self._build(self.tokenizer.encode(chat.text), chat.images, chat.text)
+
+    def load_images(self, sources: Sequence[ImageSource]) -> list[ImageInput]:
+        """Decode (with the configured limits) and preprocess each image, in order."""
+        lim = self.limits
+        images = []
+        for src in sources:
+            img = load_image(
+                src,
+                allowed_local_media_path=lim.allowed_local_media_path,
+                max_image_pixels=lim.max_image_pixels,
+                max_image_bytes=lim.max_image_bytes,
+            )
+            images.append(process_image(img, self.image_config))
+        return images
+
+    def _build(self, ids: list[int], sources: Sequence[ImageSource], text: str | None) -> ProcessedPrompt:
+        # Cheap checks first: refuse before decoding any image.
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        self._check_image_count(ids, len(sources))
+        images = self.load_images(sources)
+        counts = [img.num_tokens(self.merge_size) for img in images]
+        expanded, placeholders = expand_image_tokens(ids, self.token_ids.image_token_id, counts)
+        return ProcessedPrompt(
+            prompt_token_ids=expanded, images=images, placeholders=placeholders, prompt=text
+        )
+
+    def _check_image_count(self, ids: list[int], num_images: int) -> None:
+        limit = self.limits.max_images_per_request
+        if limit is not None and num_images > limit:
+            raise InvalidInputError(f"too many images: {num_images} > limit {limit} per request")
+        video = self.token_ids.video_token_id
+        if video is not None and video in ids:
+            raise InvalidInputError("video input is not supported")
+        num_pads = ids.count(self.token_ids.image_token_id)
+        if num_pads != num_images:
+            raise InvalidInputError(
+                f"the prompt has {num_pads} image placeholders but {num_images} images were given "
+                "(write one <|vision_start|><|image_pad|><|vision_end|> per image)"
+            )
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        vocab = self.tokenizer.vocab_size
+        for t in ids:
+            if type(t) is not int or not 0 <= t < vocab:
+                raise InvalidInputError(f"prompt_token_ids must be integers in [0, {vocab}), got {t!r}")
+
+
+def expand_image_tokens(
+    ids: list[int], image_token_id: int, num_tokens: Sequence[int]
+) -> tuple[list[int], list[PlaceholderRange]]:
+    """Replace the i-th `image_token_id` by `num_tokens[i]` copies; return new ids and each image's range."""
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(positions) != len(num_tokens):
+        raise InvalidInputError(
+            f"the prompt has {len(positions)} image placeholders but {len(num_tokens)} images"
+        )
+    out: list[int] = []
+    ranges = []
+    prev = 0
+    for pos, n in zip(positions, num_tokens, strict=True):
+        out.extend(ids[prev:pos])
+        ranges.append(PlaceholderRange(offset=len(out), length=n))
+        out.extend([image_token_id] * n)
+        prev = pos + 1
+    out.extend(ids[prev:])
+    return out, ranges
+
+
+def _split_prompt(prompt: Any) -> tuple[str | None, list[int] | None, list[ImageSource]]:
+    """(text, token ids, image sources) of a prompt; exactly one of text and ids is set."""
+    if isinstance(prompt, str):
+        return prompt, None, []
+    if isinstance(prompt, (list, tuple)):
+        return None, list(prompt), []
+    if not isinstance(prompt, dict):
+        raise InvalidInputError(
+            f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}"
+        )
+    unknown = sorted(str(k) for k in prompt if k not in _PROMPT_KEYS)
+    if unknown:
+        raise InvalidInputError(f"unknown prompt fields {unknown} (expected {', '.join(_PROMPT_KEYS)})")
+    text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+    if (text is None) == (ids is None):
+        raise InvalidInputError("a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids'")
+    if text is not None and not isinstance(text, str):
+        raise InvalidInputError("'prompt' must be a string")
+    if ids is not None and not isinstance(ids, (list, tuple)):
+        raise InvalidInputError("'prompt_token_ids' must be a list of integers")
+    return text, None if ids is None else list(ids), _image_sources(prompt.get("multi_modal_data"))
+
+
+def _image_sources(mm_data: Any) -> list[ImageSource]:
+    if mm_data is None:
+        return []
+    if not isinstance(mm_data, dict):
+        raise InvalidInputError("'multi_modal_data' must be a dict like {'image': [...]}")
+    other = sorted(str(k) for k in mm_data if k != "image")
+    if other:
+        raise InvalidInputError(f"unsupported multi_modal_data modalities {other}; only 'image' is supported")
+    images = mm_data.get("image")
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _read_token_ids(
+    model_dir: str | os.PathLike, tokenizer: Tokenizer, image_token_id: int | None
+) -> VisionTokenIds:
+    path = os.path.join(model_dir, "config.json")
+    config: dict = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    text_config = config.get("text_config") or {}
+
+    def pick(key: str, token: str) -> int | None:
+        value = config.get(key, text_config.get(key))
+        return value if value is not None else tokenizer.token_to_id(token)
+
+    image_id = image_token_id if image_token_id is not None else pick("image_token_id", "<|image_pad|>")
+    if image_id is None:
+        raise ValueError(f"cannot find the image token id in {model_dir} (config.json or <|image_pad|>)")
+    return VisionTokenIds(
+        image_token_id=image_id,
+        vision_start_token_id=pick("vision_start_token_id", "<|vision_start|>"),
+        video_token_id=pick("video_token_id", "<|video_pad|>"),
+    )

@@ -1,0 +1,173 @@
+"""The parts of a Hugging Face `config.json` our Qwen2-VL family code needs, as frozen dataclasses.
+
+Checkpoints come in two shapes: the original flat one (text fields at the top level,
+`rope_scaling.mrope_section`, `rope_theta`) and transformers 5's nested one
+(`text_config`, `rope_parameters`). Both are read into the same objects here so the
+model code never looks at raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from epd.models.registry import QWEN2_VL, check_architecture
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Vision tower shape. `variant` is "qwen2_vl" (LayerNorm + GELU MLP, full attention in
+    every block) or "qwen2_5_vl" (RMSNorm + gated MLP, window attention except in
+    `fullatt_block_indexes`)."""
+
+    variant: str
+    depth: int
+    hidden_size: int  # width of the vision blocks
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int  # the LLM's hidden size, what the merger projects to
+    hidden_act: str
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: channels x frames x pixels."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclass(frozen=True)
+class VLModelConfig:
+    architecture: str
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int
+    video_token_id: int | None
+    vision_start_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> VLModelConfig:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VLModelConfig:
+        architecture = check_architecture(raw.get("architectures") or [])
+        text_raw = {**raw, **raw.get("text_config", {})}
+        return cls(
+            architecture=architecture,
+            text=_text_config(text_raw, raw),
+            vision=_vision_config(architecture, raw.get("vision_config", {})),
+            image_token_id=_first_int(raw, text_raw, "image_token_id"),
+            video_token_id=_optional_int(raw, text_raw, "video_token_id"),
+            vision_start_token_id=_optional_int(raw, text_raw, "vision_start_token_id"),
+            eos_token_ids=_as_tuple(text_raw.get("eos_token_id")),
+        )
+
+
+def _text_config(text: dict[str, Any], top: dict[str, Any]) -> TextConfig:
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
+    section = rope.get("mrope_section", [16, 24, 24])
+    tie = text.get("tie_word_embeddings", top.get("tie_word_embeddings", False))
+    return TextConfig(
+        vocab_size=text["vocab_size"],
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"],
+        num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        mrope_section=tuple(section),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(tie),
+        hidden_act=text.get("hidden_act", "silu"),
+    )
+
+
+def _vision_config(architecture: str, v: dict[str, Any]) -> VisionConfig:
+    common = dict(
+        depth=v["depth"],
+        num_heads=v["num_heads"],
+        patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+    )
+    if architecture == QWEN2_VL:
+        # Qwen2-VL names the block width embed_dim and the output width hidden_size.
+        embed_dim = v["embed_dim"]
+        return VisionConfig(
+            variant="qwen2_vl",
+            hidden_size=embed_dim,
+            intermediate_size=int(embed_dim * v.get("mlp_ratio", 4)),
+            out_hidden_size=v["hidden_size"],
+            hidden_act=v.get("hidden_act", "quick_gelu"),
+            **common,
+        )
+    return VisionConfig(
+        variant="qwen2_5_vl",
+        hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"],
+        out_hidden_size=v["out_hidden_size"],
+        hidden_act=v.get("hidden_act", "silu"),
+        window_size=v.get("window_size", 112),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
+        **common,
+    )
+
+
+def _first_int(*dicts_and_key: Any) -> int:
+    *dicts, key = dicts_and_key
+    value = _optional_int(*dicts, key)
+    if value is None:
+        raise ValueError(f"config.json has no {key!r}")
+    return value
+
+
+def _optional_int(*dicts_and_key: Any) -> int | None:
+    *dicts, key = dicts_and_key
+    for d in dicts:
+        if d.get(key) is not None:
+            return int(d[key])
+    return None
+
+
+def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)

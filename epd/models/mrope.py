@@ -1,0 +1,56 @@
+"""Multimodal RoPE positions for a prompt, as transformers' `get_rope_index` computes them.
+
+Text tokens advance all three position rows together. An image's tokens take
+(t, row, column) positions on the merged grid, offset by the position where the image
+starts; the text after the image resumes at one past the largest position used. The
+difference between the next position and the next token index (`delta`) is what decode
+adds to every later token's index, so it must travel with the request's KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def mrope_positions(
+    num_tokens: int,
+    placeholders: Sequence[tuple[int, int]],
+    grids: Sequence[tuple[int, int, int]],
+    merge_size: int,
+) -> tuple[torch.Tensor, int]:
+    """Positions [3, num_tokens] for a prompt and its decode delta.
+
+    `placeholders` are (offset, length) of each image's tokens, in prompt order;
+    `grids` the matching (t, h, w) patch grids before merging.
+    """
+    pieces: list[torch.Tensor] = []
+    cursor, next_pos = 0, 0
+    for (offset, length), (t, h, w) in zip(placeholders, grids):
+        text_len = offset - cursor
+        pieces.append(torch.arange(text_len).expand(3, -1) + next_pos)
+        next_pos += text_len
+        gh, gw = h // merge_size, w // merge_size
+        if t * gh * gw != length:
+            raise ValueError(
+                f"image at {offset} has {length} placeholder tokens, its grid gives {t * gh * gw}"
+            )
+        pieces.append(_grid_positions(t, gh, gw) + next_pos)
+        next_pos += max(gh, gw)
+        cursor = offset + length
+    tail = num_tokens - cursor
+    pieces.append(torch.arange(tail).expand(3, -1) + next_pos)
+    positions = torch.cat(pieces, dim=1)
+    delta = int(positions.max()) + 1 - num_tokens if num_tokens else 0
+    return positions, delta
+
+
+def _grid_positions(t: int, gh: int, gw: int) -> torch.Tensor:
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+    return torch.stack([tt, hh, ww]).view(3, -1)
+
+
+def decode_positions(start: int, count: int, delta: int) -> torch.Tensor:
+    """Positions [3, count] for tokens start..start+count-1 that follow the prompt."""
+    return (torch.arange(start, start + count) + delta).expand(3, -1)

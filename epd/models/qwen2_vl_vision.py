@@ -1,0 +1,204 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower: patches in, LLM-width image embeddings out.
+
+Images of different sizes are packed into one sequence of patches; attention never
+crosses an image boundary (and, in Qwen2.5-VL's windowed blocks, never crosses a window
+boundary). No image is padded to another's size.
+
+Patch order: the image processor emits patches so that each 2x2 merge group is
+contiguous, which lets the merger fold groups with a plain reshape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from epd.models.config import VisionConfig
+from epd.models.layers.activation import SiluAndMul, get_activation
+from epd.models.layers.linear import MergedLinear
+from epd.models.layers.norm import RMSNorm
+from epd.models.layers.rotary import VisionRotaryEmbedding, apply_rotary
+
+Grid = tuple[int, int, int]
+
+
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d whose stride equals its kernel: exactly a matmul per patch."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.view(self.proj.out_channels, -1)
+        return patches.to(weight.dtype) @ weight.t()
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
+        # Rotation in float32 as the reference does, whatever the model dtype.
+        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        out = torch.empty_like(q)
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            out[start:end] = _segment_attention(q[start:end], k[start:end], v[start:end])
+        return self.proj(out.view(n, -1))
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention inside one image or window; [tokens, heads, dim] in and out."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(0, 1)
+
+
+class Qwen2VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = get_activation(cfg.hidden_act)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Qwen25VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Qwen2.5-VL vision MLP supports silu, got {cfg.hidden_act!r}")
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [(0, size), (1, size)], bias=True)
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.variant == "qwen2_vl":
+            self.norm1: nn.Module = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+            self.norm2: nn.Module = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+            self.mlp: nn.Module = Qwen2VisionMLP(cfg)
+        else:
+            self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6)
+            self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6)
+            self.mlp = Qwen25VisionMLP(cfg)
+        self.attn = VisionAttention(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Folds each merge group (2x2 patches) into one token of the LLM's width."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.group_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        norm = nn.LayerNorm if cfg.variant == "qwen2_vl" else RMSNorm
+        self.ln_q = norm(cfg.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.group_dim, self.group_dim),
+            nn.GELU(),
+            nn.Linear(self.group_dim, cfg.out_hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.group_dim))
+
+
+class VisionTransformer(nn.Module):
+    """`forward(patches, grids)` -> one embedding row per merged patch group, images in order."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        cfg = self.cfg
+        merge_unit = cfg.spatial_merge_size**2
+        image_seqlens = _cumulative([t_h_w for g in grids for t_h_w in [g[1] * g[2]] * g[0]])
+        x = self.patch_embed(patches)
+        cos, sin = self.rotary_pos_emb(vision_hw_positions(grids, cfg.spatial_merge_size).to(x.device))
+        window_index, window_seqlens = None, image_seqlens
+        if cfg.variant == "qwen2_5_vl":
+            window_index, window_seqlens = vision_window_index(grids, cfg)
+            window_index = window_index.to(x.device)
+            x, cos, sin = (_permute_groups(t, window_index, merge_unit) for t in (x, cos, sin))
+        for i, block in enumerate(self.blocks):
+            full = cfg.variant == "qwen2_vl" or i in cfg.fullatt_block_indexes
+            x = block(x, image_seqlens if full else window_seqlens, cos, sin)
+        merged = self.merger(x)
+        if window_index is not None:
+            merged = merged[torch.argsort(window_index)]
+        return merged
+
+
+def vision_hw_positions(grids: Sequence[Grid], merge: int) -> torch.Tensor:
+    """(row, column) of every patch, in the processor's merge-group-major order: [patches, 2]."""
+    out = []
+    for t, h, w in grids:
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)
+        out.append(hw.repeat(t, 1))
+    return torch.cat(out)
+
+
+def vision_window_index(grids: Sequence[Grid], cfg: VisionConfig) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2.5-VL windows: reorder merge groups so each window is contiguous.
+
+    Returns the new order of merge groups and the window boundaries in patches.
+    Windows are `window_size` pixels square, cut from the top-left; edge windows are smaller.
+    """
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # window side in merge groups
+    merge_unit = cfg.spatial_merge_size**2
+    order, seqlens, base = [], [], 0
+    for t, h, w in grids:
+        gh, gw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
+        index = torch.arange(t * gh * gw).view(t, gh, gw)
+        for frame in range(t):
+            for r in range(0, gh, side):
+                for c in range(0, gw, side):
+                    window = index[frame, r : r + side, c : c + side].flatten()
+                    order.append(window + base)
+                    seqlens.append(window.numel() * merge_unit)
+        base += t * gh * gw
+    return torch.cat(order), _cumulative(seqlens)
+
+
+def _permute_groups(x: torch.Tensor, group_order: torch.Tensor, merge_unit: int) -> torch.Tensor:
+    n = x.shape[0]
+    return x.view(n // merge_unit, merge_unit, -1)[group_order].view(n, -1)
+
+
+def _cumulative(lengths: Sequence[int]) -> list[int]:
+    out = [0]
+    for length in lengths:
+        out.append(out[-1] + length)
+    return out
