@@ -80,7 +80,9 @@ def test_palette_png_with_transparency_composited_on_white() -> None:
     out = load_image(data)
     assert out.getpixel((1, 1)) == (255, 255, 255)  # transparent index -> white
     assert out.getpixel((0, 0)) == (200, 100, 50)
-    np.testing.assert_array_equal(pixels(out), hf_convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True))
+    np.testing.assert_array_equal(
+        pixels(out), hf_convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    )
 
 
 def test_exif_orientation_applied_like_transformers(tmp_path) -> None:
@@ -103,8 +105,16 @@ def test_allowed_dir_accepts_inside_relative_and_symlink_within(tmp_path) -> Non
     img = random_image(8, 8, seed=7)
     (root / "sub" / "x.png").write_bytes(encode(img, "PNG"))
     os.symlink(root / "sub" / "x.png", root / "link.png")
-    for src in [str(root / "sub" / "x.png"), "sub/x.png", "link.png", "sub/../sub/x.png", f"file://{root}/link.png"]:
-        np.testing.assert_array_equal(pixels(load_image(src, allowed_local_media_path=str(root))), pixels(img))
+    for src in [
+        str(root / "sub" / "x.png"),
+        "sub/x.png",
+        "link.png",
+        "sub/../sub/x.png",
+        f"file://{root}/link.png",
+    ]:
+        np.testing.assert_array_equal(
+            pixels(load_image(src, allowed_local_media_path=str(root))), pixels(img)
+        )
 
 
 def test_allowed_dir_refuses_outside(tmp_path) -> None:
@@ -115,7 +125,13 @@ def test_allowed_dir_refuses_outside(tmp_path) -> None:
     os.symlink(outside, root / "escape.png")
     (tmp_path / "media2").mkdir()  # a sibling sharing the prefix "media"
     (tmp_path / "media2" / "y.png").write_bytes(encode(random_image(8, 8), "PNG"))
-    bad = [str(outside), "../secret.png", "escape.png", f"file://{outside}", str(tmp_path / "media2" / "y.png")]
+    bad = [
+        str(outside),
+        "../secret.png",
+        "escape.png",
+        f"file://{outside}",
+        str(tmp_path / "media2" / "y.png"),
+    ]
     for src in bad:
         with pytest.raises(InvalidInputError, match="outside the allowed media directory"):
             load_image(src, allowed_local_media_path=str(root))
@@ -216,7 +232,13 @@ def test_hash_same_pixels_any_source(tmp_path) -> None:
     png = encode(img, "PNG")
     path = tmp_path / "x.png"
     path.write_bytes(png)
-    sources = [img, png, data_url(png, "image/png"), str(path), data_url(encode(img, "WEBP", lossless=True), "image/webp")]
+    sources = [
+        img,
+        png,
+        data_url(png, "image/png"),
+        str(path),
+        data_url(encode(img, "WEBP", lossless=True), "image/webp"),
+    ]
     hashes = {image_content_hash(load_image(s)) for s in sources}
     assert hashes == {image_content_hash(img)}
     assert len(image_content_hash(img)) == 64

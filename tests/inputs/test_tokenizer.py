@@ -13,7 +13,8 @@ from epd.testing.tokenizer import QWEN2_VL_SPECIAL_TOKENS, build_qwen_tokenizer,
 TEXTS = [
     "",
     "Hello world! Describe the picture.",
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What's this?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What's this?<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "<|image_pad|><|image_pad|><|video_pad|>x<|endoftext|>",
     "  leading spaces\n\n\ttabs\r\n trailing   ",
     "numbers 1234567 3.14159 and 50%, $20 (a) [b] {c}",
