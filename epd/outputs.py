@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from epd.lifetime import LifetimeEvent, stage_breakdown
+
 
 @dataclass
 class Logprob:
@@ -26,6 +28,11 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    events: list[LifetimeEvent] = field(default_factory=list)
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per stage (encode, mm_transfer, prefill, kv_transfer, decode and their queues)."""
+        return stage_breakdown(self.events)
 
 
 @dataclass
@@ -51,4 +58,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    error: str | None = None  # set when the request failed (finish_reason "error")

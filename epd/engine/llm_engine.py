@@ -1,17 +1,29 @@
-"""One aggregated engine instance: `schedule() -> run() -> postprocess()` per step."""
+"""One engine instance: `schedule() -> run() -> postprocess()` per step.
+
+The same engine serves every role that holds the language model; what differs is
+injected, not branched on:
+- where image embeddings come from (`mm_cache` given: from encoder instances; else the
+  vision tower in this process),
+- what happens after the first token (`handoff` given: the KV goes to a decode instance;
+  else this engine decodes),
+- requests may arrive with their KV already computed (`add_handoff`, decode instances).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
+from epd.engine.embedders import CachedEmbeddings, LocalEncoder, NoEmbeddings
 from epd.engine.kv_cache import num_blocks_for_memory
+from epd.engine.mm_cache import MMCache
 from epd.engine.model_runner import ModelRunner
 from epd.engine.request import Request
 from epd.engine.sampler import Sampler
@@ -19,21 +31,43 @@ from epd.engine.scheduler import ScheduledBatch, Scheduler
 from epd.engine.stop import update_text_and_check_stop
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ProcessedPrompt
+from epd.lifetime import Event
 from epd.models.loader import build_model
-from epd.outputs import CompletionOutput, Logprob, RequestOutput
+from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE
+from epd.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from epd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Called with a request that just got its first token and a copy of its KV; the engine
+# then frees the request's blocks and forgets it.
+HandOff = Callable[[Request, torch.Tensor], None]
+
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer,
+        *,
+        encode_locally: bool = True,
+        mm_cache: MMCache | None = None,
+        handoff: HandOff | None = None,
+        instance: str | None = None,
+    ) -> None:
+        """`encode_locally`: this process holds the vision tower; else embeddings come from
+        `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only)."""
+        self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
+        parts = ALL_PARTS if encode_locally else frozenset({LANGUAGE})
         model = build_model(
-            mc.model, dtype=mc.torch_dtype, device=self.device, load_format=mc.load_format, seed=mc.seed
+            mc.model,
+            parts=parts,
+            dtype=mc.torch_dtype,
+            device=self.device,
+            load_format=mc.load_format,
+            seed=mc.seed,
         )
         num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
             mc.hf.text, cc.block_size, mc.torch_dtype, cc.kv_cache_memory_bytes
@@ -47,17 +81,28 @@ class LLMEngine:
                 f"max_num_batched_tokens ({max_batched}) must be >= max_model_len "
                 f"({self.max_model_len}): prompts are prefilled in one step"
             )
+        embedder = (
+            LocalEncoder(model, self.device, instance)
+            if encode_locally
+            else CachedEmbeddings(mm_cache)
+            if mm_cache is not None
+            else NoEmbeddings()
+        )
+        self.model = model
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs, max_batched)
+        self.scheduler = Scheduler(
+            self.block_manager, config.scheduler.max_num_seqs, max_batched, swap_out=self._swap_out
+        )
         self.runner = ModelRunner(
-            model, num_blocks, cc.block_size, self.device, mc.torch_dtype, config.attention_backend
+            model, num_blocks, cc.block_size, self.device, mc.torch_dtype, embedder, config.attention_backend
         )
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.requests: dict[str, Request] = {}
         logger.info(
-            "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+            "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+            instance or "",
             mc.hf.architecture,
             self.device,
             num_blocks,
@@ -67,20 +112,20 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def add_request(
+    def new_request(
         self,
         request_id: str,
         prompt: ProcessedPrompt,
         params: SamplingParams,
         arrival_time: float | None = None,
-    ) -> None:
+    ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_fits(len(prompt.prompt_token_ids))
+        self.check_fits(len(prompt.prompt_token_ids))
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        request = Request(
+        return Request(
             request_id,
             prompt,
             params,
@@ -88,10 +133,48 @@ class LLMEngine:
             generator,
             arrival_time=arrival_time or time.time(),
         )
-        self.requests[request_id] = request
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> Request:
+        request = self.new_request(request_id, prompt, params, arrival_time)
+        request.record(Event.PREFILL_QUEUED, self.instance)
+        self._enqueue(request)
+        return request
+
+    def add_handoff(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        first_token: int,
+        first_logprobs: PositionLogprobs | None,
+        kv: torch.Tensor,
+        generator_state: torch.Tensor | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Continue decoding a request whose prompt was prefilled elsewhere (KV in `kv`)."""
+        request = self.new_request(request_id, prompt, params, arrival_time)
+        if request.generator is not None and generator_state is not None:
+            request.generator.set_state(generator_state)
+        request.output_token_ids.append(first_token)
+        if first_logprobs is not None:
+            request.output_logprobs.append(first_logprobs)
+        request.output_text = self.tokenizer.decode(request.output_token_ids, params.skip_special_tokens)
+        request.kv_payload = kv
+        self._enqueue(request)
+        return request
+
+    def _enqueue(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def _check_fits(self, num_prompt_tokens: int) -> None:
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """Raise ValueError for a prompt this engine could never serve."""
         if num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"prompt has {num_prompt_tokens} tokens; the maximum is {self.max_model_len - 1} "
@@ -116,13 +199,18 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything schedulable; outputs of the requests it advanced."""
+        return [request_output(r) for r in self.step_requests()]
+
+    def step_requests(self) -> list[Request]:
+        """Like `step`, returning the advanced requests themselves (for instance loops)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        now = time.time()
-        for req in batch.requests:
-            req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
         tables = [self.block_manager.block_table(r.request_id) for r in batch.requests]
+        self._mark_started(batch)
+        for req, start in batch.injections:
+            self.runner.inject_kv(self.block_manager.block_table(req.request_id), start, req.kv_payload)
+            req.kv_payload = None
         logits = self.runner.run(batch, tables)
         sampled = self.sampler(
             logits,
@@ -131,8 +219,17 @@ class LLMEngine:
         )
         return self._postprocess(batch, sampled.token_ids, sampled.logprobs)
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[RequestOutput]:
-        outputs, now = [], time.time()
+    def _mark_started(self, batch: ScheduledBatch) -> None:
+        now = time.time()
+        injected = {id(req) for req, _ in batch.injections}
+        for req in batch.requests:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                started = Event.DECODE_START if id(req) in injected else Event.PREFILL_START
+                req.record(started, self.instance)
+
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[Request]:
+        advanced = []
         for req, n, token, lp in zip(batch.requests, batch.num_new_tokens, tokens, logprobs):
             req.num_computed_tokens += n
             self.block_manager.commit(
@@ -141,14 +238,41 @@ class LLMEngine:
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(self._with_text(lp))
-            req.metrics.first_token_time = req.metrics.first_token_time or now
+            self._record_first_token(req)
             update_text_and_check_stop(req, self.tokenizer.decode, self.eos_token_ids, self.max_model_len)
             if req.finish_reason is not None:
-                req.metrics.finished_time = now
-                self.scheduler.finish(req)
-                del self.requests[req.request_id]
-            outputs.append(_request_output(req))
-        return outputs
+                req.record(Event.FINISHED, self.instance)
+                req.metrics.finished_time = time.time()
+                self._forget(req)
+            elif self.handoff is not None and len(req.output_token_ids) == 1:
+                self._hand_off(req)
+            advanced.append(req)
+        return advanced
+
+    def _record_first_token(self, req: Request) -> None:
+        if len(req.output_token_ids) != 1:
+            return
+        req.metrics.first_token_time = time.time()
+        req.record(Event.PREFILL_END, self.instance)
+        if self.handoff is None:
+            req.record(Event.DECODE_START, self.instance)  # decodes right here, no transfer
+
+    def _hand_off(self, req: Request) -> None:
+        kv = self.runner.gather_kv(self.block_manager.block_table(req.request_id), req.num_computed_tokens)
+        req.record(Event.KV_TRANSFER_START, self.instance)
+        self.handoff(req, kv)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+
+    def _swap_out(self, req: Request) -> bool:
+        if self.runner.embedder.can_recompute(req) or req.num_computed_tokens == 0:
+            return False
+        table = self.block_manager.block_table(req.request_id)
+        req.kv_payload = self.runner.gather_kv(table, req.num_computed_tokens).cpu()
+        return True
 
     def _with_text(self, position: dict[int, Logprob]) -> dict[int, Logprob]:
         for token_id, lp in position.items():
@@ -156,7 +280,7 @@ class LLMEngine:
         return position
 
 
-def _request_output(req: Request) -> RequestOutput:
+def request_output(req: Request) -> RequestOutput:
     completion = CompletionOutput(
         index=0,
         text=req.output_text,

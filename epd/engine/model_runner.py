@@ -10,6 +10,7 @@ import torch
 
 from epd.attention.backend import get_attention_backend
 from epd.attention.context import AttentionMetadata, forward_context
+from epd.engine.embedders import ImageEmbedder
 from epd.engine.kv_cache import allocate_kv_cache, bind_kv_cache
 from epd.engine.request import Request
 from epd.engine.scheduler import ScheduledBatch
@@ -24,19 +25,40 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        embedder: ImageEmbedder,
         attention_backend: str = "torch_sdpa",
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
+        self.embedder = embedder
         self.merge_size = model.config.vision.spatial_merge_size
         self.kv_cache = allocate_kv_cache(model.config.text, num_blocks, block_size, dtype, device)
         bind_kv_cache(model, self.kv_cache, get_attention_backend(attention_backend))
 
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        bs = self.block_size
+        return torch.tensor(
+            [block_table[i // bs] * bs + i % bs for i in range(start, end)], device=self.device
+        )
+
+    def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """A copy of the first num_tokens tokens' KV: [layers, 2, num_tokens, kv_heads, head_dim]."""
+        flat = self.kv_cache.flatten(2, 3)  # [layers, 2, blocks * block_size, kv_heads, head_dim]
+        return flat.index_select(2, self._slots(block_table, 0, num_tokens))
+
+    def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
+        """Write KV rows start..len(kv) (computed elsewhere) into this request's blocks."""
+        end = kv.shape[2]
+        flat = self.kv_cache.flatten(2, 3)
+        flat.index_copy_(
+            2, self._slots(block_table, start, end), kv[:, :, start:end].to(flat.device, flat.dtype)
+        )
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [len(batch), vocab] at the last new token of every scheduled request."""
-        self._encode_missing_images(batch.requests)
+        self.embedder.ensure(batch.requests)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
         ids = torch.tensor(inputs.token_ids, device=self.device)
         mm_embeds, mm_index = self._gather_image_rows(batch)
@@ -55,22 +77,6 @@ class ModelRunner:
             [s + n - 1 for s, n in zip(inputs.query_starts, batch.num_new_tokens)], device=self.device
         )
         return self.model.compute_logits(hidden[last]).float()
-
-    def _encode_missing_images(self, requests: list[Request]) -> None:
-        """Encode, in one packed call, every image a scheduled prefill still needs."""
-        todo = [
-            (req, i)
-            for req in requests
-            for i, ph in enumerate(req.prompt.placeholders)
-            if req.image_embeds[i] is None and ph.end > req.num_computed_tokens
-        ]
-        if not todo:
-            return
-        images = [req.prompt.images[i] for req, i in todo]
-        pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
-        embeds = self.model.encode_images(pixels, [img.grid_thw for img in images])
-        for (req, i), emb in zip(todo, embeds):
-            req.image_embeds[i] = emb
 
     def _gather_image_rows(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Image embedding rows that fall in this step's new tokens, and their flat-batch rows."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epd.inputs.types import ProcessedPrompt
+from epd.lifetime import Event, LifetimeEvent
 from epd.models.mrope import mrope_positions
 from epd.outputs import PositionLogprobs, RequestMetrics
 from epd.sampling_params import SamplingParams
@@ -48,6 +49,10 @@ class Request:
     # Encoder outputs per image, kept until the request finishes so a preempted request
     # recomputes without encoding again.
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)
+    # KV rows [layers, 2, tokens, kv_heads, head_dim] of the first tokens, computed elsewhere:
+    # handed off by a prefill instance, or swapped out at preemption. Written into fresh
+    # blocks at admission instead of recomputing.
+    kv_payload: torch.Tensor | None = None
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +63,9 @@ class Request:
         self.prompt_positions, self.mrope_delta = mrope_positions(
             len(self.prompt.prompt_token_ids), spans, grids, self.merge_size
         )
+
+    def record(self, event: Event, instance: str | None = None, item: int | None = None) -> None:
+        self.metrics.events.append(LifetimeEvent.now(event, instance, item))
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -6,13 +6,21 @@ Every step: all running requests decode one token, then waiting requests are adm
   2. the step computes at most `max_num_batched_tokens` tokens (decodes count one each);
   3. a prefill is admitted only when the block manager can hold all its tokens.
 When a decode finds no free block, the newest running request is preempted: its blocks
-are freed and it goes back to the front of the queue, to be recomputed later. A request
-is never failed for lack of blocks once admitted.
+are freed and it goes back to the front of the queue, to be recomputed later, or, where
+its prompt cannot be recomputed here (a decode instance holds no image embeddings), its
+KV is swapped out to host memory first. A request is never failed for lack of blocks
+once admitted.
+
+A request that arrives with KV computed elsewhere (`kv_payload`: a prefill instance's
+hand-off, or its own swapped-out KV) is admitted like a prefill; the batch lists it in
+`injections` and the runner writes that KV into its blocks before the forward, so only
+the tokens after it are computed.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from epd.engine.block_manager import BlockManager
@@ -27,6 +35,8 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # (request, first row to write): KV to copy from request.kv_payload before the forward.
+    injections: list[tuple[Request, int]] = field(default_factory=list)
 
     def add(self, request: Request, num_tokens: int) -> None:
         self.requests.append(request)
@@ -41,8 +51,17 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        swap_out: Callable[[Request], bool] | None = None,
+    ) -> None:
+        """`swap_out(request)` is called before a preempted request's blocks are freed; it
+        returns True if it saved the request's KV in `kv_payload` (then no recompute)."""
         self.blocks = block_manager
+        self.swap_out = swap_out
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -91,12 +110,17 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = cached
             request.num_computed_tokens = cached
+            if request.kv_payload is not None:
+                batch.injections.append((request, cached))
+                request.num_computed_tokens = request.kv_payload.shape[2]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, request.num_tokens_to_compute)
             budget -= request.num_tokens_to_compute
 
     def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        if self.swap_out is not None:
+            self.swap_out(request)
         self.blocks.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1

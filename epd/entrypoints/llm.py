@@ -13,14 +13,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from epd.cluster.cluster import Cluster
+from epd.cluster.layout import Layout
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.llm_engine import LLMEngine
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
-
-SUPPORTED_LAYOUTS = ("1EPD",)
 
 Message = dict[str, Any]
 
@@ -32,6 +32,8 @@ class LLM:
         *,
         layout: str = "1EPD",
         device: str = "cpu",
+        devices: str | Sequence[str] | None = None,
+        transfer: str = "shm",
         dtype: str = "float32",
         load_format: str = "safetensors",
         max_model_len: int | None = None,
@@ -44,10 +46,12 @@ class LLM:
         max_images_per_request: int | None = None,
         seed: int = 0,
     ) -> None:
-        if layout not in SUPPORTED_LAYOUTS:
-            raise ValueError(
-                f"layout {layout!r} is not supported yet; supported: {', '.join(SUPPORTED_LAYOUTS)}"
-            )
+        """`layout` as in `1EPD`, `2EP+1D`, `1E+1P+1D` (see epd.cluster.layout); `devices`
+        (default: `device` for every instance) assigns devices to instances in order;
+        `transfer` picks the connector between instance processes (`shm` or `tcp`).
+        A single aggregated instance (`1EPD`) runs in this process; any other layout
+        starts one process per instance."""
+        parsed = Layout.parse(layout)
         config = EngineConfig(
             model=ModelConfig(
                 model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed
@@ -58,7 +62,12 @@ class LLM:
         )
         limits = InputLimits(max_images_per_request=max_images_per_request)
         self.processor = InputProcessor.from_pretrained(model, limits=limits)
-        self.engine: LLMEngine | None = LLMEngine(config, self.processor.tokenizer)
+        self.layout = parsed
+        self.engine: LLMEngine | Cluster | None
+        if parsed.num_instances == 1 and parsed.is_aggregated and devices is None:
+            self.engine = LLMEngine(config, self.processor.tokenizer)
+        else:
+            self.engine = Cluster(parsed, config, devices=devices or device, transfer=transfer)
         self._ids = itertools.count()
 
     # ---- public API ---------------------------------------------------------------------------
@@ -95,7 +104,9 @@ class LLM:
         return self.processor.tokenizer
 
     def shutdown(self) -> None:
-        """Release the engine (model weights and KV cache). Idempotent."""
+        """Release the engine (model weights and KV cache) and stop every instance process. Idempotent."""
+        if isinstance(self.engine, Cluster):
+            self.engine.shutdown()
         self.engine = None
 
     def __enter__(self) -> LLM:
@@ -122,7 +133,7 @@ class LLM:
             raise
 
     @staticmethod
-    def _drain(engine: LLMEngine, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _drain(engine: LLMEngine | Cluster, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
         while len(finished) < len(ids):
@@ -133,7 +144,7 @@ class LLM:
         bar.close()
         return [finished[i] for i in ids]
 
-    def _engine(self) -> LLMEngine:
+    def _engine(self) -> LLMEngine | Cluster:
         if self.engine is None:
             raise RuntimeError("this LLM was shut down")
         return self.engine

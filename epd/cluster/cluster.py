@@ -1,0 +1,159 @@
+"""Starts a layout's instances as local processes, wires them to a router, stops them.
+
+Start-up returns only when every instance reported ready (or raises with the failing
+instance's error). Shutdown asks politely, then terminates, then kills: no process is
+left behind, also when the parent exits without calling shutdown (a finalizer and
+daemon processes cover that; instances also exit when they see their parent gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+import weakref
+from dataclasses import replace
+
+import zmq
+
+from epd.cluster.instance import InstanceConfig, instance_main
+from epd.cluster.layout import InstanceSpec, Layout, Role
+from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
+from epd.cluster.router import InstanceHandle, Router
+from epd.config import EngineConfig
+from epd.inputs.types import ProcessedPrompt
+from epd.outputs import RequestOutput
+from epd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 300.0
+SHUTDOWN_GRACE_S = 10.0
+
+
+class Cluster:
+    def __init__(
+        self,
+        layout: Layout,
+        engine: EngineConfig,
+        *,
+        devices: str | list[str] = "cpu",
+        transfer: str = "shm",
+        host: str = "127.0.0.1",
+        mm_cache_bytes: int = 256 << 20,
+    ) -> None:
+        specs = layout.instances(devices)
+        _check_encoders(layout, specs)
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        port = self.inbox.bind_to_random_port(f"tcp://{host}")
+        threads = max(1, (os.cpu_count() or 1) // len(specs))
+        configs = [
+            InstanceConfig(
+                spec,
+                replace(engine, device=spec.device),
+                f"tcp://{host}:{port}",
+                transfer,
+                host,
+                mm_cache_bytes=mm_cache_bytes,
+                num_threads=threads,
+            )
+            for spec in specs
+        ]
+        self.processes = [_start(cfg) for cfg in configs]
+        self._finalizer = weakref.finalize(self, _stop_processes, self.processes)
+        try:
+            handles = self._wait_ready(specs)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.router = Router(handles, self.inbox)
+        logger.info("layout %s ready: %s", layout.text, ", ".join(f"{s.name}@{s.device}" for s in specs))
+
+    def _wait_ready(self, specs: list[InstanceSpec]) -> list[InstanceHandle]:
+        ready: dict[str, InstanceReady] = {}
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while len(ready) < len(specs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"instances not ready after {STARTUP_TIMEOUT_S:.0f} s: "
+                    f"{sorted({s.name for s in specs} - set(ready))}"
+                )
+            for spec, proc in zip(specs, self.processes):
+                if spec.name not in ready and not proc.is_alive():
+                    raise RuntimeError(f"instance {spec.name} exited during start-up (code {proc.exitcode})")
+            if not self.inbox.poll(200):
+                continue
+            msg = decode_for_router(self.inbox.recv())
+            if isinstance(msg, InstanceFailed):
+                raise RuntimeError(f"instance {msg.instance} failed to start:\n{msg.error}")
+            if isinstance(msg, InstanceReady):
+                ready[msg.instance] = msg
+        handles = []
+        for spec, proc in zip(specs, self.processes):
+            socket = self.ctx.socket(zmq.PUSH)
+            socket.connect(ready[spec.name].control_address)
+            handles.append(InstanceHandle(spec, socket, ready[spec.name], proc.is_alive))
+        return handles
+
+    # ---- the backend interface the offline API drives ------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.router.add_request(request_id, prompt, params, arrival_time)
+
+    def step(self) -> list[RequestOutput]:
+        return self.router.poll()
+
+    def abort_request(self, request_id: str) -> None:
+        self.router.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.router.has_unfinished()
+
+    def shutdown(self) -> None:
+        """Stop every instance process. Idempotent."""
+        if not self._finalizer.alive:
+            return
+        for handle in getattr(getattr(self, "router", None), "instances", {}).values():
+            if handle.alive:
+                handle.send(Shutdown())
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for proc in self.processes:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._finalizer()  # whatever did not stop in time is terminated
+        self.ctx.destroy(linger=0)
+
+
+def _check_encoders(layout: Layout, specs: list[InstanceSpec]) -> None:
+    """A prefill instance without E needs an encoder-only instance to encode its images."""
+    needs = any(s.has(Role.PREFILL) and not s.has(Role.ENCODE) for s in specs)
+    has = any(s.has(Role.ENCODE) and not s.has(Role.PREFILL) for s in specs)
+    if needs and not has:
+        raise ValueError(
+            f"layout {layout.text}: prefill instances without E need an encoder-only instance (E)"
+        )
+
+
+def _start(cfg: InstanceConfig) -> mp.process.BaseProcess:
+    proc = mp.get_context("spawn").Process(
+        target=instance_main, args=(cfg,), name=f"epd-{cfg.name}", daemon=True
+    )
+    proc.start()
+    return proc
+
+
+def _stop_processes(processes: list[mp.process.BaseProcess]) -> None:
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -1,0 +1,146 @@
+"""The encode stage of an encoder-only instance: batches images, caches and ships embeddings.
+
+Per image (content hash) the worker does the least work it can:
+  cached here      -> pin and send again, no encoding (an image seen before);
+  being encoded    -> add the destination to that job (two requests, one encoding);
+  otherwise        -> queue a job; encode when the MM cache can reserve room for it.
+Each sent copy holds one pin on the cache entry until the consumer confirms receipt
+(`release`): the cache is the transfer buffer, and a full cache stops admission
+(back-pressure) instead of growing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from epd.cluster.messages import EncodeDone, EncodeItem, EncodeTask
+from epd.engine.mm_cache import MMCache
+from epd.lifetime import Event, LifetimeEvent
+from epd.transfer.base import Connector
+
+
+@dataclass
+class _Waiter:
+    request_id: str
+    index: int
+    dest: str
+    joined: bool = False  # rode along on another request's encoding of the same image
+
+
+@dataclass
+class _Job:
+    content_hash: str
+    item: EncodeItem
+    num_tokens: int
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class EncoderWorker:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: MMCache,
+        connector: Connector,
+        device: torch.device,
+        instance: str,
+        max_batch_patches: int = 16384,
+    ) -> None:
+        self.model, self.cache, self.connector = model, cache, connector
+        self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
+        self.merge = model.config.vision.spatial_merge_size**2
+        self.queue: OrderedDict[str, _Job] = OrderedDict()  # waiting for room or their turn
+        self.done: list[EncodeDone] = []
+        self.num_encoded = 0
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    @property
+    def queued_patches(self) -> int:
+        return sum(job.num_tokens * self.merge for job in self.queue.values())
+
+    def add(self, task: EncodeTask) -> None:
+        hits = []
+        for item in task.items:
+            waiter = _Waiter(task.request_id, item.index, task.dest)
+            if self.cache.lookup(item.content_hash):
+                self.cache.pin(item.content_hash)
+                self._send(item.content_hash, [waiter])
+                hits.append(item.index)
+            elif item.content_hash in self.queue:
+                waiter.joined = True
+                self.queue[item.content_hash].waiters.append(waiter)
+            else:
+                grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
+                self.queue[item.content_hash] = _Job(item.content_hash, item, grid_tokens, [waiter])
+        if hits:
+            events = [LifetimeEvent.now(Event.MM_TRANSFER_START, self.instance, i) for i in hits]
+            self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events))
+
+    def step(self) -> list[EncodeDone]:
+        """Encode what fits (patch budget, cache room), ship it; return completion reports."""
+        batch = self._take_batch()
+        if batch:
+            self._encode(batch)
+        done, self.done = self.done, []
+        return done
+
+    def _take_batch(self) -> list[_Job]:
+        batch, patches = [], 0
+        for content_hash, job in list(self.queue.items()):
+            job_patches = job.num_tokens * self.merge
+            if batch and patches + job_patches > self.max_batch_patches:
+                break
+            if not self.cache.reserve(content_hash, job.num_tokens):
+                break  # back-pressure: wait until consumers release entries
+            del self.queue[content_hash]
+            batch.append(job)
+            patches += job_patches
+        return batch
+
+    def _encode(self, batch: list[_Job]) -> None:
+        start = LifetimeEvent.now(Event.ENCODE_START, self.instance)
+        pixels = torch.cat([pixel_tensor(job.item) for job in batch]).to(self.device)
+        with torch.inference_mode():
+            embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
+        end = LifetimeEvent.now(Event.ENCODE_END, self.instance)
+        self.num_encoded += len(batch)
+        for job, emb in zip(batch, embeds):
+            self.cache.write(job.content_hash, emb)
+            for _ in job.waiters[1:]:
+                self.cache.pin(job.content_hash)  # one pin per destination copy
+            self._send(job.content_hash, job.waiters)
+            self._report(job, start, end)
+
+    def _send(self, content_hash: str, waiters: list[_Waiter]) -> None:
+        embeds = self.cache.get(content_hash)
+        for w in waiters:
+            meta = {"content_hash": content_hash, "source": self.connector.address}
+            self.connector.send(w.dest, f"mm:{content_hash}", {"embeds": embeds}, meta)
+
+    def _report(self, job: _Job, start: LifetimeEvent, end: LifetimeEvent) -> None:
+        by_request: dict[str, list[_Waiter]] = {}
+        for w in job.waiters:
+            by_request.setdefault(w.request_id, []).append(w)
+        for request_id, waiters in by_request.items():
+            events = []
+            for w in waiters:
+                events += [
+                    LifetimeEvent(Event.ENCODE_START, start.time, self.instance, w.index),
+                    LifetimeEvent(Event.ENCODE_END, end.time, self.instance, w.index),
+                    LifetimeEvent(Event.MM_TRANSFER_START, end.time, self.instance, w.index),
+                ]
+            joined = [w.index for w in waiters if w.joined]
+            self.done.append(
+                EncodeDone(self.instance, request_id, [w.index for w in waiters], joined, events)
+            )
+
+    def release(self, content_hash: str) -> None:
+        self.cache.unpin(content_hash)
+
+
+def pixel_tensor(item: EncodeItem) -> torch.Tensor:
+    return torch.frombuffer(bytearray(item.pixels), dtype=torch.float32).view(-1, item.patch_dim)

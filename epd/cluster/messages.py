@@ -1,0 +1,153 @@
+"""Typed control messages between the router (front process) and instances.
+
+Grouped by the process that receives them. Encoded as msgpack by msgspec (tagged
+unions, so one socket carries every message type). Bulk tensors (image embeddings,
+KV) never travel here: they go through a connector; pixel patches do, once, from the
+router to the encoder that will consume them. Updates carry diffs (new tokens since the
+last update), not whole requests.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from epd.lifetime import LifetimeEvent
+from epd.outputs import PositionLogprobs
+from epd.sampling_params import SamplingParams
+
+# ---- received by instances -------------------------------------------------------------------
+
+
+class EncodeItem(msgspec.Struct):
+    index: int  # image index within its request
+    content_hash: str
+    grid: tuple[int, int, int]
+    pixels: bytes  # float32 patches, [t*h*w, patch_dim]
+    patch_dim: int
+
+
+class EncodeTask(msgspec.Struct, tag=True):
+    """Encode these images of one request and send the embeddings to `dest` (a P instance)."""
+
+    request_id: str
+    items: list[EncodeItem]
+    dest: str  # the consumer's connector address
+
+
+class PrefillTask(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    placeholders: list[tuple[int, int]]  # (offset, length) per image
+    image_hashes: list[str]
+    grids: list[tuple[int, int, int]]
+    params: SamplingParams
+    arrival_time: float
+    decode_dest: str | None  # connector address of the D instance; None: decode here
+    prompt: str | None = None
+    pixels: list[EncodeItem] | None = None  # only for a P instance that encodes in-process (EP)
+
+
+class ReleaseEmbedding(msgspec.Struct, tag=True):
+    """The consumer has the embedding: the encoder may unpin one reference."""
+
+    content_hash: str
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+ToInstance = EncodeTask | PrefillTask | ReleaseEmbedding | AbortRequest | Shutdown
+
+# ---- received by the router ------------------------------------------------------------------
+
+
+class InstanceReady(msgspec.Struct, tag=True):
+    instance: str
+    control_address: str
+    data_address: str
+    pid: int
+    vision_parameters: int
+    language_parameters: int
+    max_model_len: int  # 0 for an instance without the language model
+
+
+class InstanceFailed(msgspec.Struct, tag=True):
+    instance: str
+    error: str
+
+
+class NeedEmbeddings(msgspec.Struct, tag=True):
+    """A prefill instance lacks these images of a request (not cached, not on their way)."""
+
+    instance: str
+    request_id: str
+    items: list[int]
+
+
+class EncodeDone(msgspec.Struct, tag=True):
+    instance: str
+    request_id: str
+    items: list[int]
+    cache_hits: list[int]  # items served from the encoder's cache or an in-flight encode
+    events: list[LifetimeEvent]
+
+
+class EmbeddingArrived(msgspec.Struct, tag=True):
+    instance: str
+    content_hash: str
+    source: str  # the encoder's connector address
+    events: list[tuple[str, LifetimeEvent]]  # (request_id, MM_TRANSFER_END) per waiting request
+
+
+class RequestUpdate(msgspec.Struct, tag=True):
+    instance: str
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None
+    events: list[LifetimeEvent]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str | None = None  # the full output text, sent when the request finishes here
+    num_cached_tokens: int = 0
+    handed_off: bool = False
+    # Output position of new_token_ids[0]. The first token comes from P and the rest from D
+    # over different sockets, so the router may see D's update first and must wait for P's.
+    first_index: int = 0
+
+
+class RequestError(msgspec.Struct, tag=True):
+    instance: str
+    request_id: str
+    error: str
+
+
+ToRouter = (
+    InstanceReady
+    | InstanceFailed
+    | NeedEmbeddings
+    | EncodeDone
+    | EmbeddingArrived
+    | RequestUpdate
+    | RequestError
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_instance_decoder = msgspec.msgpack.Decoder(ToInstance)
+_router_decoder = msgspec.msgpack.Decoder(ToRouter)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_for_instance(data: bytes) -> ToInstance:
+    return _instance_decoder.decode(data)
+
+
+def decode_for_router(data: bytes) -> ToRouter:
+    return _router_decoder.decode(data)

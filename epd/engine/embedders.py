@@ -1,0 +1,91 @@
+"""Where a prefill gets its image embeddings from: one strategy object per instance.
+
+- `LocalEncoder`: the instance holds the vision tower (roles E+P): encode here, packed.
+- `CachedEmbeddings`: the embeddings arrived from an encoder instance into the MM cache.
+The model runner calls `ensure()` the same way for both; no `if encoder_is_local:` in the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from epd.engine.mm_cache import MMCache
+from epd.engine.request import Request
+from epd.lifetime import Event
+
+
+class ImageEmbedder(ABC):
+    @abstractmethod
+    def ensure(self, requests: list[Request]) -> None:
+        """Fill `req.image_embeds[i]` for every image whose tokens are still to be computed."""
+
+    @abstractmethod
+    def can_recompute(self, request: Request) -> bool:
+        """Whether a preempted request's prompt can be recomputed here (else its KV is swapped out)."""
+
+
+def _missing(requests: list[Request]) -> list[tuple[Request, int]]:
+    return [
+        (req, i)
+        for req in requests
+        for i, ph in enumerate(req.prompt.placeholders)
+        if req.image_embeds[i] is None and ph.end > req.num_computed_tokens
+    ]
+
+
+class LocalEncoder(ImageEmbedder):
+    def __init__(self, model: torch.nn.Module, device: torch.device, instance: str | None = None) -> None:
+        self.model, self.device, self.instance = model, device, instance
+
+    def ensure(self, requests: list[Request]) -> None:
+        todo = _missing(requests)
+        if not todo:
+            return
+        images = [req.prompt.images[i] for req, i in todo]
+        for req, i in todo:
+            req.record(Event.ENCODE_START, self.instance, i)
+        pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
+        embeds = self.model.encode_images(pixels, [img.grid_thw for img in images])
+        for (req, i), emb in zip(todo, embeds):
+            req.image_embeds[i] = emb
+            req.record(Event.ENCODE_END, self.instance, i)
+
+    def can_recompute(self, request: Request) -> bool:
+        return True
+
+
+class CachedEmbeddings(ImageEmbedder):
+    """Reads embeddings that an encoder instance sent into this instance's MM cache.
+
+    The instance admits a request to the scheduler only once all its images are cached
+    (and pinned for it), so a miss here is a bug, not a wait.
+    """
+
+    def __init__(self, cache: MMCache) -> None:
+        self.cache = cache
+
+    def ensure(self, requests: list[Request]) -> None:
+        for req, i in _missing(requests):
+            req.image_embeds[i] = self.cache.get(req.prompt.images[i].content_hash)
+
+    def can_recompute(self, request: Request) -> bool:
+        return all(
+            emb is not None or img.content_hash in self.cache
+            for emb, img in zip(request.image_embeds, request.prompt.images)
+        )
+
+
+class NoEmbeddings(ImageEmbedder):
+    """A decode-only instance: prompts arrive with their KV computed, never as images."""
+
+    def ensure(self, requests: list[Request]) -> None:
+        missing = _missing(requests)
+        if missing:
+            raise RuntimeError(
+                f"request {missing[0][0].request_id} needs image embeddings on a decode-only instance"
+            )
+
+    def can_recompute(self, request: Request) -> bool:
+        return not request.prompt.images

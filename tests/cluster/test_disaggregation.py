@@ -1,0 +1,131 @@
+"""Every layout gives the same tokens (and logprobs) as the aggregated engine.
+
+Real instance processes, real sockets, both CPU connectors. The reference is the
+in-process `1EPD` engine, itself token-exact against transformers (tests/entrypoints).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from epd import LLM, SamplingParams
+from epd.lifetime import Event
+from epd.testing.images import noise_image
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+WORDS = "describe count compare the red car green tree two people river morning sun".split()
+PARAMS = SamplingParams(temperature=0, max_tokens=8, logprobs=2)
+
+
+def mixed_requests(n: int, seed: int) -> list:
+    """n prompts with 0 to 4 images of different sizes; a few images repeat across requests."""
+    rng = random.Random(seed)
+    shared = noise_image(150, 110, seed=seed * 1000)
+    prompts = []
+    for i in range(n):
+        k = rng.randint(0, 4)
+        images = [
+            noise_image(rng.randint(56, 220), rng.randint(56, 220), seed=seed * 1000 + i * 7 + j + 1)
+            for j in range(k)
+        ]
+        if k and rng.random() < 0.25:
+            images[0] = shared
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 20)))
+        prompt = f"<|im_start|>user\n{IMAGE * k}{text}<|im_end|>\n<|im_start|>assistant\n"
+        prompts.append({"prompt": prompt, "multi_modal_data": {"image": images}} if k else prompt)
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return str(checkpoints["qwen2_5_vl"])
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return mixed_requests(32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(model, requests):
+    with LLM(model) as llm:
+        return llm.generate(requests, PARAMS, use_tqdm=False)
+
+
+def assert_same(outputs, reference) -> None:
+    for out, ref in zip(outputs, reference):
+        assert out.error is None, out.error
+        assert out.prompt_token_ids == ref.prompt_token_ids
+        got, want = out.outputs[0], ref.outputs[0]
+        assert got.token_ids == want.token_ids
+        assert got.text == want.text and got.finish_reason == want.finish_reason
+        for position, ref_position in zip(got.logprobs, want.logprobs):
+            assert position.keys() == ref_position.keys()
+            for token, lp in position.items():
+                assert lp.logprob == pytest.approx(ref_position[token].logprob, abs=1e-5)
+
+
+LAYOUTS = ["2EP+1D", "1E+1PD", "1E+1P+1D", "2E+1P+2D", "3E+2P+1D"]
+
+
+@pytest.mark.parametrize("transfer", ["shm", "tcp"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_match_aggregated(model, requests, reference, layout, transfer):
+    with LLM(model, layout=layout, transfer=transfer) as llm:
+        outputs = llm.generate(requests, PARAMS, use_tqdm=False)
+    assert_same(outputs, reference)
+
+
+def test_weights_are_split_by_role(model):
+    with LLM(model, layout="1E+1P+1D") as llm:
+        ready = {name: h.ready for name, h in llm.engine.router.instances.items()}
+    assert ready["E0"].vision_parameters > 0 and ready["E0"].language_parameters == 0
+    for name in ("P0", "D0"):
+        assert ready[name].vision_parameters == 0 and ready[name].language_parameters > 0
+
+
+def encode_events(output) -> list:
+    return [e for e in output.metrics.events if e.event is Event.ENCODE_START]
+
+
+def test_images_of_one_request_spread_over_encoders(model):
+    images = [noise_image(200, 200, seed=70 + i) for i in range(4)]
+    prompt = {
+        "prompt": f"<|im_start|>user\n{IMAGE * 4}Compare.<|im_end|>\n",
+        "multi_modal_data": {"image": images},
+    }
+    with LLM(model, layout="2E+1P+1D") as llm:
+        [out] = llm.generate([prompt], PARAMS, use_tqdm=False)
+    assert out.error is None
+    assert {e.instance for e in encode_events(out)} == {"E0", "E1"}
+    assert sorted(e.item for e in encode_events(out)) == [0, 1, 2, 3]
+    stages = out.metrics.breakdown()
+    assert {"encode", "mm_transfer", "prefill", "kv_transfer", "decode"} <= stages.keys()
+
+
+def test_repeated_and_concurrent_images_are_encoded_once(model):
+    image, other = noise_image(180, 120, seed=90), noise_image(120, 180, seed=91)
+
+    def request(text, *imgs):
+        return {
+            "prompt": f"<|im_start|>user\n{IMAGE * len(imgs)}{text}<|im_end|>\n",
+            "multi_modal_data": {"image": list(imgs)},
+        }
+
+    with LLM(model, layout="1E+2P+1D") as llm:
+        router = llm.engine.router
+        # Two requests in flight with the same new image: one encoding between them.
+        both = llm.generate([request("first", image), request("second", image)], PARAMS, use_tqdm=False)
+        encodings = {(e.instance, e.time) for out in both for e in encode_events(out)}
+        assert len(encodings) == 1
+        # Seen before: served from a cache (the prefill instance's or the encoder's), not encoded again.
+        hits_before = router.stats["encode_cache_hits"]
+        again = llm.generate(
+            [request("third", image), request("fourth", image, other)], PARAMS, use_tqdm=False
+        )
+        new_encodings = {(e.instance, e.time) for out in again for e in encode_events(out)} - encodings
+        assert len(new_encodings) == 1  # only `other`
+        assert all(out.error is None for out in both + again)
+        assert router.stats["encode_cache_hits"] >= hits_before
