@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from epd.cluster.messages import (
     EncodeTask,
     InstanceFailed,
     InstanceReady,
+    InstanceStats,
     NeedEmbeddings,
     PrefillTask,
     ReleaseEmbedding,
@@ -42,6 +44,7 @@ from epd.cluster.messages import (
     decode_for_instance,
     encode,
 )
+from epd.cluster.stats import mm_cache_stats
 from epd.config import EngineConfig
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache
@@ -59,6 +62,7 @@ from epd.transfer.base import create_connector as make_connector
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 200  # only bounds how fast a lost parent is noticed; work wakes the poller
+STATS_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class Instance:
         self.reported_tokens: dict[str, int] = {}
         self.reported_events: dict[str, int] = {}
         self.stopping = False
+        self.last_stats = 0.0
+        self.transfer_totals = {"transfer_bytes_total": 0.0, "transfer_seconds_total": 0.0}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -201,9 +207,27 @@ class Instance:
             self._receive_control()
             self._receive_transfers()
             self._step()
+            self._maybe_send_stats()
             if os.getppid() != self.cfg.parent_pid:
                 logger.warning("parent process is gone; exiting")
                 return
+
+    def stats(self) -> dict[str, float]:
+        stats = dict(self.transfer_totals)
+        if self.engine is not None:
+            stats.update(self.engine.stats())
+            stats.update(mm_cache_stats(self.mm_cache))
+        if self.encoder is not None:
+            stats.update(mm_cache_stats(self.encoder.cache))
+            stats["encode_queue_images"] = len(self.encoder.queue)
+            stats["images_encoded_total"] = self.encoder.num_encoded
+        return stats
+
+    def _maybe_send_stats(self) -> None:
+        now = time.monotonic()
+        if now - self.last_stats >= STATS_INTERVAL_S:
+            self.last_stats = now
+            self._send(InstanceStats(self.name, self.stats()))
 
     def _has_work(self) -> bool:
         return bool(
@@ -241,6 +265,8 @@ class Instance:
             elif received.key.startswith("kv:"):
                 self._kv_arrived(received)
         for result in self.connector.poll_sent():
+            self.transfer_totals["transfer_bytes_total"] += result.nbytes
+            self.transfer_totals["transfer_seconds_total"] += result.seconds
             if not result.ok:
                 logger.error("transfer %s to %s failed: %s", result.key, result.dest, result.error)
                 if result.key.startswith("kv:"):

@@ -120,6 +120,11 @@ class RequestUpdate(msgspec.Struct, tag=True):
     first_index: int = 0
 
 
+class InstanceStats(msgspec.Struct, tag=True):
+    instance: str
+    stats: dict[str, float]  # see epd.cluster.stats.STAT_HELP
+
+
 class RequestError(msgspec.Struct, tag=True):
     instance: str
     request_id: str
@@ -134,6 +139,7 @@ ToRouter = (
     | EmbeddingArrived
     | RequestUpdate
     | RequestError
+    | InstanceStats
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -31,6 +31,7 @@ from epd.cluster.messages import (
     EncodeTask,
     InstanceFailed,
     InstanceReady,
+    InstanceStats,
     NeedEmbeddings,
     PrefillTask,
     ReleaseEmbedding,
@@ -114,7 +115,8 @@ class Router:
         self.inflight: dict[str, str] = {}  # content hash -> encoder encoding it now
         self.encoded_at: dict[str, str] = {}  # content hash -> encoder that last encoded it
         self.stats = {"encode_items": 0, "encode_cache_hits": 0}
-        self._finished: list[RequestOutput] = []
+        self._outputs: dict[str, RequestOutput] = {}  # advanced since the last poll
+        self.instance_stats: dict[str, dict[str, float]] = {}
         self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -142,7 +144,9 @@ class Router:
         decode.load += 1
         placeholders = [(p.offset, p.length) for p in prompt.placeholders]
         # An instance that encodes in-process (EP) gets the pixels with the task.
-        pixels = [_encode_item(i, img) for i, img in enumerate(prompt.images)] if prefill.has(Role.ENCODE) else None
+        pixels = None
+        if prefill.has(Role.ENCODE):
+            pixels = [_encode_item(i, img) for i, img in enumerate(prompt.images)]
         prefill.send(
             PrefillTask(
                 request_id,
@@ -176,7 +180,8 @@ class Router:
     # ---- messages in ----------------------------------------------------------------------------
 
     def poll(self, timeout_ms: int = 100) -> list[RequestOutput]:
-        """Handle what arrived (waiting up to timeout_ms for the first message); finished outputs."""
+        """Handle what arrived (waiting up to timeout_ms for the first message); the outputs
+        (cumulative, as in RequestOutput) of every request that advanced or finished."""
         if self.inbox.poll(timeout_ms):
             while True:
                 try:
@@ -185,8 +190,8 @@ class Router:
                     break
                 self._handle(decode_for_router(data))
         self._check_instances()
-        finished, self._finished = self._finished, []
-        return finished
+        outputs, self._outputs = list(self._outputs.values()), {}
+        return outputs
 
     def _handle(self, msg: object) -> None:
         handlers = {
@@ -196,6 +201,7 @@ class Router:
             RequestUpdate: self._update,
             RequestError: self._error,
             InstanceFailed: self._instance_failed,
+            InstanceStats: self._stats,
         }
         handler = handlers.get(type(msg))
         if handler is not None:
@@ -281,6 +287,11 @@ class Router:
         if msg.finish_reason is not None:
             state.text, state.stop_reason = msg.text or "", msg.stop_reason
             self._finish(state, msg.finish_reason)
+        else:
+            self._outputs[state.request_id] = state.output()
+
+    def _stats(self, msg: InstanceStats) -> None:
+        self.instance_stats[msg.instance] = msg.stats
 
     def _error(self, msg: RequestError) -> None:
         state = self.requests.get(msg.request_id)
@@ -327,7 +338,7 @@ class Router:
             self.instances[encoder].load -= state.prompt.images[index].num_patches
         state.encoders.clear()
         del self.requests[state.request_id]
-        self._finished.append(state.output())
+        self._outputs[state.request_id] = state.output()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -100,6 +100,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.requests: dict[str, Request] = {}
+        self.num_steps, self.step_seconds, self.last_batch_tokens = 0, 0.0, 0
         logger.info(
             "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             instance or "",
@@ -195,6 +196,21 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> dict[str, float]:
+        """Scheduler and cache figures now (see epd.cluster.stats.STAT_HELP)."""
+        blocks = self.block_manager
+        return {
+            "waiting_requests": len(self.scheduler.waiting),
+            "running_requests": len(self.scheduler.running),
+            "last_batch_tokens": self.last_batch_tokens,
+            "kv_cache_usage": blocks.usage,
+            "prefix_cache_hit_tokens_total": blocks.prefix_hit_tokens,
+            "prefix_cache_query_tokens_total": blocks.prefix_query_tokens,
+            "steps_total": self.num_steps,
+            "step_seconds_total": self.step_seconds,
+            "preemptions_total": self.scheduler.num_preemptions,
+        }
+
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -206,6 +222,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
         tables = [self.block_manager.block_table(r.request_id) for r in batch.requests]
         self._mark_started(batch)
         for req, start in batch.injections:
@@ -217,7 +234,11 @@ class LLMEngine:
             [r.params for r in batch.requests],
             [r.generator or self.shared_generator for r in batch.requests],
         )
-        return self._postprocess(batch, sampled.token_ids, sampled.logprobs)
+        advanced = self._postprocess(batch, sampled.token_ids, sampled.logprobs)
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - started
+        self.last_batch_tokens = batch.total_tokens
+        return advanced
 
     def _mark_started(self, batch: ScheduledBatch) -> None:
         now = time.time()

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from epd.cluster.cluster import Cluster
 from epd.cluster.layout import Layout
-from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.llm_engine import LLMEngine
+from epd.entrypoints.async_engine import EngineArgs
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -40,6 +40,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int = 1 << 30,
+        mm_cache_bytes: int = 256 << 20,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
@@ -50,24 +51,29 @@ class LLM:
         (default: `device` for every instance) assigns devices to instances in order;
         `transfer` picks the connector between instance processes (`shm` or `tcp`).
         A single aggregated instance (`1EPD`) runs in this process; any other layout
-        starts one process per instance."""
-        parsed = Layout.parse(layout)
-        config = EngineConfig(
-            model=ModelConfig(
-                model, dtype=dtype, load_format=load_format, max_model_len=max_model_len, seed=seed
-            ),
-            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory_bytes, enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        starts one process per instance (so scripts need `if __name__ == "__main__":`)."""
+        args = EngineArgs(
+            model=model,
+            layout=layout,
             device=device,
+            devices=",".join(devices) if isinstance(devices, (list, tuple)) else devices,
+            transfer=transfer,
+            dtype=dtype,
+            load_format=load_format,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            mm_cache_bytes=mm_cache_bytes,
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            seed=seed,
+            limits=InputLimits(max_images_per_request=max_images_per_request),
         )
-        limits = InputLimits(max_images_per_request=max_images_per_request)
-        self.processor = InputProcessor.from_pretrained(model, limits=limits)
-        self.layout = parsed
-        self.engine: LLMEngine | Cluster | None
-        if parsed.num_instances == 1 and parsed.is_aggregated and devices is None:
-            self.engine = LLMEngine(config, self.processor.tokenizer)
-        else:
-            self.engine = Cluster(parsed, config, devices=devices or device, transfer=transfer)
+        self.layout = Layout.parse(layout)
+        self.processor = InputProcessor.from_pretrained(model, limits=args.limits)
+        self.engine: LLMEngine | Cluster | None = args.build(self.processor)
         self._ids = itertools.count()
 
     # ---- public API ---------------------------------------------------------------------------

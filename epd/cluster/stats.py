@@ -1,0 +1,42 @@
+"""Gauges and counters an instance reports about itself, for /metrics and the planner.
+
+One flat dict of floats per instance: cheap to send, easy to export. Counters are
+cumulative since the instance started; gauges are the value now.
+"""
+
+from __future__ import annotations
+
+from epd.engine.mm_cache import MMCache
+
+# name -> help text; "_total" names are counters, the rest gauges.
+STAT_HELP = {
+    "waiting_requests": "requests queued for the instance's scheduler",
+    "running_requests": "requests in the running batch",
+    "last_batch_tokens": "tokens computed in the instance's last step",
+    "kv_cache_usage": "share of KV blocks held by live requests",
+    "mm_cache_usage": "share of MM cache blocks pinned by requests or transfers",
+    "mm_cache_cached_usage": "share of MM cache blocks holding reusable embeddings",
+    "encode_queue_images": "images waiting to be encoded",
+    "prefix_cache_hit_tokens_total": "prompt tokens served from the prefix cache",
+    "prefix_cache_query_tokens_total": "prompt tokens looked up in the prefix cache",
+    "mm_cache_hits_total": "images found in the MM cache",
+    "mm_cache_misses_total": "images not found in the MM cache",
+    "images_encoded_total": "images encoded",
+    "steps_total": "engine steps run",
+    "step_seconds_total": "seconds spent in engine steps",
+    "transfer_bytes_total": "bytes sent through the connector",
+    "transfer_seconds_total": "seconds from send to completion, summed over transfers",
+    "preemptions_total": "requests preempted for lack of KV blocks",
+}
+
+
+def mm_cache_stats(cache: MMCache | None) -> dict[str, float]:
+    if cache is None:
+        return {}
+    blocks = cache.num_blocks
+    return {
+        "mm_cache_usage": (cache.used_blocks - cache.evictable_blocks) / blocks,
+        "mm_cache_cached_usage": cache.evictable_blocks / blocks,
+        "mm_cache_hits_total": cache.hits,
+        "mm_cache_misses_total": cache.misses,
+    }

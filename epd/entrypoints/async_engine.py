@@ -1,0 +1,240 @@
+"""An engine (in-process or a cluster of instance processes) driven from asyncio.
+
+One background thread owns the engine and runs its loop; coroutines submit requests and
+read their outputs through thread-safe hand-offs. Every other part of the server stays
+async and never blocks on the model.
+
+    engine = AsyncEngine(EngineArgs(model=...))
+    async for out in engine.generate(prompt, params, request_id):   # cumulative outputs
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from epd.cluster.cluster import Cluster
+from epd.cluster.layout import Layout
+from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from epd.engine.llm_engine import LLMEngine
+from epd.inputs.processor import InputLimits, InputProcessor
+from epd.inputs.types import ProcessedPrompt
+from epd.outputs import RequestOutput
+from epd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to start an engine; shared by `LLM`, `AsyncEngine` and the CLI."""
+
+    model: str
+    layout: str = "1EPD"
+    device: str = "cpu"
+    devices: str | None = None
+    transfer: str = "shm"
+    dtype: str = "float32"
+    load_format: str = "safetensors"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 1 << 30
+    mm_cache_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    seed: int = 0
+    limits: InputLimits = InputLimits()
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=ModelConfig(
+                self.model,
+                dtype=self.dtype,
+                load_format=self.load_format,
+                max_model_len=self.max_model_len,
+                seed=self.seed,
+            ),
+            cache=CacheConfig(
+                self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching
+            ),
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            device=self.device,
+        )
+
+    def build(self, processor: InputProcessor) -> LLMEngine | Cluster:
+        """In this process for a single aggregated instance; else one process per instance."""
+        layout = Layout.parse(self.layout)
+        config = self.engine_config()
+        if layout.num_instances == 1 and layout.is_aggregated and self.devices is None:
+            return LLMEngine(config, processor.tokenizer)
+        return Cluster(
+            layout,
+            config,
+            devices=self.devices or self.device,
+            transfer=self.transfer,
+            mm_cache_bytes=self.mm_cache_bytes,
+        )
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.processor = InputProcessor.from_pretrained(args.model, limits=args.limits)
+        self.engine = args.build(self.processor)
+        self.max_model_len = _max_model_len(self.engine)
+        self._submit: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, SamplingParams]] = {}
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="epd-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the async API ------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: ProcessedPrompt, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs as the request advances; the last one has `finished`.
+
+        Cancelling the iteration (e.g. the client went away) aborts the request and frees
+        its blocks.
+        """
+        self._check_running()
+        stream: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._streams[request_id] = (asyncio.get_running_loop(), stream, params)
+        self._submit.put(("add", request_id, prompt, params, time.time()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit.put(("abort", request_id))
+
+    @property
+    def num_requests(self) -> int:
+        """Requests admitted and not finished (for admission control)."""
+        return len(self._streams)
+
+    def is_healthy(self) -> bool:
+        if self._error is not None or not self._thread.is_alive():
+            return False
+        if isinstance(self.engine, Cluster):
+            return all(h.alive for h in self.engine.router.instances.values())
+        return True
+
+    def instance_stats(self) -> dict[str, dict[str, float]]:
+        """Latest figures per instance (see epd.cluster.stats.STAT_HELP)."""
+        if isinstance(self.engine, Cluster):
+            return dict(self.engine.router.instance_stats)
+        return {"EPD0": self.engine.stats()}
+
+    def instances_up(self) -> dict[str, bool]:
+        if isinstance(self.engine, Cluster):
+            return {name: h.alive for name, h in self.engine.router.instances.items()}
+        return {"EPD0": self._thread.is_alive() and self._error is None}
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop, abort what is left, stop every instance process. Idempotent."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if isinstance(self.engine, Cluster):
+            self.engine.shutdown()
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._stop.is_set() or self._error is not None:
+            raise RuntimeError("the engine is not running")
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                idle = self._take_submissions()
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                elif idle:
+                    self._wait_for_work()
+        except BaseException as err:  # the engine died: fail every waiter, never hang them
+            logger.exception("engine loop failed")
+            self._error = err
+            for request_id in list(self._streams):
+                self._push(request_id, RuntimeError(f"engine failed: {err}"))
+
+    def _wait_for_work(self) -> None:
+        try:
+            item = self._submit.get(timeout=IDLE_WAIT_S)
+        except queue.Empty:
+            return
+        self._handle(item)
+
+    def _take_submissions(self) -> bool:
+        idle = True
+        while True:
+            try:
+                item = self._submit.get_nowait()
+            except queue.Empty:
+                return idle
+            idle = False
+            self._handle(item)
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "add":
+            _, request_id, prompt, params, arrival = item
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival)
+            except ValueError as err:
+                self._push(request_id, err)
+        elif item[0] == "abort":
+            self.engine.abort_request(item[1])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is None:
+                continue
+            if not out.finished:
+                text = self._stream_text(out, target[2])
+                out = replace(out, outputs=[replace(out.outputs[0], text=text)])
+            self._push(out.request_id, out)
+
+    def _stream_text(self, out: RequestOutput, params: SamplingParams) -> str:
+        """Text safe to show before the end: instances send text only when they finish, and a
+        stop string may still cut the tail, so the last len(longest stop) - 1 chars wait."""
+        completion = out.outputs[0]
+        text = self.processor.tokenizer.decode(completion.token_ids, params.skip_special_tokens)
+        if params.stop:
+            text = text[: max(0, len(text) - max(len(s) for s in params.stop) + 1)]
+        return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence is not text yet
+
+    def _push(self, request_id: str, item: object) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream, _ = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _max_model_len(engine: LLMEngine | Cluster) -> int:
+    return engine.max_model_len if isinstance(engine, LLMEngine) else engine.router.max_model_len
