@@ -95,17 +95,24 @@ def test_keys_arrive_in_send_order_and_caller_may_drop_tensors(pair: tuple[Conne
 
 @pytest.mark.parametrize("pair", REMOTE_BACKENDS, indirect=True)
 def test_send_returns_before_the_payload_has_moved(pair: tuple[Connector, Connector]) -> None:
-    # 100 MB: the copy/transfer takes tens of ms at least; send() only queues it. Comparing send()'s
-    # duration with the same send's completion time holds however loaded the machine is.
+    # 100 MB: the copy/transfer takes tens of ms at least; send() only queues it. A send() that did the
+    # work itself could never return before its own completion; an asynchronous one does unless the OS
+    # preempts the caller for longer than the whole transfer, so one of three tries must show it.
     producer, consumer = pair
     big = {"x": torch.randn(25 * MB)}
-    start = time.perf_counter()
-    producer.send(consumer.address, "big", big)
-    returned = time.perf_counter() - start
-    [result] = collect_sent(producer, 1)  # completes although the consumer has not polled yet
-    assert result.ok and returned < result.seconds
-    [got] = collect_received(consumer, 1)
-    assert torch.equal(got.tensors["x"], big["x"])
+    early = []
+    for attempt in range(3):
+        start = time.perf_counter()
+        producer.send(consumer.address, f"big{attempt}", big)
+        returned = time.perf_counter() - start
+        [result] = collect_sent(producer, 1)  # completes although the consumer has not polled yet
+        assert result.ok
+        early.append(returned < result.seconds)
+        if early[-1]:
+            break
+    assert any(early)
+    for got in collect_received(consumer, len(early)):
+        assert torch.equal(got.tensors["x"], big["x"])
 
 
 @pytest.mark.parametrize("backend", REMOTE_BACKENDS)
