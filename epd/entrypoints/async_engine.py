@@ -184,6 +184,10 @@ class AsyncEngine:
                 self._push(request_id, RuntimeError(f"engine failed: {err}"))
 
     def _wait_for_work(self) -> None:
+        # Idle, the router must still read its inbox: instance stats keep /metrics current
+        # and a dead instance is noticed (so /health turns 503) without any request.
+        if isinstance(self.engine, Cluster):
+            self._deliver(self.engine.router.poll(timeout_ms=0))
         try:
             item = self._submit.get(timeout=IDLE_WAIT_S)
         except queue.Empty:

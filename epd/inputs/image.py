@@ -8,7 +8,9 @@ Sources, and what is checked before any pixel is decoded:
 | `bytes` / `bytearray`          | byte count, pixel count (from the header)               |
 | `data:[image/*][;base64],...`  | byte count (estimated before base64 decoding), pixels   |
 | `file://...` or a plain path   | allowed directory (after symlinks and `..`), bytes, px  |
-| `http://`, `https://`, other   | refused: remote media is not enabled                    |
+| `http://`, `https://`          | refused, unless a `fetch_remote` is given: it fetches   |
+|                                | (and owns the network checks), then bytes, pixels       |
+| other schemes                  | refused                                                 |
 
 Decoding then mirrors what transformers does with the same image: EXIF orientation is
 applied (`transformers.image_utils.load_image`), transparency is composited onto white
@@ -25,6 +27,7 @@ import io
 import os
 import stat
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from epd.inputs.errors import InvalidInputError
 
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+# (url, max_image_bytes) -> the bytes behind an http(s) URL; raises InvalidInputError. The
+# server's epd.server.fetch.RemoteMediaFetcher is one (it refuses private addresses).
+RemoteFetcher = Callable[[str, int | None], bytes]
 
 # Formats we let Pillow decode from untrusted bytes. Pillow can also open formats that run
 # external programs (EPS calls Ghostscript) or are rarely fuzzed, so we allow only these.
@@ -45,6 +51,7 @@ def load_image(
     allowed_local_media_path: str | None = None,
     max_image_pixels: int | None = None,
     max_image_bytes: int | None = None,
+    fetch_remote: RemoteFetcher | None = None,
 ) -> Image.Image:
     """Load `source` and return a fully decoded RGB image.
 
@@ -52,13 +59,17 @@ def load_image(
     path must lie under that directory once symlinks and `..` are resolved, and a relative path
     is taken relative to it. `max_image_pixels` / `max_image_bytes` (None = no limit of ours;
     Pillow's own decompression-bomb guard still applies) are checked before full decoding.
-    Raises `InvalidInputError` for anything wrong with the source.
+    http(s) URLs are refused unless `fetch_remote` is given. Raises `InvalidInputError` for
+    anything wrong with the source.
     """
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_image_pixels)
         return _finish(source)
     data = read_image_bytes(
-        source, allowed_local_media_path=allowed_local_media_path, max_image_bytes=max_image_bytes
+        source,
+        allowed_local_media_path=allowed_local_media_path,
+        max_image_bytes=max_image_bytes,
+        fetch_remote=fetch_remote,
     )
     return decode_image_bytes(data, max_image_pixels=max_image_pixels)
 
@@ -68,6 +79,7 @@ def read_image_bytes(
     *,
     allowed_local_media_path: str | None = None,
     max_image_bytes: int | None = None,
+    fetch_remote: RemoteFetcher | None = None,
 ) -> bytes:
     """The encoded bytes behind a non-PIL source, with the URL scheme, path and byte checks applied."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -81,7 +93,7 @@ def read_image_bytes(
     if source[:5].lower() == "data:":
         return _decode_data_url(source, max_image_bytes)
     if "://" in source:
-        return _read_url(source, allowed_local_media_path, max_image_bytes)
+        return _read_url(source, allowed_local_media_path, max_image_bytes, fetch_remote)
     return _read_local_file(source, allowed_local_media_path, max_image_bytes)
 
 
@@ -168,10 +180,16 @@ def _decode_data_url(url: str, max_image_bytes: int | None) -> bytes:
     return data
 
 
-def _read_url(url: str, allowed_root: str | None, max_image_bytes: int | None) -> bytes:
+def _read_url(
+    url: str, allowed_root: str | None, max_image_bytes: int | None, fetch_remote: RemoteFetcher | None
+) -> bytes:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
+        if fetch_remote is not None:
+            data = fetch_remote(url, max_image_bytes)
+            _check_bytes(len(data), max_image_bytes)  # whatever the fetcher promised
+            return data
         raise InvalidInputError(
             f"remote media is not enabled: cannot fetch {scheme}:// image URLs; send the image as a data: URL"
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 from epd.inputs.chat import ChatTemplate, load_chat_template
 from epd.inputs.errors import InvalidInputError
-from epd.inputs.image import ImageSource, load_image
+from epd.inputs.image import ImageSource, RemoteFetcher, load_image
 from epd.inputs.image_processor import ImageProcessorConfig, process_image
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
@@ -36,12 +36,14 @@ _PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
 
 @dataclass(frozen=True)
 class InputLimits:
-    """What a request may bring. None = unlimited (local paths: allowed anywhere)."""
+    """What a request may bring. None = unlimited (local paths: allowed anywhere), except
+    `remote_fetcher`: None refuses http(s) image URLs; given, it fetches them."""
 
     max_images_per_request: int | None = None
     allowed_local_media_path: str | None = None
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
+    remote_fetcher: RemoteFetcher | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class InputProcessor:
                 allowed_local_media_path=lim.allowed_local_media_path,
                 max_image_pixels=lim.max_image_pixels,
                 max_image_bytes=lim.max_image_bytes,
+                fetch_remote=lim.remote_fetcher,
             )
             images.append(process_image(img, self.image_config))
         return images

@@ -1,0 +1,249 @@
+"""The `epd` command. Subcommands: `serve` (the OpenAI-compatible server); `bench`, `profile`,
+`simulate`, `plan` join the same way: a `add_<name>_parser(subparsers)` that sets `func`.
+
+    epd serve --model /path/to/Qwen2.5-VL-3B-Instruct --layout 1E+1P+1D
+
+Imports of the engine happen inside the command, so `epd --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine pulls in torch: imported in the command, not for --help
+    from epd.entrypoints.async_engine import EngineArgs
+    from epd.server.config import ServerConfig
+
+API_KEY_ENV = "EPD_API_KEY"
+_SIZE = re.compile(r"(?i)\s*(\d+)\s*([kmgt]?)(i?)b?\s*")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def default_model() -> str | None:
+    """The model `epd serve` runs without --model. None until the demo model ships; it plugs in here."""
+    return None
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512MiB', '1G' -> bytes (K/M/G/T, with or without i: powers of 1024 both ways)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 512MiB, 1G)")
+    number, unit, _ = match.groups()
+    return int(number) * _UNITS[unit.lower()]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones ("default: None" says nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epd", description="Encode-Prefill-Decode disaggregated serving for vision-language models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_serve_parser(sub)
+    return parser
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Start the engine instances of a layout, then serve /v1/chat/completions, "
+        "/v1/completions, /v1/models, /health and /metrics until SIGINT/SIGTERM.",
+        formatter_class=_HelpFormatter,
+    )
+    _engine_options(p)
+    _server_options(p)
+    _limit_options(p)
+    p.set_defaults(func=run_serve, parser=p)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (required for now)")
+    g.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: --model)")
+    g.add_argument("--layout", default="1EPD", help="instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
+    g.add_argument("--device", default="cpu", help="device of every instance (cpu, cuda, cuda:1, ...)")
+    g.add_argument("--devices", default=None, help="one device per instance in layout order, comma-separated")
+    g.add_argument("--transfer", default="shm", help="connector between instance processes (shm, tcp)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
+    g.add_argument(
+        "--load-format",
+        default="safetensors",
+        choices=["safetensors", "dummy"],
+        help="dummy: random weights of the real shapes (benchmarks)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of weights (dummy) and unseeded sampling")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length, prompt + output (default: the model's, capped by the KV cache)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV blocks per instance (default: as many as --kv-cache-memory-bytes holds)",
+    )
+    g.add_argument(
+        "--kv-cache-memory-bytes", type=parse_bytes, default="1GiB", help="KV cache size per instance"
+    )
+    g.add_argument(
+        "--mm-cache-bytes",
+        type=parse_bytes,
+        default="256MiB",
+        help="multimodal embedding cache per encode/prefill instance",
+    )
+    g.add_argument(
+        "--disable-prefix-caching", action="store_true", help="never reuse KV blocks across requests"
+    )
+    g.add_argument("--max-num-seqs", type=int, default=256, help="requests per running batch")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per engine step (default: max-model-len)",
+    )
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)",
+    )
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="admitted requests at once (input processing to last token); more get 429. 0: no limit",
+    )
+    g.add_argument(
+        "--max-request-bytes", type=parse_bytes, default="32MiB", help="largest request body (413)"
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted",
+    )
+    g.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity"
+    )
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input limits")
+    g.add_argument("--max-images-per-request", type=int, default=16, help="images in one request")
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=32 << 20,
+        help="pixels per image, checked from the header before decoding (decompression bombs)",
+    )
+    g.add_argument("--max-image-bytes", type=parse_bytes, default="20MiB", help="encoded bytes per image")
+    g.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="allow file:// and plain-path images under DIR (default: local files refused)",
+    )
+    g.add_argument(
+        "--allow-remote-media",
+        action="store_true",
+        help="fetch http(s) image URLs (public addresses only, no redirects to private ones)",
+    )
+    g.add_argument("--remote-media-timeout", type=float, default=10.0, help="seconds per remote image fetch")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from epd.server.launch import serve
+
+    model = args.model or default_model()
+    if model is None:
+        args.parser.error("--model is required (there is no default model yet)")
+    return serve(engine_args_from(args, model), server_config_from(args, model))
+
+
+def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
+    from epd.entrypoints.async_engine import EngineArgs
+    from epd.inputs.processor import InputLimits
+    from epd.server.fetch import RemoteMediaFetcher
+
+    fetcher = RemoteMediaFetcher(timeout_s=args.remote_media_timeout) if args.allow_remote_media else None
+    limits = InputLimits(
+        max_images_per_request=args.max_images_per_request,
+        allowed_local_media_path=args.allowed_local_media_path,
+        max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
+        remote_fetcher=fetcher,
+    )
+    return EngineArgs(
+        model=model,
+        layout=args.layout,
+        device=args.device,
+        devices=args.devices,
+        transfer=args.transfer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        mm_cache_bytes=args.mm_cache_bytes,
+        enable_prefix_caching=not args.disable_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        limits=limits,
+    )
+
+
+def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:
+    from epd.server.config import ServerConfig
+
+    return ServerConfig(
+        served_model_name=args.served_model_name or model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_request_bytes=args.max_request_bytes,
+        max_queued_requests=args.max_queued_requests or None,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_remote_media=args.allow_remote_media,
+        remote_media_timeout_s=args.remote_media_timeout,
+        shutdown_grace_s=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The OpenAI-compatible HTTP server (`epd serve`).
+
+| module        | concern                                                        |
+|---------------|----------------------------------------------------------------|
+| launch        | lifecycle: engine start, uvicorn, signals, drain, shutdown     |
+| app           | the FastAPI app, /v1/models, /health, /metrics                 |
+| chat          | /v1/chat/completions                                           |
+| completions   | /v1/completions                                                |
+| serving       | one generation end to end: body, admission, stream, disconnect |
+| protocol      | request bodies (pydantic, strict)                              |
+| sampling      | request -> SamplingParams, context checks                      |
+| formatting    | response pieces shared by both endpoints                       |
+| media         | which image URLs a request may use                             |
+| fetch         | http(s) image fetching without SSRF                            |
+| metrics       | Prometheus metrics                                             |
+| errors        | OpenAI error bodies and handlers                               |
+| state, config | shared state, admission, API key; ServerConfig                 |
+| engine        | the AsyncEngine subclass the server runs                       |
+"""
+
+from epd.server.app import build_app
+from epd.server.config import ServerConfig
+
+__all__ = ["ServerConfig", "build_app"]

@@ -1,0 +1,84 @@
+"""The FastAPI application: routes, shared state, error handlers, request counting.
+
+| route                      | auth    | answer                                                   |
+|----------------------------|---------|----------------------------------------------------------|
+| POST /v1/chat/completions  | API key | epd.server.chat                                          |
+| POST /v1/completions       | API key | epd.server.completions                                   |
+| GET  /v1/models            | API key | the served model                                         |
+| GET  /health               | none    | 200 when every instance is up, else 503                  |
+| GET  /metrics              | none    | Prometheus text (epd.server.metrics)                     |
+
+/health and /metrics stay open so that orchestrators and scrapers need no secret, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from epd.entrypoints.async_engine import AsyncEngine
+from epd.server import chat, completions
+from epd.server.config import ServerConfig
+from epd.server.errors import APIError, install_handlers
+from epd.server.media import MediaPolicy
+from epd.server.metrics import ServerMetrics, StatusCounter
+from epd.server.serving import ClientGone
+from epd.server.state import Admission, ServerState, engine_healthy, get_state, require_api_key
+
+models_router = APIRouter(dependencies=[Depends(require_api_key)])
+ops_router = APIRouter()
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """An app serving `engine`. The engine's lifetime is the caller's: the app never stops it."""
+    app = FastAPI(title="epd", docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission(config.max_queued_requests, config.retry_after_s, lambda: engine_healthy(engine))
+    metrics = ServerMetrics(engine.instance_stats, engine.instances_up, lambda: admission.count)
+    media = MediaPolicy(
+        allow_local=config.allowed_local_media_path is not None, allow_remote=config.allow_remote_media
+    )
+    app.state.epd = ServerState(engine, config, metrics, admission, media)
+    app.state.started = time.time()
+    install_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # never delivered: there is nobody to read it
+
+    for router in (chat.router, completions.router, models_router, ops_router):
+        app.include_router(router)
+    app.add_middleware(StatusCounter, metrics=metrics)
+    return app
+
+
+@models_router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    state = get_state(request)
+    name = state.config.served_model_name
+    model = {
+        "id": name,
+        "object": "model",
+        "created": int(request.app.state.started),
+        "owned_by": "epd",
+        "root": state.engine.args.model,
+        "max_model_len": state.engine.max_model_len,
+    }
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+@ops_router.get("/health")
+async def health(request: Request) -> Response:
+    state = get_state(request)
+    if state.healthy():
+        return Response(status_code=200)
+    down = sorted(name for name, up in state.engine.instances_up().items() if not up)
+    detail = f"instances down: {', '.join(down)}" if down else "the engine is not running"
+    raise APIError(503, f"unhealthy: {detail}", code="service_unavailable")
+
+
+@ops_router.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,188 @@
+"""Prometheus metrics of one server: its own registry, so several apps in one process never mix.
+
+| metric                                   | kind      | labels             | from                          |
+|------------------------------------------|-----------|--------------------|-------------------------------|
+| epd_http_requests_total                  | counter   | endpoint, status   | every answer (499: client left)|
+| epd_request_finished_total               | counter   | finish_reason      | finished generations          |
+| epd_prompt_tokens_total / _generation_.. | counter   |                    | finished generations          |
+| epd_time_to_first_token_seconds          | histogram |                    | server-side, arrival -> token |
+| epd_time_per_output_token_seconds        | histogram |                    | (e2e - ttft) / (tokens - 1)   |
+| epd_e2e_request_latency_seconds          | histogram |                    | arrival -> last token         |
+| epd_request_stage_seconds                | histogram | stage              | RequestMetrics.breakdown()    |
+| epd_requests_admitted                    | gauge     |                    | admission count now           |
+| epd_instance_<stat>[_total]              | gauge/ctr | instance           | AsyncEngine.instance_stats()  |
+| epd_instance_up                          | gauge     | instance           | AsyncEngine.instances_up()    |
+
+Instance counters are cumulative totals kept by the instances: a collector reads them at
+scrape time instead of re-incrementing our own counters (which would double count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from epd.cluster.stats import STAT_HELP
+from epd.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class ServerMetrics:
+    def __init__(
+        self,
+        instance_stats: Callable[[], dict[str, dict[str, float]]],
+        instances_up: Callable[[], dict[str, bool]],
+        admitted: Callable[[], int],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.http_requests = Counter(
+            "epd_http_requests", "HTTP answers by endpoint and status", ["endpoint", "status"], registry=reg
+        )
+        self.finished = Counter(
+            "epd_request_finished", "generations finished, by finish reason", ["finish_reason"], registry=reg
+        )
+        self.prompt_tokens = Counter("epd_prompt_tokens", "prompt tokens (images included)", registry=reg)
+        self.generation_tokens = Counter("epd_generation_tokens", "generated tokens", registry=reg)
+        self.ttft = Histogram(
+            "epd_time_to_first_token_seconds", "arrival to first token", buckets=LATENCY_BUCKETS, registry=reg
+        )
+        self.tpot = Histogram(
+            "epd_time_per_output_token_seconds",
+            "mean time per token after the first",
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "epd_e2e_request_latency_seconds", "arrival to last token", buckets=LATENCY_BUCKETS, registry=reg
+        )
+        self.stage = Histogram(
+            "epd_request_stage_seconds",
+            "seconds per stage of the request lifetime (and preprocess)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        reg.register(_EngineCollector(instance_stats, instances_up, admitted))
+
+    def observe_finished(self, out: RequestOutput, timing: RequestTiming) -> None:
+        """Record a generation that ran to its end (stop or length); aborted ones are not latencies."""
+        completion = out.outputs[0]
+        self.finished.labels(completion.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(len(completion.token_ids))
+        if completion.finish_reason not in ("stop", "length"):
+            return
+        if timing.ttft is not None:
+            self.ttft.observe(timing.ttft)
+        if timing.e2e is not None:
+            self.e2e.observe(timing.e2e)
+            if timing.ttft is not None and len(completion.token_ids) > 1:
+                self.tpot.observe((timing.e2e - timing.ttft) / (len(completion.token_ids) - 1))
+        self.stage.labels("preprocess").observe(timing.preprocess)
+        for stage, seconds in out.metrics.breakdown().items():
+            self.stage.labels(stage).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTiming:
+    """Server-side clock of one request (time.time(), comparable with lifetime events)."""
+
+    def __init__(self, received: float) -> None:
+        self.received = received
+        self.preprocess = 0.0
+        self.first_token: float | None = None
+        self.finished: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.received
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.received
+
+    def report(self, out: RequestOutput) -> dict:
+        """The `epd_timings` object of a response: seconds, server clock plus engine stages."""
+        return {
+            "ttft": self.ttft,
+            "e2e": self.e2e,
+            "preprocess": self.preprocess,
+            "stages": out.metrics.breakdown(),
+        }
+
+
+class _EngineCollector:
+    """Reads the instances' latest figures at scrape time."""
+
+    def __init__(
+        self,
+        instance_stats: Callable[[], dict[str, dict[str, float]]],
+        instances_up: Callable[[], dict[str, bool]],
+        admitted: Callable[[], int],
+    ) -> None:
+        self._stats, self._up, self._admitted = instance_stats, instances_up, admitted
+
+    def describe(self) -> list[Metric]:
+        return []  # names vary with what instances report; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        names = sorted({name for s in stats.values() for name in s})
+        for name in names:
+            help_text = STAT_HELP.get(name, name.replace("_", " "))
+            if name.endswith("_total"):
+                family: Metric = CounterMetricFamily(
+                    f"epd_instance_{name[:-6]}", help_text, labels=["instance"]
+                )
+            else:
+                family = GaugeMetricFamily(f"epd_instance_{name}", help_text, labels=["instance"])
+            for instance in sorted(stats):
+                if name in stats[instance]:
+                    family.add_metric([instance], float(stats[instance][name]))
+            yield family
+        up = GaugeMetricFamily("epd_instance_up", "1 while the instance is alive", labels=["instance"])
+        for instance, alive in sorted(self._up().items()):
+            up.add_metric([instance], 1.0 if alive else 0.0)
+        yield up
+        yield GaugeMetricFamily(
+            "epd_requests_admitted", "requests admitted and not finished", value=float(self._admitted())
+        )
+
+
+class StatusCounter:
+    """ASGI middleware: counts every answer by endpoint and status, including error answers
+    and clients that left before one was sent (status 499, as nginx logs them)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"  # raw paths would be unbounded labels
+        status = "499"
+
+        async def send_and_count(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_count)
+        except Exception:  # answered by the app's last-resort handler, outside this middleware
+            status = "500" if status == "499" else status
+            raise
+        finally:
+            self.metrics.http_requests.labels(endpoint, status).inc()

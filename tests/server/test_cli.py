@@ -1,0 +1,76 @@
+"""The `epd` command line: help, options, defaults in step with EngineArgs, start-up errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from epd.cli import build_parser, main, parse_bytes
+from epd.entrypoints.async_engine import EngineArgs
+
+OPTIONS = [
+    "--model", "--layout", "--devices", "--device", "--transfer", "--host", "--port", "--api-key",
+    "--served-model-name", "--max-images-per-request", "--max-image-pixels", "--max-image-bytes",
+    "--max-request-bytes", "--allowed-local-media-path", "--allow-remote-media", "--max-queued-requests",
+    "--max-model-len", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes", "--mm-cache-bytes",
+    "--max-num-seqs", "--max-num-batched-tokens", "--dtype", "--load-format", "--seed", "--shutdown-timeout",
+]  # fmt: skip
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "epd.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_lists_subcommands_and_every_serve_option():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "serve" in top.stdout
+    serve = run_cli("serve", "--help")
+    assert serve.returncode == 0
+    for option in OPTIONS:
+        assert option in serve.stdout, option
+    assert "EPD_API_KEY" in serve.stdout
+
+
+def test_serve_without_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_defaults_match_engine_args():
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
+    shared = [
+        "layout",
+        "device",
+        "devices",
+        "transfer",
+        "dtype",
+        "load_format",
+        "max_model_len",
+        "block_size",
+    ]
+    shared += ["num_kv_blocks", "kv_cache_memory_bytes", "mm_cache_bytes", "max_num_seqs", "seed"]
+    for name in [*shared, "max_num_batched_tokens"]:
+        assert getattr(args, name) == defaults[name], name
+    assert (not args.disable_prefix_caching) == defaults["enable_prefix_caching"]
+    assert args.host == "127.0.0.1" and args.port == 8000 and not args.allow_remote_media
+
+
+@pytest.mark.parametrize(
+    "text, value", [("1024", 1024), ("2MiB", 2 << 20), ("1g", 1 << 30), ("512 KB", 512 << 10)]
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_bad_layout_fails_fast_without_a_traceback(checkpoints):
+    result = run_cli("serve", "--model", str(checkpoints["qwen2_5_vl"]), "--layout", "1X+1D")
+    assert result.returncode == 2
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
