@@ -70,7 +70,8 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     device: str = "cpu"
-    attention_backend: str = "torch_sdpa"
+    attention_backend: str = "auto"  # triton on CUDA, torch_sdpa elsewhere (epd.attention.backend)
+    cuda_graphs: bool | None = None  # None: for decode steps whenever the device and backend allow
 
     @property
     def max_num_batched_tokens(self) -> int:

@@ -9,7 +9,9 @@ Contract for every backend:
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -19,6 +21,12 @@ from epd.attention.context import AttentionMetadata
 
 class AttentionBackend(ABC):
     name: str
+    # Whether `forward` may be captured in a CUDA graph: launch shapes depend only on tensor
+    # shapes and `meta.tensors`, never on host lists or on values read back from the device.
+    supports_cuda_graphs: bool = False
+    # Whether `forward` reads the batch layout from `meta.tensors` (device copies); the runner
+    # then builds them. When false `meta.tensors` may be None.
+    needs_device_metadata: bool = False
 
     @abstractmethod
     def forward(
@@ -83,10 +91,34 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out.transpose(0, 1)
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {TorchSDPABackend.name: TorchSDPABackend}
+def _triton_backend() -> AttentionBackend:
+    from epd.attention.triton_backend import TritonBackend  # needs triton and a GPU
+
+    return TritonBackend()
 
 
-def get_attention_backend(name: str = "torch_sdpa") -> AttentionBackend:
+# Name -> factory. Factories import lazily so a CPU-only install never imports triton.
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    TorchSDPABackend.name: TorchSDPABackend,
+    "triton": _triton_backend,
+}
+
+
+def resolve_backend_name(name: str, device: torch.device | str | None) -> str:
+    """ "auto" -> the fastest backend that runs on `device`: "triton" on CUDA when Triton is
+    installed, else "torch_sdpa". Any other name is returned as given."""
+    if name != "auto":
+        return name
+    if device is not None and torch.device(device).type == "cuda" and importlib.util.find_spec("triton"):
+        return "triton"
+    return TorchSDPABackend.name
+
+
+def get_attention_backend(
+    name: str = "torch_sdpa", device: torch.device | str | None = None
+) -> AttentionBackend:
+    """The backend called `name` ("auto": see `resolve_backend_name`)."""
+    name = resolve_backend_name(name, device)
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)} or 'auto'")
     return _BACKENDS[name]()

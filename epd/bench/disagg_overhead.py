@@ -65,9 +65,7 @@ def main() -> None:
         ("1E+1P+1D tcp", run(model, "1E+1P+1D", "tcp", args.requests, args.max_tokens)),
     ]
     columns = ["e2e_ms", "ttft_ms"] + [f"{s}_ms" for s in STAGES]
-    print(
-        f"{args.requests} sequential requests, one 224x224 image, {args.max_tokens} output tokens; mean ms"
-    )
+    print(f"{args.requests} sequential requests, one 224x224 image, {args.max_tokens} output tokens; mean ms")
     print("| layout | " + " | ".join(c[:-3] for c in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, result in rows:

@@ -94,7 +94,14 @@ class LLMEngine:
             self.block_manager, config.scheduler.max_num_seqs, max_batched, swap_out=self._swap_out
         )
         self.runner = ModelRunner(
-            model, num_blocks, cc.block_size, self.device, mc.torch_dtype, embedder, config.attention_backend
+            model,
+            num_blocks,
+            cc.block_size,
+            self.device,
+            mc.torch_dtype,
+            embedder,
+            config.attention_backend,
+            config.cuda_graphs,
         )
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
@@ -165,7 +172,9 @@ class LLMEngine:
         request.output_token_ids.append(first_token)
         if first_logprobs is not None:
             request.output_logprobs.append(first_logprobs)
-        request.output_text = self.tokenizer.decode(request.output_token_ids, params.skip_special_tokens)
+        request.output_text = request.detokenizer.step(
+            self.tokenizer.decode, request.output_token_ids, params.skip_special_tokens
+        )
         request.kv_payload = kv
         self._enqueue(request)
         return request

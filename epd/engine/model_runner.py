@@ -2,6 +2,12 @@
 
 Hot path: everything here runs once per step. Keep per-token Python work out of it where
 a tensor op will do; per-request loops are fine.
+
+Two ways through a step:
+- a pure decode step (one new token per sequence, no image rows) on a backend that allows
+  it replays a CUDA graph (`epd.engine.cuda_graphs`);
+- anything else runs eagerly, with the batch layout also sent to the device in one copy
+  for backends whose kernels read it there.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from epd.attention.backend import get_attention_backend
-from epd.attention.context import AttentionMetadata, forward_context
+from epd.attention.context import AttentionMetadata, build_device_metadata, forward_context
+from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.embedders import ImageEmbedder
 from epd.engine.kv_cache import allocate_kv_cache, bind_kv_cache
 from epd.engine.request import Request
@@ -27,14 +34,32 @@ class ModelRunner:
         dtype: torch.dtype,
         embedder: ImageEmbedder,
         attention_backend: str = "torch_sdpa",
+        cuda_graphs: bool | None = None,
     ) -> None:
+        """`attention_backend`: a registered name or "auto" (epd.attention.backend).
+        `cuda_graphs`: replay decode steps as CUDA graphs; None: whenever the device is CUDA
+        and the backend allows it."""
         self.model = model
-        self.device = device
+        self.device = torch.device(device)
         self.block_size = block_size
         self.embedder = embedder
         self.merge_size = model.config.vision.spatial_merge_size
-        self.kv_cache = allocate_kv_cache(model.config.text, num_blocks, block_size, dtype, device)
-        bind_kv_cache(model, self.kv_cache, get_attention_backend(attention_backend))
+        self.backend = get_attention_backend(attention_backend, self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.backend.supports_cuda_graphs
+        if cuda_graphs and not (self.device.type == "cuda" and self.backend.supports_cuda_graphs):
+            raise ValueError(
+                f"CUDA graphs need a CUDA device and a backend that allows them ({self.backend.name})"
+            )
+        # With graphs, one block past the block manager's is the padding rows' scratch block.
+        num_blocks_held = num_blocks + int(cuda_graphs)
+        self.kv_cache = allocate_kv_cache(model.config.text, num_blocks_held, block_size, dtype, device)
+        bind_kv_cache(model, self.kv_cache, self.backend)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            text = model.config.text
+            width = min(num_blocks, -(-text.max_position_embeddings // block_size))
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         bs = self.block_size
@@ -57,12 +82,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [len(batch), vocab] at the last new token of every scheduled request."""
+        """Logits [len(batch), vocab] (float32) at the last new token of every scheduled request."""
         self.embedder.ensure(batch.requests)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
-        ids = torch.tensor(inputs.token_ids, device=self.device)
         mm_embeds, mm_index = self._gather_image_rows(batch)
+        if mm_embeds is None and self._graph_fits(inputs):
+            positions = [int(p) for p in inputs.decode_positions]
+            logits = self.graphs.run(inputs.token_ids, positions, inputs.slots, inputs.seq_lens, block_tables)
+            return logits.float()
+        return self._run_eager(batch, block_tables, inputs, mm_embeds, mm_index)
+
+    def _graph_fits(self, inputs: _BatchInputs) -> bool:
+        return (
+            self.graphs is not None
+            and inputs.decode_positions is not None
+            and self.graphs.padded_size(len(inputs.seq_lens)) is not None
+        )
+
+    def _run_eager(
+        self,
+        batch: ScheduledBatch,
+        block_tables: list[list[int]],
+        inputs: _BatchInputs,
+        mm_embeds: torch.Tensor | None,
+        mm_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ids = torch.tensor(inputs.token_ids, device=self.device)
         embeds = self.model.embed_tokens(ids, mm_embeds, mm_index)
+        tensors = None
+        if self.backend.needs_device_metadata:
+            tensors = build_device_metadata(batch.num_new_tokens, inputs.seq_lens, block_tables, self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(inputs.slots, device=self.device),
             query_starts=inputs.query_starts,
@@ -70,9 +119,10 @@ class ModelRunner:
             seq_lens=inputs.seq_lens,
             block_tables=block_tables,
             block_size=self.block_size,
+            tensors=tensors,
         )
         with forward_context(meta):
-            hidden = self.model(embeds, torch.cat(inputs.positions, dim=1).to(self.device))
+            hidden = self.model(embeds, inputs.positions_tensor().to(self.device))
         last = torch.tensor(
             [s + n - 1 for s, n in zip(inputs.query_starts, batch.num_new_tokens)], device=self.device
         )
@@ -95,11 +145,17 @@ class ModelRunner:
 
 
 class _BatchInputs:
-    """Flat token ids, positions and KV slots of one step, built request by request."""
+    """Flat token ids, positions and KV slots of one step, built request by request.
+
+    `decode_positions` is set (one text position per request) when every request has exactly
+    one new token past its prompt: the case a CUDA graph replays. `positions_tensor()` gives
+    the M-RoPE positions of any step.
+    """
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
-        self.positions: list[torch.Tensor] = []
+        self.ranges: list[tuple[Request, int, int]] = []  # (request, lo, hi) of its new tokens
+        self.decode_positions: list[int] | None = []
         self.slots: list[int] = []
         self.query_starts: list[int] = []
         self.seq_lens: list[int] = []
@@ -110,11 +166,29 @@ class _BatchInputs:
         for req, n, table in zip(batch.requests, batch.num_new_tokens, block_tables):
             lo, hi = req.num_computed_tokens, req.num_computed_tokens + n
             out.query_starts.append(len(out.token_ids))
-            out.token_ids.extend(req.all_token_ids[lo:hi])
-            out.positions.append(_positions(req, lo, hi))
+            out.token_ids.extend(_token_ids(req, lo, hi))
+            out.ranges.append((req, lo, hi))
+            if out.decode_positions is not None and n == 1 and lo >= req.num_prompt_tokens:
+                out.decode_positions.append(lo + req.mrope_delta)
+            else:
+                out.decode_positions = None
             out.slots.extend(table[i // block_size] * block_size + i % block_size for i in range(lo, hi))
             out.seq_lens.append(hi)
         return out
+
+    def positions_tensor(self) -> torch.Tensor:
+        """[3, tokens] M-RoPE positions (built only for eager steps: a graph step needs none)."""
+        return torch.cat([_positions(req, lo, hi) for req, lo, hi in self.ranges], dim=1)
+
+
+def _token_ids(req: Request, lo: int, hi: int) -> list[int]:
+    """Tokens lo..hi-1 of the request, without concatenating its prompt and output lists."""
+    prompt, num_prompt = req.prompt_token_ids, req.num_prompt_tokens
+    if hi <= num_prompt:
+        return prompt[lo:hi]
+    if lo >= num_prompt:
+        return req.output_token_ids[lo - num_prompt : hi - num_prompt]
+    return prompt[lo:] + req.output_token_ids[: hi - num_prompt]
 
 
 def _positions(req: Request, lo: int, hi: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from epd.engine.detokenizer import IncrementalDetokenizer
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.models.mrope import mrope_positions
@@ -46,6 +47,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
+    detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
     # Encoder outputs per image, kept until the request finishes so a preempted request
     # recomputes without encoding again.
     image_embeds: list[torch.Tensor | None] = field(default_factory=list)

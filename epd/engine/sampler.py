@@ -50,7 +50,9 @@ class Sampler:
         sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy_rows:
+        if len(greedy_rows) == len(params):
+            sampled = logits.argmax(dim=-1)  # all greedy: no row gather (a copy of the logits)
+        elif greedy_rows:
             rows = torch.tensor(greedy_rows, device=logits.device)
             sampled[rows] = logits[rows].argmax(dim=-1)
         if random_rows:

@@ -19,17 +19,28 @@ def update_text_and_check_stop(
     params = request.params
     token = request.output_token_ids[-1]
     previous_len = len(request.output_text)
-    request.output_text = decode(request.output_token_ids, params.skip_special_tokens)
+    request.output_text += request.detokenizer.step(
+        decode, request.output_token_ids, params.skip_special_tokens
+    )
     if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
         request.finish_reason = "stop"
         request.stop_reason = None if token in eos_token_ids else token
-        return
-    if params.stop and _truncate_at_stop_string(request, previous_len):
-        return
-    if params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
+    elif params.stop and _truncate_at_stop_string(request, previous_len):
+        pass
+    elif params.max_tokens is not None and len(request.output_token_ids) >= params.max_tokens:
         request.finish_reason = "length"
     elif request.num_tokens >= max_model_len:
         request.finish_reason = "length"
+    if request.finish_reason is not None:
+        _final_text(request, decode)
+
+
+def _final_text(request: Request, decode: Decode) -> None:
+    """The finished text from one full decode, cut at the stop string as during generation."""
+    params = request.params
+    request.output_text = decode(request.output_token_ids, params.skip_special_tokens)
+    if isinstance(request.stop_reason, str):
+        _truncate_at_stop_string(request, 0)
 
 
 def _truncate_at_stop_string(request: Request, previous_len: int) -> bool:

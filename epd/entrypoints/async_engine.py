@@ -53,6 +53,8 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"
+    cuda_graphs: bool | None = None
     limits: InputLimits = InputLimits()
 
     def engine_config(self) -> EngineConfig:
@@ -69,6 +71,8 @@ class EngineArgs:
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
             device=self.device,
+            attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def build(self, processor: InputProcessor) -> LLMEngine | Cluster:

@@ -46,6 +46,8 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         max_images_per_request: int | None = None,
         seed: int = 0,
+        attention_backend: str = "auto",
+        cuda_graphs: bool | None = None,
     ) -> None:
         """`layout` as in `1EPD`, `2EP+1D`, `1E+1P+1D` (see epd.cluster.layout); `devices`
         (default: `device` for every instance) assigns devices to instances in order;
@@ -69,6 +71,8 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
+            attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
             limits=InputLimits(max_images_per_request=max_images_per_request),
         )
         self.layout = Layout.parse(layout)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from epd.models.config import VisionConfig
 from epd.models.layers.activation import SiluAndMul, get_activation
+from epd.models.layers.attention import varlen_attention
 from epd.models.layers.linear import MergedLinear
 from epd.models.layers.norm import RMSNorm
 from epd.models.layers.rotary import VisionRotaryEmbedding, apply_rotary
@@ -53,16 +53,8 @@ class VisionAttention(nn.Module):
         # Rotation in float32 as the reference does, whatever the model dtype.
         q = apply_rotary(q.float(), cos, sin).to(v.dtype)
         k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            out[start:end] = _segment_attention(q[start:end], k[start:end], v[start:end])
+        out = varlen_attention(q, k, v, cu_seqlens)
         return self.proj(out.view(n, -1))
-
-
-def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention inside one image or window; [tokens, heads, dim] in and out."""
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(0, 1)
 
 
 class Qwen2VisionMLP(nn.Module):

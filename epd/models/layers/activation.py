@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from epd.models.layers import fused
+
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,5 +32,7 @@ class SiluAndMul(nn.Module):
     """SwiGLU on a fused gate_up projection: silu(gate) * up."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if fused.use_fused(gate_up):
+            return fused.ops().silu_and_mul(gate_up)  # one kernel, no [gate | up] split copies
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

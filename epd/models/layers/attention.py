@@ -1,9 +1,11 @@
-"""The attention layer the LLM calls; the backend and KV cache slice are bound by the runner."""
+"""The attention layer the LLM calls (the backend and KV cache slice are bound by the runner),
+and packed variable-length attention for the vision tower."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from epd.attention.backend import AttentionBackend, TorchSDPABackend
 from epd.attention.context import get_forward_context
@@ -22,3 +24,35 @@ class PagedAttention(nn.Module):
             raise RuntimeError("KV cache not bound: the model runner binds it before the first forward")
         meta = get_forward_context().metadata
         return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int]
+) -> torch.Tensor:
+    """Bidirectional attention inside each segment [cu_seqlens[i], cu_seqlens[i+1]) of packed
+    rows (images, or windows of images, in the vision tower); [tokens, heads, dim] in and out.
+
+    One SDPA call per run of consecutive equal-length segments, as a batch, instead of one
+    per segment: a 1344 px image has 144 windows, and a launch each (times 28 blocks) costs
+    more than their arithmetic. Same result as attending segment by segment.
+    """
+    out = torch.empty_like(q)
+    for start, length, count in _equal_length_runs(cu_seqlens):
+        rows = slice(start, start + length * count)
+        qs, ks, vs = (t[rows].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(out[rows].shape)
+    return out
+
+
+def _equal_length_runs(cu_seqlens: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, segment length, number of segments) of each run of equal-length segments."""
+    runs: list[tuple[int, int, int]] = []
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        length = end - start
+        if length == 0:
+            continue
+        if runs and runs[-1][1] == length and runs[-1][0] + runs[-1][1] * runs[-1][2] == start:
+            runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
+        else:
+            runs.append((start, length, 1))
+    return runs

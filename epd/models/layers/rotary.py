@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from epd.models.layers import fused
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -13,6 +15,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
+    if fused.use_fused(x):
+        return fused.ops().rotary(x, cos, sin)  # one kernel instead of five
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
 

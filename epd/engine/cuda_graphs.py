@@ -1,0 +1,134 @@
+"""CUDA graphs of whole decode steps: token ids in, logits out, one graph per padded batch size.
+
+Hot path. A decode step of a 7B model is ~400 small kernel launches; launched from Python
+they take longer than the GPU needs to run them at small batch. Replaying a captured graph
+launches them all at once.
+
+What a graph may capture: only steps where every sequence has exactly one new token and no
+image rows (pure decode). Everything the step reads lives in static device buffers that are
+refilled before each replay (three host-to-device copies):
+
+    rows64     int64 [max_batch, 5]       token id | position t | position h | position w | KV slot
+    seq_lens   int32 [max_batch]          context length (new token included)
+    tables     int32 [max_batch, width]   block table rows
+
+(torch ops take the strided columns of rows64; the attention kernels need unit strides, so
+the int32 buffers are separate.)
+
+A batch of n sequences replays the graph of the smallest captured size >= n; rows n.. are
+padding: token 0 at position 0, context length 1, their single K/V row in the scratch block
+(one block past those the block manager owns), so they never touch a real sequence's cache.
+Graphs are captured lazily, on the first step of each size, into one shared memory pool
+(safe: graphs never run concurrently, and each replay's logits are read before the next).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from epd.attention.context import AttentionMetadata, DeviceMetadata, forward_context
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block_size: int,
+        scratch_block: int,
+        table_width: int,
+        device: torch.device,
+        sizes: tuple[int, ...] = DEFAULT_SIZES,
+    ) -> None:
+        """`scratch_block`: a KV block no sequence owns; `table_width`: the longest block
+        table a sequence can have (bounds the context the graphs attend over)."""
+        self.model, self.block_size, self.scratch_block = model, block_size, scratch_block
+        self.sizes = tuple(sorted(sizes))
+        self.max_batch, self.width = self.sizes[-1], table_width
+        self.rows64 = torch.zeros(self.max_batch, 5, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(self.max_batch, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(self.max_batch, table_width, dtype=torch.int32, device=device)
+        self.query_starts = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The captured size a batch of `num_seqs` decodes runs at; None if too large."""
+        return next((s for s in self.sizes if s >= num_seqs), None)
+
+    def run(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Logits [n, vocab] (model dtype) of a pure-decode step of n = len(token_ids) sequences.
+
+        `positions` are the text positions (all three M-RoPE rows equal in decode). The
+        returned tensor is a view of the graph's output: read it before the next call.
+        """
+        n = len(token_ids)
+        size = self.padded_size(n)
+        graph, logits = self.graphs.get(size) or self._capture(size)
+        self._fill(token_ids, positions, slots, seq_lens, tables, size)
+        graph.replay()
+        return logits[:n]
+
+    def _fill(self, token_ids, positions, slots, seq_lens, tables, size: int) -> None:
+        n = len(token_ids)
+        width = max(len(t) for t in tables)
+        rows64 = np.zeros((size, 5), dtype=np.int64)
+        rows64[:n, 0] = token_ids
+        rows64[:n, 1:4] = np.asarray(positions, dtype=np.int64)[:, None]
+        rows64[:n, 4] = slots
+        rows64[n:, 4] = self.scratch_block * self.block_size
+        lens = np.ones(size, dtype=np.int32)
+        lens[:n] = seq_lens
+        rows = np.full((size, width), self.scratch_block, dtype=np.int32)
+        for row, table in zip(rows, tables):
+            row[: len(table)] = table
+        self.rows64[:size].copy_(torch.from_numpy(rows64), non_blocking=True)
+        self.seq_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
+        self.tables[:size, :width].copy_(torch.from_numpy(rows), non_blocking=True)
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._fill([0] * size, [0] * size, [self.scratch_block * self.block_size] * size, [1] * size,
+                   [[self.scratch_block]] * size, size)  # fmt: skip
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(size)  # warm-up: compiles kernels, creates library handles outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(size)
+        self.graphs[size] = (graph, logits)
+        return graph, logits
+
+    def _step(self, size: int) -> torch.Tensor:
+        """The captured work: embedding, the decoder layers, the LM head, on static buffers."""
+        rows64 = self.rows64[:size]
+        tensors = DeviceMetadata(
+            query_starts=self.query_starts[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.tables[:size],
+            max_query_len=1,
+            max_seq_len=self.width * self.block_size,
+        )
+        meta = AttentionMetadata(
+            slot_mapping=rows64[:, 4],
+            query_starts=list(range(size)),
+            query_lens=[1] * size,
+            seq_lens=[1] * size,  # not read on this path: the kernels take `tensors`
+            block_tables=[[self.scratch_block]] * size,
+            block_size=self.block_size,
+            tensors=tensors,
+        )
+        with forward_context(meta):
+            embeds = self.model.embed_tokens(rows64[:, 0])
+            hidden = self.model(embeds, rows64[:, 1:4].t())
+            return self.model.compute_logits(hidden)
