@@ -1,7 +1,9 @@
-"""The `epd` command. Subcommands: `serve` (the OpenAI-compatible server); `bench`, `profile`,
-`simulate`, `plan` join the same way: a `add_<name>_parser(subparsers)` that sets `func`.
+"""The `epd` command. Subcommands: `serve` (the OpenAI-compatible server), `bench` (the serving
+benchmark, epd/bench/serve); `profile`, `simulate`, `plan` join the same way: a
+`add_<name>_parser(subparsers)` that sets `func`.
 
     epd serve --model /path/to/Qwen2.5-VL-3B-Instruct --layout 1E+1P+1D
+    epd bench --base-url http://127.0.0.1:8000 --rates 1,2,4 --slo-ttft 1 --slo-tpot 0.05
 
 Imports of the engine happen inside the command, so `epd --help` answers at once.
 """
@@ -15,6 +17,8 @@ import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from epd.bench.serve.cli import add_bench_parser
 
 if TYPE_CHECKING:  # the engine pulls in torch: imported in the command, not for --help
     from epd.entrypoints.async_engine import EngineArgs
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_parser(sub)
+    add_bench_parser(sub, _HelpFormatter)
     return parser
 
 
