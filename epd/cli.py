@@ -30,8 +30,10 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def default_model() -> str | None:
-    """The model `epd serve` runs without --model. None until the demo model ships; it plugs in here."""
-    return None
+    """The model `epd serve` runs without --model: the built-in demo model (epd/demo/model)."""
+    from epd.demo import DEMO_MODEL_DIR
+
+    return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
 
 
 def parse_bytes(text: str) -> int:
@@ -78,7 +80,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="Hugging Face model directory (required for now)")
+    g.add_argument("--model", default=None, help="Hugging Face model directory (default: the demo model)")
     g.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: --model)")
     g.add_argument("--layout", default="1EPD", help="instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
     g.add_argument("--device", default="cpu", help="device of every instance (cpu, cuda, cuda:1, ...)")
@@ -184,7 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model = args.model or default_model()
     if model is None:
-        args.parser.error("--model is required (there is no default model yet)")
+        args.parser.error("--model is required (the built-in demo model is missing from this install)")
     return serve(engine_args_from(args, model), server_config_from(args, model))
 
 

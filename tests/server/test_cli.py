@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from epd.cli import build_parser, main, parse_bytes
+from epd.cli import build_parser, parse_bytes
+from epd.demo import SAMPLES_DIR
 from epd.entrypoints.async_engine import EngineArgs
+
+from .helpers import ServerProcess
+
+REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = [
     "--model", "--layout", "--devices", "--device", "--transfer", "--host", "--port", "--api-key",
@@ -36,11 +43,22 @@ def test_help_lists_subcommands_and_every_serve_option():
     assert "EPD_API_KEY" in serve.stdout
 
 
-def test_serve_without_model_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["serve"])
-    assert exit_info.value.code == 2
-    assert "--model is required" in capsys.readouterr().err
+def test_serve_without_model_serves_the_demo_model(tmp_path):
+    """The README's first command: `epd serve` alone, then the example request on a shipped
+    sample image gets the sample's true answer."""
+    answers = json.loads((SAMPLES_DIR / "answers.json").read_text())["images"]
+    server = ServerProcess([], tmp_path / "demo.log").start()
+    try:
+        for sample in answers:
+            result = subprocess.run(
+                [sys.executable, "examples/ask_demo.py", "--url", server.url, "--image",
+                 str(SAMPLES_DIR / sample["file"])],
+                capture_output=True, text=True, timeout=120, cwd=REPO,
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == sample["answer"]
+    finally:
+        server.stop()
 
 
 def test_defaults_match_engine_args():
