@@ -36,16 +36,23 @@ def main() -> None:
         model = str(build_tiny_checkpoint(tempfile.mkdtemp(prefix="epd-tiny-"), "qwen2_5_vl"))
         print(f"built a tiny random-weight checkpoint in {model}")
     conversations = [
-        [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(noise_image(320, 240, seed=1))}},
-            {"type": "text", "text": "What is in this image?"},
-        ]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(noise_image(320, 240, seed=1))}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
         [{"role": "user", "content": "Write one sentence about the sea."}],
     ]
     with LLM(model, device=args.device) as llm:
         for out in llm.chat(conversations, SamplingParams(temperature=0, max_tokens=24)):
-            print(f"[{out.request_id}] {len(out.prompt_token_ids)} prompt tokens -> "
-                  f"{out.outputs[0].finish_reason}: {out.outputs[0].text!r}")
+            print(
+                f"[{out.request_id}] {len(out.prompt_token_ids)} prompt tokens -> "
+                f"{out.outputs[0].finish_reason}: {out.outputs[0].text!r}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,29 +1,32 @@
 """GPU roofline of one device: how close decode, prefill and the encoder come to the chip's limits.
 
-    python -m epd.bench.roofline --out DIR [--sections ceilings,kernels,decode,prefill,encoder,e2e]
+    python -m epd.bench.roofline --out DIR [--sections ceilings,kernels,gemv,decode,prefill,encoder,e2e]
 
 Qwen2.5-VL-7B's shape, random bf16 weights, one GPU. Each section appends to DIR/roofline.json;
 a table of every figure is printed last.
 - ceilings: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul.
 - kernels: the attention kernels alone (decode bandwidth; prefill vs torch SDPA/flash).
+- gemv: single-row projections of the model's shapes, cuBLAS vs the Triton GEMV's configs
+  (epd.bench.roofline_gemv).
 - decode: one step (runner.run + greedy read-back) at batch x context, with CUDA graphs, eager,
-  and eager with the per-sequence torch_sdpa backend (the baseline). MBU = (weights + KV read)
-  / time / measured copy bandwidth.
+  graphs without the fused layer kernels, graphs with cuBLAS instead of the GEMV at batch 1,
+  and eager with the per-sequence torch_sdpa backend (the baseline); `--decode-modes` picks.
+  MBU = (weights + KV read) / time / measured copy bandwidth.
+- profile: kernel time of eager decode steps at batch 1 and 128, to DIR/profile_*.txt.
 - prefill: one step of 1x2k, 1x8k, 8x1k tokens and 4 images of 1344 px + 64 text tokens
   (image embeddings given: the LLM alone). MFU = flops / time / measured matmul rate.
 - encoder: images/s at 448, 896, 1344 px, batch 1 and 8; MFU likewise.
 - e2e: epd (1EPD, in process) against transformers `generate` (epd.bench.roofline_e2e).
+`--decode-batches`, `--decode-contexts`, `--hf-batches` take fewer cases where device time is short.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import tempfile
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from torch.nn import functional as F
 
 from epd.attention.backend import TorchSDPABackend
 from epd.bench import roofline_e2e as e2e
+from epd.bench import roofline_gemv
 from epd.bench import roofline_setup as rs
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.cuda_graphs import DecodeGraphs
@@ -40,6 +44,7 @@ from epd.models.layers import fused
 
 DECODE_BATCHES = (1, 8, 32, 128, 256)
 DECODE_CONTEXTS = (1024, 4096)
+DECODE_MODES = ("graphs", "eager", "graphs_unfused", "graphs_cublas", "eager_torch_sdpa")
 PREFILL = {"1x2k": (1, 2048), "1x8k": (1, 8192), "8x1k": (8, 1024)}  # sequences, tokens each
 PREFILL_IMAGES = (4, 1344, 64)  # images, side, text tokens
 ENCODER_SIDES = (448, 896, 1344)
@@ -168,37 +173,44 @@ def _sdpa_per_sequence(per_seq: list) -> None:
 # ---- decode ---------------------------------------------------------------------------------
 
 
-def bench_decode(engine, bw: float) -> None:
-    """One decode step per (context, batch): CUDA graphs, eager Triton, eager torch_sdpa, and
-    graphs without the fused layer kernels (batch 1 and 128 at 1k context)."""
+def bench_decode(engine, bw: float, modes: set[str]) -> None:
+    """One decode step per (context, batch): CUDA graphs, eager Triton, eager torch_sdpa, and,
+    at 1k context, graphs without the fused layer kernels (batch 1 and 128) and graphs with
+    cuBLAS for the single-row projections instead of the Triton GEMV (batch 1)."""
     runner = engine.runner
     graphs, triton_backend = runner.graphs, runner.backend
-    unfused = None
+    variants = {}
     if graphs is not None:
-        unfused = DecodeGraphs(runner.model, runner.block_size, graphs.scratch_block, graphs.width, DEVICE)
+        for name in ("graphs_unfused", "graphs_cublas"):
+            variants[name] = DecodeGraphs(
+                runner.model, runner.block_size, graphs.scratch_block, graphs.width, DEVICE
+            )
     try:
         for ctx in DECODE_CONTEXTS:
             for batch_size in DECODE_BATCHES:
-                _decode_case(engine, ctx, batch_size, bw, unfused if ctx == DECODE_CONTEXTS[0] else None)
+                first_ctx = ctx == DECODE_CONTEXTS[0]
+                _decode_case(engine, ctx, batch_size, bw, variants if first_ctx else {}, modes)
     finally:
         runner.graphs, runner.backend = graphs, triton_backend
         bind_kv_cache(runner.model, runner.kv_cache, triton_backend)
-        fused.ENABLED = True
+        fused.ENABLED, fused.GEMV = True, True
 
 
-def _decode_modes(runner, batch_size: int, unfused) -> list[tuple[str, object, object, bool]]:
-    """(name, graphs or None, attention backend, fused layer kernels) to time."""
+def _decode_modes(runner, batch_size: int, variants: dict) -> list[tuple[str, object, object, bool, bool]]:
+    """(name, graphs or None, attention backend, fused layer kernels, Triton GEMV) to time."""
     graphs, backend = runner.graphs, runner.backend
-    modes = [("graphs", graphs, backend, True)] if graphs is not None else []
-    modes.append(("eager", None, backend, True))
-    if unfused is not None and batch_size in (1, 128):
-        modes.append(("graphs_unfused", unfused, backend, False))
+    modes = [("graphs", graphs, backend, True, True)] if graphs is not None else []
+    modes.append(("eager", None, backend, True, True))
+    if "graphs_unfused" in variants and batch_size in (1, 128):
+        modes.append(("graphs_unfused", variants["graphs_unfused"], backend, False, False))
+    if "graphs_cublas" in variants and batch_size == 1:
+        modes.append(("graphs_cublas", variants["graphs_cublas"], backend, True, False))
     if batch_size <= 32 and backend.name != TorchSDPABackend.name:
-        modes.append(("eager_torch_sdpa", None, TorchSDPABackend(), False))
+        modes.append(("eager_torch_sdpa", None, TorchSDPABackend(), False, False))
     return modes
 
 
-def _decode_case(engine, ctx: int, batch_size: int, bw: float, unfused) -> None:
+def _decode_case(engine, ctx: int, batch_size: int, bw: float, variants: dict, wanted: set[str]) -> None:
     runner, cfg = engine.runner, engine.model.config.text
     graphs, backend = runner.graphs, runner.backend
     alloc = rs.BlockAllocator(
@@ -209,8 +221,10 @@ def _decode_case(engine, ctx: int, batch_size: int, bw: float, unfused) -> None:
     step = partial(_step, runner, rs.batch_of(reqs), tables)
     layer_params, head_params = rs.llm_matmul_params(cfg)
     read = 2 * (layer_params + head_params) + batch_size * ctx * rs.kv_bytes_per_token(cfg)
-    for mode, mode_graphs, mode_backend, mode_fused in _decode_modes(runner, batch_size, unfused):
-        runner.graphs, runner.backend, fused.ENABLED = mode_graphs, mode_backend, mode_fused
+    for mode, mode_graphs, mode_backend, mode_fused, gemv in _decode_modes(runner, batch_size, variants):
+        if mode not in wanted:
+            continue
+        runner.graphs, runner.backend, fused.ENABLED, fused.GEMV = mode_graphs, mode_backend, mode_fused, gemv
         bind_kv_cache(runner.model, runner.kv_cache, mode_backend)
         sec = rs.wall_time(step, 3, 10 if mode != "eager_torch_sdpa" else 4)
         values = dict(ms=sec * 1e3, MBU=read / sec / bw, tok_s=batch_size / sec)
@@ -219,7 +233,7 @@ def _decode_case(engine, ctx: int, batch_size: int, bw: float, unfused) -> None:
             replay = rs.device_time(graph.replay, 3, 10)
             values.update(replay_ms=replay * 1e3, replay_MBU=read / replay / bw)
         record("decode", f"b{batch_size} ctx{ctx} {mode}", **values, kv_shared=alloc.wrapped)
-    runner.graphs, runner.backend, fused.ENABLED = graphs, backend, True
+    runner.graphs, runner.backend, fused.ENABLED, fused.GEMV = graphs, backend, True, True
     bind_kv_cache(runner.model, runner.kv_cache, backend)
 
 
@@ -283,48 +297,21 @@ def _prefill_case(engine, alloc: rs.BlockAllocator, name: str, reqs: list, flops
 
 
 def bench_encoder(engine, flops_ceiling: float) -> None:
-    """Images/s as the vision tower is, then with its per-segment attention loop replaced by
-    `varlen_attention` (proposed; the tower's file is not this change's to edit)."""
+    """Images/s of the vision tower (packed images, batched window attention)."""
     vcfg = engine.model.config.vision
-    for variant, patch in (("", contextlib.nullcontext), (" varlen", varlen_vision_attention)):
-        with patch():
-            for side in ENCODER_SIDES:
-                for batch_size in (1, 8):
-                    grids = [(1, side // 14, side // 14)] * batch_size
-                    pixels = torch.randn(batch_size * (side // 14) ** 2, vcfg.patch_dim, device=DEVICE)
-                    sec = rs.wall_time(partial(_encode, engine.model, pixels, grids), 1, 3)
-                    flops = rs.encoder_flops(vcfg, grids)
-                    name = f"{side}px b{batch_size}{variant}"
-                    record("encoder", name, ms=sec * 1e3, img_s=batch_size / sec,
-                           TFLOPs=flops / sec / 1e12, MFU=flops / sec / flops_ceiling)  # fmt: skip
+    for side in ENCODER_SIDES:
+        for batch_size in (1, 8):
+            grids = [(1, side // 14, side // 14)] * batch_size
+            pixels = torch.randn(batch_size * (side // 14) ** 2, vcfg.patch_dim, device=DEVICE)
+            sec = rs.wall_time(partial(_encode, engine.model, pixels, grids), 1, 3)
+            flops = rs.encoder_flops(vcfg, grids)
+            record("encoder", f"{side}px b{batch_size}", ms=sec * 1e3, img_s=batch_size / sec,
+                   TFLOPs=flops / sec / 1e12, MFU=flops / sec / flops_ceiling)  # fmt: skip
 
 
 @torch.inference_mode()
 def _encode(model, pixels: torch.Tensor, grids: list) -> None:
     model.encode_images(pixels, grids)
-
-
-@contextlib.contextmanager
-def varlen_vision_attention() -> Iterator[None]:
-    """Run the vision tower with one batched SDPA call per run of equal segments (the change
-    proposed for epd/models/qwen2_vl_vision.py: VisionAttention.forward's loop -> varlen_attention)."""
-    from epd.models import qwen2_vl_vision as vision
-    from epd.models.layers.attention import varlen_attention
-    from epd.models.layers.rotary import apply_rotary
-
-    def forward(self, x, cu_seqlens, cos, sin):
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        return self.proj(varlen_attention(q, k, v, cu_seqlens).view(n, -1))
-
-    original = vision.VisionAttention.forward
-    vision.VisionAttention.forward = forward
-    try:
-        yield
-    finally:
-        vision.VisionAttention.forward = original
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -351,11 +338,32 @@ def print_table() -> None:
             print(f"| {section} | {key} | " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items()) + " |")
 
 
+def _csv(values: tuple) -> str:
+    return ",".join(map(str, values))
+
+
+def _apply_size_options(args: argparse.Namespace) -> None:
+    """--decode-batches, --decode-contexts, --hf-batches: fewer cases where device time is short."""
+    global DECODE_BATCHES, DECODE_CONTEXTS
+    if args.decode_batches:
+        DECODE_BATCHES = tuple(int(b) for b in args.decode_batches.split(","))
+    if args.decode_contexts:
+        DECODE_CONTEXTS = tuple(int(c) for c in args.decode_contexts.split(","))
+    if args.hf_batches:
+        e2e.HF_BATCHES = tuple(int(b) for b in args.hf_batches.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="roofline-out")
     parser.add_argument("--config-dir", default=str(rs.SHARED_CONFIGS))
     parser.add_argument("--sections", default="ceilings,kernels,decode,prefill,encoder,e2e")
+    parser.add_argument("--decode-batches", help=f"comma-separated (default: {_csv(DECODE_BATCHES)})")
+    parser.add_argument("--decode-contexts", help=f"comma-separated (default: {_csv(DECODE_CONTEXTS)})")
+    parser.add_argument("--decode-modes", default=_csv(DECODE_MODES))
+    parser.add_argument(
+        "--hf-batches", help=f"transformers' static batches (default: {_csv(e2e.HF_BATCHES)})"
+    )
     parser.add_argument("--kv-gib", type=float, help="KV cache (default: free memory - 24 GiB, at most 64)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script")
     args = parser.parse_args()
@@ -364,6 +372,7 @@ def main() -> None:
     if args.dry_run:
         shrink_for_dry_run()
         sections = [s for s in sections if s != "kernels"]
+    _apply_size_options(args)
     kv_gib = args.kv_gib or (0.25 if args.dry_run else min(64.0, torch.cuda.mem_get_info()[0] / 2**30 - 24))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -376,11 +385,13 @@ def main() -> None:
         bw, flops = bench_ceilings()
         if "kernels" in sections:
             bench_kernels(bw)
-        if {"decode", "profile", "prefill", "encoder"} & set(sections):
+        if {"gemv", "decode", "profile", "prefill", "encoder"} & set(sections):
             engine = build_engine(model_dir, kv_gib, 16384, dtype)
             engine.runner.kv_cache.normal_()  # never time on zeros
+            if "gemv" in sections:
+                roofline_gemv.bench_gemv(engine.model.config.text, record, bw, DEVICE)
             if "decode" in sections:
-                bench_decode(engine, bw)
+                bench_decode(engine, bw, set(args.decode_modes.split(",")))
             if "profile" in sections:
                 bench_profile(engine, out)
             if "prefill" in sections:
@@ -393,7 +404,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
         if "e2e" in sections:
             make = lambda: build_engine(model_dir, min(kv_gib, 20.0), 8192, dtype)  # noqa: E731
-            e2e.bench_e2e(model_dir, make, record, getattr(torch, dtype), varlen_vision_attention)
+            e2e.bench_e2e(model_dir, make, record, getattr(torch, dtype))
     finally:
         RESULTS["meta"] = {"run": {"seconds": time.perf_counter() - started, "torch": torch.__version__}}
         (out / "roofline.json").write_text(json.dumps(RESULTS, indent=2))

@@ -18,8 +18,9 @@ the int32 buffers are separate.)
 A batch of n sequences replays the graph of the smallest captured size >= n; rows n.. are
 padding: token 0 at position 0, context length 1, their single K/V row in the scratch block
 (one block past those the block manager owns), so they never touch a real sequence's cache.
-Graphs are captured lazily, on the first step of each size, into one shared memory pool
-(safe: graphs never run concurrently, and each replay's logits are read before the next).
+Graphs share one memory pool (safe: graphs never run concurrently, and each replay's logits
+are read before the next). The runner captures every size at start (`capture_all`), largest
+first so the smaller ones reuse its memory; a size missing is captured on its first step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ import torch
 from epd.attention.context import AttentionMetadata, DeviceMetadata, forward_context
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def graph_sizes(max_num_seqs: int | None) -> tuple[int, ...]:
+    """The default sizes up to the first that holds `max_num_seqs` sequences (all if None)."""
+    if max_num_seqs is None or max_num_seqs >= DEFAULT_SIZES[-1]:
+        return DEFAULT_SIZES
+    last = next(i for i, s in enumerate(DEFAULT_SIZES) if s >= max_num_seqs)
+    return DEFAULT_SIZES[: last + 1]
 
 
 class DecodeGraphs:
@@ -51,8 +60,16 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(self.max_batch, dtype=torch.int32, device=device)
         self.tables = torch.zeros(self.max_batch, table_width, dtype=torch.int32, device=device)
         self.query_starts = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
+        self.host_tables = HostTables(self.max_batch, table_width, scratch_block)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def capture_all(self) -> None:
+        """Capture every size now: a capture (~0.1 s on a 7B model) inside a running workload
+        stalls every request in the batch, and a workload meets many sizes as it drains."""
+        for size in reversed(self.sizes):
+            if size not in self.graphs:
+                self._capture(size)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured size a batch of `num_seqs` decodes runs at; None if too large."""
@@ -88,9 +105,7 @@ class DecodeGraphs:
         rows64[n:, 4] = self.scratch_block * self.block_size
         lens = np.ones(size, dtype=np.int32)
         lens[:n] = seq_lens
-        rows = np.full((size, width), self.scratch_block, dtype=np.int32)
-        for row, table in zip(rows, tables):
-            row[: len(table)] = table
+        rows = self.host_tables.fill(tables, size)[:size, :width]
         self.rows64[:size].copy_(torch.from_numpy(rows64), non_blocking=True)
         self.seq_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
         self.tables[:size, :width].copy_(torch.from_numpy(rows), non_blocking=True)
@@ -132,3 +147,36 @@ class DecodeGraphs:
             embeds = self.model.embed_tokens(rows64[:, 0])
             hidden = self.model(embeds, rows64[:, 1:4].t())
             return self.model.compute_logits(hidden)
+
+
+class HostTables:
+    """The host side of the graphs' block-table buffer, kept from step to step.
+
+    A decoding sequence's table changes only when it takes a new block (every block_size
+    steps) or when the rows shift (a request before it finished), so each row is compared
+    with what it held at the last step and written only from where it differs: converting
+    every table to numpy at every step was the largest host cost of a batch-64 graph step.
+    Entries past a row's own table may be stale; the kernels never read them (they read the
+    blocks below each row's context length only; padding rows read their first entry).
+    """
+
+    def __init__(self, max_batch: int, width: int, scratch_block: int) -> None:
+        self.array = np.full((max_batch, width), scratch_block, dtype=np.int32)
+        self.scratch = [scratch_block]
+        self.held: list[list[int]] = [self.scratch] * max_batch  # what each row holds now
+
+    def fill(self, tables: list[list[int]], size: int) -> np.ndarray:
+        """Rows 0..len(tables)-1 take `tables`, the rest up to `size` the scratch block."""
+        array, held = self.array, self.held
+        for i, table in enumerate(tables):
+            old = held[i]
+            if table != old:
+                grown = len(table) > len(old) and table[: len(old)] == old
+                start = len(old) if grown else 0
+                array[i, start : len(table)] = table[start:]
+                held[i] = list(table)  # a copy: the caller may reuse its list
+        for i in range(len(tables), size):
+            if held[i] is not self.scratch:
+                array[i, 0] = self.scratch[0]
+                held[i] = self.scratch
+        return array

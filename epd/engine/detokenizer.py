@@ -21,7 +21,10 @@ class IncrementalDetokenizer:
     read_offset: int = 0  # tokens up to here are already in the text
 
     def step(self, decode: Decode, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        """New text since the last call (possibly empty)."""
+        """New text since the last call (possibly empty). Idempotent: with no new token it
+        returns "" without decoding, so callers may refresh as often as they read."""
+        if self.read_offset == len(ids):
+            return ""
         shown = decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens)
         window = decode(ids[self.prefix_offset :], skip_special_tokens)
         if len(window) > len(shown) and not window.endswith("\ufffd"):

@@ -28,7 +28,7 @@ from epd.engine.model_runner import ModelRunner
 from epd.engine.request import Request
 from epd.engine.sampler import Sampler
 from epd.engine.scheduler import ScheduledBatch, Scheduler
-from epd.engine.stop import update_text_and_check_stop
+from epd.engine.stop import refresh_text, update_text_and_check_stop
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event
@@ -102,6 +102,7 @@ class LLMEngine:
             embedder,
             config.attention_backend,
             config.cuda_graphs,
+            config.scheduler.max_num_seqs,
         )
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
@@ -224,10 +225,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything schedulable; outputs of the requests it advanced."""
-        return [request_output(r) for r in self.step_requests()]
+        advanced = self.step_requests()
+        for req in advanced:
+            refresh_text(req, self.tokenizer.decode)  # step_requests leaves the text to its readers
+        return [request_output(r) for r in advanced]
 
     def step_requests(self) -> list[Request]:
-        """Like `step`, returning the advanced requests themselves (for instance loops)."""
+        """Like `step`, returning the advanced requests themselves (for instance loops).
+
+        Their `output_text` is final once they finish; before that it is brought up to date
+        only where stop strings need it (`epd.engine.stop.refresh_text` does it on demand).
+        """
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -238,6 +246,7 @@ class LLMEngine:
             self.runner.inject_kv(self.block_manager.block_table(req.request_id), start, req.kv_payload)
             req.kv_payload = None
         logits = self.runner.run(batch, tables)
+        self._advance_computed(batch)  # needs no sampled token: runs while the device works
         sampled = self.sampler(
             logits,
             [r.params for r in batch.requests],
@@ -258,13 +267,27 @@ class LLMEngine:
                 started = Event.DECODE_START if id(req) in injected else Event.PREFILL_START
                 req.record(started, self.instance)
 
+    def _advance_computed(self, batch: ScheduledBatch) -> None:
+        """Count the step's tokens as computed and register the blocks they filled for prefix reuse.
+
+        `commit` is called only where a step crosses a block boundary or follows injected KV:
+        elsewhere it would register nothing (a request's full blocks were committed at the step
+        that filled them, or came from the prefix cache already committed), and its arguments
+        (the whole token list) cost O(context) per request per step.
+        """
+        size = self.block_manager.block_size
+        injected = {id(req) for req, _ in batch.injections}
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            before = req.num_computed_tokens
+            req.num_computed_tokens += n
+            if req.num_computed_tokens // size > before // size or id(req) in injected:
+                self.block_manager.commit(
+                    req.request_id, req.all_token_ids, req.prompt.mm_spans, req.num_computed_tokens
+                )
+
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[Request]:
         advanced = []
-        for req, n, token, lp in zip(batch.requests, batch.num_new_tokens, tokens, logprobs):
-            req.num_computed_tokens += n
-            self.block_manager.commit(
-                req.request_id, req.all_token_ids, req.prompt.mm_spans, req.num_computed_tokens
-            )
+        for req, token, lp in zip(batch.requests, tokens, logprobs):
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(self._with_text(lp))

@@ -16,7 +16,7 @@ import torch
 
 from epd.attention.backend import get_attention_backend
 from epd.attention.context import AttentionMetadata, build_device_metadata, forward_context
-from epd.engine.cuda_graphs import DecodeGraphs
+from epd.engine.cuda_graphs import DecodeGraphs, graph_sizes
 from epd.engine.embedders import ImageEmbedder
 from epd.engine.kv_cache import allocate_kv_cache, bind_kv_cache
 from epd.engine.request import Request
@@ -35,10 +35,12 @@ class ModelRunner:
         embedder: ImageEmbedder,
         attention_backend: str = "torch_sdpa",
         cuda_graphs: bool | None = None,
+        max_num_seqs: int | None = None,
     ) -> None:
         """`attention_backend`: a registered name or "auto" (epd.attention.backend).
         `cuda_graphs`: replay decode steps as CUDA graphs; None: whenever the device is CUDA
-        and the backend allows it."""
+        and the backend allows it. `max_num_seqs` (the scheduler's limit) bounds the batch
+        sizes captured."""
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
@@ -59,7 +61,9 @@ class ModelRunner:
         if cuda_graphs:
             text = model.config.text
             width = min(num_blocks, -(-text.max_position_embeddings // block_size))
-            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device)
+            sizes = graph_sizes(max_num_seqs)
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes)
+            self.graphs.capture_all()
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         bs = self.block_size
@@ -82,14 +86,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [len(batch), vocab] (float32) at the last new token of every scheduled request."""
+        """Logits [len(batch), vocab] at the last new token of every scheduled request, in the
+        model dtype (the sampler converts where it needs float32). Read them before the next run:
+        a graph step returns a view of the graph's output."""
         self.embedder.ensure(batch.requests)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
         mm_embeds, mm_index = self._gather_image_rows(batch)
         if mm_embeds is None and self._graph_fits(inputs):
-            positions = [int(p) for p in inputs.decode_positions]
-            logits = self.graphs.run(inputs.token_ids, positions, inputs.slots, inputs.seq_lens, block_tables)
-            return logits.float()
+            logits = self.graphs.run(
+                inputs.token_ids, inputs.decode_positions, inputs.slots, inputs.seq_lens, block_tables
+            )
+            return logits
         return self._run_eager(batch, block_tables, inputs, mm_embeds, mm_index)
 
     def _graph_fits(self, inputs: _BatchInputs) -> bool:
@@ -126,7 +133,7 @@ class ModelRunner:
         last = torch.tensor(
             [s + n - 1 for s, n in zip(inputs.query_starts, batch.num_new_tokens)], device=self.device
         )
-        return self.model.compute_logits(hidden[last]).float()
+        return self.model.compute_logits(hidden[last])
 
     def _gather_image_rows(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Image embedding rows that fall in this step's new tokens, and their flat-batch rows."""
@@ -163,17 +170,23 @@ class _BatchInputs:
     @classmethod
     def build(cls, batch: ScheduledBatch, block_tables: list[list[int]], block_size: int) -> _BatchInputs:
         out = cls()
+        token_ids, slots, positions = out.token_ids, out.slots, out.decode_positions
         for req, n, table in zip(batch.requests, batch.num_new_tokens, block_tables):
-            lo, hi = req.num_computed_tokens, req.num_computed_tokens + n
-            out.query_starts.append(len(out.token_ids))
-            out.token_ids.extend(_token_ids(req, lo, hi))
+            lo = req.num_computed_tokens
+            hi, num_prompt = lo + n, req.num_prompt_tokens
+            out.query_starts.append(len(token_ids))
             out.ranges.append((req, lo, hi))
-            if out.decode_positions is not None and n == 1 and lo >= req.num_prompt_tokens:
-                out.decode_positions.append(lo + req.mrope_delta)
-            else:
-                out.decode_positions = None
-            out.slots.extend(table[i // block_size] * block_size + i % block_size for i in range(lo, hi))
             out.seq_lens.append(hi)
+            if n == 1 and lo >= num_prompt:  # a decode, the common case: no slicing, no generator
+                token_ids.append(req.output_token_ids[lo - num_prompt])
+                slots.append(table[lo // block_size] * block_size + lo % block_size)
+                if positions is not None:
+                    positions.append(lo + req.mrope_delta)
+                continue
+            positions = None
+            token_ids.extend(_token_ids(req, lo, hi))
+            slots.extend(table[i // block_size] * block_size + i % block_size for i in range(lo, hi))
+        out.decode_positions = positions
         return out
 
     def positions_tensor(self) -> torch.Tensor:

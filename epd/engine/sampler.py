@@ -46,10 +46,14 @@ class Sampler:
                 f"logits {tuple(logits.shape)} need one params and one generator per row, "
                 f"got {len(params)} and {len(generators)}"
             )
-        logits = logits.float()
-        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(greedy_rows) == len(params) and all(p.logprobs is None for p in params):
+            # The common decode step: argmax of the logits as they come (float32 would change
+            # no order), no float32 copy of the whole [batch, vocab] block, no row gather.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(params))
+        logits = logits.float()
+        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         if len(greedy_rows) == len(params):
             sampled = logits.argmax(dim=-1)  # all greedy: no row gather (a copy of the logits)
         elif greedy_rows:

@@ -83,10 +83,11 @@ class Scheduler:
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
         scheduled: list[Request] = []
-        while self.running:
-            request = self.running.pop(0)
+        queue = deque(self.running)  # oldest first; victims come off the newest end
+        while queue:
+            request = queue.popleft()
             while not self.blocks.append_slots(request.request_id, request.num_tokens):
-                victim = self.running.pop() if self.running else request
+                victim = queue.pop() if queue else request
                 self._preempt(victim, batch)
                 if victim is request:
                     break

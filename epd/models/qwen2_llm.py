@@ -3,6 +3,11 @@
 Tokens of all sequences in a step are flattened into one [tokens, hidden] batch; only
 attention needs to know where sequences start and end (from the forward context).
 Module names follow the HF checkpoint; q/k/v and gate/up are fused (see `PACKED_MODULES`).
+
+Layers pass (output, residual) rather than the running sum, so that each residual add runs
+inside the RMSNorm that follows it (`fused.add_rms_norm`: one kernel on the GPU, where the
+adds were two of a decode step's ~12 launches a layer). The sums are the same as HF's
+`x = x + sublayer(norm(x))`, in the same order.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 from torch import nn
 
 from epd.models.config import TextConfig
+from epd.models.layers import fused
 from epd.models.layers.activation import SiluAndMul
 from epd.models.layers.attention import PagedAttention
 from epd.models.layers.linear import MergedLinear
@@ -31,11 +37,22 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n, d = x.shape[0], self.attn.head_dim
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(n, -1, d), cos, sin)
-        k = apply_rotary(k.view(n, -1, d), cos, sin)
-        out = self.attn(q, k, v.view(n, -1, d))
-        return self.o_proj(out.reshape(n, -1))
+        qkv = fused.linear(x, self.qkv_proj)
+        q, k = self._rotate(qkv, cos, sin)
+        out = self.attn(q, k, qkv[:, self.q_size + self.kv_size :].view(n, -1, d))
+        return fused.linear(out.reshape(n, -1), self.o_proj)
+
+    def _rotate(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k, rotated. Their heads sit side by side in qkv's rows, so the fused kernel
+        rotates both in one launch; the torch path rotates each (the CPU reference)."""
+        n, d, heads = qkv.shape[0], self.attn.head_dim, self.attn.num_heads
+        if fused.use_fused(qkv):
+            qk = fused.ops().rotary(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)
+            return qk[:, :heads], qk[:, heads:]
+        q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+        return apply_rotary(q.view(n, -1, d), cos, sin), apply_rotary(k.view(n, -1, d), cos, sin)
 
 
 class Qwen2MLP(nn.Module):
@@ -49,7 +66,7 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return fused.linear(self.act(fused.linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -60,9 +77,20 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(previous layer's MLP output, residual stream before it) -> the same for this layer.
+
+        The first layer gets (embeddings, None): nothing to add yet.
+        """
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = fused.add_rms_norm(x, residual, self.input_layernorm)
+        x = self.self_attn(x, cos, sin)
+        x, residual = fused.add_rms_norm(x, residual, self.post_attention_layernorm)
+        return self.mlp(x), residual
 
 
 class Qwen2Model(nn.Module):
@@ -76,7 +104,7 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [tokens, hidden], positions [3, tokens] -> final hidden states."""
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
-        x = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin)
+        return fused.add_rms_norm(x, residual, self.norm)[0]

@@ -25,3 +25,14 @@ def test_incremental_text_equals_full_decode(tmp_path):
                 full = tokenizer.decode(ids[:n], skip)
                 assert full.startswith(text)  # never shows text that a later token revises
             assert text == tokenizer.decode(ids, skip).rstrip("\ufffd") or text == tokenizer.decode(ids, skip)
+
+
+def test_step_without_new_tokens_returns_nothing(tmp_path):
+    build_qwen_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode("héllo wörld 🙂")
+    detok, text = IncrementalDetokenizer(), ""
+    for n in range(1, len(ids) + 1):
+        text += detok.step(tokenizer.decode, ids[:n], True)
+        assert detok.step(tokenizer.decode, ids[:n], True) == ""  # a second read adds nothing
+    assert text == tokenizer.decode(ids, True)
