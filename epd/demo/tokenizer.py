@@ -10,13 +10,12 @@ still encodes, byte by byte.
 
 from __future__ import annotations
 
-import json
 import os
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from epd.demo.shapes import COLOURS, KINDS, MAX_IMAGES, MULTI_QUESTION, SINGLE_QUESTION
-from epd.testing.tokenizer import PRETOKENIZE_REGEX, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS
+from epd.testing.tokenizer import PRETOKENIZE_REGEX, QWEN2_VL_SPECIAL_TOKENS, save_qwen_tokenizer
 
 # Generous: training stops by itself once every pre-token of the corpus is one token.
 MAX_VOCAB = 1024
@@ -64,9 +63,7 @@ def write_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = train_tokenizer()
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(tokenizer))
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), _special_tokens_map())
+    save_qwen_tokenizer(tokenizer, out_dir)
     return tokenizer
 
 
@@ -83,55 +80,3 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
         "image_token_id": tid("<|image_pad|>"),
         "video_token_id": tid("<|video_pad|>"),
     }
-
-
-def _tokenizer_config(tokenizer: Tokenizer) -> dict:
-    added = {
-        str(tokenizer.token_to_id(tok)): {
-            "content": tok,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for tok in QWEN2_VL_SPECIAL_TOKENS
-    }
-    return {
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS[1:]),
-        "bos_token": None,
-        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-
-
-def _special_tokens_map() -> dict:
-    def token(content: str) -> dict:
-        return {
-            "content": content,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-        }
-
-    return {
-        "additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS[1:]),
-        "eos_token": token("<|im_end|>"),
-        "pad_token": token("<|endoftext|>"),
-    }
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")

@@ -84,9 +84,7 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = _train_tokenizer()
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(tokenizer))
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"), _special_tokens_map())
+    save_qwen_tokenizer(tokenizer, out_dir)
 
 
 def special_token_ids(out_dir: str | os.PathLike) -> dict[str, int]:
@@ -133,6 +131,14 @@ def _train_tokenizer(vocab_size: int = 640) -> Tokenizer:
     # Added after training, so they take the ids right after the learned vocabulary, as in Qwen.
     tokenizer.add_special_tokens(list(QWEN2_VL_SPECIAL_TOKENS))
     return tokenizer
+
+
+def save_qwen_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """Write the files of a Qwen2-VL checkpoint's tokenizer: tokenizer.json, tokenizer_config.json
+    (with the chat template) and special_tokens_map.json."""
+    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(tokenizer))
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), _special_tokens_map())
 
 
 def _tokenizer_config(tokenizer: Tokenizer) -> dict:
