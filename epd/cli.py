@@ -85,7 +85,17 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", default="1EPD", help="instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
     g.add_argument("--device", default="cpu", help="device of every instance (cpu, cuda, cuda:1, ...)")
     g.add_argument("--devices", default=None, help="one device per instance in layout order, comma-separated")
-    g.add_argument("--transfer", default="shm", help="connector between instance processes (shm, tcp)")
+    g.add_argument(
+        "--transfer",
+        default="auto",
+        help="connector between instances: cuda_ipc, shm, tcp (auto: cuda_ipc between GPUs, else shm)",
+    )
+    g.add_argument(
+        "--kv-streaming",
+        default="auto",
+        choices=["auto", "layer", "request"],
+        help="P -> D KV: layer by layer during prefill, or whole after it (auto: layer with cuda_ipc)",
+    )
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
     g.add_argument(
         "--load-format",
@@ -209,6 +219,7 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
         device=args.device,
         devices=args.devices,
         transfer=args.transfer,
+        kv_streaming=args.kv_streaming,
         dtype=args.dtype,
         load_format=args.load_format,
         max_model_len=args.max_model_len,

@@ -32,6 +32,25 @@ STARTUP_TIMEOUT_S = 300.0
 SHUTDOWN_GRACE_S = 10.0
 
 
+def resolve_transfer(transfer: str, devices: list[str]) -> str:
+    """`auto`: GPU to GPU through CUDA IPC when every instance is on a CUDA device of this host (the
+    cluster starts all of them here), else shared memory."""
+    if transfer != "auto":
+        return transfer
+    return "cuda_ipc" if all(str(d).startswith("cuda") for d in devices) else "shm"
+
+
+def resolve_kv_streaming(kv_streaming: str, transfer: str) -> str:
+    """`layer` sends each layer's KV as soon as prefill has written it; `request` sends all of it after
+    the first token. `auto`: by layer where a transfer costs little to start (cuda_ipc: a notice and a
+    device copy), by request where every send is a file or a socket message."""
+    if kv_streaming not in ("auto", "layer", "request"):
+        raise ValueError(f"kv_streaming must be auto, layer or request, not {kv_streaming!r}")
+    if kv_streaming != "auto":
+        return kv_streaming
+    return "layer" if transfer == "cuda_ipc" else "request"
+
+
 class Cluster:
     def __init__(
         self,
@@ -39,12 +58,15 @@ class Cluster:
         engine: EngineConfig,
         *,
         devices: str | list[str] = "cpu",
-        transfer: str = "shm",
+        transfer: str = "auto",
+        kv_streaming: str = "auto",
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
     ) -> None:
         specs = layout.instances(devices)
         _check_encoders(layout, specs)
+        transfer = resolve_transfer(transfer, [s.device for s in specs])
+        kv_streaming = resolve_kv_streaming(kv_streaming, transfer)
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         port = self.inbox.bind_to_random_port(f"tcp://{host}")
@@ -58,6 +80,7 @@ class Cluster:
                 host,
                 mm_cache_bytes=mm_cache_bytes,
                 num_threads=threads,
+                kv_streaming=kv_streaming,
             )
             for spec in specs
         ]

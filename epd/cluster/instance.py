@@ -76,6 +76,7 @@ class InstanceConfig:
     mm_block_size: int = 16
     max_encode_batch_patches: int = 16384
     num_threads: int = 1
+    kv_streaming: str = "request"  # "layer": P sends each layer's KV as prefill writes it (see cluster)
     parent_pid: int = field(default_factory=os.getpid)
 
     @property

@@ -41,7 +41,8 @@ class EngineArgs:
     layout: str = "1EPD"
     device: str = "cpu"
     devices: str | None = None
-    transfer: str = "shm"
+    transfer: str = "auto"
+    kv_streaming: str = "auto"
     dtype: str = "float32"
     load_format: str = "safetensors"
     max_model_len: int | None = None
@@ -86,6 +87,7 @@ class EngineArgs:
             config,
             devices=self.devices or self.device,
             transfer=self.transfer,
+            kv_streaming=self.kv_streaming,
             mm_cache_bytes=self.mm_cache_bytes,
         )
 

@@ -33,7 +33,8 @@ class LLM:
         layout: str = "1EPD",
         device: str = "cpu",
         devices: str | Sequence[str] | None = None,
-        transfer: str = "shm",
+        transfer: str = "auto",
+        kv_streaming: str = "auto",
         dtype: str = "float32",
         load_format: str = "safetensors",
         max_model_len: int | None = None,
@@ -51,7 +52,9 @@ class LLM:
     ) -> None:
         """`layout` as in `1EPD`, `2EP+1D`, `1E+1P+1D` (see epd.cluster.layout); `devices`
         (default: `device` for every instance) assigns devices to instances in order;
-        `transfer` picks the connector between instance processes (`shm` or `tcp`).
+        `transfer` picks the connector between instance processes (`cuda_ipc`, `shm`, `tcp`;
+        `auto`: cuda_ipc when every instance is on a CUDA device, else shm); `kv_streaming`
+        (`layer`, `request`, `auto`) whether a prefill instance sends KV layer by layer.
         A single aggregated instance (`1EPD`) runs in this process; any other layout
         starts one process per instance (so scripts need `if __name__ == "__main__":`)."""
         args = EngineArgs(
@@ -60,6 +63,7 @@ class LLM:
             device=device,
             devices=",".join(devices) if isinstance(devices, (list, tuple)) else devices,
             transfer=transfer,
+            kv_streaming=kv_streaming,
             dtype=dtype,
             load_format=load_format,
             max_model_len=max_model_len,

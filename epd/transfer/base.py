@@ -136,6 +136,7 @@ _BACKENDS: dict[str, str] = {
     "local": "epd.transfer.local:LocalConnector",
     "shm": "epd.transfer.shm:ShmConnector",
     "tcp": "epd.transfer.tcp:TcpConnector",
+    "cuda_ipc": "epd.transfer.cuda_ipc:CudaIpcConnector",
 }
 
 
