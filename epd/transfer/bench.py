@@ -1,16 +1,29 @@
-"""Throughput of a connector between two processes on this host.
+"""Throughput of a connector between two processes on this host, next to the raw copy it stands on.
 
     python -m epd.transfer.bench --backend shm --mb 64 --iters 10
+    python -m epd.transfer.bench --backend cuda_ipc --producer-device cuda:0 --consumer-device cuda:1 \\
+        --mb 4,16,64,256 --json OUT/transfer.json
 
-One-at-a-time: the producer sends one tensor, the consumer (a spawned process, blocking on pollables())
-acknowledges it, repeat: MB/s from send() to the tensor being in the consumer's hands (sent_at vs the
-consumer's clock: same host). Streamed: all iterations sent back to back, first send() to last receipt.
+One-at-a-time: the producer sends one payload, the consumer (a spawned process, blocking on pollables())
+takes it (on a GPU: and waits for its bytes to land), acknowledges, repeat: GB/s from send() to the
+tensor being usable on the consumer (sent_at vs the consumer's clock: same host). Streamed: all
+iterations back to back, first send() to last receipt. cuda_ipc also reports the bandwidth its
+consumer-side pull copies reached on the device (CUDA events around them): the data path alone,
+without the notice's trip through ZMQ and the producer's local staging copy.
+
+Two payload shapes per size, as the cluster sends them: KV of one request ([layers, 2, tokens,
+kv_heads, head_dim], bf16, Qwen2.5-VL-7B's 28 x 4 x 128) and image embeddings ([tokens, 3584], bf16).
+
+Baseline for GPU backends, measured in the same run: the device-to-device copy between the same two
+GPUs in one process (`dst.copy_(src)`, CUDA events), whose rate the connector can at best approach.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from typing import Any
@@ -20,9 +33,22 @@ import zmq
 
 from epd.transfer import create_connector
 
+MB = 1 << 20
+_KV_TOKEN_BYTES = 28 * 2 * 4 * 128 * 2  # Qwen2.5-VL-7B: layers x (K, V) x kv_heads x head_dim x bf16
+_EMBED_TOKEN_BYTES = 3584 * 2
 
-def _consumer(backend: str, address_q: Any, ack_q: Any, count: int) -> None:
-    conn = create_connector(backend)
+
+def payload(kind: str, mb: float, device: str) -> torch.Tensor:
+    """A bf16 tensor of about `mb` MB shaped like what the cluster sends."""
+    if kind == "kv":
+        tokens = max(1, int(mb * MB) // _KV_TOKEN_BYTES)
+        return torch.randn(28, 2, tokens, 4, 128, device=device).to(torch.bfloat16)
+    tokens = max(1, int(mb * MB) // _EMBED_TOKEN_BYTES)
+    return torch.randn(tokens, 3584, device=device).to(torch.bfloat16)
+
+
+def _consumer(backend: str, device: str, address_q: Any, ack_q: Any, count: int) -> None:
+    conn = create_connector(backend, device=device)
     address_q.put(conn.address)
     poller = zmq.Poller()
     for pollable in conn.pollables():
@@ -31,47 +57,118 @@ def _consumer(backend: str, address_q: Any, ack_q: Any, count: int) -> None:
     while got < count:
         poller.poll(60_000)
         for item in conn.poll_received():
+            if torch.device(device).type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # landed, not just started
             ack_q.put((item.key, item.sent_at, time.time()))
             got += 1
+    time.sleep(0.2)  # the last acks (and their copy timings) are taken on the connector's ack thread
+    ack_q.put(conn.copy_stats() if hasattr(conn, "copy_stats") else (0, 0.0))
     conn.close()
 
 
-def run(backend: str, mb: int, iters: int) -> tuple[float, float]:
-    """(median one-at-a-time MB/s, streamed MB/s) for `iters` tensors of `mb` MB each way."""
+def measure(backend: str, kind: str, mb: float, iters: int, devices: tuple[str, str]) -> dict[str, float]:
+    """GB/s one at a time (median) and streamed, for `iters` payloads of `kind` and size `mb` each way."""
+    producer_device, consumer_device = devices
     ctx = mp.get_context("spawn")
     address_q, ack_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_consumer, args=(backend, address_q, ack_q, 2 * iters), daemon=True)
+    args = (backend, consumer_device, address_q, ack_q, 2 * iters)
+    proc = ctx.Process(target=_consumer, args=args, daemon=True)
     proc.start()
-    tensor = torch.randn(mb * (1 << 20) // 4)
+    tensor = payload(kind, mb, producer_device)
+    nbytes = tensor.numel() * tensor.element_size()
     try:
-        with create_connector(backend) as producer:
-            address = address_q.get(timeout=60)
+        options = {"staging_bytes": max(1 << 30, 2 * iters * nbytes)} if backend == "cuda_ipc" else {}
+        with create_connector(backend, device=producer_device, **options) as producer:
+            address = address_q.get(timeout=120)
             single = []
             for i in range(iters):
                 producer.send(address, f"one:{i}", {"x": tensor})
-                _, sent_at, received_at = ack_q.get(timeout=60)
-                single.append(mb / (received_at - sent_at))
+                _, sent_at, received_at = _take_ack(ack_q, producer)
+                single.append(nbytes / (received_at - sent_at) / 1e9)
             for i in range(iters):
                 producer.send(address, f"stream:{i}", {"x": tensor})
-            acks = [ack_q.get(timeout=60) for _ in range(iters)]
-            streamed = mb * iters / (acks[-1][2] - acks[0][1])
-            assert all(r.ok for r in producer.poll_sent())
+            acks = [_take_ack(ack_q, producer) for _ in range(iters)]
+            streamed = nbytes * iters / (acks[-1][2] - acks[0][1]) / 1e9
+            copied_bytes, copy_seconds = ack_q.get(timeout=60)
     finally:
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-    return statistics.median(single), streamed
+    return {
+        "mb": nbytes / MB,
+        "one_at_a_time_gbps": statistics.median(single),
+        "streamed_gbps": streamed,
+        "device_copy_gbps": copied_bytes / copy_seconds / 1e9 if copy_seconds else None,
+    }
+
+
+def _take_ack(ack_q: Any, producer: Any) -> tuple[str, float, float]:
+    """The consumer's next receipt; meanwhile the producer reads its own socket (cuda_ipc acks)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        producer.poll_received()
+        try:
+            return ack_q.get(timeout=0.001)
+        except queue.Empty:
+            continue
+    raise TimeoutError("the consumer did not report a receipt within 120 s")
+
+
+def copy_baseline(mb: float, devices: tuple[str, str], iters: int = 20) -> float:
+    """GB/s of one device-to-device copy between the two devices, in one process (CUDA events)."""
+    src = torch.empty(int(mb * MB), dtype=torch.uint8, device=devices[0])
+    dst = torch.empty_like(src, device=devices[1])
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(devices[0])
+    torch.cuda.synchronize(devices[1])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(devices[1]):
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+    return src.numel() * iters / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="shm", choices=["shm", "tcp"])
-    parser.add_argument("--mb", type=int, default=64)
+    parser.add_argument("--backend", default="shm", choices=["shm", "tcp", "cuda_ipc"])
+    parser.add_argument("--mb", default="64", help="payload sizes in MB, comma-separated")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--producer-device", default="cpu")
+    parser.add_argument("--consumer-device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
-    single, streamed = run(args.backend, args.mb, args.iters)
-    print(f"{args.backend}: {args.mb} MB tensor: one at a time {single:.0f} MB/s (median), ", end="")
-    print(f"streamed {streamed:.0f} MB/s")
+    devices = (args.producer_device, args.consumer_device)
+    on_gpu = torch.device(devices[0]).type == "cuda" and torch.device(devices[1]).type == "cuda"
+    rows = []
+    for mb in [float(x) for x in args.mb.split(",")]:
+        baseline = copy_baseline(mb, devices) if on_gpu else None
+        for kind in ("kv", "embeddings"):
+            figures = measure(args.backend, kind, mb, args.iters, devices)
+            row = {"backend": args.backend, "kind": kind, **figures, "copy_gbps": baseline}
+            rows.append(row)
+            print(_line(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"devices": devices, "rows": rows}, f, indent=2)
+
+
+def _line(row: dict[str, Any]) -> str:
+    text = (
+        f"{row['backend']} {row['kind']:>10} {row['mb']:8.1f} MB: one at a time "
+        f"{row['one_at_a_time_gbps']:7.1f} GB/s (median), streamed {row['streamed_gbps']:7.1f} GB/s"
+    )
+    if row["device_copy_gbps"]:
+        text += f", consumer's pull copies {row['device_copy_gbps']:7.1f} GB/s on the device"
+    if row["copy_gbps"]:
+        ratios = [
+            row[k] / row["copy_gbps"] for k in ("one_at_a_time_gbps", "streamed_gbps", "device_copy_gbps")
+        ]
+        text += f"; raw copy {row['copy_gbps']:7.1f} GB/s -> " + " / ".join(f"{r:.0%}" for r in ratios)
+    return text
 
 
 if __name__ == "__main__":

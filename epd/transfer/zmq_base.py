@@ -80,7 +80,9 @@ class ZmqConnector(Connector):
             except zmq.Again:
                 break
             try:
-                out.append(self._receive(frames))
+                received = self._receive(frames)
+                if received is not None:  # None: a backend's own control message (cuda_ipc acks)
+                    out.append(received)
             # A malformed message, or a segment its producer already reclaimed, must not stop the loop.
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError, OSError) as exc:
                 logger.warning("%s connector %s dropped a message: %s", self.name, self._address, exc)
@@ -111,5 +113,6 @@ class ZmqConnector(Connector):
         """Undo what _encode left behind for a job that failed or was abandoned; default: nothing."""
 
     @abstractmethod
-    def _receive(self, frames: list[zmq.Frame]) -> Received:
-        """The Received carried by one message's frames (runs on the caller's thread)."""
+    def _receive(self, frames: list[zmq.Frame]) -> Received | None:
+        """The Received carried by one message's frames, or None for a message the backend consumed
+        itself (runs on the caller's thread)."""

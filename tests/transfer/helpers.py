@@ -87,26 +87,35 @@ def shm_segments(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:
     return sorted(name for name in os.listdir(shm_dir) if name.startswith(prefix))
 
 
-def consumer_main(backend: str, address_q: Any, out_q: Any, count: int, timeout: float) -> None:
+def consumer_main(
+    backend: str, address_q: Any, out_q: Any, count: int, timeout: float, device: str = "cpu"
+) -> None:
     """Spawned-process consumer: publish the address, then receive `count` keys and report
-    (key, digest, meta) for each, in arrival order. count=0: stay idle (never read) until killed."""
+    (key, digest, meta, device) for each, in arrival order. count=0: stay idle (never read) until killed."""
     torch.set_num_threads(1)
-    conn = create_connector(backend)
+    conn = create_connector(backend, device=device)
     address_q.put(conn.address)
     if count == 0:
         time.sleep(timeout)
         return
     items = collect_received(conn, count, timeout)
-    out_q.put([(item.key, digest(item.tensors), item.meta) for item in items])
+    out_q.put([(item.key, digest(item.tensors), item.meta, _devices(item)) for item in items])
     conn.close()
 
 
+def _devices(item: Received) -> list[str]:
+    return sorted({str(t.device) for t in item.tensors.values()})
+
+
 @contextmanager
-def spawned_consumer(backend: str, count: int, timeout: float = 60.0) -> Iterator[tuple[Any, str, Any]]:
+def spawned_consumer(
+    backend: str, count: int, timeout: float = 60.0, device: str = "cpu"
+) -> Iterator[tuple[Any, str, Any]]:
     """(process, its address, its result queue) for a consumer_main in a fresh spawned process."""
     ctx = mp.get_context("spawn")
     address_q, out_q = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=consumer_main, args=(backend, address_q, out_q, count, timeout), daemon=True)
+    args = (backend, address_q, out_q, count, timeout, device)
+    proc = ctx.Process(target=consumer_main, args=args, daemon=True)
     proc.start()
     try:
         yield proc, address_q.get(timeout=60), out_q

@@ -24,11 +24,11 @@ def test_fifo_and_content_across_processes(backend: str) -> None:
         expected = []
         for i in range(NUM_KEYS):
             tensors = payload(i, nbytes=64 * MB if i == BIG_KEY else None)
-            expected.append((f"mm:{i}", digest(tensors), {"i": i}))
+            expected.append((f"mm:{i}", digest(tensors), {"i": i}, ["cpu"]))
             producer.send(address, f"mm:{i}", tensors, {"i": i})
         results = collect_sent(producer, NUM_KEYS, timeout=60)
         assert all(r.ok for r in results), [r.error for r in results if not r.ok]
-        assert [r.key for r in results] == [key for key, _, _ in expected]
+        assert [r.key for r in results] == [key for key, *_ in expected]
         # The producer stays open until the consumer has read everything (shm: close reclaims segments).
         assert out_q.get(timeout=60) == expected
 
@@ -53,4 +53,4 @@ def test_tcp_send_returns_while_the_consumer_is_stopped() -> None:
             os.kill(proc.pid, signal.SIGCONT)
         [result] = collect_sent(producer, 1, timeout=30)
         assert result.ok
-        assert out_q.get(timeout=30) == [("big", digest(big), {})]
+        assert out_q.get(timeout=30) == [("big", digest(big), {}, ["cpu"])]
