@@ -45,6 +45,17 @@ def parse_bytes(text: str) -> int:
     return int(number) * _UNITS[unit.lower()]
 
 
+def parse_utilization(text: str) -> float:
+    """'0.9' -> 0.9; a share of device memory, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"not a share of device memory in (0, 1]: {text!r} (e.g. 0.9)")
+    return value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except the empty ones ("default: None" says nothing)."""
 
@@ -119,6 +130,13 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--kv-cache-memory-bytes", type=parse_bytes, default="1GiB", help="KV cache size per instance"
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=parse_utilization,
+        default=None,
+        help="share of each instance's CUDA device memory for weights, activations and KV cache "
+        "(e.g. 0.9); the KV cache gets the rest, instead of --kv-cache-memory-bytes",
     )
     g.add_argument(
         "--mm-cache-bytes",
@@ -226,6 +244,7 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         mm_cache_bytes=args.mm_cache_bytes,
         enable_prefix_caching=not args.disable_prefix_caching,
         max_num_seqs=args.max_num_seqs,

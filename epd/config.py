@@ -43,15 +43,29 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: as many as kv_cache_memory_bytes holds
+    num_kv_blocks: int | None = None  # None: as many as the memory below holds
     kv_cache_memory_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    # Set: the KV cache takes this share of the CUDA device's memory, less weights and the
+    # activation peak (epd.engine.memory), instead of kv_cache_memory_bytes.
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.gpu_memory_utilization is not None:
+            check_gpu_memory_utilization(self.gpu_memory_utilization)
+            if self.num_kv_blocks is not None:
+                raise ValueError(
+                    "give num_kv_blocks or gpu_memory_utilization, not both: each sizes the KV cache"
+                )
+
+
+def check_gpu_memory_utilization(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {value}")
 
 
 @dataclass(frozen=True)

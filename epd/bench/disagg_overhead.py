@@ -1,44 +1,55 @@
-"""Per-request cost of disaggregation on the CPU: `1EPD` vs `1E+1P+1D`, one run, side by side.
+"""Per-request cost of disaggregation: `1EPD` vs `1E+1P+1D` (and other variants), one run, side by side.
 
     python -m epd.bench.disagg_overhead [--model DIR] [--requests 16] [--max-tokens 16]
+    python -m epd.bench.disagg_overhead --model DIR --load-format dummy --dtype bfloat16 \\
+        --devices cuda:0,cuda:1,cuda:2 --images 4 --image-side 1344 --max-tokens 8 \\
+        --variants 1EPD,1E+1P+1D:cuda_ipc:layer,1E+1P+1D:cuda_ipc:request --json OUT/kv.json
 
-Requests run one at a time (no batching effects), each with one image, so the difference
-in end-to-end latency is the price of the process boundary: control messages, the
-embedding transfer E -> P and the KV hand-off P -> D. The lifetime breakdown shows where
-the time goes.
+Requests run one at a time (no batching effects), each with new images, so the difference in
+end-to-end latency is the price of the process boundary: control messages, the embedding transfer
+E -> P and the KV hand-off P -> D. The lifetime breakdown shows where the time goes; on GPUs,
+`kv_transfer` (first token on P -> KV usable on D) compares layer-wise KV streaming with sending
+the KV after prefill. A variant is `LAYOUT[:TRANSFER[:KV_STREAMING]]`; instances take the devices
+of --devices in order.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 
 from epd import LLM, SamplingParams
+from epd.cluster.layout import Layout
 from epd.testing.images import noise_image
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 STAGES = ("encode_queue", "encode", "mm_transfer", "prefill_queue", "prefill", "kv_transfer", "decode")
+CPU_VARIANTS = "1EPD,1E+1P+1D:shm,1E+1P+1D:tcp"
 
 
-def run(model: str, layout: str, transfer: str, n: int, max_tokens: int) -> dict[str, float]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    with LLM(model, layout=layout, transfer=transfer) as llm:
-        warm = {
-            "prompt": f"<|im_start|>user\n{IMAGE}warm up<|im_end|>\n",
-            "multi_modal_data": {"image": noise_image(64, 64, 0)},
-        }
-        llm.generate([warm], params, use_tqdm=False)
+def prompt(i: int, images: int, side: int) -> dict:
+    pictures = [noise_image(side, side, seed=1000 + i * images + j) for j in range(images)]  # all new
+    text = f"<|im_start|>user\n{IMAGE * images}Describe image {i}.<|im_end|>\n"
+    return {"prompt": text, "multi_modal_data": {"image": pictures}}
+
+
+def run(model: str, variant: str, args: argparse.Namespace) -> dict[str, float]:
+    layout, transfer, kv_streaming = (variant.split(":") + ["auto", "auto"])[:3]
+    devices = args.devices.split(",")[: Layout.parse(layout).num_instances] if args.devices else None
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    options = dict(layout=layout, transfer=transfer, kv_streaming=kv_streaming, dtype=args.dtype)
+    options.update(load_format=args.load_format, max_model_len=args.max_model_len, devices=devices)
+    options.update(kv_cache_memory_bytes=args.kv_cache_gib << 30, mm_cache_bytes=args.mm_cache_gib << 30)
+    with LLM(model, **options) as llm:
+        llm.generate([prompt(-1, args.images, args.image_side)], params, use_tqdm=False)  # warm-up
         e2e, ttft, stages = [], [], {s: [] for s in STAGES}
-        for i in range(n):
-            image = noise_image(224, 224, seed=1000 + i)  # a new image each time: no cache hits
-            prompt = {
-                "prompt": f"<|im_start|>user\n{IMAGE}Describe image {i}.<|im_end|>\n",
-                "multi_modal_data": {"image": image},
-            }
+        for i in range(args.requests):
             start = time.perf_counter()
-            [out] = llm.generate([prompt], params, use_tqdm=False)
+            [out] = llm.generate([prompt(i, args.images, args.image_side)], params, use_tqdm=False)
+            assert out.error is None, out.error
             e2e.append(time.perf_counter() - start)
             ttft.append(out.metrics.first_token_time - out.metrics.arrival_time)
             for stage, seconds in out.metrics.breakdown().items():
@@ -50,26 +61,38 @@ def run(model: str, layout: str, transfer: str, n: int, max_tokens: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="model directory (default: a tiny random checkpoint)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--variants", default=CPU_VARIANTS, help="LAYOUT[:TRANSFER[:KV_STREAMING]],...")
+    parser.add_argument("--devices", default=None, help="devices in instance order, e.g. cuda:0,cuda:1")
+    parser.add_argument("--images", type=int, default=1, help="new images per request")
+    parser.add_argument("--image-side", type=int, default=224)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--load-format", default="safetensors")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument("--mm-cache-gib", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     model = args.model
     if model is None:
         from epd.testing.checkpoints import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(tempfile.mkdtemp(prefix="epd-bench-"), "qwen2_5_vl"))
-    rows = [
-        ("1EPD (in-process)", run(model, "1EPD", "shm", args.requests, args.max_tokens)),
-        ("1E+1P+1D shm", run(model, "1E+1P+1D", "shm", args.requests, args.max_tokens)),
-        ("1E+1P+1D tcp", run(model, "1E+1P+1D", "tcp", args.requests, args.max_tokens)),
-    ]
+    rows = [(variant, run(model, variant, args)) for variant in args.variants.split(",")]
     columns = ["e2e_ms", "ttft_ms"] + [f"{s}_ms" for s in STAGES]
-    print(f"{args.requests} sequential requests, one 224x224 image, {args.max_tokens} output tokens; mean ms")
-    print("| layout | " + " | ".join(c[:-3] for c in columns) + " |")
+    print(
+        f"{args.requests} sequential requests, {args.images} new {args.image_side}px image(s) each, "
+        f"{args.max_tokens} output tokens; mean ms"
+    )
+    print("| variant | " + " | ".join(c[:-3] for c in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, result in rows:
         print(f"| {name} | " + " | ".join(f"{result[c]:.1f}" if c in result else "-" for c in columns) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": dict(rows)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int = 1 << 30
+    gpu_memory_utilization: float | None = None  # set: the KV cache from the device's memory
     mm_cache_bytes: int = 256 << 20
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
@@ -68,7 +69,11 @@ class EngineArgs:
                 seed=self.seed,
             ),
             cache=CacheConfig(
-                self.block_size, self.num_kv_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching
+                block_size=self.block_size,
+                num_kv_blocks=self.num_kv_blocks,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                enable_prefix_caching=self.enable_prefix_caching,
+                gpu_memory_utilization=self.gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
             device=self.device,

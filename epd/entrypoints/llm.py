@@ -41,6 +41,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_bytes: int = 1 << 30,
+        gpu_memory_utilization: float | None = None,
         mm_cache_bytes: int = 256 << 20,
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
@@ -55,6 +56,8 @@ class LLM:
         `transfer` picks the connector between instance processes (`cuda_ipc`, `shm`, `tcp`;
         `auto`: cuda_ipc when every instance is on a CUDA device, else shm); `kv_streaming`
         (`layer`, `request`, `auto`) whether a prefill instance sends KV layer by layer.
+        `gpu_memory_utilization` (CUDA only): the KV cache gets that share of each instance's
+        device memory less its weights and activation peak, instead of `kv_cache_memory_bytes`.
         A single aggregated instance (`1EPD`) runs in this process; any other layout
         starts one process per instance (so scripts need `if __name__ == "__main__":`)."""
         args = EngineArgs(
@@ -70,6 +73,7 @@ class LLM:
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
             mm_cache_bytes=mm_cache_bytes,
             enable_prefix_caching=enable_prefix_caching,
             max_num_seqs=max_num_seqs,
