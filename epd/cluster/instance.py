@@ -10,6 +10,9 @@ Roles decide which parts exist, not how the loop runs:
 | P, EP (no D)     |                | hands KV off after the first token | sends KV             |
 | D                | -              | KV arrives with the request        | receives KV          |
 
+With `kv_streaming="layer"`, P sends each layer's KV while prefill runs and D assembles it
+when the hand-off arrives (message order: epd.cluster.kv_handoff).
+
 The loop blocks on a poller over the control socket and the connector, so an idle
 instance uses no CPU; it exits when told to, or when its parent process is gone.
 """
@@ -27,6 +30,7 @@ import torch
 import zmq
 
 from epd.cluster.encoder_worker import EncoderWorker, pixel_tensor
+from epd.cluster.kv_handoff import KV_KEY, LAYER_KEY, KVSender, LayerParts, request_of_key
 from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
     AbortRequest,
@@ -127,6 +131,8 @@ class Instance:
             "local" if all_roles else cfg.transfer, device=cfg.engine.device, host=cfg.host
         )
         self.device = torch.device(cfg.engine.device)
+        self.kv_sender = KVSender(self.connector)  # P side of KV hand-offs
+        self.kv_parts = LayerParts()  # D side: streamed layers waiting for their hand-off
         self.encoder = self._build_encoder() if cfg.has(Role.ENCODE) and not cfg.has(Role.PREFILL) else None
         self.mm_cache: MMCache | None = None
         self.engine = self._build_engine() if cfg.has(Role.PREFILL) or cfg.has(Role.DECODE) else None
@@ -134,7 +140,6 @@ class Instance:
         self.waiting_on: dict[str, list[str]] = {}  # content hash -> request ids
         self.requested: set[str] = set()  # hashes asked of the router, not yet arrived
         self.held: dict[str, set[str]] = {}  # request id -> hashes it pins in the MM cache
-        self.decode_dest: dict[str, str] = {}
         self.reported_tokens: dict[str, int] = {}
         self.reported_events: dict[str, int] = {}
         self.stopping = False
@@ -169,13 +174,14 @@ class Instance:
         encode_locally = cfg.has(Role.ENCODE)
         if cfg.has(Role.PREFILL) and not encode_locally:
             self.mm_cache = self._new_mm_cache(cfg.engine.model.hf.text.hidden_size)
-        handoff = self._send_kv if cfg.has(Role.PREFILL) and not cfg.has(Role.DECODE) else None
+        hands_off = cfg.has(Role.PREFILL) and not cfg.has(Role.DECODE)
         return LLMEngine(
             cfg.engine,
             Tokenizer.from_pretrained(cfg.engine.model.model),
             encode_locally=encode_locally,
             mm_cache=self.mm_cache,
-            handoff=handoff,
+            handoff=self.kv_sender.handoff if hands_off else None,
+            layer_sink=self.kv_sender if hands_off and cfg.kv_streaming == "layer" else None,
             instance=self.name,
         )
 
@@ -218,6 +224,8 @@ class Instance:
         if self.engine is not None:
             stats.update(self.engine.stats())
             stats.update(mm_cache_stats(self.mm_cache))
+        if self.engine is not None and self.cfg.has(Role.DECODE):
+            stats.update(self.kv_parts.stats())
         if self.encoder is not None:
             stats.update(mm_cache_stats(self.encoder.cache))
             stats["encode_queue_images"] = len(self.encoder.queue)
@@ -263,15 +271,18 @@ class Instance:
         for received in self.connector.poll_received():
             if received.key.startswith("mm:"):
                 self._embedding_arrived(received)
-            elif received.key.startswith("kv:"):
+            elif received.key.startswith(LAYER_KEY):
+                self.kv_parts.add(received)
+            elif received.key.startswith(KV_KEY):
                 self._kv_arrived(received)
         for result in self.connector.poll_sent():
             self.transfer_totals["transfer_bytes_total"] += result.nbytes
             self.transfer_totals["transfer_seconds_total"] += result.seconds
             if not result.ok:
                 logger.error("transfer %s to %s failed: %s", result.key, result.dest, result.error)
-                if result.key.startswith("kv:"):
-                    self._send(RequestError(self.name, result.key[3:], f"KV transfer failed: {result.error}"))
+                rid = request_of_key(result.key)
+                if rid is not None:
+                    self._send(RequestError(self.name, rid, f"KV transfer failed: {result.error}"))
 
     def _step(self) -> None:
         if self.encoder is not None:
@@ -291,7 +302,7 @@ class Instance:
             self._send(RequestError(self.name, task.request_id, str(err)))
             return
         if task.decode_dest is not None:
-            self.decode_dest[task.request_id] = task.decode_dest
+            self.kv_sender.route(task.request_id, task.decode_dest)
         if self.mm_cache is None:  # encodes in-process
             self._admit(task, prompt)
             return
@@ -341,32 +352,18 @@ class Instance:
     def _admit(self, task: PrefillTask, prompt: ProcessedPrompt) -> None:
         self.engine.add_request(task.request_id, prompt, task.params, task.arrival_time)
 
-    def _send_kv(self, request: Request, kv: torch.Tensor) -> None:
-        rid = request.request_id
-        tensors = {"kv": kv}
-        if request.generator is not None:
-            tensors["generator_state"] = request.generator.get_state()
-        meta = {
-            "request_id": rid,
-            "prompt": request.prompt.prompt,
-            "prompt_token_ids": request.prompt_token_ids,
-            "placeholders": [(p.offset, p.length) for p in request.prompt.placeholders],
-            "image_hashes": [img.content_hash for img in request.prompt.images],
-            "grids": [img.grid_thw for img in request.prompt.images],
-            "params": msgspec.to_builtins(request.params),
-            "first_token": request.output_token_ids[0],
-            "first_logprobs": msgspec.to_builtins(request.output_logprobs[0])
-            if request.output_logprobs
-            else None,
-            "arrival_time": request.arrival_time,
-        }
-        self.connector.send(self.decode_dest.pop(rid), f"kv:{rid}", tensors, meta)
-
     # ---- decode side --------------------------------------------------------------------------
 
     def _kv_arrived(self, received: Received) -> None:
         meta = received.meta
         rid = meta["request_id"]
+        try:
+            kv = self.kv_parts.complete(received)
+        except ValueError as err:
+            self._send(RequestError(self.name, rid, f"KV transfer incomplete: {err}"))
+            return
+        if kv is None:
+            return  # a discard notice: the request ended at its first token on P
         task = PrefillTask(
             rid,
             meta["prompt_token_ids"],
@@ -388,7 +385,7 @@ class Instance:
                 task.params,
                 meta["first_token"],
                 logprobs,
-                received.tensors["kv"],
+                kv,
                 received.tensors.get("generator_state"),
                 task.arrival_time,
             )
@@ -425,6 +422,8 @@ class Instance:
         self.reported_events[rid] = len(request.metrics.events)
         if len(request.output_token_ids) >= 1:
             self._unpin_images(rid)  # prefill is done: the request holds its own copies now
+        if finished:
+            self.kv_sender.forget(rid)
         if finished or handed_off:
             self.reported_tokens.pop(rid, None)
             self.reported_events.pop(rid, None)
@@ -443,7 +442,8 @@ class Instance:
                     self.waiting_on[h].remove(rid)
         if self.mm_cache is not None:
             self._unpin_images(rid)
-        self.decode_dest.pop(rid, None)
+        self.kv_sender.forget(rid)
+        self.kv_parts.drop(rid)
         self.reported_tokens.pop(rid, None)
         self.reported_events.pop(rid, None)
 

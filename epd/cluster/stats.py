@@ -14,6 +14,7 @@ STAT_HELP = {
     "running_requests": "requests in the running batch",
     "last_batch_tokens": "tokens computed in the instance's last step",
     "kv_cache_usage": "share of KV blocks held by live requests",
+    "kv_cache_blocks": "KV blocks this instance's cache holds (its capacity)",
     "mm_cache_usage": "share of MM cache blocks pinned by requests or transfers",
     "mm_cache_cached_usage": "share of MM cache blocks holding reusable embeddings",
     "encode_queue_images": "images waiting to be encoded",
@@ -27,6 +28,8 @@ STAT_HELP = {
     "transfer_bytes_total": "bytes sent through the connector",
     "transfer_seconds_total": "seconds from send to completion, summed over transfers",
     "preemptions_total": "requests preempted for lack of KV blocks",
+    "kv_parts_buffered": "streamed KV layers held on a decode instance until their request's hand-off",
+    "kv_parts_received_total": "streamed KV layers received by a decode instance",
 }
 
 

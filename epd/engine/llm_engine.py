@@ -5,7 +5,8 @@ injected, not branched on:
 - where image embeddings come from (`mm_cache` given: from encoder instances; else the
   vision tower in this process),
 - what happens after the first token (`handoff` given: the KV goes to a decode instance;
-  else this engine decodes),
+  else this engine decodes); with `layer_sink` too, the KV goes out layer by layer during
+  the prefill forward instead (`epd.engine.layer_stream`),
 - requests may arrive with their KV already computed (`add_handoff`, decode instances).
 """
 
@@ -23,6 +24,8 @@ from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, LocalEncoder, NoEmbeddings
 from epd.engine.kv_cache import num_blocks_for_memory
+from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
+from epd.engine.memory import resolve_kv_cache_bytes
 from epd.engine.mm_cache import MMCache
 from epd.engine.model_runner import ModelRunner
 from epd.engine.request import Request
@@ -39,9 +42,9 @@ from epd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Called with a request that just got its first token and a copy of its KV; the engine
-# then frees the request's blocks and forgets it.
-HandOff = Callable[[Request, torch.Tensor], None]
+# Called with a request that just got its first token and a copy of its KV (None: the KV was
+# streamed layer by layer already); the engine then frees the request's blocks and forgets it.
+HandOff = Callable[[Request, torch.Tensor | None], None]
 
 
 class LLMEngine:
@@ -53,10 +56,12 @@ class LLMEngine:
         encode_locally: bool = True,
         mm_cache: MMCache | None = None,
         handoff: HandOff | None = None,
+        layer_sink: LayerSink | None = None,
         instance: str | None = None,
     ) -> None:
         """`encode_locally`: this process holds the vision tower; else embeddings come from
-        `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only)."""
+        `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only).
+        `layer_sink` (with `handoff` only): stream each prefilled layer's KV to it."""
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
@@ -70,7 +75,7 @@ class LLMEngine:
             seed=mc.seed,
         )
         num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
-            mc.hf.text, cc.block_size, mc.torch_dtype, cc.kv_cache_memory_bytes
+            mc.hf.text, cc.block_size, mc.torch_dtype, resolve_kv_cache_bytes(config, model)
         )
         self.max_model_len = _resolve_max_model_len(
             mc.max_model_len, mc.derived_max_model_len, num_blocks * cc.block_size
@@ -104,6 +109,9 @@ class LLMEngine:
             config.cuda_graphs,
             config.scheduler.max_num_seqs,
         )
+        self.streamer = NoLayerStreaming()
+        if layer_sink is not None and handoff is not None:
+            self.streamer = LayerStreamer(self.runner, layer_sink)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
@@ -214,6 +222,7 @@ class LLMEngine:
             "running_requests": len(self.scheduler.running),
             "last_batch_tokens": self.last_batch_tokens,
             "kv_cache_usage": blocks.usage,
+            "kv_cache_blocks": blocks.num_blocks,
             "prefix_cache_hit_tokens_total": blocks.prefix_hit_tokens,
             "prefix_cache_query_tokens_total": blocks.prefix_query_tokens,
             "steps_total": self.num_steps,
@@ -245,7 +254,7 @@ class LLMEngine:
         for req, start in batch.injections:
             self.runner.inject_kv(self.block_manager.block_table(req.request_id), start, req.kv_payload)
             req.kv_payload = None
-        logits = self.runner.run(batch, tables)
+        logits = self.runner.run(batch, tables, self.streamer.plan(batch, tables))
         self._advance_computed(batch)  # needs no sampled token: runs while the device works
         sampled = self.sampler(
             logits,
@@ -297,6 +306,7 @@ class LLMEngine:
                 req.record(Event.FINISHED, self.instance)
                 req.metrics.finished_time = time.time()
                 self._forget(req)
+                self.streamer.finished(req)
             elif self.handoff is not None and len(req.output_token_ids) == 1:
                 self._hand_off(req)
             advanced.append(req)
@@ -311,7 +321,10 @@ class LLMEngine:
             req.record(Event.DECODE_START, self.instance)  # decodes right here, no transfer
 
     def _hand_off(self, req: Request) -> None:
-        kv = self.runner.gather_kv(self.block_manager.block_table(req.request_id), req.num_computed_tokens)
+        kv = None
+        if not self.streamer.pop_streamed(req):
+            table = self.block_manager.block_table(req.request_id)
+            kv = self.runner.gather_kv(table, req.num_computed_tokens)
         req.record(Event.KV_TRANSFER_START, self.instance)
         self.handoff(req, kv)
         self._forget(req)

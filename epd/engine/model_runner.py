@@ -7,10 +7,14 @@ Two ways through a step:
 - a pure decode step (one new token per sequence, no image rows) on a backend that allows
   it replays a CUDA graph (`epd.engine.cuda_graphs`);
 - anything else runs eagerly, with the batch layout also sent to the device in one copy
-  for backends whose kernels read it there.
+  for backends whose kernels read it there. Only an eager step can call back between
+  layers (`after_layer`: layer-wise KV streaming from a prefill instance).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -22,6 +26,7 @@ from epd.engine.kv_cache import allocate_kv_cache, bind_kv_cache
 from epd.engine.request import Request
 from epd.engine.scheduler import ScheduledBatch
 from epd.models.mrope import decode_positions
+from epd.models.qwen2_llm import Qwen2Model
 
 
 class ModelRunner:
@@ -46,6 +51,7 @@ class ModelRunner:
         self.block_size = block_size
         self.embedder = embedder
         self.merge_size = model.config.vision.spatial_merge_size
+        self.language = _language_model(model)
         self.backend = get_attention_backend(attention_backend, self.device)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.backend.supports_cuda_graphs
@@ -65,7 +71,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes)
             self.graphs.capture_all()
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat cache rows (block * block_size + offset) of tokens start..end-1, on the device."""
         bs = self.block_size
         return torch.tensor(
             [block_table[i // bs] * bs + i % bs for i in range(start, end)], device=self.device
@@ -74,30 +81,42 @@ class ModelRunner:
     def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """A copy of the first num_tokens tokens' KV: [layers, 2, num_tokens, kv_heads, head_dim]."""
         flat = self.kv_cache.flatten(2, 3)  # [layers, 2, blocks * block_size, kv_heads, head_dim]
-        return flat.index_select(2, self._slots(block_table, 0, num_tokens))
+        return flat.index_select(2, self.slots(block_table, 0, num_tokens))
+
+    def gather_kv_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """A copy of one layer's KV at `slots` (see `slots`): [2, len(slots), kv_heads, head_dim].
+        Queued on the current stream, so inside a forward it reads what the layer just wrote."""
+        return self.kv_cache[layer].flatten(1, 2).index_select(1, slots)
 
     def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
         """Write KV rows start..len(kv) (computed elsewhere) into this request's blocks."""
         end = kv.shape[2]
         flat = self.kv_cache.flatten(2, 3)
         flat.index_copy_(
-            2, self._slots(block_table, start, end), kv[:, :, start:end].to(flat.device, flat.dtype)
+            2, self.slots(block_table, start, end), kv[:, :, start:end].to(flat.device, flat.dtype)
         )
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> torch.Tensor:
+    def run(
+        self,
+        batch: ScheduledBatch,
+        block_tables: list[list[int]],
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Logits [len(batch), vocab] at the last new token of every scheduled request, in the
         model dtype (the sampler converts where it needs float32). Read them before the next run:
-        a graph step returns a view of the graph's output."""
+        a graph step returns a view of the graph's output.
+
+        `after_layer(i)` is called once layer i has written its KV (the step then runs eagerly)."""
         self.embedder.ensure(batch.requests)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
         mm_embeds, mm_index = self._gather_image_rows(batch)
-        if mm_embeds is None and self._graph_fits(inputs):
+        if mm_embeds is None and after_layer is None and self._graph_fits(inputs):
             logits = self.graphs.run(
                 inputs.token_ids, inputs.decode_positions, inputs.slots, inputs.seq_lens, block_tables
             )
             return logits
-        return self._run_eager(batch, block_tables, inputs, mm_embeds, mm_index)
+        return self._run_eager(batch, block_tables, inputs, mm_embeds, mm_index, after_layer)
 
     def _graph_fits(self, inputs: _BatchInputs) -> bool:
         return (
@@ -113,6 +132,7 @@ class ModelRunner:
         inputs: _BatchInputs,
         mm_embeds: torch.Tensor | None,
         mm_index: torch.Tensor | None,
+        after_layer: Callable[[int], None] | None,
     ) -> torch.Tensor:
         ids = torch.tensor(inputs.token_ids, device=self.device)
         embeds = self.model.embed_tokens(ids, mm_embeds, mm_index)
@@ -128,7 +148,8 @@ class ModelRunner:
             block_size=self.block_size,
             tensors=tensors,
         )
-        with forward_context(meta):
+        hooked = nullcontext() if after_layer is None else self.language.after_each_layer(after_layer)
+        with forward_context(meta), hooked:
             hidden = self.model(embeds, inputs.positions_tensor().to(self.device))
         last = torch.tensor(
             [s + n - 1 for s, n in zip(inputs.query_starts, batch.num_new_tokens)], device=self.device
@@ -192,6 +213,14 @@ class _BatchInputs:
     def positions_tensor(self) -> torch.Tensor:
         """[3, tokens] M-RoPE positions (built only for eager steps: a graph step needs none)."""
         return torch.cat([_positions(req, lo, hi) for req, lo, hi in self.ranges], dim=1)
+
+
+def _language_model(model: torch.nn.Module) -> Qwen2Model:
+    """The decoder inside `model`, whose layer loop takes the `after_layer` hook."""
+    found = [m for m in model.modules() if isinstance(m, Qwen2Model)]
+    if len(found) != 1:
+        raise ValueError(f"expected one language model in {type(model).__name__}, found {len(found)}")
+    return found[0]
 
 
 def _token_ids(req: Request, lo: int, hi: int) -> list[int]:

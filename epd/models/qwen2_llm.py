@@ -8,9 +8,15 @@ Layers pass (output, residual) rather than the running sum, so that each residua
 inside the RMSNorm that follows it (`fused.add_rms_norm`: one kernel on the GPU, where the
 adds were two of a decode step's ~12 launches a layer). The sums are the same as HF's
 `x = x + sublayer(norm(x))`, in the same order.
+
+`after_each_layer` lets a caller act between layers (a prefill instance sends each layer's
+KV as soon as it is written); unset, it costs one `is None` test per layer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -100,11 +106,30 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self._after_layer: Callable[[int], None] | None = None
+
+    @contextmanager
+    def after_each_layer(self, hook: Callable[[int], None]) -> Iterator[None]:
+        """Call `hook(i)` right after layer i has run, in the forwards inside this block.
+
+        Eager forwards only: a CUDA graph replays kernels, not Python, so a hook set while a
+        graph is captured or replayed would never run (decode graphs are captured without one).
+        """
+        if self._after_layer is not None:
+            raise RuntimeError("a layer hook is already set: hooks do not nest")
+        self._after_layer = hook
+        try:
+            yield
+        finally:
+            self._after_layer = None
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [tokens, hidden], positions [3, tokens] -> final hidden states."""
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
         x, residual = inputs_embeds, None
-        for layer in self.layers:
+        hook = self._after_layer
+        for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin)
+            if hook is not None:
+                hook(i)
         return fused.add_rms_norm(x, residual, self.norm)[0]

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import epd.engine.llm_engine as llm_engine
 from epd import LLM
 from epd.cli import build_parser, engine_args_from
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -79,10 +78,6 @@ def test_utilization_on_a_cpu_asks_for_cuda(checkpoints):
         resolve_kv_cache_bytes(_config(checkpoint, 0.9), model)
 
 
-@pytest.mark.skipif(
-    "resolve_kv_cache_bytes" not in inspect.getsource(llm_engine),
-    reason="LLMEngine sizes its cache with resolve_kv_cache_bytes once llm_engine.py calls it",
-)
 def test_llm_with_utilization_on_a_cpu_fails_before_serving(checkpoints):
     with pytest.raises(ValueError, match="CUDA device"):
         LLM(str(checkpoints["qwen2_5_vl"]), device="cpu", gpu_memory_utilization=0.9)

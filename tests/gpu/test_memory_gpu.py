@@ -3,12 +3,9 @@ by it that leaves the largest step room within the share."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-import epd.engine.llm_engine as llm_engine
 from epd import LLM, SamplingParams
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.kv_cache import bytes_per_block
@@ -63,10 +60,6 @@ def test_sized_cache_leaves_the_largest_step_within_the_share(checkpoints):
     del kv_cache
 
 
-@pytest.mark.skipif(
-    "resolve_kv_cache_bytes" not in inspect.getsource(llm_engine),
-    reason="LLMEngine sizes its cache with resolve_kv_cache_bytes once llm_engine.py calls it",
-)
 @pytest.mark.usefixtures("engines_on_cuda")
 def test_llm_sized_by_utilization_serves(checkpoints):
     utilization = _utilization_for(1.0)

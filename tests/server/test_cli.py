@@ -51,9 +51,18 @@ def test_serve_without_model_serves_the_demo_model(tmp_path):
     try:
         for sample in answers:
             result = subprocess.run(
-                [sys.executable, "examples/ask_demo.py", "--url", server.url, "--image",
-                 str(SAMPLES_DIR / sample["file"])],
-                capture_output=True, text=True, timeout=120, cwd=REPO,
+                [
+                    sys.executable,
+                    "examples/ask_demo.py",
+                    "--url",
+                    server.url,
+                    "--image",
+                    str(SAMPLES_DIR / sample["file"]),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=REPO,
             )
             assert result.returncode == 0, result.stderr
             assert result.stdout.strip() == sample["answer"]

@@ -1,0 +1,139 @@
+"""Moving a request's KV from the prefill instance (P) to its decode instance (D).
+
+What P sends for one request, over one connector pair (FIFO, so D sees it in this order):
+
+| kv_streaming | during the prefill forward       | after the first token was sampled                     |
+|--------------|----------------------------------|-------------------------------------------------------|
+| request      | -                                | kv:<rid> {kv, generator_state?}, request meta         |
+| layer        | kvl:<rid>:<i> {kv: layer i KV},  | D continues the request:                              |
+|              |   i = 0 .. L-1, as each layer    |   kv:<rid> {generator_state?}, request meta plus      |
+|              |   finishes                       |   streamed_layers = L                                 |
+|              |                                  | it ended at its first token (EOS, stop, length):      |
+|              |                                  |   kv:<rid> {}, meta {request_id, discard: True}       |
+
+D holds the layer parts until the `kv:` message says what to do with them, so every part is
+either assembled into a request's KV or dropped: the `kv:` message always follows its parts
+(P sends both within one engine step), and an abort on D drops what has arrived so far.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import torch
+
+from epd.engine.request import Request
+from epd.transfer.base import Connector, Received
+
+KV_KEY, LAYER_KEY = "kv:", "kvl:"
+
+
+class KVSender:
+    """P side: sends each request's KV to the decode instance the router chose for it.
+
+    `handoff` is the engine's hand-off callback; `send_layer` and `discard` make this a
+    `epd.engine.layer_stream.LayerSink` for layer-wise streaming.
+    """
+
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self.dest: dict[str, str] = {}  # request id -> its decode instance's data address
+        self.layers_sent: dict[str, int] = {}  # request id -> layers streamed so far
+
+    def route(self, request_id: str, dest: str) -> None:
+        self.dest[request_id] = dest
+
+    def forget(self, request_id: str) -> None:
+        """The request ends on this instance without a hand-off (finished or aborted)."""
+        self.dest.pop(request_id, None)
+        self.layers_sent.pop(request_id, None)
+
+    def handoff(self, request: Request, kv: torch.Tensor | None) -> None:
+        """The final message: the whole KV, or (kv None) the count of the layers streamed before."""
+        rid = request.request_id
+        tensors = {} if kv is None else {"kv": kv}
+        if request.generator is not None:
+            tensors["generator_state"] = request.generator.get_state()
+        meta = handoff_meta(request)
+        if kv is None:
+            meta["streamed_layers"] = self.layers_sent.pop(rid)
+        self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", tensors, meta)
+
+    def send_layer(self, request: Request, layer: int, kv: torch.Tensor) -> None:
+        rid = request.request_id
+        meta = {"request_id": rid, "layer": layer}
+        self.connector.send(self.dest[rid], f"{LAYER_KEY}{rid}:{layer}", {"kv": kv}, meta)
+        self.layers_sent[rid] = self.layers_sent.get(rid, 0) + 1
+
+    def discard(self, request: Request) -> None:
+        rid = request.request_id
+        self.layers_sent.pop(rid, None)
+        self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", {}, {"request_id": rid, "discard": True})
+
+
+def handoff_meta(request: Request) -> dict[str, Any]:
+    """Everything D needs to continue the request, besides its KV and generator state."""
+    first_logprobs = request.output_logprobs[0] if request.output_logprobs else None
+    return {
+        "request_id": request.request_id,
+        "prompt": request.prompt.prompt,
+        "prompt_token_ids": request.prompt_token_ids,
+        "placeholders": [(p.offset, p.length) for p in request.prompt.placeholders],
+        "image_hashes": [img.content_hash for img in request.prompt.images],
+        "grids": [img.grid_thw for img in request.prompt.images],
+        "params": msgspec.to_builtins(request.params),
+        "first_token": request.output_token_ids[0],
+        "first_logprobs": msgspec.to_builtins(first_logprobs),
+        "arrival_time": request.arrival_time,
+    }
+
+
+def request_of_key(key: str) -> str | None:
+    """The request a KV transfer key belongs to ("kv:<rid>", "kvl:<rid>:<layer>"); None for others."""
+    if key.startswith(KV_KEY):
+        return key[len(KV_KEY) :]
+    if key.startswith(LAYER_KEY):
+        return key[len(LAYER_KEY) :].rpartition(":")[0]
+    return None
+
+
+class LayerParts:
+    """D side: streamed layers, held per request until its `kv:` message completes or drops them."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[int, torch.Tensor]] = {}  # request id -> layer -> [2, tokens, ...]
+        self.received_total = 0
+
+    def add(self, received: Received) -> None:
+        """A `kvl:` message: one layer of one request's KV."""
+        meta = received.meta
+        self.parts.setdefault(meta["request_id"], {})[meta["layer"]] = received.tensors["kv"]
+        self.received_total += 1
+
+    def complete(self, received: Received) -> torch.Tensor | None:
+        """The full KV [layers, 2, tokens, kv_heads, head_dim] a `kv:` message stands for: sent whole,
+        or stacked from the streamed layers; None for a discard notice. ValueError if layers are missing.
+        Either way the request's parts are freed."""
+        meta = received.meta
+        parts = self.parts.pop(meta["request_id"], {})
+        if meta.get("discard"):
+            return None
+        if "streamed_layers" not in meta:
+            return received.tensors["kv"]
+        num_layers = meta["streamed_layers"]
+        missing = [i for i in range(num_layers) if i not in parts]
+        if missing or len(parts) != num_layers:
+            raise ValueError(
+                f"{len(parts)} of {num_layers} streamed KV layers arrived (missing {missing[:8]})"
+            )
+        return torch.stack([parts[i] for i in range(num_layers)])
+
+    def drop(self, request_id: str) -> None:
+        self.parts.pop(request_id, None)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "kv_parts_buffered": sum(len(p) for p in self.parts.values()),
+            "kv_parts_received_total": self.received_total,
+        }
