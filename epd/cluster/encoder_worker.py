@@ -18,6 +18,7 @@ import torch
 
 from epd.cluster.messages import EncodeDone, EncodeItem, EncodeTask
 from epd.engine.mm_cache import MMCache
+from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Connector
 
@@ -46,9 +47,10 @@ class EncoderWorker:
         connector: Connector,
         device: torch.device,
         instance: str,
+        decode_pixels: PixelDecoder,
         max_batch_patches: int = 16384,
     ) -> None:
-        self.model, self.cache, self.connector = model, cache, connector
+        self.model, self.cache, self.connector, self.decode_pixels = model, cache, connector, decode_pixels
         self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
         self.merge = model.config.vision.spatial_merge_size**2
         self.queue: OrderedDict[str, _Job] = OrderedDict()  # waiting for room or their turn
@@ -103,7 +105,7 @@ class EncoderWorker:
 
     def _encode(self, batch: list[_Job]) -> None:
         start = LifetimeEvent.now(Event.ENCODE_START, self.instance)
-        pixels = torch.cat([pixel_tensor(job.item) for job in batch]).to(self.device)
+        pixels = torch.cat([self.decode_pixels(job.item) for job in batch])
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
         end = LifetimeEvent.now(Event.ENCODE_END, self.instance)
@@ -142,5 +144,15 @@ class EncoderWorker:
         self.cache.unpin(content_hash)
 
 
-def pixel_tensor(item: EncodeItem) -> torch.Tensor:
-    return torch.frombuffer(bytearray(item.pixels), dtype=torch.float32).view(-1, item.patch_dim)
+class PixelDecoder:
+    """EncodeItems carry uint8 patches; the tower takes normalised float32 ones, made on `device`
+    (a lookup per value, bit-exact to the processor: epd.inputs.image_processor.expand_patches)."""
+
+    def __init__(self, cfg: ImageProcessorConfig, device: torch.device) -> None:
+        self.table = normalization_table(cfg).to(device)
+        self.temporal_patch_size = cfg.temporal_patch_size
+        self.device = device
+
+    def __call__(self, item: EncodeItem) -> torch.Tensor:
+        raw = torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(-1, item.raw_dim)
+        return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size)

@@ -29,7 +29,7 @@ import msgspec
 import torch
 import zmq
 
-from epd.cluster.encoder_worker import EncoderWorker, pixel_tensor
+from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
 from epd.cluster.kv_handoff import KV_KEY, LAYER_KEY, KVSender, LayerParts, request_of_key
 from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
@@ -53,6 +53,7 @@ from epd.config import EngineConfig
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
+from epd.inputs.image_processor import ImageProcessorConfig
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
@@ -78,7 +79,7 @@ class InstanceConfig:
     host: str = "127.0.0.1"
     mm_cache_bytes: int = 256 << 20
     mm_block_size: int = 16
-    max_encode_batch_patches: int = 16384
+    max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch
     num_threads: int = 1
     kv_streaming: str = "request"  # "layer": P sends each layer's KV as prefill writes it (see cluster)
     parent_pid: int = field(default_factory=os.getpid)
@@ -131,6 +132,8 @@ class Instance:
             "local" if all_roles else cfg.transfer, device=cfg.engine.device, host=cfg.host
         )
         self.device = torch.device(cfg.engine.device)
+        processor_config = ImageProcessorConfig.from_pretrained(cfg.engine.model.model)
+        self.decode_pixels = PixelDecoder(processor_config, self.device)
         self.kv_sender = KVSender(self.connector)  # P side of KV hand-offs
         self.kv_parts = LayerParts()  # D side: streamed layers waiting for their hand-off
         self.encoder = self._build_encoder() if cfg.has(Role.ENCODE) and not cfg.has(Role.PREFILL) else None
@@ -166,7 +169,13 @@ class Instance:
         )
         cache = self._new_mm_cache(mc.hf.vision.out_hidden_size)
         return EncoderWorker(
-            model, cache, self.connector, self.device, self.name, self.cfg.max_encode_batch_patches
+            model,
+            cache,
+            self.connector,
+            self.device,
+            self.name,
+            self.decode_pixels,
+            self.cfg.max_encode_batch_patches,
         )
 
     def _build_engine(self) -> LLMEngine:
@@ -295,7 +304,7 @@ class Instance:
     # ---- prefill side -------------------------------------------------------------------------
 
     def _prefill_task(self, task: PrefillTask) -> None:
-        prompt = _prompt_from_task(task)
+        prompt = _prompt_from_task(task, self.decode_pixels)
         try:
             self.engine.check_fits(len(task.prompt_token_ids))
         except ValueError as err:
@@ -457,12 +466,13 @@ class Instance:
         self.outbox.close(linger=1000)
 
 
-def _prompt_from_task(task: PrefillTask) -> ProcessedPrompt:
+def _prompt_from_task(task: PrefillTask, decode_pixels: PixelDecoder | None = None) -> ProcessedPrompt:
     """The prompt as the language model needs it; without `task.pixels` (the images are
     encoded on another instance) the pixel tensors stay empty."""
-    pixels = (
-        [pixel_tensor(item) for item in task.pixels] if task.pixels else [torch.empty(0)] * len(task.grids)
-    )
+    if task.pixels:
+        pixels = [decode_pixels(item) for item in task.pixels]
+    else:
+        pixels = [torch.empty(0)] * len(task.grids)
     images = [ImageInput(px, tuple(g), h) for px, g, h in zip(pixels, task.grids, task.image_hashes)]
     placeholders = [PlaceholderRange(o, n) for o, n in task.placeholders]
     return ProcessedPrompt(list(task.prompt_token_ids), images, placeholders, task.prompt)

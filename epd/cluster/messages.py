@@ -22,8 +22,8 @@ class EncodeItem(msgspec.Struct):
     index: int  # image index within its request
     content_hash: str
     grid: tuple[int, int, int]
-    pixels: bytes  # float32 patches, [t*h*w, patch_dim]
-    patch_dim: int
+    pixels: bytes  # uint8 patches before normalisation, [t*h*w, raw_dim] (see ImageInput.raw_patches)
+    raw_dim: int
 
 
 class EncodeTask(msgspec.Struct, tag=True):

@@ -18,11 +18,14 @@ class ImageInput:
     `pixel_values` has shape [grid_t * grid_h * grid_w, channels * temporal_patch * patch * patch]
     in the patch order the Qwen2-VL vision tower expects (merge groups contiguous).
     `content_hash` identifies the decoded pixels: same pixels -> same hash, whatever the source.
+    `raw_patches`, where the processor kept them, are the same patches as uint8 before rescaling
+    and normalisation, one frame ([N, C * P * P]): what travels to another instance.
     """
 
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
     content_hash: str
+    raw_patches: torch.Tensor | None = None
 
     @property
     def num_patches(self) -> int:

@@ -29,7 +29,8 @@ NUM_KEYS = 24
 
 def _on_gpu(tensors: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     """Every other key's tensors on cuda:0 (the producer's device), the rest left on the CPU."""
-    return {k: t.cuda() for k, t in tensors.items()} if i % 2 == 0 else tensors
+    # Explicitly cuda:0: a cuda_ipc connector makes its device the thread's current one.
+    return {k: t.to("cuda:0") for k, t in tensors.items()} if i % 2 == 0 else tensors
 
 
 def _second_device() -> str:

@@ -12,7 +12,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import load_image
-from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, process_image, smart_resize
+from epd.inputs.image_processor import (
+    ImageProcessorConfig,
+    expand_patches,
+    image_grid_thw,
+    normalization_table,
+    process_image,
+    smart_resize,
+)
 
 from .helpers import REAL_PREPROCESSOR, data_url, encode, random_image
 
@@ -155,3 +162,14 @@ def test_config_read_like_transformers(tmp_path, layout: str) -> None:
 def test_missing_config_gives_defaults(tmp_path) -> None:
     assert ImageProcessorConfig.from_pretrained(tmp_path) == ImageProcessorConfig()
     assert ImageProcessorConfig().factor == 28
+
+
+def test_raw_patches_expand_to_the_pixel_values_bit_for_bit() -> None:
+    # The uint8 patches are what travels between instances; the encoding instance expands them.
+    cfg = ImageProcessorConfig.from_dict(REAL_PREPROCESSOR)
+    for size in [(56, 56), (300, 173), (1000, 90)]:
+        image = process_image(random_image(*size), cfg)
+        assert image.raw_patches.dtype == torch.uint8
+        assert image.raw_patches.shape == (image.num_patches, image.pixel_values.shape[1] // 2)
+        expanded = expand_patches(image.raw_patches, normalization_table(cfg), cfg.temporal_patch_size)
+        assert torch.equal(expanded, image.pixel_values)
