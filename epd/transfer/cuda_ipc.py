@@ -40,7 +40,7 @@ import zmq
 from epd.transfer import cuda_driver
 from epd.transfer.base import Received, check_send_args
 from epd.transfer.sender import SendJob
-from epd.transfer.serialization import Header, check_meta, checked_dtype, encode, spec_of
+from epd.transfer.serialization import Header, TensorSpec, check_meta, checked_dtype, encode, spec_of
 from epd.transfer.staging import Regions, align_up
 from epd.transfer.zmq_base import ZmqConnector
 
@@ -194,7 +194,7 @@ class CudaIpcConnector(ZmqConnector):
         base = self._peer_base(notice)
         current = torch.cuda.current_stream(self.device)
         self._recv_stream.wait_stream(current)  # fresh tensors may reuse memory the current stream used
-        tensors = {s.name: torch.empty(s.shape, dtype=checked_dtype(s), device=self.device) for s in header.tensors}
+        tensors = {s.name: self._empty(s) for s in header.tensors}
         started = torch.cuda.Event(enable_timing=True)  # after the allocations: times the copies alone
         started.record(self._recv_stream)
         stream = self._recv_stream.cuda_stream
@@ -206,6 +206,9 @@ class CudaIpcConnector(ZmqConnector):
         current.wait_event(landed)  # every later use on the caller's stream sees the bytes
         self._acks.submit(_Landing(started, landed, header.nbytes, notice.reply_to, notice.region))
         return Received(header.key, tensors, header.meta, header.nbytes, header.sent_at)
+
+    def _empty(self, spec: TensorSpec) -> torch.Tensor:
+        return torch.empty(spec.shape, dtype=checked_dtype(spec), device=self.device)
 
     def copy_stats(self) -> tuple[int, float]:
         """(bytes, device seconds) of the copies out of peers' staging buffers that have landed."""
