@@ -35,8 +35,9 @@ def prepare(requests: list[BenchRequest], model: str, epd_timings: bool) -> list
         body["stream_options"] = {"include_usage": True}
         if req.max_tokens is not None:
             body["max_tokens"] = req.max_tokens
-        if epd_timings:
+        if epd_timings:  # an epd server: also ask for token ids, so tokens without text still time TTFT
             body["epd_timings"] = True
+            body["return_token_ids"] = True
         prepared.append(PreparedRequest(i, req, json.dumps(body).encode()))
     return prepared
 
@@ -87,12 +88,15 @@ class _Stream:
             raise _StreamError(json.dumps(chunk["error"])[:500])
         for choice in chunk.get("choices") or []:
             content = (choice.get("delta") or {}).get("content")
-            if content:
+            # A token arrived if text did, or (servers that return them) its id did: a model whose
+            # tokens decode to no text (random weights, a small test tokenizer) still times right.
+            if content or choice.get("token_ids"):
                 if r.ttft is None:
                     r.ttft = now - self.start
                 else:
                     r.itl.append(now - self.last)
                 self.last = now
+            if content:
                 self.text_chunks.append(content)
         if chunk.get("usage"):
             r.output_tokens = chunk["usage"].get("completion_tokens", 0)
