@@ -96,6 +96,9 @@ def instance_main(cfg: InstanceConfig) -> None:
     """Process entry point: build, report ready, serve until shutdown."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s")
     torch.set_num_threads(cfg.num_threads)
+    if torch.device(cfg.engine.device).type == "cuda":
+        # Triton launches on the current device, whatever its pointers say: make it this instance's.
+        torch.cuda.set_device(torch.device(cfg.engine.device))
     ctx = zmq.Context()
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(cfg.router_address)

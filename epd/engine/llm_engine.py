@@ -65,6 +65,8 @@ class LLMEngine:
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton kernels launch on the current device
         parts = ALL_PARTS if encode_locally else frozenset({LANGUAGE})
         model = build_model(
             mc.model,
