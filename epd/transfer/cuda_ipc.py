@@ -164,7 +164,9 @@ class CudaIpcConnector(ZmqConnector):
         return [encode(notice)]
 
     def _ensure_staging(self) -> torch.Tensor:
-        with self._staging_lock:
+        # The driver calls act on the current context: make it this connector's device's, whatever
+        # the calling thread had (one process may hold connectors on several devices: tests, benches).
+        with self._staging_lock, torch.cuda.device(self.device):
             if self._staging is None:
                 staging = torch.empty(self._regions.capacity, dtype=torch.uint8, device=self.device)
                 self._handle, self._handle_offset = cuda_driver.export_allocation(staging.data_ptr())
@@ -184,7 +186,8 @@ class CudaIpcConnector(ZmqConnector):
             if not self._regions.free(message.region):
                 logger.warning("cuda_ipc ack for unknown staging region %d", message.region)
             return None
-        return self._land(message)
+        with torch.cuda.device(self.device):  # peer mappings and copies belong to this device's context
+            return self._land(message)
 
     def _land(self, notice: IpcNotice) -> Received:
         """Start copying the notice's tensors here; the caller's stream waits for them."""
