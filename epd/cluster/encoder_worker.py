@@ -108,6 +108,11 @@ class EncoderWorker:
         pixels = torch.cat([self.decode_pixels(job.item) for job in batch])
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
+        if self.device.type == "cuda":
+            # The launch returns long before the GPU is done; without this wait the encode's GPU
+            # time showed up as "mm_transfer" (a 4-image 1344 px request: 23 ms encode, 130 ms
+            # transfer). The E instance has nothing else to run meanwhile, so waiting costs nothing.
+            torch.cuda.synchronize(self.device)
         end = LifetimeEvent.now(Event.ENCODE_END, self.instance)
         self.num_encoded += len(batch)
         for job, emb in zip(batch, embeds):
