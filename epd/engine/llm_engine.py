@@ -179,7 +179,7 @@ class LLMEngine:
         """Continue decoding a request whose prompt was prefilled elsewhere (KV in `kv`)."""
         request = self.new_request(request_id, prompt, params, arrival_time)
         if request.generator is not None and generator_state is not None:
-            request.generator.set_state(generator_state)
+            request.generator.set_state(generator_state.cpu())  # get/set_state take CPU bytes, any device
         request.output_token_ids.append(first_token)
         if first_logprobs is not None:
             request.output_logprobs.append(first_logprobs)

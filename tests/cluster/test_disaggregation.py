@@ -129,3 +129,14 @@ def test_repeated_and_concurrent_images_are_encoded_once(model):
         assert len(new_encodings) == 1  # only `other`
         assert all(out.error is None for out in both + again)
         assert router.stats["encode_cache_hits"] >= hits_before
+
+
+def test_seeded_sampling_continues_on_the_decode_instance(model, requests):
+    # The prefill instance samples the first token, the decode instance the rest: the per-request
+    # generator state travels with the KV, so the draws are the aggregated engine's.
+    seeded = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=8, seed=100 + i) for i in range(8)]
+    with LLM(model) as llm:
+        want = llm.generate(requests[:8], seeded, use_tqdm=False)
+    with LLM(model, layout="1E+1P+1D", kv_streaming="layer") as llm:
+        got = llm.generate(requests[:8], seeded, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

@@ -71,3 +71,13 @@ def test_layout_across_gpus_matches_one_gpu(model, requests, reference, layout, 
     with LLM(model, layout=layout, devices=_devices(n), kv_streaming=kv_streaming) as llm:
         outputs = llm.generate(requests, PARAMS, use_tqdm=False)
     assert_same(outputs, reference)
+
+
+def test_seeded_sampling_across_gpus_matches_one_gpu(model, requests):
+    # The generator state crosses devices with the KV (CUDA generators, CPU state bytes).
+    seeded = [SamplingParams(temperature=0.9, max_tokens=8, seed=100 + i) for i in range(8)]
+    with LLM(model, device="cuda:0") as llm:
+        want = llm.generate(requests[:8], seeded, use_tqdm=False)
+    with LLM(model, layout="1E+1P+1D", devices=_devices(3)) as llm:
+        got = llm.generate(requests[:8], seeded, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
