@@ -29,7 +29,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +37,9 @@ import torch
 import zmq
 
 from epd.transfer import cuda_driver
-from epd.transfer.base import Received, check_send_args
+from epd.transfer.base import Received
 from epd.transfer.sender import SendJob
-from epd.transfer.serialization import Header, TensorSpec, check_meta, checked_dtype, encode, spec_of
+from epd.transfer.serialization import Header, TensorSpec, checked_dtype, encode, spec_of
 from epd.transfer.staging import Regions, align_up
 from epd.transfer.zmq_base import ZmqConnector
 
@@ -108,21 +107,19 @@ class CudaIpcConnector(ZmqConnector):
         self._copy_stream: torch.cuda.Stream | None = None  # send thread: into the staging buffer
         self._recv_stream = torch.cuda.Stream(self.device)  # caller thread: out of peers' buffers
         self._peers: dict[bytes, int] = {}  # opened peer handle -> base address in this context
-        self._acks = _AckSender(self.device)
+        self._acks = _AckSender()
 
     # ---- producer side ----
-    def send(
-        self, dest: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
-    ) -> None:
-        check_send_args(key, tensors, meta)
+    def _check_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
             if tensor.device.type != "cpu" and tensor.device != self.device:
                 raise TypeError(f"tensor {name!r} is on {tensor.device}; this connector is on {self.device}")
+
+    def _prepare(self, job: SendJob) -> None:
         stream = torch.cuda.current_stream(self.device)
         ready = torch.cuda.Event()
         ready.record(stream)  # the tensors' values exist once it fires
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        job = SendJob(dest, key, dict(tensors), check_meta(meta), nbytes, *_now(), state=_Staging(ready))
+        job.state = _Staging(ready)
         # The common case, a free region: copy now, on the caller's stream (ordered after whatever
         # computed the tensors, no thread hop). Otherwise the send thread waits for one.
         sizes = _region_sizes(job.tensors)
@@ -131,7 +128,6 @@ class CudaIpcConnector(ZmqConnector):
         )
         if region is not None:
             self._stage(job, region, sizes, stream)
-        self._ensure_sender().submit(job)
 
     def _stage(self, job: SendJob, region: int, sizes: list[int], stream: torch.cuda.Stream) -> None:
         """Issue the copies of `job`'s tensors into `region` on `stream`; record when they are done."""
@@ -259,8 +255,7 @@ class _AckSender:
     instance polls rarely, and the producer's staging region should come back promptly). Also sums
     the copies' device time: bytes / seconds is the bandwidth the pulls achieved on the GPU."""
 
-    def __init__(self, device: torch.device) -> None:
-        self._device = device
+    def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Landing | None] = queue.SimpleQueue()
         self.copied_bytes, self.copy_seconds = 0, 0.0
         self._thread = threading.Thread(target=self._run, name="epd-cuda_ipc-ack", daemon=True)
@@ -300,7 +295,3 @@ def _copy_into(staging: torch.Tensor, offset: int, tensor: torch.Tensor) -> None
         return
     source = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
     staging[offset : offset + nbytes].copy_(source, non_blocking=True)
-
-
-def _now() -> tuple[float, float]:
-    return time.time(), time.perf_counter()

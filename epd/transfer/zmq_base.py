@@ -53,9 +53,11 @@ class ZmqConnector(Connector):
         self, dest: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
     ) -> None:
         check_send_args(key, tensors, meta)
+        self._check_tensors(tensors)
         meta = check_meta(meta)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         job = SendJob(dest, key, dict(tensors), meta, nbytes, time.time(), time.perf_counter())
+        self._prepare(job)
         self._ensure_sender().submit(job)
 
     def poll_sent(self) -> list[SendResult]:
@@ -105,6 +107,12 @@ class ZmqConnector(Connector):
         """Hook run at close on messages queued for us but never polled (shm unlinks their segments)."""
 
     # ---- backend hooks ----
+    def _check_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise TypeError for tensors this backend cannot send from here; default: any tensor."""
+
+    def _prepare(self, job: SendJob) -> None:
+        """Work on the caller's thread before the job is queued (cuda_ipc: stream-ordered staging)."""
+
     @abstractmethod
     def _encode(self, job: SendJob) -> list[Any]:
         """Frames carrying `job` (runs on the send thread, only once the dest can take them)."""
