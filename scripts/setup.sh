@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv with epd and its test tools. Idempotent; safe to run on a fresh clone.
+# Create .venv with epd and its test tools, at the versions pinned in requirements/lock.txt.
+# Idempotent; safe to run on a fresh clone and again after the lock changes.
+#   VENV=DIR       where to put the environment (default .venv)
+#   EPD_DEPS=latest  newest releases pyproject allows instead of the lock (scripts/test-latest.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q)
 # torch first and pinned: the local CPU wheel; a looser request would pull GBs of CUDA packages.
-.venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev]'
+"${PIP[@]}" torch==2.13.0
+if [ "${EPD_DEPS:-lock}" = latest ]; then
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e '.[dev]'
+else
+    "${PIP[@]}" -r requirements/lock.txt
+    "${PIP[@]}" --no-deps -e .
+fi
+"$VENV/bin/python" -m pip check
