@@ -162,7 +162,10 @@ class CudaIpcConnector(ZmqConnector):
     def _ensure_staging(self) -> torch.Tensor:
         # The driver calls act on the current context: make it this connector's device's, whatever
         # the calling thread had (one process may hold connectors on several devices: tests, benches).
-        with self._staging_lock, torch.cuda.device(self.device):
+        # Never an inference tensor: the first send may come from inside inference_mode (a KV layer
+        # streamed from the forward) and a later one from outside it (a seeded request's hand-off),
+        # and an in-place copy into an inference tensor outside inference_mode is an error.
+        with self._staging_lock, torch.cuda.device(self.device), torch.inference_mode(False):
             if self._staging is None:
                 staging = torch.empty(self._regions.capacity, dtype=torch.uint8, device=self.device)
                 self._handle, self._handle_offset = cuda_driver.export_allocation(staging.data_ptr())

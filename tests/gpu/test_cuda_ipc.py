@@ -120,3 +120,20 @@ def test_bad_arguments_raise_and_closed_connectors_refuse() -> None:
     assert producer.poll_received() == [] and producer.poll_sent() == []
     with pytest.raises(ConnectorClosedError):
         producer.send(producer.address, "k", {"x": torch.ones(1, device="cuda:0")})
+
+
+def test_sends_inside_then_outside_inference_mode() -> None:
+    """Layer-wise KV is sent from inside the forward (inference_mode), a seeded request's hand-off
+    from outside it: the staging buffer made by the first must take the second's copy."""
+    with create_connector("cuda_ipc", device="cuda:0") as producer:
+        with create_connector("cuda_ipc", device=_second_device()) as consumer:
+            sent = [_on_gpu(payload(i), 0) for i in range(2)]
+            with torch.inference_mode():
+                producer.send(consumer.address, "kv:layer", sent[0], {"i": 0})
+            producer.send(consumer.address, "kv:final", sent[1], {"i": 1})
+            results = collect_sent(producer, 2)
+            received = collect_received(consumer, 2)
+            assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+            for item, tensors in zip(received, sent):
+                assert digest(item.tensors) == digest(tensors)
+            _wait_idle(producer)
