@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# A venv left half-made by an interrupted run (no pip yet) is made again.
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PYTHON" -m venv --clear "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q)
 # torch first and pinned: the local CPU wheel; a looser request would pull GBs of CUDA packages.
 "${PIP[@]}" torch==2.13.0

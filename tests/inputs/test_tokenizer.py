@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -30,10 +29,8 @@ def tok(model_dir) -> Tokenizer:
     return Tokenizer.from_pretrained(model_dir)
 
 
-def test_builder_is_deterministic_fast_and_sized(tmp_path) -> None:
-    start = time.perf_counter()
+def test_builder_is_deterministic_and_sized(tmp_path) -> None:
     build_qwen_tokenizer(tmp_path / "a")
-    assert time.perf_counter() - start < 1.0
     build_qwen_tokenizer(tmp_path / "b")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
