@@ -9,6 +9,8 @@ CONFIGS=${2:-/work/shared/model-configs}
 MODEL=$OUT/qwen2_5_vl_7b
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+# On a bare GPU machine: the locked wheels of what it lacks (scripts/gpu_wheels.sh .whl, carried).
+if [ -d .whl ]; then source scripts/gpu_env.sh .whl || exit 1; fi
 $PY -m epd.bench.model_dir --out "$MODEL" --config-dir "$CONFIGS" >/dev/null
 SERVE="--load-format dummy --dtype bfloat16 --max-model-len 16384 --kv-cache-memory-bytes 40GiB --mm-cache-bytes 8GiB"
 
