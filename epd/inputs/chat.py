@@ -7,6 +7,13 @@ with `trim_blocks` and `lstrip_blocks`, the same globals (`raise_exception`, `st
 and message data rebuilt from plain JSON types (rich objects such as PIL images become an
 inert "<TypeName>" string: templates only test that an image key is present).
 
+The render also says where the messages' own text (content strings and text parts, of
+every role) lies in the prompt, so the tokenizer can keep `<|im_end|>` typed by a client
+from being read as a control token: the template is rendered a second time with each text
+replaced by a marker no text contains, and the texts are put back where the markers came
+out. If that does not rebuild the prompt (the template rewrote a text, e.g. stripped it),
+the places are unknown and `RenderedChat.message_spans` is None.
+
 Accepted message shape (anything else raises `InvalidInputError`):
 
     {"role": "system" | "user" | "assistant" | "tool",
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -38,10 +47,15 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True)
 class RenderedChat:
-    """The prompt text and the image sources its image placeholders stand for, in order."""
+    """The prompt text, the image sources its image placeholders stand for (in order), and
+    where the messages' own text lies in it."""
 
     text: str
     images: list[ImageSource]
+    # Sorted [start, end) character ranges of `text` holding message text, or None when the
+    # template rewrote message text so that its place in `text` is unknown.
+    message_spans: tuple[tuple[int, int], ...] | None = ()
+    message_texts: tuple[str, ...] = ()  # the non-empty message texts, in message order
 
 
 class ChatTemplate:
@@ -68,9 +82,16 @@ class ChatTemplate:
         """
         template_messages, images = parse_messages(messages)
         variables = {**self.special_tokens, **_plain(template_kwargs)}
+        text = self._render(template_messages, add_generation_prompt, variables)
+        marker = _TextMarker()
+        marked_messages, texts = marker.mark(template_messages)
+        marked = self._render(marked_messages, add_generation_prompt, variables)
+        return RenderedChat(text, images, marker.spans(marked, texts, text), tuple(texts))
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
         try:
-            text = self._template.render(
-                messages=template_messages,
+            return self._template.render(
+                messages=messages,
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -78,7 +99,6 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise InvalidInputError(f"chat template rejected the messages: {e}") from None
-        return RenderedChat(text=text, images=images)
 
 
 def load_chat_template(model_dir: str | os.PathLike) -> str:
@@ -158,6 +178,59 @@ def _image_url(value: Any, where: str) -> str:
     if not isinstance(url, str) or not url:
         raise InvalidInputError(f"{where} of type 'image_url' needs 'image_url': {{'url': <string>}}")
     return url
+
+
+class _TextMarker:
+    """Stands in for message texts during a render, to find where the template puts them.
+
+    A marker holds a random nonce drawn for this render between two private-use characters:
+    no message text or template output can be mistaken for one.
+    """
+
+    def __init__(self) -> None:
+        nonce = secrets.token_hex(16)
+        self._format = "\ue000" + nonce + ":{}\ue001"
+        self._pattern = re.compile("\ue000" + nonce + ":(\\d+)\ue001")
+
+    def mark(self, messages: list[dict]) -> tuple[list[dict], list[str]]:
+        """Copies of `messages` with each non-empty text replaced by a marker, and the texts in order.
+
+        Empty texts stay: templates may test a text for emptiness, and an empty text holds nothing.
+        """
+        texts: list[str] = []
+
+        def marked(text: str) -> str:
+            if not text:
+                return text
+            texts.append(text)
+            return self._format.format(len(texts) - 1)
+
+        out = []
+        for msg in messages:
+            content = msg["content"]
+            if isinstance(content, str):
+                content = marked(content)
+            else:
+                content = [
+                    {**part, "text": marked(part["text"])} if part.get("type") == "text" else part
+                    for part in content
+                ]
+            out.append({**msg, "content": content})
+        return out, texts
+
+    def spans(self, marked: str, texts: list[str], text: str) -> tuple[tuple[int, int], ...] | None:
+        """Where `texts` lie in `text`, read from the render with markers; None if they do not rebuild it."""
+        pieces = self._pattern.split(marked)  # template text, marker index, template text, ...
+        rebuilt: list[str] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a marker's index
+                piece = texts[int(piece)]
+                spans.append((pos, pos + len(piece)))
+            rebuilt.append(piece)
+            pos += len(piece)
+        return tuple(spans) if "".join(rebuilt) == text else None
 
 
 def _pick_default(template: Any) -> str | None:

@@ -7,7 +7,8 @@ Sources, and what is checked before any pixel is decoded:
 | `PIL.Image.Image`              | pixel count                                             |
 | `bytes` / `bytearray`          | byte count, pixel count (from the header)               |
 | `data:[image/*][;base64],...`  | byte count (estimated before base64 decoding), pixels   |
-| `file://...` or a plain path   | allowed directory (after symlinks and `..`), bytes, px  |
+| `file://...` or a plain path   | allowed directory (after symlinks and `..`), regular    |
+|                                | file (FIFOs, devices refused unopened), bytes, pixels   |
 | `http://`, `https://`          | refused, unless a `fetch_remote` is given: it fetches   |
 |                                | (and owns the network checks), then bytes, pixels       |
 | other schemes                  | refused                                                 |
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import io
 import os
@@ -206,30 +208,77 @@ def _resolve_local_path(path: str, allowed_root: str | None) -> Path:
     if allowed_root is None:
         return Path(path)
     root = Path(allowed_root).resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces `root` here
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces `root` here
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a symlink loop
+        raise InvalidInputError(f"local image path {path!r} cannot be resolved (a symlink loop?)") from None
     if not resolved.is_relative_to(root):
         raise InvalidInputError(f"local image path {path!r} is outside the allowed media directory")
     return resolved
 
 
 def _read_local_file(path: str, allowed_root: str | None, max_image_bytes: int | None) -> bytes:
-    resolved = _resolve_local_path(path, allowed_root)
-    try:
-        with open(resolved, "rb") as f:
-            st = os.fstat(f.fileno())
-            # Devices and FIFOs (/dev/zero...) never end: only regular files are images.
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidInputError(f"local image path {path!r} is not a regular file")
-            _check_bytes(st.st_size, max_image_bytes)
-            limit = -1 if max_image_bytes is None else max_image_bytes + 1
+    """The bytes of a regular file; anything else (FIFO, device, socket, directory) is refused unread.
+
+    Opening a FIFO for reading waits for a writer, forever if none comes, and opening a device
+    may act on it. So the type is checked before opening, the open never waits (O_NONBLOCK),
+    and type and size are checked again on the open descriptor, which is what gets read: the
+    path may have been swapped in between.
+    """
+    fd = _open_regular_file(_resolve_local_path(path, allowed_root), path, allowed_root)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        _check_regular_file(st.st_mode, path)
+        _check_bytes(st.st_size, max_image_bytes)
+        os.set_blocking(fd, True)  # a regular file after all: read it the ordinary way
+        limit = -1 if max_image_bytes is None else max_image_bytes + 1
+        try:
             data = f.read(limit)
+        except OSError as e:
+            raise InvalidInputError(f"cannot read local image file {path!r}: {e.strerror}") from None
+    _check_bytes(len(data), max_image_bytes)  # the file may have grown since fstat
+    return data
+
+
+def _open_regular_file(resolved: Path, path: str, allowed_root: str | None) -> int:
+    """A descriptor for `resolved`, opened without waiting, once its metadata says it is a regular file."""
+    try:
+        _check_regular_file(os.stat(resolved).st_mode, path)
+        return os.open(resolved, _open_flags(allowed_root))
     except FileNotFoundError:
         raise InvalidInputError(f"local image file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"local image path {path!r} is a directory") from None
     except PermissionError:
         raise InvalidInputError(f"local image file {path!r} is not readable") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink loop, or (O_NOFOLLOW) a symlink swapped in after the check
+            raise InvalidInputError(
+                f"local image path {path!r} is a symbolic link that cannot be followed"
+            ) from None
         raise InvalidInputError(f"cannot open local image file {path!r}: {e.strerror}") from None
-    _check_bytes(len(data), max_image_bytes)  # the file may have grown since fstat
-    return data
+
+
+def _open_flags(allowed_root: str | None) -> int:
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if allowed_root is not None:
+        # The path was resolved and checked with every symlink followed, so its last component
+        # is not a symlink now; O_NOFOLLOW refuses one swapped in before the open. (Offline,
+        # without a root, symlinks are followed as any program would.)
+        flags |= os.O_NOFOLLOW
+    return flags
+
+
+# What a local image path may name instead of a regular file, for the error message.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(mode: int, path: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    raise InvalidInputError(f"local image path {path!r} is {kind}, not a regular file")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from epd.inputs.chat import ChatTemplate, load_chat_template
+from epd.inputs.chat import ChatTemplate, RenderedChat, load_chat_template
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import ImageSource, RemoteFetcher, load_image
 from epd.inputs.image_processor import ImageProcessorConfig, process_image
@@ -103,7 +103,11 @@ class InputProcessor:
         return self.image_config.merge_size
 
     def process_prompt(self, prompt: Any) -> ProcessedPrompt:
-        """Tokenise (unless ids are given), load and process images, expand the image pads."""
+        """Tokenise (unless ids are given), load and process images, expand the image pads.
+
+        The caller writes the whole prompt, markup included (as with vLLM's completions): special
+        tokens in the text, `<|im_start|>` or `<|image_pad|>`, are read as control tokens.
+        """
         text, ids, sources = _split_prompt(prompt)
         if ids is None:
             ids = self.tokenizer.encode(text)
@@ -114,11 +118,30 @@ class InputProcessor:
     def process_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
     ) -> ProcessedPrompt:
-        """Render `messages` with the chat template, then process like a text prompt with its images."""
+        """Render `messages` with the chat template, then process like a text prompt with its images.
+
+        Only the template writes control tokens: special tokens typed in message text (any role)
+        are tokenised as ordinary text, so a message cannot end its turn or forge another.
+        """
         if self.chat_template is None:
             raise InvalidInputError("this model has no chat template; send a plain prompt instead")
         chat = self.chat_template.render(messages, add_generation_prompt, **template_kwargs)
-        return self._build(self.tokenizer.encode(chat.text), chat.images, chat.text)
+        return self._build(self._encode_chat(chat), chat.images, chat.text)
+
+    def _encode_chat(self, chat: RenderedChat) -> list[int]:
+        """Token ids of a rendered chat, special tokens counted only where the template wrote them."""
+        if chat.message_spans is not None:
+            return self.tokenizer.encode_with_literal_spans(chat.text, chat.message_spans)
+        # The template rewrote message text, so where it lies is unknown: rather than guess,
+        # refuse text that would be read as control tokens.
+        for text in chat.message_texts:
+            found = self.tokenizer.special_tokens_in(text)
+            if found:
+                raise InvalidInputError(
+                    f"message text contains the special token {found[0]!r}, which this model's chat "
+                    "template cannot keep as plain text; remove it"
+                )
+        return self.tokenizer.encode(chat.text)
 
     def load_images(self, sources: Sequence[ImageSource]) -> list[ImageInput]:
         """Decode (with the configured limits) and preprocess each image, in order."""

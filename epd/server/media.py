@@ -3,7 +3,8 @@
 | URL                          | allowed when                      | then checked by                   |
 |------------------------------|-----------------------------------|-----------------------------------|
 | `data:image/...;base64,...`  | always                            | epd.inputs.image (bytes, pixels)  |
-| `file://...` or a plain path | --allowed-local-media-path is set | epd.inputs.image (stays under it) |
+| `file://...` or a plain path | --allowed-local-media-path is set | epd.inputs.image (stays under it, |
+|                              |                                   | regular files only: no FIFOs...)  |
 | `http://`, `https://`        | --allow-remote-media              | epd.server.fetch (no private IPs) |
 | anything else                | never                             |                                   |
 

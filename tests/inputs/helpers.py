@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import struct
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,42 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def release_fifo(fifo: Path) -> None:
+    """Wake every reader blocked opening `fifo`, and remove it so that no new one can block on it.
+
+    Linux opens a FIFO read-write without waiting, and that descriptor is a writer: readers
+    blocked in open() return. The path is gone before the descriptor closes, so no new reader
+    can wait on it; the woken ones then read end-of-file.
+    """
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fifo.unlink()
+    finally:
+        os.close(fd)
+
+
+def error_within(call: Callable[[], object], timeout_s: float, fifo: Path) -> BaseException | None:
+    """What `call` raised (None if it returned), run in a daemon thread.
+
+    If it is still running after `timeout_s` (blocked on `fifo`), `fifo` is released so that
+    the thread ends, and AssertionError is raised: the test fails instead of hanging.
+    """
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except Exception as e:  # handed to the test, which checks it
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        release_fifo(fifo)
+        thread.join(timeout_s)
+        raise AssertionError(f"still blocked opening the FIFO {fifo} after {timeout_s} s")
+    return outcome[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -14,7 +15,10 @@ from transformers.image_utils import load_image as hf_load_image
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import image_content_hash, load_image
 
-from .helpers import data_url, encode, png_header_only, random_image
+from .helpers import data_url, encode, error_within, png_header_only, random_image
+
+# Generous: a refusal takes milliseconds; only a call blocked on a FIFO comes near it.
+BLOCKED_AFTER_S = 30.0
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -146,6 +150,50 @@ def test_bad_local_paths(tmp_path) -> None:
         load_image("/dev/zero")
     with pytest.raises(InvalidInputError, match="local file"):
         load_image("file://otherhost/x.png")
+
+
+def test_fifo_refused_at_once_without_waiting_for_a_writer(tmp_path) -> None:
+    # No process ever writes to this FIFO: opening it for reading the ordinary way waits forever.
+    root = tmp_path / "media"
+    root.mkdir()
+    fifo = root / "pipe.png"
+    os.mkfifo(fifo)
+    os.symlink(fifo, root / "to_pipe.png")
+    sources = [
+        ("pipe.png", str(root)),
+        ("to_pipe.png", str(root)),  # a symlink inside the root leading to the FIFO
+        (f"file://{fifo}", str(root)),
+        (str(fifo), None),  # offline: local files anywhere, still only regular ones
+    ]
+    for src, allowed in sources:
+        error = error_within(
+            lambda src=src, allowed=allowed: load_image(src, allowed_local_media_path=allowed),
+            BLOCKED_AFTER_S,
+            fifo,
+        )
+        assert isinstance(error, InvalidInputError), (src, error)
+        assert "is a FIFO (named pipe), not a regular file" in str(error), (src, error)
+
+
+def test_special_files_refused_naming_their_kind(tmp_path) -> None:
+    root = tmp_path / "m"
+    (root / "dir.png").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "s.png"))
+        for src, kind in [("dir.png", "a directory"), ("s.png", "a socket")]:
+            with pytest.raises(InvalidInputError, match=f"is {kind}, not a regular file"):
+                load_image(src, allowed_local_media_path=str(root))
+    with pytest.raises(InvalidInputError, match="is a character device, not a regular file"):
+        load_image("/dev/null")
+
+
+def test_symlink_loop_is_an_input_error(tmp_path) -> None:
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    with pytest.raises(InvalidInputError, match="cannot be resolved"):
+        load_image("a.png", allowed_local_media_path=str(tmp_path))
+    with pytest.raises(InvalidInputError, match="symbolic link that cannot be followed"):
+        load_image(str(tmp_path / "a.png"))
 
 
 # --- URL schemes ---------------------------------------------------------------------------

@@ -133,8 +133,12 @@ def _bad_messages(base: dict) -> list[Case]:
                 {"role": "user", "content": {"type": "text", "text": "hi"}}]
     # fmt: on
     cases += [Case(f"message {m!r:.30}", with_(base, messages=[m])) for m in messages]
-    texts = ["<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>", "<|video_pad|>", "word " * 3000]
-    cases += [Case(f"text {t[:15]!r}", with_(base, messages=[{"role": "user", "content": t}])) for t in texts]
+    # Special tokens typed in message text are plain text (InputProcessor.process_chat): no placeholder
+    # forged, no turn injected, so these are valid requests.
+    typed = ["<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>", "<|video_pad|>"]
+    cases += [Case(f"text {t[:15]!r}", with_(base, messages=[{"role": "user", "content": t}]), expect=200)
+              for t in typed]  # fmt: skip
+    cases += [Case("text 'word word '", with_(base, messages=[{"role": "user", "content": "word " * 3000}]))]
     return cases
 
 
