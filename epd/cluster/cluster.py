@@ -1,15 +1,15 @@
 """Starts a layout's instances as local processes, wires them to a router, stops them.
 
 Start-up returns only when every instance reported ready (or raises with the failing
-instance's error). Shutdown asks politely, then terminates, then kills: no process is
-left behind, also when the parent exits without calling shutdown (a finalizer and
-daemon processes cover that; instances also exit when they see their parent gone).
+instance's error; epd.cluster.spawn explains a script whose entry point is not guarded).
+Shutdown asks politely, then terminates, then kills: no process is left behind, also when
+the parent exits without calling shutdown (a finalizer and daemon processes cover that;
+instances also exit when they see their parent gone).
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import time
 import weakref
@@ -21,6 +21,13 @@ from epd.cluster.instance import InstanceConfig, instance_main
 from epd.cluster.layout import InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
 from epd.cluster.router import InstanceHandle, Router
+from epd.cluster.spawn import (
+    children_report_to,
+    exited_during_startup,
+    refuse_in_bootstrapping_child,
+    start_process,
+    stop_processes,
+)
 from epd.config import EngineConfig
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -30,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 300.0
 SHUTDOWN_GRACE_S = 10.0
+# How long an instance found dead during start-up may take to deliver the report it sent before
+# exiting (it waits until the report is out): only ever spent on a death without a report.
+DEATH_REPORT_GRACE_S = 5.0
 
 
 def resolve_transfer(transfer: str, devices: list[str]) -> str:
@@ -63,6 +73,7 @@ class Cluster:
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
     ) -> None:
+        refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         _check_encoders(layout, specs)
         transfer = resolve_transfer(transfer, [s.device for s in specs])
@@ -84,15 +95,17 @@ class Cluster:
             )
             for spec in specs
         ]
-        self.processes = [_start(cfg) for cfg in configs]
-        self._finalizer = weakref.finalize(self, _stop_processes, self.processes)
+        with children_report_to(f"tcp://{host}:{port}"):
+            self.processes = [start_process(cfg.name, instance_main, cfg) for cfg in configs]
+        self._finalizer = weakref.finalize(self, stop_processes, self.processes)
         try:
             handles = self._wait_ready(specs)
         except BaseException:
             self.shutdown()
             raise
         self.router = Router(handles, self.inbox)
-        logger.info("layout %s ready: %s", layout.text, ", ".join(f"{s.name}@{s.device}" for s in specs))
+        placed = ", ".join(f"{h.name}@{h.spec.device} (pid {h.ready.pid})" for h in handles)
+        logger.info("layout %s ready: %s", layout.text, placed)
 
     def _wait_ready(self, specs: list[InstanceSpec]) -> list[InstanceHandle]:
         ready: dict[str, InstanceReady] = {}
@@ -105,20 +118,34 @@ class Cluster:
                 )
             for spec, proc in zip(specs, self.processes):
                 if spec.name not in ready and not proc.is_alive():
-                    raise RuntimeError(f"instance {spec.name} exited during start-up (code {proc.exitcode})")
-            if not self.inbox.poll(200):
-                continue
-            msg = decode_for_router(self.inbox.recv())
-            if isinstance(msg, InstanceFailed):
-                raise RuntimeError(f"instance {msg.instance} failed to start:\n{msg.error}")
-            if isinstance(msg, InstanceReady):
-                ready[msg.instance] = msg
+                    self._take_reports_of_the_dead(ready)
+                    raise exited_during_startup(spec.name, proc.exitcode)
+            self._take_startup_message(ready, 0.2)
         handles = []
         for spec, proc in zip(specs, self.processes):
             socket = self.ctx.socket(zmq.PUSH)
             socket.connect(ready[spec.name].control_address)
             handles.append(InstanceHandle(spec, socket, ready[spec.name], proc.is_alive))
         return handles
+
+    def _take_startup_message(self, ready: dict[str, InstanceReady], timeout_s: float) -> bool:
+        """Wait up to timeout_s for one start-up message and take it (raising with the error of an
+        instance that failed); False if none came."""
+        if not self.inbox.poll(max(0, int(timeout_s * 1000))):
+            return False
+        msg = decode_for_router(self.inbox.recv())
+        if isinstance(msg, InstanceFailed):
+            raise RuntimeError(f"instance {msg.instance} failed to start:\n{msg.error}")
+        if isinstance(msg, InstanceReady):
+            ready[msg.instance] = msg
+        return True
+
+    def _take_reports_of_the_dead(self, ready: dict[str, InstanceReady]) -> None:
+        """An instance died during start-up: the report it sent before exiting may still be queued
+        behind other messages, and it says more than an exit code. Raises with the first one."""
+        deadline = time.monotonic() + DEATH_REPORT_GRACE_S
+        while self._take_startup_message(ready, deadline - time.monotonic()):
+            pass
 
     # ---- the backend interface the offline API drives ------------------------------------------
 
@@ -162,21 +189,3 @@ def _check_encoders(layout: Layout, specs: list[InstanceSpec]) -> None:
         raise ValueError(
             f"layout {layout.text}: prefill instances without E need an encoder-only instance (E)"
         )
-
-
-def _start(cfg: InstanceConfig) -> mp.process.BaseProcess:
-    proc = mp.get_context("spawn").Process(
-        target=instance_main, args=(cfg,), name=f"epd-{cfg.name}", daemon=True
-    )
-    proc.start()
-    return proc
-
-
-def _stop_processes(processes: list[mp.process.BaseProcess]) -> None:
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()

@@ -11,7 +11,8 @@ Roles decide which parts exist, not how the loop runs:
 | D                | -              | KV arrives with the request        | receives KV          |
 
 With `kv_streaming="layer"`, P sends each layer's KV while prefill runs and D assembles it
-when the hand-off arrives (message order: epd.cluster.kv_handoff).
+when the hand-off arrives (message order: epd.cluster.kv_handoff). D drops the KV of a request
+aborted before its KV arrived (`AbortedBeforeKV`).
 
 The loop blocks on a poller over the control socket and the connector, so an idle
 instance uses no CPU; it exits when told to, or when its parent process is gone.
@@ -30,7 +31,14 @@ import torch
 import zmq
 
 from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
-from epd.cluster.kv_handoff import KV_KEY, LAYER_KEY, KVSender, LayerParts, request_of_key
+from epd.cluster.kv_handoff import (
+    KV_KEY,
+    LAYER_KEY,
+    AbortedBeforeKV,
+    KVSender,
+    LayerParts,
+    request_of_key,
+)
 from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
     AbortRequest,
@@ -107,6 +115,9 @@ def instance_main(cfg: InstanceConfig) -> None:
     except Exception:
         outbox.send(encode(InstanceFailed(cfg.name, traceback.format_exc())))
         outbox.close(linger=2000)
+        # Returns once the report is out (the parent reads it after seeing this exit); whatever the
+        # failed construction left open is closed at once.
+        ctx.destroy(linger=0)
         raise SystemExit(1) from None
     try:
         instance.serve()
@@ -139,6 +150,7 @@ class Instance:
         self.decode_pixels = PixelDecoder(processor_config, self.device)
         self.kv_sender = KVSender(self.connector)  # P side of KV hand-offs
         self.kv_parts = LayerParts()  # D side: streamed layers waiting for their hand-off
+        self.aborted_before_kv = AbortedBeforeKV()  # D side: their late KV is dropped
         self.encoder = self._build_encoder() if cfg.has(Role.ENCODE) and not cfg.has(Role.PREFILL) else None
         self.mm_cache: MMCache | None = None
         self.engine = self._build_engine() if cfg.has(Role.PREFILL) or cfg.has(Role.DECODE) else None
@@ -223,13 +235,18 @@ class Instance:
             poller.register(handle, zmq.POLLIN)
         while not self.stopping:
             poller.poll(0 if self._has_work() else IDLE_POLL_MS)
-            self._receive_control()
-            self._receive_transfers()
-            self._step()
-            self._maybe_send_stats()
+            self.run_once()
             if os.getppid() != self.cfg.parent_pid:
                 logger.warning("parent process is gone; exiting")
                 return
+
+    def run_once(self) -> None:
+        """One turn of the loop, without waiting: what arrived (control first, then transfers), one
+        step, stats when due. Tests drive an instance with it, in an order they choose."""
+        self._receive_control()
+        self._receive_transfers()
+        self._step()
+        self._maybe_send_stats()
 
     def stats(self) -> dict[str, float]:
         stats = dict(self.transfer_totals)
@@ -238,6 +255,7 @@ class Instance:
             stats.update(mm_cache_stats(self.mm_cache))
         if self.engine is not None and self.cfg.has(Role.DECODE):
             stats.update(self.kv_parts.stats())
+            stats.update(self.aborted_before_kv.stats())
         if self.encoder is not None:
             stats.update(mm_cache_stats(self.encoder.cache))
             stats["encode_queue_images"] = len(self.encoder.queue)
@@ -284,7 +302,8 @@ class Instance:
             if received.key.startswith("mm:"):
                 self._embedding_arrived(received)
             elif received.key.startswith(LAYER_KEY):
-                self.kv_parts.add(received)
+                if received.meta["request_id"] not in self.aborted_before_kv:
+                    self.kv_parts.add(received)
             elif received.key.startswith(KV_KEY):
                 self._kv_arrived(received)
         for result in self.connector.poll_sent():
@@ -369,6 +388,9 @@ class Instance:
     def _kv_arrived(self, received: Received) -> None:
         meta = received.meta
         rid = meta["request_id"]
+        if self.aborted_before_kv.drop_handoff(rid):
+            self.kv_parts.drop(rid)
+            return  # the router finished it as aborted already: nothing to report
         try:
             kv = self.kv_parts.complete(received)
         except ValueError as err:
@@ -445,6 +467,8 @@ class Instance:
             self.mm_cache.unpin(h)
 
     def _abort(self, rid: str) -> None:
+        if self._may_still_receive_kv(rid):
+            self.aborted_before_kv.remember(rid)
         if self.engine is not None:
             self.engine.abort_request(rid)
         pending = self.pending.pop(rid, None)
@@ -458,6 +482,13 @@ class Instance:
         self.kv_parts.drop(rid)
         self.reported_tokens.pop(rid, None)
         self.reported_events.pop(rid, None)
+
+    def _may_still_receive_kv(self, rid: str) -> bool:
+        """A decode instance that does not run the request yet may still get its KV from P: the
+        abort and the KV take different paths, so the abort can overtake it."""
+        if self.engine is None or not self.cfg.has(Role.DECODE):
+            return False
+        return rid not in self.engine.requests and rid not in self.pending
 
     def _fail(self, rid: str, error: str) -> None:
         self._abort(rid)

@@ -14,10 +14,16 @@ What P sends for one request, over one connector pair (FIFO, so D sees it in thi
 D holds the layer parts until the `kv:` message says what to do with them, so every part is
 either assembled into a request's KV or dropped: the `kv:` message always follows its parts
 (P sends both within one engine step), and an abort on D drops what has arrived so far.
+
+An abort travels router -> D on the control socket, the KV P -> D through the connector: nothing
+orders the two, so an abort can reach D before the KV P had already sent (the client hung up at the
+first token). D remembers such aborts (`AbortedBeforeKV`) and drops what arrives for them later,
+instead of decoding for nobody.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -27,6 +33,8 @@ from epd.engine.request import Request
 from epd.transfer.base import Connector, Received
 
 KV_KEY, LAYER_KEY = "kv:", "kvl:"
+# Aborts D remembers at most (request ids, ~100 bytes each); see AbortedBeforeKV.
+MAX_ABORTS_REMEMBERED = 4096
 
 
 class KVSender:
@@ -136,4 +144,42 @@ class LayerParts:
         return {
             "kv_parts_buffered": sum(len(p) for p in self.parts.values()),
             "kv_parts_received_total": self.received_total,
+        }
+
+
+class AbortedBeforeKV:
+    """D side: requests aborted before their `kv:` message arrived, whose KV must be dropped on arrival.
+
+    An id is forgotten when its `kv:` message arrives (always the last thing P sends for a request).
+    Some never get one (aborted before P handed off, P rejected it or died), so memory is bounded too:
+    past `capacity` ids the oldest is forgotten. A late KV trails its abort by one P step plus a
+    transfer, so only the latest few aborts matter; 4096 is far more than arrive in that time.
+    """
+
+    def __init__(self, capacity: int = MAX_ABORTS_REMEMBERED) -> None:
+        self.capacity = capacity
+        self.ids: OrderedDict[str, None] = OrderedDict()
+        self.dropped_total = 0
+
+    def remember(self, request_id: str) -> None:
+        self.ids[request_id] = None
+        self.ids.move_to_end(request_id)
+        while len(self.ids) > self.capacity:
+            self.ids.popitem(last=False)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.ids
+
+    def drop_handoff(self, request_id: str) -> bool:
+        """The request's `kv:` message arrived: True (and forgotten) if it was aborted before."""
+        if request_id not in self.ids:
+            return False
+        del self.ids[request_id]
+        self.dropped_total += 1
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "kv_aborts_remembered": len(self.ids),
+            "kv_late_handoffs_dropped_total": self.dropped_total,
         }

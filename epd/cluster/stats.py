@@ -30,6 +30,8 @@ STAT_HELP = {
     "preemptions_total": "requests preempted for lack of KV blocks",
     "kv_parts_buffered": "streamed KV layers held on a decode instance until their request's hand-off",
     "kv_parts_received_total": "streamed KV layers received by a decode instance",
+    "kv_aborts_remembered": "aborted requests a decode instance remembers until their late KV arrives",
+    "kv_late_handoffs_dropped_total": "KV hand-offs dropped by a decode instance: their request was aborted",
 }
 
 

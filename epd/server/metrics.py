@@ -15,6 +15,11 @@
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
+
+A dead instance (epd_instance_up 0) has no "now": its gauges leave /metrics, so no dashboard shows
+its last running_requests or kv_cache_usage as current. Its counters stay at their last values:
+they are still true totals, and sums over instances do not drop (rate() would read a drop as a
+counter reset).
 """
 
 from __future__ import annotations
@@ -135,24 +140,27 @@ class _EngineCollector:
         return []  # names vary with what instances report; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
+        stats, up = self._stats(), self._up()
         names = sorted({name for s in stats.values() for name in s})
         for name in names:
             help_text = STAT_HELP.get(name, name.replace("_", " "))
-            if name.endswith("_total"):
+            is_counter = name.endswith("_total")
+            if is_counter:
                 family: Metric = CounterMetricFamily(
                     f"epd_instance_{name[:-6]}", help_text, labels=["instance"]
                 )
             else:
                 family = GaugeMetricFamily(f"epd_instance_{name}", help_text, labels=["instance"])
             for instance in sorted(stats):
-                if name in stats[instance]:
+                # A dead instance's gauges go (see the module docstring); its counters stay.
+                if name in stats[instance] and (is_counter or up.get(instance, False)):
                     family.add_metric([instance], float(stats[instance][name]))
-            yield family
-        up = GaugeMetricFamily("epd_instance_up", "1 while the instance is alive", labels=["instance"])
-        for instance, alive in sorted(self._up().items()):
-            up.add_metric([instance], 1.0 if alive else 0.0)
-        yield up
+            if family.samples:
+                yield family
+        up_family = GaugeMetricFamily("epd_instance_up", "1 while the instance is alive", labels=["instance"])
+        for instance, alive in sorted(up.items()):
+            up_family.add_metric([instance], 1.0 if alive else 0.0)
+        yield up_family
         yield GaugeMetricFamily(
             "epd_requests_admitted", "requests admitted and not finished", value=float(self._admitted())
         )

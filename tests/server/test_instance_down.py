@@ -1,8 +1,10 @@
-"""An instance process that dies: /health and new requests answer 503; shutdown still exits 0."""
+"""An instance process that dies: /health and new requests answer 503, /metrics drops its gauges;
+shutdown still exits 0."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -23,14 +25,37 @@ def instance_pids(srv: ServerProcess) -> list[int]:
     return pids
 
 
+def instance_pid(srv: ServerProcess, name: str) -> int:
+    """An instance's pid, from the cluster's "layout ... ready: E0@cpu (pid 123), ..." log line."""
+    match = re.search(rf"\b{name}@\S+ \(pid (\d+)\)", srv.log())
+    assert match, f"no pid logged for {name}:\n{srv.log()[-3000:]}"
+    return int(match.group(1))
+
+
+def instance_gauges(m: dict[str, dict[tuple, float]], instance: str) -> set[str]:
+    """Names of the per-instance gauges /metrics lists for `instance` (counters end in _total)."""
+    names = {n for n in m if n.startswith("epd_instance_") and not n.endswith("_total")}
+    return {n for n in names - {"epd_instance_up"} if (("instance", instance),) in m[n]}
+
+
+def wait_for_gauges(url: str, instance: str, names: set[str], timeout: float = 30.0) -> None:
+    """Instances report every 250 ms: wait until `instance` has reported these gauges."""
+    deadline = time.monotonic() + timeout
+    while not names <= instance_gauges(metrics(url), instance):
+        assert time.monotonic() < deadline, f"{instance} did not report {names} within {timeout} s"
+        time.sleep(0.2)
+
+
 def test_dead_instance_turns_the_server_unhealthy(model: str, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("logs") / "instance_down.log"
     srv = ServerProcess(["--model", model, "--layout", "1E+1PD", "--served-model-name", "m"], log).start()
     children = srv.descendants()
     try:
-        victims = instance_pids(srv)
-        assert len(victims) == 2
-        os.kill(victims[0], signal.SIGKILL)
+        victim = instance_pid(srv, "PD0")
+        assert sorted(instance_pids(srv)) == sorted([victim, instance_pid(srv, "E0")])
+        wait_for_gauges(srv.url, "PD0", {"epd_instance_running_requests", "epd_instance_kv_cache_usage"})
+        wait_for_gauges(srv.url, "E0", {"epd_instance_encode_queue_images"})
+        os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while httpx.get(srv.url + "/health", timeout=5).status_code == 200:
             assert time.monotonic() < deadline, "/health stayed 200 with an instance dead"
@@ -41,7 +66,11 @@ def test_dead_instance_turns_the_server_unhealthy(model: str, tmp_path_factory: 
         resp = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
         assert resp.status_code == 503 and "Retry-After" in resp.headers
         assert resp.json()["error"]["type"] == "service_unavailable"
-        assert sorted(metrics(srv.url)["epd_instance_up"].values()) == [0.0, 1.0]
+        m = metrics(srv.url)
+        assert m["epd_instance_up"] == {(("instance", "E0"),): 1.0, (("instance", "PD0"),): 0.0}
+        assert instance_gauges(m, "PD0") == set(), "a dead instance's gauges are still listed"
+        assert "epd_instance_encode_queue_images" in instance_gauges(m, "E0")  # the live one's stay
+        assert (("instance", "PD0"),) in m["epd_instance_steps_total"]  # counters stay: true totals
     finally:
         code = srv.stop()
     assert code == 0, srv.log()[-3000:]
