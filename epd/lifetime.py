@@ -1,8 +1,8 @@
 """Per-request lifetime events: the timeline every latency breakdown is read from.
 
 Each stage appends events as the request passes through it; the router merges the
-events of all instances into the request's `RequestMetrics.events`. Times are
-`time.time()` of the machine that recorded them (one host: one clock).
+events of all instances into the request's `RequestMetrics.events`. Times are the
+`Clock.now()` of whoever recorded them (epd.clock; in production the wall clock of one host).
 
     ARRIVED -> [ENCODE_QUEUED -> ENCODE_START -> ENCODE_END -> MM_TRANSFER_START -> MM_TRANSFER_END]
             -> PREFILL_QUEUED -> PREFILL_START -> PREFILL_END (= first token)
@@ -13,9 +13,10 @@ Bracketed parts exist only when the stages live on different instances (and imag
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from epd.clock import Clock
 
 
 class Event(str, enum.Enum):
@@ -42,8 +43,10 @@ class LifetimeEvent:
     item: int | None = None  # image index, for per-image encode events
 
     @classmethod
-    def now(cls, event: Event, instance: str | None = None, item: int | None = None) -> LifetimeEvent:
-        return cls(event, time.time(), instance, item)
+    def now(
+        cls, clock: Clock, event: Event, instance: str | None = None, item: int | None = None
+    ) -> LifetimeEvent:
+        return cls(event, clock.now(), instance, item)
 
 
 # Stage -> (start event, end event). A stage's time is from its first start to its last end,

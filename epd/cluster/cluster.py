@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import weakref
 from dataclasses import replace
 
 import zmq
 
+from epd.clock import WALL_CLOCK
 from epd.cluster.instance import InstanceConfig, instance_main
 from epd.cluster.layout import InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
@@ -109,9 +109,9 @@ class Cluster:
 
     def _wait_ready(self, specs: list[InstanceSpec]) -> list[InstanceHandle]:
         ready: dict[str, InstanceReady] = {}
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = WALL_CLOCK.monotonic() + STARTUP_TIMEOUT_S
         while len(ready) < len(specs):
-            if time.monotonic() > deadline:
+            if WALL_CLOCK.monotonic() > deadline:
                 raise TimeoutError(
                     f"instances not ready after {STARTUP_TIMEOUT_S:.0f} s: "
                     f"{sorted({s.name for s in specs} - set(ready))}"
@@ -143,8 +143,8 @@ class Cluster:
     def _take_reports_of_the_dead(self, ready: dict[str, InstanceReady]) -> None:
         """An instance died during start-up: the report it sent before exiting may still be queued
         behind other messages, and it says more than an exit code. Raises with the first one."""
-        deadline = time.monotonic() + DEATH_REPORT_GRACE_S
-        while self._take_startup_message(ready, deadline - time.monotonic()):
+        deadline = WALL_CLOCK.monotonic() + DEATH_REPORT_GRACE_S
+        while self._take_startup_message(ready, deadline - WALL_CLOCK.monotonic()):
             pass
 
     # ---- the backend interface the offline API drives ------------------------------------------
@@ -174,9 +174,9 @@ class Cluster:
         for handle in getattr(getattr(self, "router", None), "instances", {}).values():
             if handle.alive:
                 handle.send(Shutdown())
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        deadline = WALL_CLOCK.monotonic() + SHUTDOWN_GRACE_S
         for proc in self.processes:
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            proc.join(timeout=max(0.0, deadline - WALL_CLOCK.monotonic()))
         self._finalizer()  # whatever did not stop in time is terminated
         self.ctx.destroy(linger=0)
 

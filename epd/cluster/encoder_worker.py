@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.messages import EncodeDone, EncodeItem, EncodeTask
 from epd.engine.mm_cache import MMCache
 from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
@@ -49,7 +50,9 @@ class EncoderWorker:
         instance: str,
         decode_pixels: PixelDecoder,
         max_batch_patches: int = 16384,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
+        self.clock = clock
         self.model, self.cache, self.connector, self.decode_pixels = model, cache, connector, decode_pixels
         self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
         self.merge = model.config.vision.spatial_merge_size**2
@@ -79,7 +82,7 @@ class EncoderWorker:
                 grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
                 self.queue[item.content_hash] = _Job(item.content_hash, item, grid_tokens, [waiter])
         if hits:
-            events = [LifetimeEvent.now(Event.MM_TRANSFER_START, self.instance, i) for i in hits]
+            events = [LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, i) for i in hits]
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events))
 
     def step(self) -> list[EncodeDone]:
@@ -104,7 +107,7 @@ class EncoderWorker:
         return batch
 
     def _encode(self, batch: list[_Job]) -> None:
-        start = LifetimeEvent.now(Event.ENCODE_START, self.instance)
+        start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)
         pixels = torch.cat([self.decode_pixels(job.item) for job in batch])
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
@@ -113,7 +116,7 @@ class EncoderWorker:
             # time showed up as "mm_transfer" (a 4-image 1344 px request: 23 ms encode, 130 ms
             # transfer). The E instance has nothing else to run meanwhile, so waiting costs nothing.
             torch.cuda.synchronize(self.device)
-        end = LifetimeEvent.now(Event.ENCODE_END, self.instance)
+        end = LifetimeEvent.now(self.clock, Event.ENCODE_END, self.instance)
         self.num_encoded += len(batch)
         for job, emb in zip(batch, embeds):
             self.cache.write(job.content_hash, emb)

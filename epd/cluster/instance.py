@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import msgspec
 import torch
 import zmq
 
+from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
 from epd.cluster.kv_handoff import (
     KV_KEY,
@@ -136,8 +136,10 @@ class _Pending:
 
 
 class Instance:
-    def __init__(self, cfg: InstanceConfig, ctx: zmq.Context, outbox: zmq.Socket) -> None:
-        self.cfg, self.name, self.outbox = cfg, cfg.name, outbox
+    def __init__(
+        self, cfg: InstanceConfig, ctx: zmq.Context, outbox: zmq.Socket, clock: Clock = WALL_CLOCK
+    ) -> None:
+        self.cfg, self.name, self.outbox, self.clock = cfg, cfg.name, outbox, clock
         self.inbox = ctx.socket(zmq.PULL)
         port = self.inbox.bind_to_random_port(f"tcp://{cfg.host}")
         self.control_address = f"tcp://{cfg.host}:{port}"
@@ -191,6 +193,7 @@ class Instance:
             self.name,
             self.decode_pixels,
             self.cfg.max_encode_batch_patches,
+            clock=self.clock,
         )
 
     def _build_engine(self) -> LLMEngine:
@@ -207,6 +210,7 @@ class Instance:
             handoff=self.kv_sender.handoff if hands_off else None,
             layer_sink=self.kv_sender if hands_off and cfg.kv_streaming == "layer" else None,
             instance=self.name,
+            clock=self.clock,
         )
 
     def ready_message(self) -> InstanceReady:
@@ -263,7 +267,7 @@ class Instance:
         return stats
 
     def _maybe_send_stats(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self.last_stats >= STATS_INTERVAL_S:
             self.last_stats = now
             self._send(InstanceStats(self.name, self.stats()))
@@ -362,7 +366,7 @@ class Instance:
         h, source = received.meta["content_hash"], received.meta["source"]
         waiters = self.waiting_on.pop(h, [])
         self.requested.discard(h)
-        events = [(rid, LifetimeEvent.now(Event.MM_TRANSFER_END, self.name)) for rid in waiters]
+        events = [(rid, LifetimeEvent.now(self.clock, Event.MM_TRANSFER_END, self.name)) for rid in waiters]
         self._send(EmbeddingArrived(self.name, h, source, events))
         if not self.mm_cache.put(h, received.tensors["embeds"]):
             for rid in waiters:
@@ -426,7 +430,7 @@ class Instance:
         except ValueError as err:
             self._send(RequestError(self.name, rid, str(err)))
             return
-        request.record(Event.KV_TRANSFER_END, self.name)
+        request.record(Event.KV_TRANSFER_END, self.clock.now(), self.name)
         self.reported_tokens[rid] = 1  # the prefill instance reported the first token
 
     # ---- reporting ----------------------------------------------------------------------------

@@ -16,12 +16,12 @@ Choices it makes:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 
+from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
     AbortRequest,
@@ -107,7 +107,8 @@ class _RequestState:
 
 
 class Router:
-    def __init__(self, instances: list[InstanceHandle], inbox: zmq.Socket) -> None:
+    def __init__(self, instances: list[InstanceHandle], inbox: zmq.Socket, clock: Clock = WALL_CLOCK) -> None:
+        self.clock = clock
         self.instances = {h.name: h for h in instances}
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.inbox = inbox
@@ -136,7 +137,7 @@ class Router:
             )
         prefill = self._least_loaded(Role.PREFILL)
         decode = prefill if prefill.has(Role.DECODE) else self._least_loaded(Role.DECODE)
-        metrics = RequestMetrics(arrival_time=arrival_time or time.time())
+        metrics = RequestMetrics(arrival_time=arrival_time or self.clock.now())
         metrics.events.append(LifetimeEvent(Event.ARRIVED, metrics.arrival_time))
         state = _RequestState(request_id, prompt, params, metrics, prefill.name, decode.name)
         self.requests[request_id] = state
@@ -225,7 +226,9 @@ class Router:
             self.inflight[image.content_hash] = encoder.name
             state.encoders[index] = encoder.name
             tasks.setdefault(encoder.name, []).append(_encode_item(index, image))
-            state.metrics.events.append(LifetimeEvent.now(Event.ENCODE_QUEUED, encoder.name, index))
+            state.metrics.events.append(
+                LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder.name, index)
+            )
         dest = self.instances[state.prefill].ready.data_address
         for name, items in tasks.items():
             self.instances[name].send(EncodeTask(state.request_id, items, dest))
@@ -276,7 +279,7 @@ class Router:
     def _apply_update(self, state: _RequestState, msg: RequestUpdate) -> None:
         state.metrics.events.extend(msg.events)
         if not state.token_ids and msg.new_token_ids:
-            state.metrics.first_token_time = time.time()
+            state.metrics.first_token_time = self.clock.now()
             state.num_cached_tokens = msg.num_cached_tokens
         state.token_ids.extend(msg.new_token_ids)
         if msg.new_logprobs:
@@ -329,7 +332,7 @@ class Router:
 
     def _finish(self, state: _RequestState, reason: str) -> None:
         state.finish_reason = reason
-        state.metrics.finished_time = time.time()
+        state.metrics.finished_time = self.clock.now()
         if not state.prefill_done:
             self.instances[state.prefill].load -= len(state.prompt.prompt_token_ids)
             state.prefill_done = True

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from epd.clock import Clock
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
 from epd.lifetime import Event
@@ -36,21 +37,25 @@ def _missing(requests: list[Request]) -> list[tuple[Request, int]]:
 
 
 class LocalEncoder(ImageEmbedder):
-    def __init__(self, model: torch.nn.Module, device: torch.device, instance: str | None = None) -> None:
-        self.model, self.device, self.instance = model, device, instance
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, clock: Clock, instance: str | None = None
+    ) -> None:
+        self.model, self.device, self.clock, self.instance = model, device, clock, instance
 
     def ensure(self, requests: list[Request]) -> None:
         todo = _missing(requests)
         if not todo:
             return
         images = [req.prompt.images[i] for req, i in todo]
+        started = self.clock.now()
         for req, i in todo:
-            req.record(Event.ENCODE_START, self.instance, i)
+            req.record(Event.ENCODE_START, started, self.instance, i)
         pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
         embeds = self.model.encode_images(pixels, [img.grid_thw for img in images])
+        ended = self.clock.now()
         for (req, i), emb in zip(todo, embeds):
             req.image_embeds[i] = emb
-            req.record(Event.ENCODE_END, self.instance, i)
+            req.record(Event.ENCODE_END, ended, self.instance, i)
 
     def can_recompute(self, request: Request) -> bool:
         return True

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, LocalEncoder, NoEmbeddings
@@ -58,11 +58,13 @@ class LLMEngine:
         handoff: HandOff | None = None,
         layer_sink: LayerSink | None = None,
         instance: str | None = None,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         """`encode_locally`: this process holds the vision tower; else embeddings come from
         `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only).
         `layer_sink` (with `handoff` only): stream each prefilled layer's KV to it."""
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
+        self.clock = clock
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
@@ -89,7 +91,7 @@ class LLMEngine:
                 f"({self.max_model_len}): prompts are prefilled in one step"
             )
         embedder = (
-            LocalEncoder(model, self.device, instance)
+            LocalEncoder(model, self.device, clock, instance)
             if encode_locally
             else CachedEmbeddings(mm_cache)
             if mm_cache is not None
@@ -150,7 +152,7 @@ class LLMEngine:
             params,
             self.runner.merge_size,
             generator,
-            arrival_time=arrival_time or time.time(),
+            arrival_time=arrival_time or self.clock.now(),
         )
 
     def add_request(
@@ -161,7 +163,7 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         request = self.new_request(request_id, prompt, params, arrival_time)
-        request.record(Event.PREFILL_QUEUED, self.instance)
+        request.record(Event.PREFILL_QUEUED, self.clock.now(), self.instance)
         self._enqueue(request)
         return request
 
@@ -250,7 +252,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         tables = [self.block_manager.block_table(r.request_id) for r in batch.requests]
         self._mark_started(batch)
         for req, start in batch.injections:
@@ -265,18 +267,18 @@ class LLMEngine:
         )
         advanced = self._postprocess(batch, sampled.token_ids, sampled.logprobs)
         self.num_steps += 1
-        self.step_seconds += time.perf_counter() - started
+        self.step_seconds += self.clock.monotonic() - started
         self.last_batch_tokens = batch.total_tokens
         return advanced
 
     def _mark_started(self, batch: ScheduledBatch) -> None:
-        now = time.time()
+        now = self.clock.now()
         injected = {id(req) for req, _ in batch.injections}
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 started = Event.DECODE_START if id(req) in injected else Event.PREFILL_START
-                req.record(started, self.instance)
+                req.record(started, now, self.instance)
 
     def _advance_computed(self, batch: ScheduledBatch) -> None:
         """Count the step's tokens as computed and register the blocks they filled for prefix reuse.
@@ -305,8 +307,8 @@ class LLMEngine:
             self._record_first_token(req)
             update_text_and_check_stop(req, self.tokenizer.decode, self.eos_token_ids, self.max_model_len)
             if req.finish_reason is not None:
-                req.record(Event.FINISHED, self.instance)
-                req.metrics.finished_time = time.time()
+                req.metrics.finished_time = self.clock.now()
+                req.record(Event.FINISHED, req.metrics.finished_time, self.instance)
                 self._forget(req)
                 self.streamer.finished(req)
             elif self.handoff is not None and len(req.output_token_ids) == 1:
@@ -317,17 +319,17 @@ class LLMEngine:
     def _record_first_token(self, req: Request) -> None:
         if len(req.output_token_ids) != 1:
             return
-        req.metrics.first_token_time = time.time()
-        req.record(Event.PREFILL_END, self.instance)
+        now = req.metrics.first_token_time = self.clock.now()
+        req.record(Event.PREFILL_END, now, self.instance)
         if self.handoff is None:
-            req.record(Event.DECODE_START, self.instance)  # decodes right here, no transfer
+            req.record(Event.DECODE_START, now, self.instance)  # decodes right here, no transfer
 
     def _hand_off(self, req: Request) -> None:
         kv = None
         if not self.streamer.pop_streamed(req):
             table = self.block_manager.block_table(req.request_id)
             kv = self.runner.gather_kv(table, req.num_computed_tokens)
-        req.record(Event.KV_TRANSFER_START, self.instance)
+        req.record(Event.KV_TRANSFER_START, self.clock.now(), self.instance)
         self.handoff(req, kv)
         self._forget(req)
 

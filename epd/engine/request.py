@@ -66,8 +66,8 @@ class Request:
             len(self.prompt.prompt_token_ids), spans, grids, self.merge_size
         )
 
-    def record(self, event: Event, instance: str | None = None, item: int | None = None) -> None:
-        self.metrics.events.append(LifetimeEvent.now(event, instance, item))
+    def record(self, event: Event, at: float, instance: str | None = None, item: int | None = None) -> None:
+        self.metrics.events.append(LifetimeEvent(event, at, instance, item))
 
     @property
     def prompt_token_ids(self) -> list[int]:
