@@ -4,14 +4,14 @@
     E --embeddings (connector)--> P --EmbeddingArrived--> router --ReleaseEmbedding--> E
     P --first token (RequestUpdate)--> router;  P --KV (connector)--> D --tokens--> router
 
-Choices it makes:
-- P and D by load (outstanding prompt tokens for P, running requests for D), not turn;
-  a P instance that also decodes keeps its requests.
-- Images across encoder instances (intra-request parallelism): an image already being
-  encoded, or encoded before, goes where that happened (cache hit, one encoding);
-  the rest are spread largest first onto the encoder with the fewest queued patches.
-  Every part of a request is sent to the one P instance chosen for it, which joins them.
-- A dead instance fails the requests it held, with the reason; the rest carry on.
+What it leaves to others, and what it keeps:
+- Where work goes: `placement.py` (the policies and a table of which decides what: least-loaded P,
+  D kept on a P that decodes, IRP spread of images over encoders with cache affinity). Every part
+  of a request is sent to the one P instance chosen for it, which joins them.
+- What each instance holds: `ledger.py`, one reservation per piece of work (a request's prompt
+  tokens on P, its slot on D, each image's patches on E), reserved when sent, released when done;
+  a request that ends releases whatever it still holds. Loads, and so placement, read the ledger.
+- A dead instance fails the requests holding work on it, with the reason; the rest carry on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import zmq
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.layout import InstanceSpec, Role
+from epd.cluster.ledger import LoadLedger, Work
 from epd.cluster.messages import (
     AbortRequest,
     EmbeddingArrived,
@@ -40,6 +41,7 @@ from epd.cluster.messages import (
     decode_for_router,
     encode,
 )
+from epd.cluster.placement import EncodeAffinity, ImageToEncode, Placement
 from epd.inputs.types import ImageInput, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
@@ -53,7 +55,6 @@ class InstanceHandle:
     ready: InstanceReady
     is_alive: Callable[[], bool]
     alive: bool = True
-    load: int = 0  # outstanding work in the unit of its stage (tokens, requests or patches)
 
     @property
     def name(self) -> str:
@@ -74,7 +75,6 @@ class _RequestState:
     metrics: RequestMetrics
     prefill: str
     decode: str
-    encoders: dict[int, str] = field(default_factory=dict)  # image index -> encoder with it queued
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     text: str = ""
@@ -107,14 +107,21 @@ class _RequestState:
 
 
 class Router:
-    def __init__(self, instances: list[InstanceHandle], inbox: zmq.Socket, clock: Clock = WALL_CLOCK) -> None:
+    def __init__(
+        self,
+        instances: list[InstanceHandle],
+        inbox: zmq.Socket,
+        clock: Clock = WALL_CLOCK,
+        placement: Placement | None = None,
+    ) -> None:
         self.clock = clock
+        self.placement = placement or Placement()
+        self.ledger = LoadLedger()
+        self.affinity = EncodeAffinity()
         self.instances = {h.name: h for h in instances}
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.inbox = inbox
         self.requests: dict[str, _RequestState] = {}
-        self.inflight: dict[str, str] = {}  # content hash -> encoder encoding it now
-        self.encoded_at: dict[str, str] = {}  # content hash -> encoder that last encoded it
         self.stats = {"encode_items": 0, "encode_cache_hits": 0}
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last poll
         self.instance_stats: dict[str, dict[str, float]] = {}
@@ -135,14 +142,13 @@ class Router:
             raise ValueError(
                 f"prompt has {len(prompt.prompt_token_ids)} tokens; the maximum is {self.max_model_len - 1}"
             )
-        prefill = self._least_loaded(Role.PREFILL)
-        decode = prefill if prefill.has(Role.DECODE) else self._least_loaded(Role.DECODE)
+        prefill, decode = self._place(request_id)
         metrics = RequestMetrics(arrival_time=arrival_time or self.clock.now())
         metrics.events.append(LifetimeEvent(Event.ARRIVED, metrics.arrival_time))
         state = _RequestState(request_id, prompt, params, metrics, prefill.name, decode.name)
         self.requests[request_id] = state
-        prefill.load += len(prompt.prompt_token_ids)
-        decode.load += 1
+        self.ledger.reserve(Work(request_id, Role.PREFILL), prefill.name, len(prompt.prompt_token_ids))
+        self.ledger.reserve(Work(request_id, Role.DECODE), decode.name, 1)
         placeholders = [(p.offset, p.length) for p in prompt.placeholders]
         # An instance that encodes in-process (EP) gets the pixels with the task.
         pixels = None
@@ -172,11 +178,11 @@ class Router:
                 self.instances[name].send(AbortRequest(request_id))
         self._finish(state, "abort")
 
-    def _least_loaded(self, role: Role) -> InstanceHandle:
-        candidates = [h for h in self.instances.values() if h.alive and h.has(role)]
-        if not candidates:
-            raise RuntimeError(f"no live instance can take role {role.value}")
-        return min(candidates, key=lambda h: h.load)
+    def _place(self, request_id: str) -> tuple[InstanceHandle, InstanceHandle]:
+        live = [h.spec for h in self.instances.values() if h.alive]
+        prefill = self.placement.prefill.choose(live, self.ledger, {})
+        decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
+        return self.instances[prefill.name], self.instances[decode.name]
 
     # ---- messages in ----------------------------------------------------------------------------
 
@@ -212,33 +218,26 @@ class Router:
         state = self.requests.get(msg.request_id)
         if state is None:
             return
-        encoders = [
-            h for h in self.instances.values() if h.alive and h.has(Role.ENCODE) and not h.has(Role.PREFILL)
-        ]
+        # An instance that also prefills encodes only its own requests' images (in-process).
+        live = [h for h in self.instances.values() if h.alive]
+        encoders = [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
         if not encoders:
             self._fail(state, "no live encoder instance to encode this request's images")
             return
+        images = state.prompt.images
+        wanted = [ImageToEncode(i, images[i].content_hash, images[i].num_patches) for i in msg.items]
+        assignment = self.placement.encode.assign(wanted, encoders, self.ledger, self.affinity)
         tasks: dict[str, list[EncodeItem]] = {}
-        for index in sorted(msg.items, key=lambda i: -state.prompt.images[i].num_patches):
-            image = state.prompt.images[index]
-            encoder = self._pick_encoder(image, encoders)
-            encoder.load += image.num_patches
-            self.inflight[image.content_hash] = encoder.name
-            state.encoders[index] = encoder.name
-            tasks.setdefault(encoder.name, []).append(_encode_item(index, image))
-            state.metrics.events.append(
-                LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder.name, index)
-            )
+        for index, encoder in assignment.items():
+            image = images[index]
+            self.ledger.reserve(Work(state.request_id, Role.ENCODE, index), encoder, image.num_patches)
+            self.affinity.started(image.content_hash, encoder)
+            tasks.setdefault(encoder, []).append(_encode_item(index, image))
+            state.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[state.prefill].ready.data_address
         for name, items in tasks.items():
             self.instances[name].send(EncodeTask(state.request_id, items, dest))
         self.stats["encode_items"] += len(msg.items)
-
-    def _pick_encoder(self, image: ImageInput, encoders: list[InstanceHandle]) -> InstanceHandle:
-        for known in (self.inflight.get(image.content_hash), self.encoded_at.get(image.content_hash)):
-            if known is not None and self.instances[known].alive:
-                return self.instances[known]
-        return min(encoders, key=lambda h: h.load)
 
     def _encode_done(self, msg: EncodeDone) -> None:
         state = self.requests.get(msg.request_id)
@@ -246,13 +245,9 @@ class Router:
         if state is None:
             return
         state.metrics.events.extend(msg.events)
-        encoder = self.instances[msg.instance]
         for index in msg.items:
-            image = state.prompt.images[index]
-            encoder.load -= image.num_patches
-            state.encoders.pop(index, None)
-            self.inflight.pop(image.content_hash, None)
-            self.encoded_at[image.content_hash] = msg.instance
+            self.ledger.release(Work(state.request_id, Role.ENCODE, index))
+            self.affinity.finished(state.prompt.images[index].content_hash, msg.instance)
 
     def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
         source = self.by_data_address.get(msg.source)
@@ -286,7 +281,7 @@ class Router:
             state.logprobs.extend(msg.new_logprobs)
         if state.token_ids and not state.prefill_done:
             state.prefill_done = True
-            self.instances[state.prefill].load -= len(state.prompt.prompt_token_ids)
+            self.ledger.release(Work(state.request_id, Role.PREFILL))
         if msg.finish_reason is not None:
             state.text, state.stop_reason = msg.text or "", msg.stop_reason
             self._finish(state, msg.finish_reason)
@@ -314,14 +309,10 @@ class Router:
     def _instance_down(self, name: str, reason: str) -> None:
         self.instances[name].alive = False
         for state in list(self.requests.values()):
-            involved = {state.decode, *state.encoders.values()}
-            if not state.prefill_done:
-                involved.add(state.prefill)
-            if name in involved:
+            # Its decode slot until the end, prefill until the first token, each image until encoded.
+            if name in self.ledger.instances_of(state.request_id):
                 self._fail(state, f"instance {name} failed ({reason})")
-        for h, encoder in list(self.inflight.items()):
-            if encoder == name:
-                del self.inflight[h]
+        self.affinity.encoder_died(name)
 
     def _fail(self, state: _RequestState, error: str) -> None:
         state.error = error
@@ -333,13 +324,7 @@ class Router:
     def _finish(self, state: _RequestState, reason: str) -> None:
         state.finish_reason = reason
         state.metrics.finished_time = self.clock.now()
-        if not state.prefill_done:
-            self.instances[state.prefill].load -= len(state.prompt.prompt_token_ids)
-            state.prefill_done = True
-        self.instances[state.decode].load -= 1
-        for index, encoder in state.encoders.items():
-            self.instances[encoder].load -= state.prompt.images[index].num_patches
-        state.encoders.clear()
+        self.ledger.release_request(state.request_id)
         del self.requests[state.request_id]
         self._outputs[state.request_id] = state.output()
 

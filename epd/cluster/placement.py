@@ -1,0 +1,183 @@
+"""Placement: which instance takes each part of a request. Policies choose; the router acts.
+
+| decides                   | policy (default) | reads                  | rule                               |
+|---------------------------|------------------|------------------------|------------------------------------|
+| a request's prefill       | LeastLoaded(P)   | ledger                 | fewest outstanding prompt tokens   |
+| a request's decode        | KeepOnPrefill    | prefill chosen, ledger | a P that also decodes keeps it;    |
+|                           |                  |                        | else the D with the fewest running |
+|                           |                  |                        | requests                           |
+| the encoder of each image | SpreadImages     | EncodeAffinity, ledger | where the image is in flight or    |
+| of a request (IRP: intra- |                  |                        | was encoded, if alive (cache       |
+| request parallelism)      |                  |                        | affinity); the rest largest first  |
+|                           |                  |                        | onto the encoder with the fewest   |
+|                           |                  |                        | queued patches                     |
+
+Policies see instances as `InstanceSpec`s (name and roles; no sockets) and read the load ledger;
+they return their choices and change nothing, so the router reserves what was chosen and a policy
+can be tested, or swapped, without a process. Candidates come in layout order: ties go to the first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from epd.cluster.layout import InstanceSpec, Role
+from epd.cluster.ledger import LoadLedger
+
+
+def no_candidate(role: Role) -> RuntimeError:
+    return RuntimeError(f"no live instance can take role {role.value}")
+
+
+def least_loaded(role: Role, candidates: Sequence[InstanceSpec], ledger: LoadLedger) -> InstanceSpec:
+    """The candidate with `role` that holds the least work; RuntimeError if none has the role."""
+    able = [c for c in candidates if c.has(role)]
+    if not able:
+        raise no_candidate(role)
+    return min(able, key=lambda c: ledger.load(c.name))
+
+
+# ---- prefill and decode: one instance per stage -----------------------------------------------
+
+
+class StagePolicy(ABC):
+    """Chooses the instance for one stage (`role`) of a new request.
+
+    `candidates` are the live instances, whatever their roles; `chosen` holds what was picked for
+    this request's earlier stages (prefill is chosen before decode). Returns a candidate that has
+    `role`, or raises RuntimeError("no live instance can take role X") when none has it.
+    """
+
+    role: Role
+
+    @abstractmethod
+    def choose(
+        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+    ) -> InstanceSpec: ...
+
+
+class LeastLoaded(StagePolicy):
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    def choose(
+        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+    ) -> InstanceSpec:
+        return least_loaded(self.role, candidates, ledger)
+
+
+class KeepOnPrefill(StagePolicy):
+    """Decode where the prefill ran if that instance decodes too: its KV never has to move."""
+
+    role = Role.DECODE
+
+    def choose(
+        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+    ) -> InstanceSpec:
+        prefill = chosen.get(Role.PREFILL)
+        if prefill is not None and prefill.has(Role.DECODE):
+            return prefill
+        return least_loaded(Role.DECODE, candidates, ledger)
+
+
+# ---- encoders: the images of one request ------------------------------------------------------
+
+
+class ImageToEncode(NamedTuple):
+    index: int  # the image's place in its request
+    content_hash: str
+    num_patches: int
+
+
+@dataclass
+class EncodeAffinity:
+    """Where images are, by content hash: being encoded now, or encoded last (its cache may hold it).
+
+    The router records what happens (started / finished / an encoder died); policies only read it.
+    """
+
+    inflight: dict[str, str] = field(default_factory=dict)  # content hash -> encoder encoding it now
+    encoded_at: dict[str, str] = field(default_factory=dict)  # content hash -> encoder that last did
+
+    def started(self, content_hash: str, encoder: str) -> None:
+        self.inflight[content_hash] = encoder
+
+    def finished(self, content_hash: str, encoder: str) -> None:
+        self.inflight.pop(content_hash, None)
+        self.encoded_at[content_hash] = encoder
+
+    def encoder_died(self, encoder: str) -> None:
+        # Its encodes will never finish; what it encoded before is skipped as long as it is dead.
+        for content_hash in [h for h, e in self.inflight.items() if e == encoder]:
+            del self.inflight[content_hash]
+
+    def known(self, content_hash: str) -> list[str]:
+        """Encoders that have this image, best first: the one encoding it, then the last one."""
+        places = (self.inflight.get(content_hash), self.encoded_at.get(content_hash))
+        return [p for p in places if p is not None]
+
+
+class EncoderPolicy(ABC):
+    """Chooses an encoder for every image of a request that its prefill instance lacks.
+
+    `encoders` are the live instances that take encode tasks from others, non-empty (RuntimeError
+    otherwise). Returns image index -> encoder name for every image, in the order to queue them.
+    """
+
+    @abstractmethod
+    def assign(
+        self,
+        images: Sequence[ImageToEncode],
+        encoders: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        affinity: EncodeAffinity,
+    ) -> dict[int, str]: ...
+
+
+class SpreadImages(EncoderPolicy):
+    """IRP: a request's images spread over the encoders, so they encode in parallel.
+
+    Largest first (it decides the request's encode time), each onto the encoder with the fewest
+    queued patches, counting those just assigned from this request; an image some encoder already
+    has goes there instead (one encoding, cache hit), as do repeats of an image within the request.
+    """
+
+    def assign(
+        self,
+        images: Sequence[ImageToEncode],
+        encoders: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        affinity: EncodeAffinity,
+    ) -> dict[int, str]:
+        if not encoders:
+            raise no_candidate(Role.ENCODE)
+        queued = {e.name: ledger.load(e.name) for e in encoders}  # in layout order: ties go first
+        placed_now: dict[str, str] = {}  # content hash -> encoder, within this request
+        assignment: dict[int, str] = {}
+        for image in sorted(images, key=lambda im: -im.num_patches):  # stable: ties keep their order
+            encoder = self._known_place(image, placed_now, affinity, queued) or min(queued, key=queued.get)
+            queued[encoder] += image.num_patches
+            placed_now[image.content_hash] = encoder
+            assignment[image.index] = encoder
+        return assignment
+
+    @staticmethod
+    def _known_place(
+        image: ImageToEncode, placed_now: dict[str, str], affinity: EncodeAffinity, live: Mapping[str, int]
+    ) -> str | None:
+        for place in (placed_now.get(image.content_hash), *affinity.known(image.content_hash)):
+            if place is not None and place in live:
+                return place
+        return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The policies a router places requests with."""
+
+    prefill: StagePolicy = field(default_factory=lambda: LeastLoaded(Role.PREFILL))
+    decode: StagePolicy = field(default_factory=KeepOnPrefill)
+    encode: EncoderPolicy = field(default_factory=SpreadImages)
