@@ -167,6 +167,21 @@ class Cluster:
     def has_unfinished_requests(self) -> bool:
         return self.router.has_unfinished()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.router.max_model_len
+
+    def poll_idle(self) -> list[RequestOutput]:
+        # Idle, the router must still read its inbox: instance stats keep /metrics current
+        # and a dead instance is noticed (so /health turns 503) without any request.
+        return self.router.poll(timeout_ms=0)
+
+    def instance_stats(self) -> dict[str, dict[str, float]]:
+        return dict(self.router.instance_stats)
+
+    def instances_up(self) -> dict[str, bool]:
+        return {name: h.alive for name, h in self.router.instances.items()}
+
     def shutdown(self) -> None:
         """Stop every instance process. Idempotent."""
         if not self._finalizer.alive:

@@ -218,6 +218,24 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- as an entry point's backend (epd.entrypoints.backend): one instance, in this process ----
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or "EPD0"
+
+    def poll_idle(self) -> list[RequestOutput]:
+        return []  # nothing arrives from elsewhere
+
+    def instance_stats(self) -> dict[str, dict[str, float]]:
+        return {self.instance_name: self.stats()}
+
+    def instances_up(self) -> dict[str, bool]:
+        return {self.instance_name: True}  # it lives as long as this process
+
+    def shutdown(self) -> None:
+        pass  # no process of its own: its memory goes with the last reference
+
     def stats(self) -> dict[str, float]:
         """Scheduler and cache figures now (see epd.cluster.stats.STAT_HELP)."""
         blocks = self.block_manager

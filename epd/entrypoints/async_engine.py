@@ -23,6 +23,7 @@ from epd.cluster.cluster import Cluster
 from epd.cluster.layout import Layout
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.llm_engine import LLMEngine
+from epd.entrypoints.backend import EngineBackend
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -81,7 +82,7 @@ class EngineArgs:
             cuda_graphs=self.cuda_graphs,
         )
 
-    def build(self, processor: InputProcessor) -> LLMEngine | Cluster:
+    def build(self, processor: InputProcessor) -> EngineBackend:
         """In this process for a single aggregated instance; else one process per instance."""
         layout = Layout.parse(self.layout)
         config = self.engine_config()
@@ -102,7 +103,7 @@ class AsyncEngine:
         self.args = args
         self.processor = InputProcessor.from_pretrained(args.model, limits=args.limits)
         self.engine = args.build(self.processor)
-        self.max_model_len = _max_model_len(self.engine)
+        self.max_model_len = self.engine.max_model_len
         self._submit: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, SamplingParams]] = {}
         self._stop = threading.Event()
@@ -150,29 +151,22 @@ class AsyncEngine:
         return len(self._streams)
 
     def is_healthy(self) -> bool:
-        if self._error is not None or not self._thread.is_alive():
-            return False
-        if isinstance(self.engine, Cluster):
-            return all(h.alive for h in self.engine.router.instances.values())
-        return True
+        return all(self.instances_up().values())
 
     def instance_stats(self) -> dict[str, dict[str, float]]:
         """Latest figures per instance (see epd.cluster.stats.STAT_HELP)."""
-        if isinstance(self.engine, Cluster):
-            return dict(self.engine.router.instance_stats)
-        return {"EPD0": self.engine.stats()}
+        return self.engine.instance_stats()
 
     def instances_up(self) -> dict[str, bool]:
-        if isinstance(self.engine, Cluster):
-            return {name: h.alive for name, h in self.engine.router.instances.items()}
-        return {"EPD0": self._thread.is_alive() and self._error is None}
+        """Each instance's liveness; none is up for the API once the engine thread is gone."""
+        running = self._thread.is_alive() and self._error is None
+        return {name: up and running for name, up in self.engine.instances_up().items()}
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop, abort what is left, stop every instance process. Idempotent."""
         self._stop.set()
         self._thread.join(timeout)
-        if isinstance(self.engine, Cluster):
-            self.engine.shutdown()
+        self.engine.shutdown()
 
     # ---- the engine thread --------------------------------------------------------------------
 
@@ -195,10 +189,7 @@ class AsyncEngine:
                 self._push(request_id, RuntimeError(f"engine failed: {err}"))
 
     def _wait_for_work(self) -> None:
-        # Idle, the router must still read its inbox: instance stats keep /metrics current
-        # and a dead instance is noticed (so /health turns 503) without any request.
-        if isinstance(self.engine, Cluster):
-            self._deliver(self.engine.router.poll(timeout_ms=0))
+        self._deliver(self.engine.poll_idle())
         try:
             item = self._submit.get(timeout=IDLE_WAIT_S)
         except queue.Empty:
@@ -220,7 +211,7 @@ class AsyncEngine:
             _, request_id, prompt, params, arrival = item
             try:
                 self.engine.add_request(request_id, prompt, params, arrival)
-            except ValueError as err:
+            except (ValueError, RuntimeError) as err:  # this request cannot run (e.g. no live P)
                 self._push(request_id, err)
         elif item[0] == "abort":
             self.engine.abort_request(item[1])
@@ -249,7 +240,3 @@ class AsyncEngine:
         if target is not None:
             loop, stream, _ = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
-
-
-def _max_model_len(engine: LLMEngine | Cluster) -> int:
-    return engine.max_model_len if isinstance(engine, LLMEngine) else engine.router.max_model_len

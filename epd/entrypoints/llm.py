@@ -13,10 +13,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from epd.cluster.cluster import Cluster
 from epd.cluster.layout import Layout
-from epd.engine.llm_engine import LLMEngine
 from epd.entrypoints.async_engine import EngineArgs
+from epd.entrypoints.backend import EngineBackend
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -85,7 +84,7 @@ class LLM:
         )
         self.layout = Layout.parse(layout)
         self.processor = InputProcessor.from_pretrained(model, limits=args.limits)
-        self.engine: LLMEngine | Cluster | None = args.build(self.processor)
+        self.engine: EngineBackend | None = args.build(self.processor)
         self._ids = itertools.count()
 
     # ---- public API ---------------------------------------------------------------------------
@@ -123,7 +122,7 @@ class LLM:
 
     def shutdown(self) -> None:
         """Release the engine (model weights and KV cache) and stop every instance process. Idempotent."""
-        if isinstance(self.engine, Cluster):
+        if self.engine is not None:
             self.engine.shutdown()
         self.engine = None
 
@@ -151,7 +150,7 @@ class LLM:
             raise
 
     @staticmethod
-    def _drain(engine: LLMEngine | Cluster, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _drain(engine: EngineBackend, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm)
         while len(finished) < len(ids):
@@ -162,7 +161,7 @@ class LLM:
         bar.close()
         return [finished[i] for i in ids]
 
-    def _engine(self) -> LLMEngine | Cluster:
+    def _engine(self) -> EngineBackend:
         if self.engine is None:
             raise RuntimeError("this LLM was shut down")
         return self.engine
