@@ -22,12 +22,9 @@ import torch
 from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
-from epd.engine.embedders import CachedEmbeddings, LocalEncoder, NoEmbeddings
-from epd.engine.kv_cache import num_blocks_for_memory
+from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
-from epd.engine.memory import resolve_kv_cache_bytes
 from epd.engine.mm_cache import MMCache
-from epd.engine.model_runner import ModelRunner
 from epd.engine.request import Request
 from epd.engine.sampler import Sampler
 from epd.engine.scheduler import ScheduledBatch, Scheduler
@@ -35,8 +32,6 @@ from epd.engine.stop import refresh_text, update_text_and_check_stop
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event
-from epd.models.loader import build_model
-from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE
 from epd.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from epd.sampling_params import SamplingParams
 
@@ -59,28 +54,22 @@ class LLMEngine:
         layer_sink: LayerSink | None = None,
         instance: str | None = None,
         clock: Clock = WALL_CLOCK,
+        model_parts: PartsFactory = load_model_parts,
     ) -> None:
         """`encode_locally`: this process holds the vision tower; else embeddings come from
         `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only).
-        `layer_sink` (with `handoff` only): stream each prefilled layer's KV to it."""
+        `layer_sink` (with `handoff` only): stream each prefilled layer's KV to it.
+        `model_parts`: what computes (epd.engine.factory): the model by default."""
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         self.clock = clock
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton kernels launch on the current device
-        parts = ALL_PARTS if encode_locally else frozenset({LANGUAGE})
-        model = build_model(
-            mc.model,
-            parts=parts,
-            dtype=mc.torch_dtype,
-            device=self.device,
-            load_format=mc.load_format,
-            seed=mc.seed,
+        parts = model_parts(
+            config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
         )
-        num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
-            mc.hf.text, cc.block_size, mc.torch_dtype, resolve_kv_cache_bytes(config, model)
-        )
+        num_blocks, self.model, self.runner = parts.num_blocks, parts.model, parts.runner
         self.max_model_len = _resolve_max_model_len(
             mc.max_model_len, mc.derived_max_model_len, num_blocks * cc.block_size
         )
@@ -90,28 +79,9 @@ class LLMEngine:
                 f"max_num_batched_tokens ({max_batched}) must be >= max_model_len "
                 f"({self.max_model_len}): prompts are prefilled in one step"
             )
-        embedder = (
-            LocalEncoder(model, self.device, clock, instance)
-            if encode_locally
-            else CachedEmbeddings(mm_cache)
-            if mm_cache is not None
-            else NoEmbeddings()
-        )
-        self.model = model
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.scheduler.max_num_seqs, max_batched, swap_out=self._swap_out
-        )
-        self.runner = ModelRunner(
-            model,
-            num_blocks,
-            cc.block_size,
-            self.device,
-            mc.torch_dtype,
-            embedder,
-            config.attention_backend,
-            config.cuda_graphs,
-            config.scheduler.max_num_seqs,
         )
         self.streamer = NoLayerStreaming()
         if layer_sink is not None and handoff is not None:
