@@ -175,10 +175,31 @@ def _server_options(p: argparse.ArgumentParser) -> None:
         "--max-request-bytes", type=parse_bytes, default="32MiB", help="largest request body (413)"
     )
     g.add_argument(
+        "--max-buffered-request-bytes",
+        type=parse_bytes,
+        default=None,
+        help="request body bytes held at once while being received, all connections together; "
+        "a body past it gets 503 with Retry-After (default: 4 x --max-request-bytes)",
+    )
+    g.add_argument(
+        "--header-read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, from connecting or from the first "
+        "byte of a later request on the connection (408 after)",
+    )
+    g.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may go without a byte while being received (408 after)",
+    )
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted",
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM; then they are aborted "
+        "(open streams end with an error event and [DONE])",
     )
     g.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity"
@@ -186,13 +207,19 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 
 def _limit_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input limits")
+    g = p.add_argument_group(
+        "input limits",
+        "Fixed, besides these: at most 2048 messages and 4096 content parts per request, and prompt "
+        "text that could never fit --max-model-len is refused before it is tokenized.",
+    )
     g.add_argument("--max-images-per-request", type=int, default=16, help="images in one request")
     g.add_argument(
         "--max-image-pixels",
         type=int,
-        default=32 << 20,
-        help="pixels per image, checked from the header before decoding (decompression bombs)",
+        default=None,
+        help="pixels per image, checked from the header before decoding (decompression bombs); "
+        "default: 4 x the pixels the model's processor resizes images to (max_pixels in "
+        "preprocessor_config.json), at least 4Mi: larger images are shrunk to max_pixels anyway",
     )
     g.add_argument("--max-image-bytes", type=parse_bytes, default="20MiB", help="encoded bytes per image")
     g.add_argument(
@@ -215,7 +242,11 @@ def run_serve(args: argparse.Namespace) -> int:
     model = args.model or default_model()
     if model is None:
         args.parser.error("--model is required (the built-in demo model is missing from this install)")
-    return serve(engine_args_from(args, model), server_config_from(args, model))
+    try:
+        config = server_config_from(args, model)
+    except ValueError as e:
+        args.parser.error(str(e))
+    return serve(engine_args_from(args, model), config)
 
 
 def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
@@ -227,7 +258,7 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
     limits = InputLimits(
         max_images_per_request=args.max_images_per_request,
         allowed_local_media_path=args.allowed_local_media_path,
-        max_image_pixels=args.max_image_pixels,
+        max_image_pixels=max_image_pixels_of(args, model),
         max_image_bytes=args.max_image_bytes,
         remote_fetcher=fetcher,
     )
@@ -254,6 +285,16 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
     )
 
 
+def max_image_pixels_of(args: argparse.Namespace, model: str) -> int:
+    """--max-image-pixels, or its default from the model's preprocessor_config.json."""
+    from epd.inputs.image_processor import ImageProcessorConfig
+    from epd.server.config import default_max_image_pixels
+
+    if args.max_image_pixels is not None:
+        return args.max_image_pixels
+    return default_max_image_pixels(ImageProcessorConfig.from_pretrained(model).max_pixels)
+
+
 def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:
     from epd.server.config import ServerConfig
 
@@ -263,7 +304,10 @@ def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:
         port=args.port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_bytes=args.max_request_bytes,
+        max_buffered_request_bytes=args.max_buffered_request_bytes,
         max_queued_requests=args.max_queued_requests or None,
+        header_read_timeout_s=args.header_read_timeout,
+        body_read_timeout_s=args.body_read_timeout,
         allowed_local_media_path=args.allowed_local_media_path,
         allow_remote_media=args.allow_remote_media,
         remote_media_timeout_s=args.remote_media_timeout,

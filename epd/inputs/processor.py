@@ -18,9 +18,12 @@ text before tokenising: pads are special tokens, so both give the same ids.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +56,35 @@ class VisionTokenIds:
     image_token_id: int
     vision_start_token_id: int | None = None
     video_token_id: int | None = None
+
+
+class ImageLoadingCancelled(Exception):
+    """`load_images` stopped between two steps: whoever wanted the images is gone."""
+
+
+_image_loading_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "epd_image_loading_cancel", default=None
+)
+
+
+@contextmanager
+def cancel_image_loading_on(event: threading.Event) -> Iterator[None]:
+    """Within the block, in this thread, `load_images` raises ImageLoadingCancelled at its next
+    step (before decoding or preprocessing an image) once `event` is set.
+
+    A context variable rather than an argument: the server sets it around a request's whole
+    input processing, and images are loaded deep inside `process_chat`.
+    """
+    token = _image_loading_cancel.set(event)
+    try:
+        yield
+    finally:
+        _image_loading_cancel.reset(token)
+
+
+def _stop_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise ImageLoadingCancelled()
 
 
 class InputProcessor:
@@ -144,10 +176,16 @@ class InputProcessor:
         return self.tokenizer.encode(chat.text)
 
     def load_images(self, sources: Sequence[ImageSource]) -> list[ImageInput]:
-        """Decode (with the configured limits) and preprocess each image, in order."""
+        """Decode (with the configured limits) and preprocess each image, in order.
+
+        Stops between steps once the event of `cancel_image_loading_on` is set: one image may
+        take a second or more, and a request may bring many.
+        """
         lim = self.limits
+        cancel = _image_loading_cancel.get()
         images = []
         for src in sources:
+            _stop_if_cancelled(cancel)
             img = load_image(
                 src,
                 allowed_local_media_path=lim.allowed_local_media_path,
@@ -155,6 +193,7 @@ class InputProcessor:
                 max_image_bytes=lim.max_image_bytes,
                 fetch_remote=lim.remote_fetcher,
             )
+            _stop_if_cancelled(cancel)
             images.append(process_image(img, self.image_config))
         return images
 

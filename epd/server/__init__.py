@@ -7,6 +7,11 @@
 | chat          | /v1/chat/completions                                           |
 | completions   | /v1/completions                                                |
 | serving       | one generation end to end: body, admission, stream, disconnect |
+| connections   | the HTTP protocol with a header read timeout (408)             |
+| body          | bounded body reading: per-request and all-connection limits    |
+| shape         | cheap JSON shape limits before pydantic (messages, parts...)   |
+| text_bound    | prompt text that can never fit, refused before tokenizing      |
+| preprocess    | input processing in worker pools, cancelled with its client    |
 | protocol      | request bodies (pydantic, strict)                              |
 | sampling      | request -> SamplingParams, context checks                      |
 | formatting    | response pieces shared by both endpoints                       |
@@ -15,7 +20,6 @@
 | metrics       | Prometheus metrics                                             |
 | errors        | OpenAI error bodies and handlers                               |
 | state, config | shared state, admission, API key; ServerConfig                 |
-| engine        | the AsyncEngine subclass the server runs                       |
 """
 
 from epd.server.app import build_app

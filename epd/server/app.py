@@ -6,7 +6,8 @@
 | POST /v1/completions       | API key | epd.server.completions                                   |
 | GET  /v1/models            | API key | the served model                                         |
 | GET  /health               | none    | 200 when every instance is up, else 503                  |
-| GET  /metrics              | none    | Prometheus text (epd.server.metrics)                     |
+| GET  /metrics              | none    | Prometheus text (epd.server.metrics, plus the gauges of  |
+|                            |         | epd.server.body and epd.server.preprocess)               |
 
 /health and /metrics stay open so that orchestrators and scrapers need no secret, as in vLLM.
 """
@@ -21,12 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from epd.entrypoints.async_engine import AsyncEngine
 from epd.server import chat, completions
+from epd.server.body import BodyBudget
 from epd.server.config import ServerConfig
 from epd.server.errors import APIError, install_handlers
 from epd.server.media import MediaPolicy
 from epd.server.metrics import ServerMetrics, StatusCounter
-from epd.server.serving import ClientGone
-from epd.server.state import Admission, ServerState, engine_healthy, get_state, require_api_key
+from epd.server.preprocess import Preprocessing
+from epd.server.state import Admission, Drain, ServerState, engine_healthy, get_state, require_api_key
+from epd.server.text_bound import TextBound
 
 models_router = APIRouter(dependencies=[Depends(require_api_key)])
 ops_router = APIRouter()
@@ -35,23 +38,31 @@ ops_router = APIRouter()
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """An app serving `engine`. The engine's lifetime is the caller's: the app never stops it."""
     app = FastAPI(title="epd", docs_url=None, redoc_url=None, openapi_url=None)
-    admission = Admission(config.max_queued_requests, config.retry_after_s, lambda: engine_healthy(engine))
-    metrics = ServerMetrics(engine.instance_stats, engine.instances_up, lambda: admission.count)
-    media = MediaPolicy(
-        allow_local=config.allowed_local_media_path is not None, allow_remote=config.allow_remote_media
-    )
-    app.state.epd = ServerState(engine, config, metrics, admission, media)
+    app.state.epd = _state(engine, config)
     app.state.started = time.time()
     install_handlers(app)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, err: ClientGone) -> Response:
-        return Response(status_code=499)  # never delivered: there is nobody to read it
-
     for router in (chat.router, completions.router, models_router, ops_router):
         app.include_router(router)
-    app.add_middleware(StatusCounter, metrics=metrics)
+    app.add_middleware(StatusCounter, metrics=app.state.epd.metrics)
     return app
+
+
+def _state(engine: AsyncEngine, config: ServerConfig) -> ServerState:
+    admission = Admission(config.max_queued_requests, config.retry_after_s, lambda: engine_healthy(engine))
+    metrics = ServerMetrics(engine.instance_stats, engine.instances_up, lambda: admission.count)
+    return ServerState(
+        engine=engine,
+        config=config,
+        metrics=metrics,
+        admission=admission,
+        media=MediaPolicy(
+            allow_local=config.allowed_local_media_path is not None, allow_remote=config.allow_remote_media
+        ),
+        body_budget=BodyBudget(config.body_buffer_limit, config.retry_after_s, metrics.registry),
+        preprocessing=Preprocessing(metrics.registry),
+        text_bound=TextBound.from_model_dir(engine.args.model, engine.max_model_len),
+        drain=Drain(),
+    )
 
 
 @models_router.get("/v1/models")

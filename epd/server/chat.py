@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from epd.outputs import Logprob, PositionLogprobs, RequestOutput
+from epd.server.body import read_json
 from epd.server.formatting import (
     Delta,
     ResponseFormatter,
@@ -31,8 +32,10 @@ from epd.server.media import engine_messages
 from epd.server.metrics import RequestTiming
 from epd.server.protocol import ChatCompletionRequest
 from epd.server.sampling import build_sampling_params
-from epd.server.serving import Generation, read_json, run_generation
+from epd.server.serving import Generation, run_generation
+from epd.server.shape import CHAT
 from epd.server.state import get_state, require_api_key
+from epd.server.text_bound import chat_text_chars
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -41,8 +44,9 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(request: Request) -> Response:
     timing = RequestTiming(time.time())
     state = get_state(request)
-    req = await read_json(request, ChatCompletionRequest, state.config.max_request_bytes)
+    req = await read_json(request, ChatCompletionRequest, CHAT, state)
     state.check_model(req.model)
+    state.text_bound.check(chat_text_chars(req.messages), "messages")  # before any tokenizing
     messages = engine_messages(req.messages, state.media)
     engine = state.engine
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -51,6 +55,7 @@ async def create_chat_completion(request: Request) -> Response:
         request_id=request_id,
         timing=timing,
         process=lambda: engine.processor.process_chat(messages),
+        has_images=_has_images(messages),
         params=lambda prompt_len: build_sampling_params(
             req,
             max_tokens=req.requested_max_tokens,
@@ -63,6 +68,15 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage=req.include_usage,
     )
     return await run_generation(request, state, gen)
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(
+        part["type"] == "image_url"
+        for message in messages
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+    )
 
 
 class ChatFormatter(ResponseFormatter):

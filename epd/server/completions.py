@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from epd.outputs import PositionLogprobs, RequestOutput
+from epd.server.body import read_json
 from epd.server.formatting import (
     Delta,
     ResponseFormatter,
@@ -28,7 +29,8 @@ from epd.server.formatting import (
 from epd.server.metrics import RequestTiming
 from epd.server.protocol import CompletionRequest
 from epd.server.sampling import build_sampling_params
-from epd.server.serving import Generation, read_json, run_generation
+from epd.server.serving import Generation, run_generation
+from epd.server.shape import COMPLETION
 from epd.server.state import get_state, require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -38,15 +40,18 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_completion(request: Request) -> Response:
     timing = RequestTiming(time.time())
     state = get_state(request)
-    req = await read_json(request, CompletionRequest, state.config.max_request_bytes)
+    req = await read_json(request, CompletionRequest, COMPLETION, state)
     state.check_model(req.model)
     engine = state.engine
     prompt = req.single_prompt()
+    if isinstance(prompt, str):
+        state.text_bound.check(len(prompt), "prompt")  # before any tokenizing
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gen = Generation(
         request_id=request_id,
         timing=timing,
         process=lambda: engine.processor.process_prompt(prompt),
+        has_images=False,
         params=lambda prompt_len: build_sampling_params(
             req,
             max_tokens=req.requested_max_tokens,

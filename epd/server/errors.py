@@ -7,10 +7,15 @@
 | 400    | invalid_request_error  | malformed JSON, wrong types, bad images, over context  |
 | 401    | invalid_request_error  | missing or wrong API key (code invalid_api_key)        |
 | 404    | invalid_request_error  | unknown model (code model_not_found) or route          |
+| 408    | invalid_request_error  | headers or body not received in time (request_timeout) |
 | 413    | invalid_request_error  | body over --max-request-bytes                          |
 | 429    | rate_limit_error       | admission full (with Retry-After)                      |
-| 503    | service_unavailable    | an instance is down or the engine stopped              |
+| 503    | service_unavailable    | an instance is down, the engine stopped, the server is |
+|        |                        | shutting down, or too many bodies are being received   |
+|        |                        | at once (with Retry-After)                             |
 | 500    | server_error           | our bug: logged with its traceback                     |
+
+A 503 that ends a stream at shutdown arrives as an SSE error event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,6 +64,17 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is left to answer (counted as 499, never sent)."""
+
+
+class ShuttingDown(APIError):
+    """The shutdown grace period is over: what still runs ends with this."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server is shutting down", code="service_unavailable")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -125,6 +141,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
         return err.response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # never delivered: there is nobody to read it
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,11 @@
 """`epd serve`'s lifecycle: start the engine, serve HTTP, drain on a signal, stop every process.
 
     start engine (instances ready) -> bind, log "ready" -> serve ...
-    SIGINT/SIGTERM -> stop accepting -> in-flight requests finish, or are cancelled (and so
-    aborted in the engine) after the grace period -> engine.shutdown() -> exit 0
+    SIGINT/SIGTERM -> stop accepting -> in-flight requests finish within the grace period
+      -> past it, whatever still runs ends with a 503 (a stream: an SSE error event, then
+         `data: [DONE]`; aborted in the engine); one log line counts them
+      -> what has still not ended END_MARGIN_S later is cancelled by uvicorn
+      -> engine.shutdown() -> exit 0
 
 uvicorn handles the signals while it serves and, once done, re-raises them into the
 handlers that were installed before it started; ours only log, so a drained server exits 0
@@ -11,6 +14,7 @@ instead of dying of the signal it already honoured.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -18,12 +22,16 @@ import time
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from epd.entrypoints.async_engine import AsyncEngine, EngineArgs
 from epd.server.app import build_app
 from epd.server.config import ServerConfig
+from epd.server.connections import header_timeout_protocol
+from epd.server.state import ServerState
 
 logger = logging.getLogger("epd.server")
+END_MARGIN_S = 5.0  # after the grace period: time for ended streams to send their last events
 
 
 class _StopDuringStartup(BaseException):
@@ -60,32 +68,83 @@ def serve(engine_args: EngineArgs, config: ServerConfig) -> int:
         ", ".join(engine.instances_up()),
         engine.max_model_len,
     )
-    server = _Server(_uvicorn_config(engine, config))
-    _install_quiet_handlers(server)
+    server = None
     try:
+        server = _build_server(engine, config)
         server.run()
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
         logger.error("the HTTP server failed to start (exit %s)", e.code)
     finally:
+        if server is not None:
+            server.state.preprocessing.close()
         logger.info("stopping engine instances")
         engine.shutdown()
         logger.info("stopped")
-    return 0 if server.started else 1
+    return 0 if server is not None and server.started else 1
 
 
-def _uvicorn_config(engine: AsyncEngine, config: ServerConfig) -> uvicorn.Config:
+def _build_server(engine: AsyncEngine, config: ServerConfig) -> _Server:
+    app = build_app(engine, config)
+    state: ServerState = app.state.epd
+    _log_limits(engine, state)
+    server = _Server(_uvicorn_config(app, state), state)
+    _install_quiet_handlers(server)
+    return server
+
+
+def _uvicorn_config(app: FastAPI, state: ServerState) -> uvicorn.Config:
+    config = state.config
+    header_408s = state.metrics.http_requests.labels("other", "408")
     return uvicorn.Config(
-        build_app(engine, config),
+        app,
         host=config.host,
         port=config.port,
+        http=header_timeout_protocol(config.header_read_timeout_s, header_408s.inc),
         log_config=None,  # our logging setup (epd.cli) covers uvicorn's loggers too
         log_level=config.log_level,
         lifespan="off",
-        timeout_graceful_shutdown=config.shutdown_grace_s,
+        timeout_graceful_shutdown=config.shutdown_grace_s + END_MARGIN_S,  # see _Server.shutdown
+    )
+
+
+def _log_limits(engine: AsyncEngine, state: ServerState) -> None:
+    config, limits = state.config, engine.args.limits
+    max_chars = state.text_bound.max_chars
+    logger.info(
+        "limits: bodies %d bytes each, %d being received at once; headers due in %g s, body "
+        "stalls %g s; images %s pixels; prompt text %s characters",
+        config.max_request_bytes,
+        config.body_buffer_limit,
+        config.header_read_timeout_s,
+        config.body_read_timeout_s,
+        limits.max_image_pixels if limits.max_image_pixels is not None else "any",
+        max_chars if max_chars is not None else "any (no bound for this tokenizer)",
     )
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain, self.grace_s = state.drain, state.config.shutdown_grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, with the drain's end at the grace deadline: open streams then end
+        with an error event and [DONE] on their own, before uvicorn would cancel them (which
+        cuts them mid-stream and logs a traceback each)."""
+        deadline = asyncio.get_running_loop().call_later(self.grace_s, self.drain.end_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+        if self.drain.over:
+            logger.info(
+                "shutdown: ended %d open streams and %d other requests after the %g s grace period",
+                self.drain.ended_streams,
+                self.drain.ended_requests,
+                self.grace_s,
+            )
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:

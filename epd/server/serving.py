@@ -1,14 +1,20 @@
 """Running one generation request end to end, for every endpoint.
 
-    read body (<= max bytes) -> parse -> admit (slot) -> process input in a thread
+    read body (epd.server.body) -> admit (slot) -> process input in a thread (epd.server.preprocess)
       -> params -> engine.generate -> first output  ....... errors so far: a plain 4xx/5xx
       -> stream:     SSE chunks ... [DONE]            ....... later errors: an SSE error event
          otherwise:  one JSON body
 
 Cancellation is how a request stops: a client that goes away (noticed while we wait, or
-by Starlette while streaming) cancels the work, which closes `engine.generate`, which
-aborts the request in the engine so its KV and MM blocks return to the pool. The slot is
-released on every path (`Slot.release` is idempotent).
+by Starlette while streaming) cancels the work, which stops its input processing (the slot
+is held until the thread has stopped) or closes `engine.generate`, which aborts the request
+in the engine so its KV and MM blocks return to the pool. The slot is released on every
+path (`Slot.release` is idempotent).
+
+At shutdown, once the grace period is over (`Drain`), what still runs ends with a 503: a
+waiting request as its answer, a stream as an SSE error event and then `data: [DONE]`. A
+stream reads its outputs through a `_Relay` (a task of its own pumps them into a queue), so
+the drain can wake a stream that waits for its next token by putting its end in that queue.
 """
 
 from __future__ import annotations
@@ -22,25 +28,18 @@ from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
-from epd.server.errors import APIError, bad_request, from_validation_error
+from epd.server.errors import APIError, ClientGone, ShuttingDown, bad_request
 from epd.server.formatting import DeltaTracker, ResponseFormatter
 from epd.server.metrics import RequestTiming
-from epd.server.state import ServerState, Slot
+from epd.server.state import Drain, ServerState, Slot
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
-
-
-class ClientGone(Exception):
-    """The client disconnected; nobody is left to answer."""
 
 
 @dataclass
@@ -50,43 +49,25 @@ class Generation:
     request_id: str
     timing: RequestTiming
     process: Callable[[], ProcessedPrompt]  # CPU work (images, template, tokens): runs in a thread
+    has_images: bool  # picks the worker pool (epd.server.preprocess)
     params: Callable[[int], SamplingParams]  # prompt length -> params; raises APIError
     formatter: ResponseFormatter
     stream: bool
     include_usage: bool
 
 
-async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
-    """The body parsed into `model`: 413 past `max_bytes` (declared or streamed), 400 if invalid."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise _too_large(max_bytes)
-    chunks, total = [], 0
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_bytes:  # chunked uploads declare no length: count as they come
-                raise _too_large(max_bytes)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientGone() from None
-    try:
-        return model.model_validate_json(b"".join(chunks))
-    except ValidationError as e:
-        raise from_validation_error(e) from None
-
-
 async def run_generation(request: Request, state: ServerState, gen: Generation) -> Response:
     slot = state.admission.acquire()
     try:
-        first, outputs = await until_disconnected(request, _start(state, gen, slot))
+        first, outputs = await until_stopped(request, state.drain, _start(state, gen, slot))
     except BaseException:
         slot.release()
         raise
     if gen.stream:
-        return EventStreamResponse(_events(first, outputs, gen), outputs)
+        relay = _Relay(outputs, state.drain)
+        return EventStreamResponse(_events(first, relay, gen, state.drain), relay)
     try:
-        final = await until_disconnected(request, _last(first, outputs))
+        final = await until_stopped(request, state.drain, _last(first, outputs))
     finally:
         await outputs.aclose()
     return JSONResponse(gen.formatter.response(final, gen.timing))
@@ -96,7 +77,7 @@ async def _start(
     state: ServerState, gen: Generation, slot: Slot
 ) -> tuple[RequestOutput, AsyncGenerator[RequestOutput, None]]:
     started = time.time()
-    prompt = await asyncio.to_thread(gen.process)
+    prompt = await state.preprocessing.run(gen.process, gen.has_images)
     params = gen.params(len(prompt.prompt_token_ids))
     gen.timing.preprocess = time.time() - started
     outputs = _tracked(state, prompt, params, gen, slot)
@@ -140,22 +121,28 @@ async def _last(first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> 
     return last
 
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and raising ClientGone) if the client disconnects first."""
+async def until_stopped(request: Request, drain: Drain, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it when the client disconnects first (ClientGone) or the
+    shutdown grace period ends first (ShuttingDown)."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(_disconnected(request))
+    over = asyncio.ensure_future(drain.wait())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, gone, over}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server is stopping this handler
-        task.cancel()
-        watcher.cancel()
+        for future in (task, gone, over):
+            future.cancel()
         raise
-    watcher.cancel()
-    if task in done:
+    gone.cancel()
+    over.cancel()
+    if task.done():
         return task.result()
     task.cancel()
-    await asyncio.wait({task})  # let its cleanup (abort, slot release) run before we return
-    raise ClientGone()
+    await asyncio.wait({task})  # let its cleanup (thread stop, abort, slot release) run first
+    if gone.done() and not gone.cancelled():
+        raise ClientGone()
+    drain.ended_requests += 1
+    raise ShuttingDown()
 
 
 async def _disconnected(request: Request) -> None:
@@ -164,8 +151,49 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class _Relay:
+    """A stream's engine outputs, pumped into a queue by a task of their own.
+
+    Only the pump touches the outputs generator, so closing the relay (cancelling the pump,
+    which aborts the request) is safe from any task; and the drain can end a stream that
+    waits for its next token by queueing ShuttingDown.
+    """
+
+    def __init__(self, outputs: AsyncGenerator[RequestOutput, None], drain: Drain) -> None:
+        self._queue: asyncio.Queue[RequestOutput | Exception | None] = asyncio.Queue()
+        self._drain = drain
+        self._pump = asyncio.ensure_future(self._run(outputs))
+        drain.open_streams.add(self)
+        if drain.over:
+            self.end()
+
+    def end(self) -> None:
+        self._queue.put_nowait(ShuttingDown())
+
+    async def next(self) -> RequestOutput | None:
+        """The next output; None once the outputs ended; raises their error or ShuttingDown."""
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._drain.open_streams.discard(self)
+        self._pump.cancel()
+        await asyncio.wait({self._pump})
+
+    async def _run(self, outputs: AsyncGenerator[RequestOutput, None]) -> None:
+        try:
+            async for out in outputs:
+                self._queue.put_nowait(out)
+        except Exception as err:  # an APIError from _tracked; cancellation passes through
+            self._queue.put_nowait(err)
+        else:
+            self._queue.put_nowait(None)
+
+
 async def _events(
-    first: RequestOutput, outputs: AsyncGenerator[RequestOutput, None], gen: Generation
+    first: RequestOutput, relay: _Relay, gen: Generation, drain: Drain
 ) -> AsyncGenerator[bytes, None]:
     fmt, tracker, last = gen.formatter, DeltaTracker(), first
     try:
@@ -177,13 +205,15 @@ async def _events(
             chunk = fmt.chunk(out, tracker.advance(out), gen.timing)
             if chunk is not None:
                 yield _sse(chunk)
-            out = None if out.finished else await anext(outputs, None)
+            out = None if out.finished else await relay.next()
         if gen.include_usage:
             yield _sse(fmt.usage_chunk(last))
     except APIError as err:  # the status line is sent already: report in the stream, like OpenAI
+        if isinstance(err, ShuttingDown):
+            drain.ended_streams += 1
         yield _sse(err.body())
     finally:
-        await outputs.aclose()
+        await relay.aclose()
     yield DONE
 
 
@@ -191,22 +221,16 @@ def _sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
-
-
 class EventStreamResponse(StreamingResponse):
-    """Server-sent events whose generators are always closed, however the response ends."""
+    """Server-sent events whose generator and relay are always closed, however the response ends."""
 
-    def __init__(
-        self, events: AsyncGenerator[bytes, None], outputs: AsyncGenerator[RequestOutput, None]
-    ) -> None:
+    def __init__(self, events: AsyncGenerator[bytes, None], relay: _Relay) -> None:
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._generators = (events, outputs)
+        self._events, self._relay = events, relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -214,7 +238,7 @@ class EventStreamResponse(StreamingResponse):
         finally:
             # Starlette cancels the stream on disconnect only for ASGI < 2.4 servers; on others
             # a failed write ends it; a client gone before the first chunk may leave `events`
-            # never started (closing it then does nothing). Closing `outputs` too aborts the
+            # never started (closing it then does nothing). Closing the relay too aborts the
             # request now in every case, rather than whenever the garbage collector gets to it.
-            for generator in self._generators:
-                await generator.aclose()
+            await self._events.aclose()
+            await self._relay.aclose()

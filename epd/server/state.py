@@ -1,16 +1,21 @@
-"""What every route shares: the engine, the config, metrics, admission, the media policy.
+"""What every route shares: the engine, the config, metrics, admission, the media policy,
+the body budget, input processing, the prompt text bound and the shutdown drain.
 
 Admission counts requests from the moment they are admitted (body parsed and checked) to
-the end of their generation, input processing included, so a burst of image-heavy
-requests is bounded while it is still decoding images, not only once in the engine.
+the end of their generation, input processing included (until its thread has returned,
+even for a client that left), so a burst of image-heavy requests is bounded while it is
+still decoding images, not only once in the engine. Bodies being read are bounded before
+that, in bytes (epd.server.body).
 All of it runs on the event loop thread: plain ints, no locks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
@@ -19,6 +24,11 @@ from epd.server.config import ServerConfig
 from epd.server.errors import APIError
 from epd.server.media import MediaPolicy
 from epd.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:  # these modules import this one
+    from epd.server.body import BodyBudget
+    from epd.server.preprocess import Preprocessing
+    from epd.server.text_bound import TextBound
 
 
 class Slot:
@@ -59,6 +69,35 @@ class Admission:
         return Slot(self)
 
 
+class Endable(Protocol):
+    """An open stream the drain can end (epd.server.serving._Relay)."""
+
+    def end(self) -> None: ...
+
+
+class Drain:
+    """The end of the shutdown grace period: work still running then ends with a 503 (a stream
+    with an error event and [DONE]) instead of being cut by uvicorn's cancellation."""
+
+    def __init__(self) -> None:
+        self._over = asyncio.Event()
+        self.open_streams: set[Endable] = set()
+        self.ended_streams = 0
+        self.ended_requests = 0  # not streaming yet: waiting for input processing or an answer
+
+    @property
+    def over(self) -> bool:
+        return self._over.is_set()
+
+    def end_all(self) -> None:
+        self._over.set()
+        for stream in list(self.open_streams):
+            stream.end()
+
+    async def wait(self) -> None:
+        await self._over.wait()
+
+
 @dataclass
 class ServerState:
     engine: AsyncEngine
@@ -66,6 +105,10 @@ class ServerState:
     metrics: ServerMetrics
     admission: Admission
     media: MediaPolicy
+    body_budget: BodyBudget
+    preprocessing: Preprocessing
+    text_bound: TextBound
+    drain: Drain
 
     def healthy(self) -> bool:
         return engine_healthy(self.engine)

@@ -10,11 +10,13 @@ import io
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -169,6 +171,48 @@ def wait_until_idle(url: str, timeout: float = 30.0) -> dict[str, dict[tuple, fl
         if time.monotonic() > deadline:
             raise AssertionError(f"still busy after {timeout} s: {busy}")
         time.sleep(0.3)
+
+
+def wait_for_metrics(
+    url: str, condition: Callable[[dict], bool], timeout: float = 60.0, what: str = "a state"
+) -> dict[str, dict[tuple, float]]:
+    """Poll /metrics until `condition(metrics)` holds; return those metrics. Bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if condition(m):
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/metrics did not show {what} within {timeout} s")
+        time.sleep(0.05)
+
+
+def gauge(m: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
+    """A sample's value (0 when absent), its labels matching `labels` exactly."""
+    return m.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def raw_connection(url: str, timeout: float = 30.0) -> socket.socket:
+    """A plain TCP connection to the server, for requests httpx would not send (partial, stalled)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the next response on `sock` (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return int(status_line.split()[1]), headers, body
 
 
 def encode_image(img: Image.Image, fmt: str, **save_kwargs) -> bytes:

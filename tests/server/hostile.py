@@ -139,6 +139,11 @@ def _bad_messages(base: dict) -> list[Case]:
     cases += [Case(f"text {t[:15]!r}", with_(base, messages=[{"role": "user", "content": t}]), expect=200)
               for t in typed]  # fmt: skip
     cases += [Case("text 'word word '", with_(base, messages=[{"role": "user", "content": "word " * 3000}]))]
+    # Past the limits checked before validation (epd.server.shape) or tokenizing (text_bound).
+    cases.append(Case("2049 messages", with_(base, messages=[{"role": "user", "content": "hi"}] * 2049)))
+    cases.append(Case("4097 parts", with_content(base, *[{"type": "text", "text": "a"}] * 4097)))
+    too_long = [{"role": "user", "content": "w" * 50_000}]  # more characters than 1024 tokens hold
+    cases.append(Case("text past the character bound", with_(base, messages=too_long)))
     return cases
 
 
@@ -182,7 +187,7 @@ def _bad_completions(base: dict) -> list[Case]:
         ("prompt", 5), ("prompt", None), ("prompt", []), ("prompt", [[1, 2], [3]]), ("prompt", ["a", "b"]),
         ("prompt", [2**40]), ("prompt", [-1]), ("prompt", [10**6]), ("prompt", "<|image_pad|>"),
         ("prompt", ""), ("echo", True), ("suffix", "x"), ("best_of", 2), ("logprobs", 21),
-        ("logprobs", True), ("messages", []), ("max_tokens", 2000),
+        ("logprobs", True), ("messages", []), ("max_tokens", 2000), ("prompt", [1] * 5000),
     ]
     # fmt: on
     return [Case(f"completions {k}={v!r:.20}", with_(base, **{k: v}), path=COMPLETIONS) for k, v in changes]

@@ -24,6 +24,7 @@ OPTIONS = [
     "--max-request-bytes", "--allowed-local-media-path", "--allow-remote-media", "--max-queued-requests",
     "--max-model-len", "--block-size", "--num-kv-blocks", "--kv-cache-memory-bytes", "--mm-cache-bytes",
     "--max-num-seqs", "--max-num-batched-tokens", "--dtype", "--load-format", "--seed", "--shutdown-timeout",
+    "--header-read-timeout", "--body-read-timeout", "--max-buffered-request-bytes",
 ]  # fmt: skip
 
 
@@ -95,6 +96,15 @@ def test_defaults_match_engine_args():
 )
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
+
+
+def test_inconsistent_limits_are_refused_before_starting(checkpoints):
+    model = str(checkpoints["qwen2_5_vl"])
+    result = run_cli(
+        "serve", "--model", model, "--max-request-bytes", "2MiB", "--max-buffered-request-bytes", "1MiB"
+    )
+    assert result.returncode == 2
+    assert "max_buffered_request_bytes" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_layout_fails_fast_without_a_traceback(checkpoints):

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from .conftest import API_KEY, MODEL_NAME
-from .helpers import ServerProcess, image_message, wait_until_idle
+from .helpers import ServerProcess, gauge, image_message, wait_for_metrics, wait_until_idle
 
 NUM_STREAMS = 20
 MAX_TOKENS = 900  # prompt + this fits the main server's 1024-token context
@@ -51,8 +51,8 @@ def decode_steps(m: dict) -> float:
 
 
 def assert_nothing_runs(m: dict) -> None:
-    for gauge in ("epd_instance_running_requests", "epd_instance_waiting_requests"):
-        assert not any(m[gauge].values()), m[gauge]
+    for name in ("epd_instance_running_requests", "epd_instance_waiting_requests"):
+        assert not any(m[name].values()), m[name]
 
 
 def test_dropped_streams_free_their_blocks(server: ServerProcess):
@@ -66,25 +66,35 @@ def test_dropped_streams_free_their_blocks(server: ServerProcess):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
-async def post_and_drop(url: str, i: int) -> None:
+def decoding(n: int):
+    """All `n` requests decoding, and none finished (a finished one leaves admission at once)."""
+    return lambda m: (
+        gauge(m, "epd_requests_admitted") == n
+        and gauge(m, "epd_instance_running_requests", instance="D0") == n
+    )
+
+
+async def post_and_drop(url: str, n: int) -> list[asyncio.Task]:
+    """Send `n` non-streaming requests; hang up once the server reports all of them decoding."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
-        request = http.post("/v1/chat/completions", json=long_request(i, stream=False))
-        try:
-            await asyncio.wait_for(request, 1.5)  # the answer would take far longer: give up
-        except asyncio.TimeoutError:
-            pass
+        body = [long_request(100 + i, stream=False) for i in range(n)]
+        posts = [asyncio.ensure_future(http.post("/v1/chat/completions", json=b)) for b in body]
+        await asyncio.to_thread(wait_for_metrics, url, decoding(n), 60, f"{n} requests decoding")
+        for post in posts:
+            post.cancel()
+        await asyncio.gather(*posts, return_exceptions=True)
+        return posts
 
 
 def test_dropped_non_streaming_requests_are_aborted(server: ServerProcess):
-    async def run() -> None:
-        await asyncio.gather(*(post_and_drop(server.url, 100 + i) for i in range(5)))
-
     before = wait_until_idle(server.url)
-    asyncio.run(run())
+    posts = asyncio.run(post_and_drop(server.url, 5))
+    assert all(post.cancelled() for post in posts), "a request was answered before its client left"
     after = wait_until_idle(server.url, timeout=60)
     assert_nothing_runs(after)
-    assert decode_steps(after) - decode_steps(before) < MAX_TOKENS / 2, "dropped requests kept decoding"
+    # None had finished when its client left; run to its end, one would take MAX_TOKENS - 1 steps.
+    assert decode_steps(after) - decode_steps(before) < MAX_TOKENS - 1, "dropped requests kept decoding"
     key = (("endpoint", "/v1/chat/completions"), ("status", "499"))
     assert after["epd_http_requests_total"][key] - before["epd_http_requests_total"].get(key, 0) == 5
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200

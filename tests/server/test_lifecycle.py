@@ -17,10 +17,19 @@ import pytest
 
 from epd.testing.images import noise_image
 
-from .helpers import ServerProcess, alive, encode_image, image_message, wait_until_idle
+from .helpers import (
+    ServerProcess,
+    alive,
+    encode_image,
+    gauge,
+    image_message,
+    wait_for_metrics,
+    wait_until_idle,
+)
 
 NAME = "tiny-1epd"
 LONG = {"model": NAME, "prompt": "count with me", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+HOLDER = {**LONG, "max_tokens": 1000}  # holds an admission slot while the burst arrives
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +43,26 @@ def small_server(model: str, tmp_path_factory: pytest.TempPathFactory) -> Server
         srv.stop()
 
 
-async def burst(url: str, n: int) -> list[httpx.Response]:
+async def burst(url: str, n: int) -> tuple[list[httpx.Response], list[httpx.Response]]:
+    """Two long requests fill admission (the server says so), then `n` more arrive."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        return await asyncio.gather(*(http.post("/v1/completions", json=LONG) for _ in range(n)))
+        holders = [asyncio.ensure_future(http.post("/v1/completions", json=HOLDER)) for _ in range(2)]
+        await asyncio.to_thread(
+            wait_for_metrics, url, lambda m: gauge(m, "epd_requests_admitted") == 2, 60, "admission full"
+        )
+        refused = await asyncio.gather(*(http.post("/v1/completions", json=LONG) for _ in range(n)))
+        return list(refused), list(await asyncio.gather(*holders))
 
 
 def test_full_admission_answers_429_and_loses_nothing(small_server: ServerProcess):
-    responses = asyncio.run(burst(small_server.url, 8))
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
-    for r in responses:
-        if r.status_code == 429:
-            assert int(r.headers["Retry-After"]) >= 1
-            assert r.json()["error"]["code"] == "rate_limit_exceeded"
-        else:
-            choice = r.json()["choices"][0]
-            assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 300
+    refused, served = asyncio.run(burst(small_server.url, 6))
+    for r in refused:  # the holders are still admitted: a finished one would have left admission
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    for r in served:
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 1000
     wait_until_idle(small_server.url)
     assert httpx.post(small_server.url + "/v1/completions", json=LONG, timeout=60).status_code == 200
 
@@ -99,10 +112,9 @@ def test_sigint_drains_in_flight_stream_then_exits_0(small_server: ServerProcess
     with httpx.stream("POST", small_server.url + "/v1/chat/completions", json=body, timeout=60) as resp:
         lines = resp.iter_lines()
         events.append(next(line for line in lines if line.startswith("data: ")))
+        wait_for_metrics(small_server.url, lambda m: gauge(m, "epd_requests_admitted") == 1)  # running
         small_server.proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # no longer accepting
-            httpx.get(small_server.url + "/health", timeout=5)
+        wait_until_refused(small_server.url + "/health")  # no longer accepting
         events += [line for line in lines if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
@@ -113,3 +125,14 @@ def test_sigint_drains_in_flight_stream_then_exits_0(small_server: ServerProcess
     while alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(children)
+
+
+def wait_until_refused(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=5)
+        except httpx.ConnectError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} still accepted connections {timeout} s after SIGINT")
