@@ -74,8 +74,12 @@ class ModelRunner:
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         """Flat cache rows (block * block_size + offset) of tokens start..end-1, on the device."""
         bs = self.block_size
+        # dtype given: with nothing to copy (a hand-off whose KV D's prefix cache already holds
+        # in full) an empty list would make a float tensor, which index_copy_ refuses.
         return torch.tensor(
-            [block_table[i // bs] * bs + i % bs for i in range(start, end)], device=self.device
+            [block_table[i // bs] * bs + i % bs for i in range(start, end)],
+            dtype=torch.long,
+            device=self.device,
         )
 
     def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:

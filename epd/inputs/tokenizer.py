@@ -72,7 +72,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, special tokens in the text included, none added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return _encode(self._tok, text).ids
 
     def encode_with_literal_spans(self, text: str, literal_spans: Sequence[tuple[int, int]]) -> list[int]:
         """Token ids of `text` where special tokens count only outside `literal_spans`.
@@ -128,7 +128,7 @@ class Tokenizer:
 
     def _special_tokens(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, id) of each special token in `text`, found by the tokenizer itself."""
-        encoding = self._tok.encode(text, add_special_tokens=False)
+        encoding = _encode(self._tok, text)
         return [
             (start, end, i)
             for i, (start, end) in zip(encoding.ids, encoding.offsets)
@@ -144,7 +144,7 @@ class Tokenizer:
                 yield region_start + start, region_start + end, token_id
 
     def _encode_literal(self, text: str) -> list[int]:
-        return self._literal.encode(text, add_special_tokens=False).ids if text else []
+        return _encode(self._literal, text).ids if text else []
 
     @cached_property
     def _literal(self) -> tokenizers.Tokenizer:
@@ -155,6 +155,12 @@ class Tokenizer:
         literal = tokenizers.Tokenizer.from_str(self._tok.to_str())
         literal.encode_special_tokens = True
         return literal
+
+
+def _encode(tok: tokenizers.Tokenizer, text: str) -> tokenizers.Encoding:
+    # encode_batch releases the GIL while it works (encode does not): a long prompt tokenized on
+    # a server thread then no longer stalls the event loop and every other request.
+    return tok.encode_batch([text], add_special_tokens=False)[0]
 
 
 def _gaps(length: int, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
