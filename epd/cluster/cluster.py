@@ -20,7 +20,7 @@ from epd.clock import WALL_CLOCK
 from epd.cluster.instance import InstanceConfig, instance_main
 from epd.cluster.layout import InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
-from epd.cluster.router import InstanceHandle, Router
+from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.spawn import (
     children_report_to,
     exited_during_startup,
@@ -103,7 +103,8 @@ class Cluster:
         except BaseException:
             self.shutdown()
             raise
-        self.router = Router(handles, self.inbox)
+        addresses = {h.name: h.ready.control_address for h in handles}
+        self.router = Router(handles, ZmqControlPlane(self.ctx, self.inbox, addresses))
         placed = ", ".join(f"{h.name}@{h.spec.device} (pid {h.ready.pid})" for h in handles)
         logger.info("layout %s ready: %s", layout.text, placed)
 
@@ -121,12 +122,9 @@ class Cluster:
                     self._take_reports_of_the_dead(ready)
                     raise exited_during_startup(spec.name, proc.exitcode)
             self._take_startup_message(ready, 0.2)
-        handles = []
-        for spec, proc in zip(specs, self.processes):
-            socket = self.ctx.socket(zmq.PUSH)
-            socket.connect(ready[spec.name].control_address)
-            handles.append(InstanceHandle(spec, socket, ready[spec.name], proc.is_alive))
-        return handles
+        return [
+            InstanceHandle(spec, ready[spec.name], proc.is_alive) for spec, proc in zip(specs, self.processes)
+        ]
 
     def _take_startup_message(self, ready: dict[str, InstanceReady], timeout_s: float) -> bool:
         """Wait up to timeout_s for one start-up message and take it (raising with the error of an
@@ -186,9 +184,9 @@ class Cluster:
         """Stop every instance process. Idempotent."""
         if not self._finalizer.alive:
             return
-        for handle in getattr(getattr(self, "router", None), "instances", {}).values():
-            if handle.alive:
-                handle.send(Shutdown())
+        router = getattr(self, "router", None)  # None when start-up failed
+        if router is not None:
+            router.broadcast(Shutdown())
         deadline = WALL_CLOCK.monotonic() + SHUTDOWN_GRACE_S
         for proc in self.processes:
             proc.join(timeout=max(0.0, deadline - WALL_CLOCK.monotonic()))

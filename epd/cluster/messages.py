@@ -61,7 +61,17 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToInstance = EncodeTask | PrefillTask | ReleaseEmbedding | AbortRequest | Shutdown
+class SetRoles(msgspec.Struct, tag=True):
+    """Hold exactly these roles from now on ("PD", "D"...); the instance answers with `SetRolesReply`.
+
+    Only the mechanism: a role is added or removed when the stages it affects are idle and the
+    instance loaded the weights it needs; otherwise the instance refuses and keeps its roles.
+    """
+
+    roles: str  # role letters, any order
+
+
+ToInstance = EncodeTask | PrefillTask | ReleaseEmbedding | AbortRequest | Shutdown | SetRoles
 
 # ---- received by the router ------------------------------------------------------------------
 
@@ -131,6 +141,14 @@ class RequestError(msgspec.Struct, tag=True):
     error: str
 
 
+class SetRolesReply(msgspec.Struct, tag=True):
+    """The answer to `SetRoles`: the roles the instance holds now; `error` says why it refused."""
+
+    instance: str
+    roles: str  # canonical letters ("PD"): the new roles, or the unchanged ones when refused
+    error: str | None = None
+
+
 ToRouter = (
     InstanceReady
     | InstanceFailed
@@ -140,6 +158,7 @@ ToRouter = (
     | RequestUpdate
     | RequestError
     | InstanceStats
+    | SetRolesReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

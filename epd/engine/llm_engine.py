@@ -22,6 +22,7 @@ import torch
 from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
+from epd.engine.embedders import CachedEmbeddings, NoEmbeddings
 from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
 from epd.engine.mm_cache import MMCache
@@ -187,6 +188,19 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def rewire(self, handoff: HandOff | None, layer_sink: LayerSink | None, mm_cache: MMCache | None) -> None:
+        """Point an idle engine at new neighbours (a role switch), keeping weights and caches: what
+        happens after the first token (`handoff`, `layer_sink`, as in the constructor) and where
+        embeddings come from (`mm_cache`; a vision tower in this process stays the source)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("an engine can be rewired only while it holds no request")
+        self.handoff = handoff
+        self.streamer = NoLayerStreaming()
+        if layer_sink is not None and handoff is not None:
+            self.streamer = LayerStreamer(self.runner, layer_sink)
+        if isinstance(self.runner.embedder, (CachedEmbeddings, NoEmbeddings)):
+            self.runner.embedder = CachedEmbeddings(mm_cache) if mm_cache is not None else NoEmbeddings()
 
     # ---- as an entry point's backend (epd.entrypoints.backend): one instance, in this process ----
 

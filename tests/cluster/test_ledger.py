@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from epd.cluster.layout import Role
-from epd.cluster.ledger import LoadLedger, Work
+from epd.cluster.router.ledger import LoadLedger, Work
 
 INSTANCES = ["E0", "E1", "P0", "D0", "PD0"]
 works = st.builds(

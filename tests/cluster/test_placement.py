@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epd.cluster.layout import Layout, Role
-from epd.cluster.ledger import LoadLedger, Work
-from epd.cluster.placement import (
+from epd.cluster.router.ledger import LoadLedger, Work
+from epd.cluster.router.placement import (
     EncodeAffinity,
     ImageToEncode,
     KeepOnPrefill,

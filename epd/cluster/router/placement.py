@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from epd.cluster.layout import InstanceSpec, Role
-from epd.cluster.ledger import LoadLedger
+from epd.cluster.router.ledger import LoadLedger
 
 
 def no_candidate(role: Role) -> RuntimeError:

@@ -1,0 +1,33 @@
+"""What one instance is started with (frozen: roles changed at run time live in the core, not here)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from epd.cluster.layout import InstanceSpec, Role
+from epd.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    spec: InstanceSpec
+    engine: EngineConfig
+    router_address: str
+    transfer: str = "shm"
+    host: str = "127.0.0.1"
+    mm_cache_bytes: int = 256 << 20
+    mm_block_size: int = 16
+    max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch
+    num_threads: int = 1
+    kv_streaming: str = "request"  # "layer": P sends each layer's KV as prefill writes it (see cluster)
+    parent_pid: int = field(default_factory=os.getpid)
+
+    @property
+    def name(self) -> str:
+        """The instance's id: its name at start ("P0"), kept when its roles change later."""
+        return self.spec.name
+
+    def has(self, role: Role) -> bool:
+        """Whether the instance was *started* with `role` (its roles now: `InstanceCore.roles`)."""
+        return role in self.spec.roles

@@ -1,0 +1,122 @@
+"""The decode stage: continues requests whose KV a prefill instance handed off.
+
+What arrives through the connector, per request (order and formats: epd.cluster.kv_handoff):
+`kvl:` layer parts (layer-wise streaming) held in `LayerParts`, then one `kv:` message that
+completes the KV (or discards it) and starts the request in the shared engine. An abort can
+overtake the KV (different paths), so the stage remembers aborts of requests it has not seen
+(`AbortedBeforeKV`) and drops their KV on arrival instead of decoding for nobody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import torch
+
+from epd.clock import Clock
+from epd.cluster.instance.engine_host import EngineHost
+from epd.cluster.instance.stage import Outbox, StageManager
+from epd.cluster.instance.task_prompt import prompt_from_task
+from epd.cluster.kv_handoff import LAYER_KEY, AbortedBeforeKV, LayerParts
+from epd.cluster.messages import PrefillTask, RequestError
+from epd.engine.request import Request
+from epd.lifetime import Event
+from epd.outputs import PositionLogprobs
+from epd.sampling_params import SamplingParams
+from epd.transfer.base import Received
+
+
+class DecodeStage(StageManager):
+    def __init__(
+        self,
+        instance_id: str,
+        llm: EngineHost,
+        outbox: Outbox,
+        clock: Clock,
+        waiting_elsewhere: Callable[[str], bool] = lambda request_id: False,
+    ) -> None:
+        """`waiting_elsewhere`: whether another stage of this instance holds the request before the
+        engine does (a PD instance's prefill waiting for embeddings): no KV will come for it then."""
+        self.instance_id, self.llm, self.outbox, self.clock = instance_id, llm, outbox, clock
+        self.waiting_elsewhere = waiting_elsewhere
+        self.kv_parts = LayerParts()  # streamed layers waiting for their hand-off
+        self.aborted_before_kv = AbortedBeforeKV()  # their late KV is dropped
+
+    def on_transfer(self, received: Received) -> None:
+        """A `kvl:` layer part or the `kv:` hand-off of a request."""
+        if received.key.startswith(LAYER_KEY):
+            if received.meta["request_id"] not in self.aborted_before_kv:
+                self.kv_parts.add(received)
+        else:
+            self._kv_arrived(received)
+
+    def abort(self, request_id: str) -> None:
+        """Runs before the engine forgets the request: whether its KV may still come depends on that."""
+        if self._may_still_receive_kv(request_id):
+            self.aborted_before_kv.remember(request_id)
+        self.kv_parts.drop(request_id)
+
+    def busy_requests(self) -> int:
+        return len(self.kv_parts.parts)
+
+    def stats(self) -> dict[str, float]:
+        return {**self.kv_parts.stats(), **self.aborted_before_kv.stats()}
+
+    def _may_still_receive_kv(self, request_id: str) -> bool:
+        """A decode instance that does not run the request yet may still get its KV from P: the
+        abort and the KV take different paths, so the abort can overtake it."""
+        return request_id not in self.llm.engine.requests and not self.waiting_elsewhere(request_id)
+
+    def _kv_arrived(self, received: Received) -> None:
+        rid = received.meta["request_id"]
+        if self.aborted_before_kv.drop_handoff(rid):
+            self.kv_parts.drop(rid)
+            return  # the router finished it as aborted already: nothing to report
+        try:
+            kv = self.kv_parts.complete(received)
+        except ValueError as err:
+            self.outbox.send(RequestError(self.instance_id, rid, f"KV transfer incomplete: {err}"))
+            return
+        if kv is None:
+            return  # a discard notice: the request ended at its first token on P
+        try:
+            request = self._continue(received, kv)
+        except ValueError as err:
+            self.outbox.send(RequestError(self.instance_id, rid, str(err)))
+            return
+        request.record(Event.KV_TRANSFER_END, self.clock.now(), self.instance_id)
+        self.llm.continues_at(rid, 1)  # the prefill instance reported the first token
+
+    def _continue(self, received: Received, kv: torch.Tensor) -> Request:
+        """Start the handed-off request in the engine, its KV injected (ValueError if it cannot)."""
+        meta = received.meta
+        task = _task_of(meta)
+        logprobs = meta["first_logprobs"]
+        if logprobs is not None:
+            logprobs = msgspec.convert(logprobs, PositionLogprobs, strict=False)
+        return self.llm.engine.add_handoff(
+            task.request_id,
+            prompt_from_task(task),
+            task.params,
+            meta["first_token"],
+            logprobs,
+            kv,
+            received.tensors.get("generator_state"),
+            task.arrival_time,
+        )
+
+
+def _task_of(meta: dict) -> PrefillTask:
+    """The request a hand-off's meta describes (epd.cluster.kv_handoff.handoff_meta)."""
+    return PrefillTask(
+        meta["request_id"],
+        meta["prompt_token_ids"],
+        [tuple(p) for p in meta["placeholders"]],
+        meta["image_hashes"],
+        [tuple(g) for g in meta["grids"]],
+        msgspec.convert(meta["params"], SamplingParams),
+        meta["arrival_time"],
+        None,
+        meta["prompt"],
+    )

@@ -1,0 +1,78 @@
+"""The encode stage of an encoder-only instance: the `EncoderWorker` (epd.cluster.encoder_worker).
+
+An instance that also prefills (EP, EPD) has no encode stage: its engine encodes its own
+requests' images in-process (epd.cluster.instance.engine_host).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epd.clock import Clock
+from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
+from epd.cluster.instance.config import InstanceConfig
+from epd.cluster.instance.stage import Outbox, StageManager
+from epd.cluster.messages import EncodeTask, ReleaseEmbedding
+from epd.cluster.stats import mm_cache_stats
+from epd.engine.mm_cache import MMCache
+from epd.models.loader import build_model
+from epd.models.qwen2_vl import VISION
+from epd.transfer.base import Connector
+
+
+class EncodeStage(StageManager):
+    def __init__(self, worker: EncoderWorker, outbox: Outbox) -> None:
+        self.worker, self.outbox = worker, outbox
+
+    def on_message(self, msg: object) -> None:
+        if isinstance(msg, EncodeTask):
+            self.worker.add(msg)
+        elif isinstance(msg, ReleaseEmbedding):
+            self.worker.release(msg.content_hash)
+
+    def step(self) -> None:
+        for done in self.worker.step():
+            self.outbox.send(done)
+
+    def has_work(self) -> bool:
+        return bool(self.worker.has_work() or self.worker.done)
+
+    def busy_requests(self) -> int:
+        return len(self.worker.queue)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            **mm_cache_stats(self.worker.cache),
+            "encode_queue_images": len(self.worker.queue),
+            "images_encoded_total": self.worker.num_encoded,
+        }
+
+
+def build_encoder_worker(
+    cfg: InstanceConfig,
+    cache: MMCache,
+    connector: Connector,
+    decode_pixels: PixelDecoder,
+    clock: Clock,
+) -> EncoderWorker:
+    """The vision tower alone (no language weights) and its worker."""
+    mc = cfg.engine.model
+    device = torch.device(cfg.engine.device)
+    model = build_model(
+        mc.model,
+        parts=frozenset({VISION}),
+        dtype=mc.torch_dtype,
+        device=device,
+        load_format=mc.load_format,
+        seed=mc.seed,
+    )
+    return EncoderWorker(
+        model,
+        cache,
+        connector,
+        device,
+        cfg.name,
+        decode_pixels,
+        cfg.max_encode_batch_patches,
+        clock=clock,
+    )

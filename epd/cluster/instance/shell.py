@@ -1,0 +1,126 @@
+"""The production shell of an instance: a process that gives its core ZMQ sockets and a connector.
+
+The loop blocks on a poller over the control socket and the connector, so an idle instance uses
+no CPU; it exits when told to (`Shutdown`), or when its parent process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import msgspec
+import torch
+import zmq
+
+from epd.clock import WALL_CLOCK, Clock
+from epd.cluster.instance.config import InstanceConfig
+from epd.cluster.instance.core import InstanceCore
+from epd.cluster.layout import Role
+from epd.cluster.messages import InstanceFailed, decode_for_instance, encode
+from epd.engine.llm_engine import LLMEngine
+from epd.transfer.base import Connector
+from epd.transfer.base import create_connector as make_connector
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 200  # only bounds how fast a lost parent is noticed; work wakes the poller
+
+
+def instance_main(cfg: InstanceConfig) -> None:
+    """Process entry point: build, report ready, serve until shutdown."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s")
+    torch.set_num_threads(cfg.num_threads)
+    if torch.device(cfg.engine.device).type == "cuda":
+        # Triton launches on the current device, whatever its pointers say: make it this instance's.
+        torch.cuda.set_device(torch.device(cfg.engine.device))
+    ctx = zmq.Context()
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(cfg.router_address)
+    try:
+        instance = Instance(cfg, ctx, outbox)
+    except Exception:
+        outbox.send(encode(InstanceFailed(cfg.name, traceback.format_exc())))
+        outbox.close(linger=2000)
+        # Returns once the report is out (the parent reads it after seeing this exit); whatever the
+        # failed construction left open is closed at once.
+        ctx.destroy(linger=0)
+        raise SystemExit(1) from None
+    try:
+        instance.serve()
+    finally:
+        instance.close()
+        ctx.destroy(linger=0)
+
+
+class SocketOutbox:
+    """The core's outbox in a process: a PUSH socket to the router."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.socket.send(encode(message))
+
+
+class Instance:
+    """An `InstanceCore` behind a control inbox (PULL, bound here) and an outbox to the router."""
+
+    def __init__(
+        self, cfg: InstanceConfig, ctx: zmq.Context, outbox: zmq.Socket, clock: Clock = WALL_CLOCK
+    ) -> None:
+        self.cfg, self.name, self.outbox = cfg, cfg.name, outbox
+        self.inbox = ctx.socket(zmq.PULL)
+        port = self.inbox.bind_to_random_port(f"tcp://{cfg.host}")
+        self.control_address = f"tcp://{cfg.host}:{port}"
+        # An instance that does everything moves nothing between instances.
+        all_roles = all(cfg.has(role) for role in (Role.ENCODE, Role.PREFILL, Role.DECODE))
+        connector = make_connector(
+            "local" if all_roles else cfg.transfer, device=cfg.engine.device, host=cfg.host
+        )
+        self.core = InstanceCore(cfg, connector, SocketOutbox(outbox), clock)
+
+    @property
+    def connector(self) -> Connector:
+        return self.core.connector
+
+    @property
+    def engine(self) -> LLMEngine | None:
+        return self.core.engine
+
+    def stats(self) -> dict[str, float]:
+        return self.core.stats()
+
+    def serve(self) -> None:
+        self.core.outbox.send(self.core.ready_message(self.control_address))
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        for handle in self.connector.pollables():
+            poller.register(handle, zmq.POLLIN)
+        while not self.core.stopping:
+            poller.poll(0 if self.core.has_work() else IDLE_POLL_MS)
+            self.run_once()
+            if os.getppid() != self.cfg.parent_pid:
+                logger.warning("parent process is gone; exiting")
+                return
+
+    def run_once(self) -> None:
+        """One turn of the loop, without waiting: what arrived (control first, then transfers), one
+        step, stats when due. Tests drive an instance with it, in an order they choose."""
+        self._receive_control()
+        self.core.receive_transfers()
+        self.core.step()
+
+    def _receive_control(self) -> None:
+        while True:
+            try:
+                data = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.core.on_message(decode_for_instance(data))
+
+    def close(self) -> None:
+        self.connector.close()
+        self.inbox.close(linger=0)
+        self.outbox.close(linger=1000)

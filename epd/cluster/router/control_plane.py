@@ -1,0 +1,85 @@
+"""How control messages travel between the router and its instances: a `ControlPlane`.
+
+| plane                  | send(instance, message)       | receive(timeout_s)                      | used by |
+|------------------------|-------------------------------|-----------------------------------------|---------|
+| `ZmqControlPlane`      | msgpack on a PUSH socket to   | waits up to timeout_s on the PULL inbox | Cluster |
+|                        | the instance's control inbox  | for the first message, then drains it   |         |
+| `InMemoryControlPlane` | onto the instance's queue     | everything queued, never waits          | tests,  |
+|                        |                               |                                         | the sim |
+
+The router core never touches a plane: it returns (instance, message) pairs and the shell sends them.
+Bulk tensors never travel here (epd.cluster.messages).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Protocol
+
+import zmq
+
+from epd.cluster.messages import ToInstance, ToRouter, decode_for_router, encode
+
+
+class ControlPlane(Protocol):
+    def send(self, instance: str, message: ToInstance) -> None:
+        """Queue `message` for `instance` (never blocks on the instance reading it)."""
+        ...
+
+    def receive(self, timeout_s: float) -> list[ToRouter]:
+        """Every message for the router that arrived, in arrival order (per sender: in send order),
+        waiting up to timeout_s for the first; [] if none came."""
+        ...
+
+
+class ZmqControlPlane:
+    """One PUSH socket per instance (to its control inbox) and the router's PULL inbox."""
+
+    def __init__(self, context: zmq.Context, inbox: zmq.Socket, addresses: Mapping[str, str]) -> None:
+        self.inbox = inbox
+        self._outboxes: dict[str, zmq.Socket] = {}
+        for instance, address in addresses.items():
+            socket = context.socket(zmq.PUSH)
+            socket.connect(address)
+            self._outboxes[instance] = socket
+
+    def send(self, instance: str, message: ToInstance) -> None:
+        self._outboxes[instance].send(encode(message))
+
+    def receive(self, timeout_s: float) -> list[ToRouter]:
+        if not self.inbox.poll(max(0, round(timeout_s * 1000))):
+            return []
+        messages = []
+        while True:
+            try:
+                data = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            messages.append(decode_for_router(data))
+
+
+class InMemoryControlPlane:
+    """Queues in this process: the instances' side is `post` (to the router) and `take_sent`."""
+
+    def __init__(self) -> None:
+        self._inbox: deque[ToRouter] = deque()
+        self._sent: dict[str, deque[ToInstance]] = {}
+
+    def send(self, instance: str, message: ToInstance) -> None:
+        self._sent.setdefault(instance, deque()).append(message)
+
+    def receive(self, timeout_s: float = 0.0) -> list[ToRouter]:
+        # Never waits: in one thread nothing can arrive meanwhile (a simulator advances its clock).
+        messages = list(self._inbox)
+        self._inbox.clear()
+        return messages
+
+    def post(self, message: ToRouter) -> None:
+        """An instance sends `message` to the router."""
+        self._inbox.append(message)
+
+    def take_sent(self, instance: str) -> list[ToInstance]:
+        """What the router sent `instance` since the last call, in order."""
+        queue = self._sent.pop(instance, deque())
+        return list(queue)

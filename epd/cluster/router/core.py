@@ -1,0 +1,344 @@
+"""The router core: every request's lifecycle as a pure state machine (no sockets, time from a Clock).
+
+    add_request --PrefillTask--> P ...NeedEmbeddings--> router --EncodeTask(s)--> E(s)
+    E --embeddings (connector)--> P --EmbeddingArrived--> router --ReleaseEmbedding--> E
+    P --first token (RequestUpdate)--> router;  P --KV (connector)--> D --tokens--> router
+
+Each call (`add_request`, `abort`, `handle` a message, `tick` for liveness) returns the messages to
+send as `Outgoing(instance, message)`; outputs of the requests that advanced pile up until
+`take_outputs`. A shell (`shell.Router`) delivers both; tests drive the core by hand.
+
+What it leaves to others, and what it keeps:
+- A request's stages: `lifecycle.py` (the table of stages and transitions).
+- Where work goes: `placement.py` (least-loaded P, D kept on a P that decodes, IRP spread of images
+  over encoders with cache affinity). Every part of a request goes to its one P, which joins them.
+- What each instance holds: `ledger.py`, one reservation per piece of work, reserved when sent,
+  released when done; a request that ends releases whatever it still holds.
+- A dead instance fails the requests holding work on it, with the reason; the rest carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from epd.clock import WALL_CLOCK, Clock
+from epd.cluster.layout import InstanceSpec, Role
+from epd.cluster.messages import (
+    AbortRequest,
+    EmbeddingArrived,
+    EncodeDone,
+    EncodeItem,
+    EncodeTask,
+    InstanceFailed,
+    InstanceReady,
+    InstanceStats,
+    NeedEmbeddings,
+    PrefillTask,
+    ReleaseEmbedding,
+    RequestError,
+    RequestUpdate,
+    ToInstance,
+)
+from epd.cluster.router.ledger import LoadLedger, Work
+from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
+from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement
+from epd.inputs.types import ImageInput, ProcessedPrompt
+from epd.lifetime import Event, LifetimeEvent
+from epd.outputs import RequestMetrics, RequestOutput
+from epd.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceHandle:
+    """What the router knows of one instance: its spec, its ready report, and whether it lives.
+
+    `is_alive` probes the instance (its process, in production); `tick` reads it.
+    """
+
+    spec: InstanceSpec
+    ready: InstanceReady
+    is_alive: Callable[[], bool]
+    alive: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def has(self, role: Role) -> bool:
+        return role in self.spec.roles
+
+
+class Outgoing(NamedTuple):
+    instance: str
+    message: ToInstance
+
+
+class RouterCore:
+    def __init__(
+        self,
+        instances: list[InstanceHandle],
+        clock: Clock = WALL_CLOCK,
+        placement: Placement | None = None,
+    ) -> None:
+        self.clock = clock
+        self.placement = placement or Placement()
+        self.ledger = LoadLedger()
+        self.affinity = EncodeAffinity()
+        self.instances = {h.name: h for h in instances}
+        self.by_data_address = {h.ready.data_address: h for h in instances}
+        self.requests: dict[str, RequestRecord] = {}
+        self.stats = {"encode_items": 0, "encode_cache_hits": 0}
+        self.instance_stats: dict[str, dict[str, float]] = {}
+        self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
+        self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
+        self._outbox: list[Outgoing] = []
+        self._handlers = {
+            NeedEmbeddings: self._dispatch_encodes,
+            EncodeDone: self._encode_done,
+            EmbeddingArrived: self._embedding_arrived,
+            RequestUpdate: self._update,
+            RequestError: self._error,
+            InstanceFailed: self._instance_failed,
+            InstanceStats: self._stats,
+        }
+
+    # ---- the interface: each call returns what to send ----------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> list[Outgoing]:
+        """Place a new request and send its PrefillTask; ValueError if the id is taken or it is too long."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(prompt.prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt.prompt_token_ids)} tokens; the maximum is {self.max_model_len - 1}"
+            )
+        prefill, decode = self._place()
+        metrics = RequestMetrics(arrival_time=arrival_time or self.clock.now())
+        metrics.events.append(LifetimeEvent(Event.ARRIVED, metrics.arrival_time))
+        record = RequestRecord(request_id, prompt, params, metrics, prefill.name, decode.name)
+        self.requests[request_id] = record
+        self.ledger.reserve(Work(request_id, Role.PREFILL), prefill.name, len(prompt.prompt_token_ids))
+        self.ledger.reserve(Work(request_id, Role.DECODE), decode.name, 1)
+        self._send(prefill.name, _prefill_task(record, prefill, decode))
+        return self._take_outbox()
+
+    def abort(self, request_id: str) -> list[Outgoing]:
+        """End a request as aborted, telling its instances; a no-op for an unknown or ended one."""
+        record = self.requests.get(request_id)
+        if record is not None:
+            self._abort_on_instances(record)
+            self._end(record, Trigger.ABORT, "abort")
+        return self._take_outbox()
+
+    def handle(self, message: object) -> list[Outgoing]:
+        """Take one message from an instance; messages the router does not act on are ignored."""
+        handler = self._handlers.get(type(message))
+        if handler is not None:
+            try:
+                handler(message)
+            except IllegalTransition as err:
+                self._contain(message, err)
+        return self._take_outbox()
+
+    def _contain(self, message: object, err: IllegalTransition) -> None:
+        """A message that breaks its request's lifecycle is a bug somewhere; it fails that request
+        alone, never the router that every other request depends on."""
+        logger.error("%s (%s from %s)", err, type(message).__name__, getattr(message, "instance", "?"))
+        record = self.requests.get(getattr(message, "request_id", ""))
+        if record is not None:
+            self._fail(record, f"internal error: {err}")
+
+    def tick(self) -> list[Outgoing]:
+        """Check every instance still thought alive; a dead one fails the requests holding work on it."""
+        for handle in self.instances.values():
+            if handle.alive and not handle.is_alive():
+                self._instance_down(handle.name, "its process died")
+        return self._take_outbox()
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """The outputs (cumulative) of every request that advanced or ended since the last call."""
+        outputs, self._outputs = list(self._outputs.values()), {}
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- placing ------------------------------------------------------------------------------
+
+    def _place(self) -> tuple[InstanceHandle, InstanceHandle]:
+        live = [h.spec for h in self.instances.values() if h.alive]
+        prefill = self.placement.prefill.choose(live, self.ledger, {})
+        decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
+        return self.instances[prefill.name], self.instances[decode.name]
+
+    def _dispatch_encodes(self, msg: NeedEmbeddings) -> None:
+        record = self.requests.get(msg.request_id)
+        if record is None:
+            return
+        record.advance(Trigger.NEED_IMAGES)
+        # An instance that also prefills encodes only its own requests' images (in-process).
+        live = [h for h in self.instances.values() if h.alive]
+        encoders = [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
+        if not encoders:
+            self._fail(record, "no live encoder instance to encode this request's images")
+            return
+        images = record.prompt.images
+        wanted = [ImageToEncode(i, images[i].content_hash, images[i].num_patches) for i in msg.items]
+        assignment = self.placement.encode.assign(wanted, encoders, self.ledger, self.affinity)
+        tasks: dict[str, list[EncodeItem]] = {}
+        for index, encoder in assignment.items():
+            image = images[index]
+            self.ledger.reserve(Work(record.request_id, Role.ENCODE, index), encoder, image.num_patches)
+            self.affinity.started(image.content_hash, encoder)
+            tasks.setdefault(encoder, []).append(encode_item(index, image))
+            record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
+        dest = self.instances[record.prefill].ready.data_address
+        for name, items in tasks.items():
+            self._send(name, EncodeTask(record.request_id, items, dest))
+        self.stats["encode_items"] += len(msg.items)
+
+    # ---- progress -----------------------------------------------------------------------------
+
+    def _encode_done(self, msg: EncodeDone) -> None:
+        record = self.requests.get(msg.request_id)
+        self.stats["encode_cache_hits"] += len(msg.cache_hits)
+        if record is None:
+            return
+        record.metrics.events.extend(msg.events)
+        for index in msg.items:
+            self.ledger.release(Work(record.request_id, Role.ENCODE, index))
+            self.affinity.finished(record.prompt.images[index].content_hash, msg.instance)
+        images_out = any(
+            self.ledger.holder(Work(record.request_id, Role.ENCODE, i)) is not None
+            for i in range(len(record.prompt.images))
+        )
+        record.advance(Trigger.IMAGE_ENCODED if images_out else Trigger.LAST_IMAGE_ENCODED)
+
+    def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
+        source = self.by_data_address.get(msg.source)
+        if source is not None:
+            self._send(source.name, ReleaseEmbedding(msg.content_hash))
+        for request_id, event in msg.events:
+            record = self.requests.get(request_id)
+            if record is not None:
+                record.metrics.events.append(event)
+
+    def _update(self, msg: RequestUpdate) -> None:
+        record = self.requests.get(msg.request_id)
+        if record is None:
+            return
+        if msg.first_index != len(record.token_ids):
+            record.early.append(msg)  # D overtook P: apply once the tokens before it are in
+            return
+        self._apply_update(record, msg)
+        for early in sorted(record.early, key=lambda m: m.first_index):
+            if early.first_index == len(record.token_ids) and record.request_id in self.requests:
+                record.early.remove(early)
+                self._apply_update(record, early)
+
+    def _apply_update(self, record: RequestRecord, msg: RequestUpdate) -> None:
+        record.metrics.events.extend(msg.events)
+        if not record.token_ids and msg.new_token_ids:
+            record.metrics.first_token_time = self.clock.now()
+            record.num_cached_tokens = msg.num_cached_tokens
+        record.token_ids.extend(msg.new_token_ids)
+        if msg.new_logprobs:
+            record.logprobs.extend(msg.new_logprobs)
+        if record.token_ids and not record.has_first_token:
+            record.advance(Trigger.FIRST_TOKEN)
+            self.ledger.release(Work(record.request_id, Role.PREFILL))
+        elif record.has_first_token:
+            record.advance(Trigger.TOKENS)
+        if msg.finish_reason is not None:
+            record.text, record.stop_reason = msg.text or "", msg.stop_reason
+            self._end(record, Trigger.FINISH, msg.finish_reason)
+        else:
+            self._outputs[record.request_id] = record.output()
+
+    def _stats(self, msg: InstanceStats) -> None:
+        self.instance_stats[msg.instance] = msg.stats
+
+    # ---- failures and ends --------------------------------------------------------------------
+
+    def _error(self, msg: RequestError) -> None:
+        record = self.requests.get(msg.request_id)
+        if record is not None:
+            self._fail(record, f"{msg.instance}: {msg.error}")
+
+    def _instance_failed(self, msg: InstanceFailed) -> None:
+        self._instance_down(msg.instance, msg.error.strip().splitlines()[-1])
+
+    def _instance_down(self, name: str, reason: str) -> None:
+        self.instances[name].alive = False
+        for record in list(self.requests.values()):
+            # Its decode slot until the end, prefill until the first token, each image until encoded.
+            if name in self.ledger.instances_of(record.request_id):
+                self._fail(record, f"instance {name} failed ({reason})")
+        self.affinity.encoder_died(name)
+
+    def _fail(self, record: RequestRecord, error: str) -> None:
+        record.error = error
+        self._abort_on_instances(record)
+        self._end(record, Trigger.FAIL, "error")
+
+    def _abort_on_instances(self, record: RequestRecord) -> None:
+        for name in sorted({record.prefill, record.decode}):
+            self._send(name, AbortRequest(record.request_id))
+
+    def _end(self, record: RequestRecord, trigger: Trigger, finish_reason: str) -> None:
+        record.advance(trigger)
+        record.finish_reason = finish_reason
+        record.metrics.finished_time = self.clock.now()
+        self.ledger.release_request(record.request_id)
+        del self.requests[record.request_id]
+        self._outputs[record.request_id] = record.output()
+
+    # ---- outgoing -----------------------------------------------------------------------------
+
+    def _send(self, instance: str, message: ToInstance) -> None:
+        # A dead instance reads nothing: what it held is failed or released already.
+        if self.instances[instance].alive:
+            self._outbox.append(Outgoing(instance, message))
+
+    def _take_outbox(self) -> list[Outgoing]:
+        outgoing, self._outbox = self._outbox, []
+        return outgoing
+
+
+def _prefill_task(record: RequestRecord, prefill: InstanceHandle, decode: InstanceHandle) -> PrefillTask:
+    prompt = record.prompt
+    # An instance that encodes in-process (EP) gets the pixels with the task.
+    pixels = None
+    if prefill.has(Role.ENCODE):
+        pixels = [encode_item(i, img) for i, img in enumerate(prompt.images)]
+    return PrefillTask(
+        record.request_id,
+        prompt.prompt_token_ids,
+        [(p.offset, p.length) for p in prompt.placeholders],
+        [img.content_hash for img in prompt.images],
+        [img.grid_thw for img in prompt.images],
+        record.params,
+        record.metrics.arrival_time,
+        None if decode is prefill else decode.ready.data_address,
+        prompt.prompt,
+        pixels,
+    )
+
+
+def encode_item(index: int, image: ImageInput) -> EncodeItem:
+    """One image as it travels to an encoder: uint8, one frame, 8x fewer bytes than the tower's input."""
+    if image.raw_patches is None:
+        raise ValueError("images sent to another instance need their raw_patches (process_image keeps them)")
+    raw = image.raw_patches.contiguous()
+    return EncodeItem(index, image.content_hash, image.grid_thw, raw.numpy().tobytes(), raw.shape[1])

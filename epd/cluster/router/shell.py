@@ -1,0 +1,99 @@
+"""The router shell: a `RouterCore` wired to a `ControlPlane`. What `Cluster` and the entrypoints drive.
+
+The core decides and returns messages; the shell sends them and feeds the core what arrives, so
+the same core runs behind ZMQ in production and behind in-memory queues in tests and the simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from epd.clock import WALL_CLOCK, Clock
+from epd.cluster.messages import ToInstance
+from epd.cluster.router.control_plane import ControlPlane
+from epd.cluster.router.core import InstanceHandle, Outgoing, RouterCore
+from epd.cluster.router.ledger import LoadLedger
+from epd.cluster.router.lifecycle import RequestRecord
+from epd.cluster.router.placement import Placement
+from epd.inputs.types import ProcessedPrompt
+from epd.outputs import RequestOutput
+from epd.sampling_params import SamplingParams
+
+
+class Router:
+    def __init__(
+        self,
+        instances: list[InstanceHandle],
+        control: ControlPlane,
+        clock: Clock = WALL_CLOCK,
+        placement: Placement | None = None,
+    ) -> None:
+        self.core = RouterCore(instances, clock, placement)
+        self.control = control
+
+    # ---- requests in ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: ProcessedPrompt,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        self._deliver(self.core.add_request(request_id, prompt, params, arrival_time))
+
+    def abort(self, request_id: str) -> None:
+        self._deliver(self.core.abort(request_id))
+
+    # ---- messages in ----------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 100) -> list[RequestOutput]:
+        """Handle what arrived (waiting up to timeout_ms for the first message); the outputs
+        (cumulative, as in RequestOutput) of every request that advanced or finished."""
+        for message in self.control.receive(timeout_ms / 1000):
+            self._deliver(self.core.handle(message))
+        self._deliver(self.core.tick())
+        return self.core.take_outputs()
+
+    def broadcast(self, message: ToInstance) -> None:
+        """Send `message` to every instance still alive (Shutdown, at the end)."""
+        for handle in self.instances.values():
+            if handle.alive:
+                self.control.send(handle.name, message)
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    def _deliver(self, outgoing: Iterable[Outgoing]) -> None:
+        for instance, message in outgoing:
+            self.control.send(instance, message)
+
+    # ---- what the core knows, read by the cluster, the entrypoints and tests --------------------
+
+    @property
+    def instances(self) -> dict[str, InstanceHandle]:
+        return self.core.instances
+
+    @property
+    def requests(self) -> dict[str, RequestRecord]:
+        return self.core.requests
+
+    @property
+    def instance_stats(self) -> dict[str, dict[str, float]]:
+        return self.core.instance_stats
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.core.stats
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def ledger(self) -> LoadLedger:
+        return self.core.ledger
+
+    @property
+    def clock(self) -> Clock:
+        return self.core.clock

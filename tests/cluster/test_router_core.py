@@ -1,0 +1,245 @@
+"""The router core without processes: real messages in, the messages it returns checked one by one."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from router_harness import arrived, encode_done, image, make_core, need, prompt, update
+
+from epd.cluster.layout import Role
+from epd.cluster.messages import (
+    AbortRequest,
+    EncodeTask,
+    InstanceFailed,
+    PrefillTask,
+    ReleaseEmbedding,
+    RequestError,
+)
+from epd.cluster.router import IllegalTransition, Outgoing, Stage
+from epd.cluster.router.ledger import Work
+from epd.cluster.router.lifecycle import Trigger
+from epd.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(max_tokens=3)
+
+
+def two_image_request(core, rid: str = "r") -> list[Outgoing]:
+    # The larger image goes first onto the emptier encoder, the other onto the second one (IRP).
+    return core.add_request(rid, prompt(8, [image("small", 2), image("big", 4)]), PARAMS)
+
+
+def test_a_request_through_1p_1d_and_two_encoders_message_by_message():
+    core, _, clock = make_core("2E+1P+1D")
+    [(to, task)] = two_image_request(core)
+    assert to == "P0" and isinstance(task, PrefillTask)
+    assert task.decode_dest == "data://D0" and task.pixels is None and task.image_hashes == ["small", "big"]
+    assert core.requests["r"].stage is Stage.PLACED
+    assert core.ledger.outstanding() == {
+        Work("r", Role.PREFILL): ("P0", 8),
+        Work("r", Role.DECODE): ("D0", 1),
+    }
+
+    out = core.handle(need("P0", "r", [0, 1]))
+    assert {to for to, _ in out} == {"E0", "E1"} and all(isinstance(m, EncodeTask) for _, m in out)
+    by_encoder = {to: [item.content_hash for item in m.items] for to, m in out}
+    assert by_encoder == {"E0": ["big"], "E1": ["small"]}
+    assert all(m.dest == "data://P0" for _, m in out)
+    assert core.requests["r"].stage is Stage.ENCODING
+    assert core.ledger.holder(Work("r", Role.ENCODE, 1)) == "E0"
+
+    assert core.handle(encode_done("E0", "r", [1])) == []
+    assert core.requests["r"].stage is Stage.ENCODING, "the small image is still out"
+    assert core.handle(arrived("P0", "big", "E0", ["r"])) == [Outgoing("E0", ReleaseEmbedding("big"))]
+    assert core.handle(encode_done("E1", "r", [0])) == []
+    assert core.requests["r"].stage is Stage.PREFILLING
+    assert core.handle(arrived("P0", "small", "E1", ["r"])) == [Outgoing("E1", ReleaseEmbedding("small"))]
+
+    # D overtakes P: its token 1 arrives before P's first token and waits for it.
+    assert core.handle(update("D0", "r", [11], first_index=1)) == []
+    assert core.take_outputs() == [] and core.requests["r"].stage is Stage.PREFILLING
+    clock.advance(0.5)
+    assert core.handle(update("P0", "r", [10], first_index=0)) == []
+    assert core.requests["r"].stage is Stage.DECODING
+    [out] = core.take_outputs()
+    assert out.outputs[0].token_ids == [10, 11] and not out.finished
+    assert out.metrics.first_token_time == 1000.5
+    assert core.ledger.outstanding() == {Work("r", Role.DECODE): ("D0", 1)}, "prefill released"
+
+    assert core.handle(update("D0", "r", [12], first_index=2, finish="length")) == []
+    [out] = core.take_outputs()
+    assert (
+        out.finished and out.outputs[0].token_ids == [10, 11, 12] and out.outputs[0].finish_reason == "length"
+    )
+    assert out.outputs[0].text == "done"
+    assert not core.has_unfinished() and core.ledger.is_empty()
+
+
+def test_an_instance_that_encodes_in_process_gets_the_pixels_and_never_asks():
+    core, _, _ = make_core("1EP+1D")
+    [(to, task)] = core.add_request("r", prompt(8, [image("a")]), PARAMS)
+    assert to == "EP0" and [item.content_hash for item in task.pixels] == ["a"]
+    core.handle(update("EP0", "r", [1], first_index=0))
+    assert core.requests["r"].stage is Stage.DECODING
+    core.handle(update("D0", "r", [2], first_index=1, finish="stop"))
+    assert not core.requests and core.ledger.is_empty()
+
+
+def test_a_prefill_instance_that_decodes_keeps_the_request():
+    core, _, _ = make_core("1E+1PD")
+    [(to, task)] = core.add_request("r", prompt(4), PARAMS)
+    assert to == "PD0" and task.decode_dest is None
+    core.handle(update("PD0", "r", [1], first_index=0))
+    assert core.requests["r"].stage is Stage.DECODING
+    assert core.ledger.outstanding() == {Work("r", Role.DECODE): ("PD0", 1)}
+    core.handle(update("PD0", "r", [2, 3], first_index=1, finish="length"))
+    [out] = core.take_outputs()
+    assert out.outputs[0].token_ids == [1, 2, 3] and core.ledger.is_empty()
+
+
+def test_first_token_before_the_last_encode_done_and_the_late_one_after_the_end():
+    core, _, _ = make_core("2E+1P+1D")
+    two_image_request(core)
+    core.handle(need("P0", "r", [0, 1]))
+    core.handle(encode_done("E0", "r", [1]))
+    core.handle(update("P0", "r", [10], first_index=0))  # E1's report is still on its way
+    assert core.requests["r"].stage is Stage.DECODING
+    assert core.handle(encode_done("E1", "r", [0])) == []
+    assert core.requests["r"].stage is Stage.DECODING
+    core.handle(update("D0", "r", [11], first_index=1, finish="stop"))
+    assert core.handle(encode_done("E1", "r", [0])) == [], "ended: ignored"
+    assert core.handle(update("D0", "r", [12], first_index=2)) == [] and core.take_outputs()[0].finished
+    assert core.ledger.is_empty()
+
+
+# ---- abort at each stage -----------------------------------------------------------------------
+
+
+def drive_to(core, stage: Stage) -> None:
+    two_image_request(core)
+    if stage is Stage.PLACED:
+        return
+    core.handle(need("P0", "r", [0, 1]))
+    if stage is Stage.ENCODING:
+        return
+    core.handle(encode_done("E0", "r", [1]))
+    core.handle(encode_done("E1", "r", [0]))
+    if stage is Stage.PREFILLING:
+        return
+    core.handle(update("P0", "r", [10], first_index=0))
+
+
+@pytest.mark.parametrize("stage", [Stage.PLACED, Stage.ENCODING, Stage.PREFILLING, Stage.DECODING])
+def test_abort_at_each_stage_tells_p_and_d_and_releases_everything(stage):
+    core, _, _ = make_core("2E+1P+1D")
+    drive_to(core, stage)
+    assert core.requests["r"].stage is stage
+    core.take_outputs()
+    assert core.abort("r") == [Outgoing("D0", AbortRequest("r")), Outgoing("P0", AbortRequest("r"))]
+    [out] = core.take_outputs()
+    assert out.finished and out.outputs[0].finish_reason == "abort" and out.error is None
+    assert not core.requests and core.ledger.is_empty()
+    # Whatever the instances had sent already arrives late and changes nothing.
+    for late in (encode_done("E0", "r", [1]), update("P0", "r", [10], 0), update("D0", "r", [11], 1)):
+        assert core.handle(late) == []
+    assert core.take_outputs() == [] and core.abort("r") == []
+
+
+def test_an_instance_error_fails_the_request():
+    core, _, _ = make_core("2E+1P+1D")
+    drive_to(core, Stage.DECODING)
+    out = core.handle(RequestError("D0", "r", "KV transfer failed"))
+    assert out == [Outgoing("D0", AbortRequest("r")), Outgoing("P0", AbortRequest("r"))]
+    [result] = core.take_outputs()
+    assert result.outputs[0].finish_reason == "error" and result.error == "D0: KV transfer failed"
+    assert core.ledger.is_empty()
+
+
+# ---- dead instances ----------------------------------------------------------------------------
+
+
+def test_a_dead_decode_instance_fails_exactly_the_requests_on_it():
+    core, fake, _ = make_core("1E+1P+2D")
+    for rid in "abcd":
+        core.add_request(rid, prompt(4), PARAMS)
+    on_d1 = {rid for rid, r in core.requests.items() if r.decode == "D1"}
+    assert on_d1 == {"b", "d"}, "least loaded: alternating"
+    fake.kill("D1")
+    out = core.tick()
+    assert out == [Outgoing("P0", AbortRequest("b")), Outgoing("P0", AbortRequest("d"))], "D1 reads nothing"
+    failed = {o.request_id: o for o in core.take_outputs()}
+    assert set(failed) == on_d1
+    assert all("instance D1 failed (its process died)" == o.error for o in failed.values())
+    assert set(core.requests) == {"a", "c"} and not core.instances["D1"].alive
+    [(to, _)] = core.add_request("e", prompt(4), PARAMS)
+    assert core.requests["e"].decode == "D0", "new requests avoid the dead one"
+    assert core.tick() == []
+
+
+def test_a_failed_encoder_fails_only_requests_with_images_still_on_it():
+    core, _, _ = make_core("2E+1P+1D")
+    two_image_request(core, "done_on_e1")
+    core.handle(need("P0", "done_on_e1", [0, 1]))
+    core.handle(encode_done("E1", "done_on_e1", [0]))  # its E1 image is encoded: nothing left there
+    two_image_request(core, "waits_on_e1")
+    out = core.handle(need("P0", "waits_on_e1", [0, 1]))
+    assert any(to == "E1" for to, _ in out)
+    core.add_request("no_images", prompt(4), PARAMS)
+    out = core.handle(InstanceFailed("E1", "Traceback ...\nRuntimeError: CUDA error\n"))
+    assert out == [Outgoing("D0", AbortRequest("waits_on_e1")), Outgoing("P0", AbortRequest("waits_on_e1"))]
+    [failed] = core.take_outputs()
+    assert (
+        failed.request_id == "waits_on_e1" and failed.error == "instance E1 failed (RuntimeError: CUDA error)"
+    )
+    assert set(core.requests) == {"done_on_e1", "no_images"}
+    assert core.ledger.instances_of("done_on_e1") == {"P0", "D0", "E0"}
+
+
+def test_images_without_a_live_encoder_fail_the_request():
+    core, fake, _ = make_core("1E+1P+1D")
+    core.add_request("r", prompt(8, [image("a")]), PARAMS)
+    fake.kill("E0")
+    core.tick()
+    assert core.handle(need("P0", "r", [0])) == [
+        Outgoing("D0", AbortRequest("r")),
+        Outgoing("P0", AbortRequest("r")),
+    ]
+    [out] = core.take_outputs()
+    assert out.error == "no live encoder instance to encode this request's images"
+    assert core.ledger.is_empty()
+
+
+# ---- what is a bug -----------------------------------------------------------------------------
+
+
+def _failed_alone(core, message, match: str) -> None:
+    """A message that breaks a request's lifecycle fails that request, not the router."""
+    core.add_request("other", prompt(4), PARAMS)
+    core.handle(message)
+    [out] = [o for o in core.take_outputs() if o.request_id == "r"]
+    assert out.finished and out.outputs[0].finish_reason == "error"
+    assert re.search(match, out.error), out.error
+    assert "r" not in core.requests and "other" in core.requests
+
+
+def test_an_encode_done_before_any_image_was_asked_for_is_a_bug():
+    core, _, _ = make_core("2E+1P+1D")
+    two_image_request(core)
+    with pytest.raises(IllegalTransition, match="image_encoded in stage placed"):
+        core.requests["r"].advance(Trigger.IMAGE_ENCODED)
+    _failed_alone(core, encode_done("E0", "r", [1]), "internal error: .*image_encoded in stage placed")
+
+
+def test_asking_for_images_after_the_first_token_is_a_bug():
+    core, _, _ = make_core("2E+1P+1D")
+    drive_to(core, Stage.DECODING)
+    _failed_alone(core, need("P0", "r", [0]), "internal error: .*need_images in stage decoding")
+
+
+def test_a_request_id_in_use_or_a_prompt_too_long_is_refused():
+    core, _, _ = make_core("1E+1P+1D")
+    core.add_request("r", prompt(4), PARAMS)
+    with pytest.raises(ValueError, match="already in use"):
+        core.add_request("r", prompt(4), PARAMS)
+    with pytest.raises(ValueError, match="maximum is 4095"):
+        core.add_request("long", prompt(4096), PARAMS)

@@ -1,0 +1,155 @@
+"""Many requests' messages in random orders: none is lost, each ends exactly once, nothing stays held.
+
+Fake instances answer what the router sends them at once, as a real one would in the end: P asks for
+its images, an encoder ships them to P and reports EncodeDone, P prefills once it has all of them and
+its first token lets D produce the rest. Each instance's messages reach the router in the order it
+sent them (one PUSH socket each); which instance's message comes next, when a request is added or
+aborted and when an instance dies is what hypothesis chooses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from router_harness import arrived, encode_done, image, make_core, need, prompt, update
+
+from epd.cluster.messages import AbortRequest, EncodeTask, PrefillTask, ToInstance, ToRouter
+from epd.cluster.router import RouterCore
+from epd.sampling_params import SamplingParams
+
+LAYOUT = "2E+1P+2D"
+MORTAL = ("E1", "D1")  # at most one of them dies; E0, P0 and D0 keep serving
+
+
+@dataclass
+class FakeInstances:
+    """Every instance of LAYOUT: what each has sent the router (a FIFO each) and what P waits for."""
+
+    core: RouterCore
+    outbox: dict[str, deque[ToRouter]] = field(default_factory=dict)
+    tasks: dict[str, PrefillTask] = field(default_factory=dict)
+    waiting: dict[str, set[str]] = field(default_factory=dict)  # request -> image hashes P lacks
+    aborted: set[tuple[str, str]] = field(default_factory=set)  # (instance, request)
+    dead: set[str] = field(default_factory=set)
+
+    def receive(self, instance: str, message: ToInstance) -> None:
+        if instance in self.dead:
+            return
+        if isinstance(message, PrefillTask):
+            self._prefill_task(instance, message)
+        elif isinstance(message, EncodeTask):
+            self._encode(instance, message)
+        elif isinstance(message, AbortRequest):
+            self.aborted.add((instance, message.request_id))
+
+    def _send(self, instance: str, message: ToRouter) -> None:
+        self.outbox.setdefault(instance, deque()).append(message)
+
+    def _prefill_task(self, instance: str, task: PrefillTask) -> None:
+        self.tasks[task.request_id] = task
+        self.waiting[task.request_id] = set(task.image_hashes)
+        if task.image_hashes and task.pixels is None:
+            self._send(instance, need(instance, task.request_id, list(range(len(task.image_hashes)))))
+        else:
+            self._prefill(instance, task.request_id)
+
+    def _encode(self, encoder: str, task: EncodeTask) -> None:
+        self._send(encoder, encode_done(encoder, task.request_id, [item.index for item in task.items]))
+        prefill = task.dest.removeprefix("data://")
+        for item in task.items:  # the embeddings reach P through the connector, not the router
+            waiters = [rid for rid, hashes in self.waiting.items() if item.content_hash in hashes]
+            self._send(prefill, arrived(prefill, item.content_hash, encoder, waiters))
+            for rid in waiters:
+                self.waiting[rid].discard(item.content_hash)
+                if not self.waiting[rid]:
+                    self._prefill(prefill, rid)
+
+    def _prefill(self, instance: str, rid: str) -> None:
+        del self.waiting[rid]
+        if (instance, rid) in self.aborted or instance in self.dead:
+            return
+        task = self.tasks[rid]
+        n = task.params.max_tokens
+        self._send(instance, update(instance, rid, [0], 0, "length" if n == 1 else None))
+        decoder = instance if task.decode_dest is None else task.decode_dest.removeprefix("data://")
+        if n > 1 and (decoder, rid) not in self.aborted and decoder not in self.dead:
+            for i in range(1, n):
+                self._send(decoder, update(decoder, rid, [i], i, "length" if i == n - 1 else None))
+
+    def kill(self, instance: str) -> None:
+        self.dead.add(instance)
+        self.outbox.pop(instance, None)  # what it had not delivered yet is lost with it
+
+
+def request_prompt(index: int, num_images: int):
+    # Shared hashes across requests exercise cache affinity and images that arrive for others.
+    images = [image(f"img{(index + k) % 3}", side=2 + k) for k in range(num_images)]
+    return prompt(6, images)
+
+
+# (images, tokens to generate) per request
+requests_strategy = st.lists(st.tuples(st.integers(0, 2), st.integers(1, 4)), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=requests_strategy, data=st.data())
+def test_random_interleavings_lose_no_request(requests, data):
+    core, fake_layout, clock = make_core(LAYOUT)
+    fakes = FakeInstances(core)
+    to_add = deque(enumerate(requests))
+    ended: dict[str, list] = {}
+    aborted, victims = set(), {}
+
+    def deliver(outgoing) -> None:
+        for instance, message in outgoing:
+            fakes.receive(instance, message)
+
+    def collect() -> None:
+        for out in core.take_outputs():
+            if out.finished:
+                ended.setdefault(out.request_id, []).append(out)
+
+    while to_add or any(fakes.outbox.values()):
+        actions = ["add"] if to_add else []
+        actions += [f"from {name}" for name, queue in sorted(fakes.outbox.items()) if queue]
+        actions += ["abort"] if core.requests else []
+        actions += ["kill"] if not fakes.dead else []
+        action = data.draw(st.sampled_from(actions))
+        clock.advance(0.01)
+        if action == "add":
+            index, (num_images, tokens) = to_add.popleft()
+            params = SamplingParams(max_tokens=tokens)
+            deliver(core.add_request(str(index), request_prompt(index, num_images), params))
+        elif action == "abort":
+            rid = data.draw(st.sampled_from(sorted(core.requests)))
+            aborted.add(rid)
+            deliver(core.abort(rid))
+        elif action == "kill":
+            victim = data.draw(st.sampled_from(MORTAL))
+            victims = {rid for rid in core.requests if victim in core.ledger.instances_of(rid)}
+            fakes.kill(victim)
+            fake_layout.kill(victim)
+            deliver(core.tick())
+        else:
+            deliver(core.handle(fakes.outbox[action.removeprefix("from ")].popleft()))
+        collect()
+
+    assert not core.requests and core.ledger.is_empty()
+    assert sorted(ended, key=int) == [str(i) for i in range(len(requests))], "every request ended"
+    for rid, outs in ended.items():
+        assert len(outs) == 1, f"request {rid} ended {len(outs)} times"
+        check_outcome(rid, outs[0], requests[int(rid)][1], aborted, victims)
+
+
+def check_outcome(rid: str, out, tokens: int, aborted: set[str], victims: set[str]) -> None:
+    reason = out.outputs[0].finish_reason
+    if rid in aborted:
+        assert reason == "abort"
+    elif rid in victims:
+        assert reason == "error" and "its process died" in out.error
+    else:
+        assert reason == "length" and out.outputs[0].token_ids == list(range(tokens)), out
+        assert out.error is None
