@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import struct
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from epd.testing.fifo import release_fifo
 from epd.testing.tokenizer import build_qwen_tokenizer, special_token_ids
 
 PREPROCESSOR_CONFIG = Path("/work/shared/model-configs/qwen2_5_vl_preprocessor_config.json")
@@ -74,20 +74,6 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def release_fifo(fifo: Path) -> None:
-    """Wake every reader blocked opening `fifo`, and remove it so that no new one can block on it.
-
-    Linux opens a FIFO read-write without waiting, and that descriptor is a writer: readers
-    blocked in open() return. The path is gone before the descriptor closes, so no new reader
-    can wait on it; the woken ones then read end-of-file.
-    """
-    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
-    try:
-        fifo.unlink()
-    finally:
-        os.close(fd)
 
 
 def error_within(call: Callable[[], object], timeout_s: float, fifo: Path) -> BaseException | None:

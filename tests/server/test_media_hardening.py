@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from epd.testing.fifo import release_fifo
+
 from .conftest import MODEL_NAME
 from .helpers import ServerProcess
 
@@ -39,20 +41,6 @@ def post_chat(server: ServerProcess, body: dict) -> httpx.Response | None:
         )
     except httpx.TimeoutException:
         return None
-
-
-def release_fifo(fifo: Path) -> None:
-    """Wake every reader blocked opening `fifo`, and remove it so that no new one can block on it.
-
-    Linux opens a FIFO read-write without waiting, and that descriptor is a writer: readers
-    blocked in open() return. The path is gone before the descriptor closes, so no new reader
-    can wait on it; the woken ones then read end-of-file.
-    """
-    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
-    try:
-        fifo.unlink()
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
