@@ -169,6 +169,9 @@ class Cluster:
     def max_model_len(self) -> int:
         return self.router.max_model_len
 
+    def wake(self) -> None:
+        self.router.wake()  # step() may be waiting up to 100 ms for instance messages
+
     def poll_idle(self) -> list[RequestOutput]:
         # Idle, the router must still read its inbox: instance stats keep /metrics current
         # and a dead instance is noticed (so /health turns 503) without any request.
@@ -191,6 +194,8 @@ class Cluster:
         for proc in self.processes:
             proc.join(timeout=max(0.0, deadline - WALL_CLOCK.monotonic()))
         self._finalizer()  # whatever did not stop in time is terminated
+        if router is not None:
+            router.control.close()
         self.ctx.destroy(linger=0)
 
 

@@ -208,6 +208,9 @@ class LLMEngine:
     def instance_name(self) -> str:
         return self.instance or "EPD0"
 
+    def wake(self) -> None:
+        pass  # step() never waits
+
     def poll_idle(self) -> list[RequestOutput]:
         return []  # nothing arrives from elsewhere
 

@@ -126,7 +126,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), stream, params)
-        self._submit.put(("add", request_id, prompt, params, time.time()))
+        self._post(("add", request_id, prompt, params, time.time()))
         finished = False
         try:
             while True:
@@ -140,10 +140,10 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit.put(("abort", request_id))
+                self._post(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
-        self._submit.put(("abort", request_id))
+        self._post(("abort", request_id))
 
     @property
     def num_requests(self) -> int:
@@ -167,6 +167,11 @@ class AsyncEngine:
         self._stop.set()
         self._thread.join(timeout)
         self.engine.shutdown()
+
+    def _post(self, item: tuple) -> None:
+        """Hand work to the engine thread, and wake it if it is waiting inside a step."""
+        self._submit.put(item)
+        self.engine.wake()
 
     # ---- the engine thread --------------------------------------------------------------------
 

@@ -47,6 +47,10 @@ class EngineBackend(Protocol):
 
     def has_unfinished_requests(self) -> bool: ...
 
+    def wake(self) -> None:
+        """From any thread: a `step` waiting for work from elsewhere returns now (a submission)."""
+        ...
+
     def poll_idle(self) -> list[RequestOutput]:
         """Housekeeping while no request runs (instance stats, liveness), without waiting."""
         ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import zmq
 from router_harness import FakeLayout, prompt, update
 
@@ -69,5 +71,27 @@ def test_the_zmq_plane_carries_messages_both_ways():
         for message in sent:
             to_router.send(encode(message))
         assert plane.receive(1.0) == sent, "waits for the first, then takes all, in order"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_wake_from_another_thread_ends_a_waiting_receive():
+    """A submission must not wait out the engine thread's poll of the instances' messages."""
+    ctx = zmq.Context()
+    try:
+        inbox = ctx.socket(zmq.PULL)
+        inbox.bind("inproc://router-wake")
+        plane = ZmqControlPlane(ctx, inbox, {})
+        received: list[list] = []
+        waiting = threading.Thread(target=lambda: received.append(plane.receive(600.0)))
+        waiting.start()
+        plane.wake()  # before or during the wait: either way the receive returns
+        waiting.join(timeout=120)
+        assert not waiting.is_alive(), "receive kept waiting after wake()"
+        assert received == [[]]
+        plane.wake()  # a wake with nobody waiting: the next receive returns at once, then waits again
+        assert plane.receive(600.0) == []
+        plane.close()
+        plane.wake()  # after close: nothing, no error
     finally:
         ctx.destroy(linger=0)

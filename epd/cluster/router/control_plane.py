@@ -3,7 +3,8 @@
 | plane                  | send(instance, message)       | receive(timeout_s)                      | used by |
 |------------------------|-------------------------------|-----------------------------------------|---------|
 | `ZmqControlPlane`      | msgpack on a PUSH socket to   | waits up to timeout_s on the PULL inbox | Cluster |
-|                        | the instance's control inbox  | for the first message, then drains it   |         |
+|                        | the instance's control inbox  | for the first message (or a `wake()`    |         |
+|                        |                               | from another thread), then drains it    |         |
 | `InMemoryControlPlane` | onto the instance's queue     | everything queued, never waits          | tests,  |
 |                        |                               |                                         | the sim |
 
@@ -13,6 +14,7 @@ Bulk tensors never travel here (epd.cluster.messages).
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Mapping
 from typing import Protocol
@@ -32,6 +34,14 @@ class ControlPlane(Protocol):
         waiting up to timeout_s for the first; [] if none came."""
         ...
 
+    def wake(self) -> None:
+        """From any thread: end a `receive` that is waiting now (or the next one) at once."""
+        ...
+
+    def close(self) -> None:
+        """Release what the plane holds of its own; a later `wake` does nothing."""
+        ...
+
 
 class ZmqControlPlane:
     """One PUSH socket per instance (to its control inbox) and the router's PULL inbox."""
@@ -40,15 +50,27 @@ class ZmqControlPlane:
         self.inbox = inbox
         self._outboxes: dict[str, zmq.Socket] = {}
         for instance, address in addresses.items():
-            socket = context.socket(zmq.PUSH)
-            socket.connect(address)
-            self._outboxes[instance] = socket
+            push = context.socket(zmq.PUSH)
+            push.connect(address)
+            self._outboxes[instance] = push
+        # A socket pair, not a zmq socket: wake() comes from other threads, and a zmq socket
+        # belongs to one thread. (Not a bare pipe either: a wake after close() must fail, not
+        # write to whatever reused the descriptor number.)
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_rx.setblocking(False)
+        self._wake_tx.setblocking(False)
+        self._poller = zmq.Poller()
+        self._poller.register(inbox, zmq.POLLIN)
+        self._poller.register(self._wake_rx, zmq.POLLIN)
 
     def send(self, instance: str, message: ToInstance) -> None:
         self._outboxes[instance].send(encode(message))
 
     def receive(self, timeout_s: float) -> list[ToRouter]:
-        if not self.inbox.poll(max(0, round(timeout_s * 1000))):
+        ready = dict(self._poller.poll(max(0, round(timeout_s * 1000))))
+        if self._wake_rx.fileno() in ready or self._wake_rx in ready:
+            self._drain_wakes()
+        if self.inbox not in ready:
             return []
         messages = []
         while True:
@@ -57,6 +79,25 @@ class ZmqControlPlane:
             except zmq.Again:
                 return messages
             messages.append(decode_for_router(data))
+
+    def wake(self) -> None:
+        try:
+            self._wake_tx.send(b"w")
+        except BlockingIOError:
+            pass  # full of wakes already: the next receive returns at once anyway
+        except OSError:
+            pass  # closed: nobody is waiting any more
+
+    def close(self) -> None:
+        self._wake_tx.close()
+        self._wake_rx.close()
+
+    def _drain_wakes(self) -> None:
+        try:
+            while self._wake_rx.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 class InMemoryControlPlane:
@@ -74,6 +115,12 @@ class InMemoryControlPlane:
         messages = list(self._inbox)
         self._inbox.clear()
         return messages
+
+    def wake(self) -> None:
+        pass  # receive never waits
+
+    def close(self) -> None:
+        pass
 
     def post(self, message: ToRouter) -> None:
         """An instance sends `message` to the router."""

@@ -55,6 +55,10 @@ class Router:
         self._deliver(self.core.tick())
         return self.core.take_outputs()
 
+    def wake(self) -> None:
+        """From any thread: a `poll` waiting now returns at once (new work for the core)."""
+        self.control.wake()
+
     def broadcast(self, message: ToInstance) -> None:
         """Send `message` to every instance still alive (Shutdown, at the end)."""
         for handle in self.instances.values():
