@@ -23,7 +23,7 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, NoEmbeddings
-from epd.engine.factory import PartsFactory, load_model_parts
+from epd.engine.factory import PartsFactory, choose_embedder, load_model_parts
 from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
@@ -84,9 +84,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.scheduler.max_num_seqs, max_batched, swap_out=self._swap_out
         )
-        self.streamer = NoLayerStreaming()
-        if layer_sink is not None and handoff is not None:
-            self.streamer = LayerStreamer(self.runner, layer_sink)
+        self.streamer = self._streamer(handoff, layer_sink)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
@@ -196,11 +194,17 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RuntimeError("an engine can be rewired only while it holds no request")
         self.handoff = handoff
-        self.streamer = NoLayerStreaming()
-        if layer_sink is not None and handoff is not None:
-            self.streamer = LayerStreamer(self.runner, layer_sink)
+        self.streamer = self._streamer(handoff, layer_sink)
         if isinstance(self.runner.embedder, (CachedEmbeddings, NoEmbeddings)):
-            self.runner.embedder = CachedEmbeddings(mm_cache) if mm_cache is not None else NoEmbeddings()
+            self.runner.embedder = choose_embedder(None, mm_cache, self.device, self.clock, self.instance)
+
+    def _streamer(
+        self, handoff: HandOff | None, layer_sink: LayerSink | None
+    ) -> LayerStreamer | NoLayerStreaming:
+        """Layer-wise KV streaming needs both a sink and a hand-off to end the request with."""
+        if layer_sink is not None and handoff is not None:
+            return LayerStreamer(self.runner, layer_sink)
+        return NoLayerStreaming()
 
     # ---- as an entry point's backend (epd.entrypoints.backend): one instance, in this process ----
 
