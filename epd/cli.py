@@ -13,20 +13,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import Field
+from typing import TYPE_CHECKING, Any
 
 from epd.bench.serve.cli import add_bench_parser
+from epd.entrypoints.options import OPTION, EngineArgs, Option, engine_options, parse_bytes
 
-if TYPE_CHECKING:  # the engine pulls in torch: imported in the command, not for --help
-    from epd.entrypoints.async_engine import EngineArgs
+if TYPE_CHECKING:  # the server pulls in torch: imported in the command, not for --help
     from epd.server.config import ServerConfig
 
+# The types an option's annotation may name, for the fields that declare no parser of their own.
+_SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
 API_KEY_ENV = "EPD_API_KEY"
-_SIZE = re.compile(r"(?i)\s*(\d+)\s*([kmgt]?)(i?)b?\s*")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def default_model() -> str | None:
@@ -34,26 +35,6 @@ def default_model() -> str | None:
     from epd.demo import DEMO_MODEL_DIR
 
     return str(DEMO_MODEL_DIR) if (DEMO_MODEL_DIR / "config.json").exists() else None
-
-
-def parse_bytes(text: str) -> int:
-    """'1048576', '512MiB', '1G' -> bytes (K/M/G/T, with or without i: powers of 1024 both ways)."""
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 512MiB, 1G)")
-    number, unit, _ = match.groups()
-    return int(number) * _UNITS[unit.lower()]
-
-
-def parse_utilization(text: str) -> float:
-    """'0.9' -> 0.9; a share of device memory, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"not a share of device memory in (0, 1]: {text!r} (e.g. 0.9)")
-    return value
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,74 +71,47 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
+    """One flag per field of EngineArgs that is an option, as declared there."""
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="Hugging Face model directory (default: the demo model)")
-    g.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: --model)")
-    g.add_argument("--layout", default="1EPD", help="instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
-    g.add_argument("--device", default="cpu", help="device of every instance (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--devices", default=None, help="one device per instance in layout order, comma-separated")
-    g.add_argument(
-        "--transfer",
-        default="auto",
-        help="connector between instances: cuda_ipc, shm, tcp (auto: cuda_ipc between GPUs, else shm)",
-    )
-    g.add_argument(
-        "--kv-streaming",
-        default="auto",
-        choices=["auto", "layer", "request"],
-        help="P -> D KV: layer by layer during prefill, or whole after it (auto: layer with cuda_ipc)",
-    )
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
-    g.add_argument(
-        "--load-format",
-        default="safetensors",
-        choices=["safetensors", "dummy"],
-        help="dummy: random weights of the real shapes (benchmarks)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of weights (dummy) and unseeded sampling")
-    g.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="context length, prompt + output (default: the model's, capped by the KV cache)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=None,
-        help="KV blocks per instance (default: as many as --kv-cache-memory-bytes holds)",
-    )
-    g.add_argument(
-        "--kv-cache-memory-bytes", type=parse_bytes, default="1GiB", help="KV cache size per instance"
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=parse_utilization,
-        default=None,
-        help="share of each instance's CUDA device memory for weights, activations and KV cache "
-        "(e.g. 0.9); the KV cache gets the rest, instead of --kv-cache-memory-bytes",
-    )
-    g.add_argument(
-        "--mm-cache-bytes",
-        type=parse_bytes,
-        default="256MiB",
-        help="multimodal embedding cache per encode/prefill instance",
-    )
-    g.add_argument(
-        "--disable-prefix-caching", action="store_true", help="never reuse KV blocks across requests"
-    )
-    g.add_argument("--max-num-seqs", type=int, default=256, help="requests per running batch")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="tokens per engine step (default: max-model-len)",
-    )
+    for f in engine_options():
+        _add_engine_option(g, f)
+
+
+def _add_engine_option(g: argparse._ArgumentGroup, f: Field) -> None:
+    opt: Option = f.metadata[OPTION]
+    flag = opt.flag or "--" + f.name.replace("_", "-")
+    kind = _SCALARS[f.type.removesuffix(" | None")]  # annotations are strings (postponed)
+    if kind is not bool:
+        # argparse runs a str default through `type`: "1GiB" in --help, 1 << 30 in the namespace
+        shown = opt.show(f.default) if opt.show and f.default is not None else f.default
+        g.add_argument(
+            flag, dest=f.name, type=opt.parse or kind, default=shown, choices=opt.choices, help=opt.help
+        )
+    elif f.default is None:  # unset: the engine decides; --x / --no-x: on / off
+        g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+    else:  # on by default: the flag (--disable-prefix-caching) turns it off
+        g.add_argument(flag, dest=_dest(f), action="store_true", help=opt.help)
+
+
+def _engine_option_value(args: argparse.Namespace, f: Field) -> Any:
+    value = getattr(args, _dest(f))
+    return not value if _is_off_switch(f) else value
+
+
+def _dest(f: Field) -> str:
+    """Where the namespace keeps a field's flag: under the field's name, except an off switch,
+    which keeps the flag's own name (args.disable_prefix_caching, not enable_prefix_caching)."""
+    return f.metadata[OPTION].flag.lstrip("-").replace("-", "_") if _is_off_switch(f) else f.name
+
+
+def _is_off_switch(f: Field) -> bool:
+    return f.default is True
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("HTTP server")
+    g.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: --model)")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     g.add_argument(
@@ -250,7 +204,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
-    from epd.entrypoints.async_engine import EngineArgs
     from epd.inputs.processor import InputLimits
     from epd.server.fetch import RemoteMediaFetcher
 
@@ -262,27 +215,8 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
         max_image_bytes=args.max_image_bytes,
         remote_fetcher=fetcher,
     )
-    return EngineArgs(
-        model=model,
-        layout=args.layout,
-        device=args.device,
-        devices=args.devices,
-        transfer=args.transfer,
-        kv_streaming=args.kv_streaming,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        mm_cache_bytes=args.mm_cache_bytes,
-        enable_prefix_caching=not args.disable_prefix_caching,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
-        limits=limits,
-    )
+    options = {f.name: _engine_option_value(args, f) for f in engine_options()}
+    return EngineArgs(model, **options, limits=limits)
 
 
 def max_image_pixels_of(args: argparse.Namespace, model: str) -> int:

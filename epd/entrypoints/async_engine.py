@@ -17,14 +17,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from epd.cluster.cluster import Cluster
-from epd.cluster.layout import Layout
-from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from epd.engine.llm_engine import LLMEngine
-from epd.entrypoints.backend import EngineBackend
-from epd.inputs.processor import InputLimits, InputProcessor
+from epd.entrypoints.options import EngineArgs
+from epd.inputs.processor import InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
@@ -32,70 +28,6 @@ from epd.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    """Everything needed to start an engine; shared by `LLM`, `AsyncEngine` and the CLI."""
-
-    model: str
-    layout: str = "1EPD"
-    device: str = "cpu"
-    devices: str | None = None
-    transfer: str = "auto"
-    kv_streaming: str = "auto"
-    dtype: str = "float32"
-    load_format: str = "safetensors"
-    max_model_len: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int = 1 << 30
-    gpu_memory_utilization: float | None = None  # set: the KV cache from the device's memory
-    mm_cache_bytes: int = 256 << 20
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    seed: int = 0
-    attention_backend: str = "auto"
-    cuda_graphs: bool | None = None
-    limits: InputLimits = InputLimits()
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=ModelConfig(
-                self.model,
-                dtype=self.dtype,
-                load_format=self.load_format,
-                max_model_len=self.max_model_len,
-                seed=self.seed,
-            ),
-            cache=CacheConfig(
-                block_size=self.block_size,
-                num_kv_blocks=self.num_kv_blocks,
-                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                enable_prefix_caching=self.enable_prefix_caching,
-                gpu_memory_utilization=self.gpu_memory_utilization,
-            ),
-            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
-            device=self.device,
-            attention_backend=self.attention_backend,
-            cuda_graphs=self.cuda_graphs,
-        )
-
-    def build(self, processor: InputProcessor) -> EngineBackend:
-        """In this process for a single aggregated instance; else one process per instance."""
-        layout = Layout.parse(self.layout)
-        config = self.engine_config()
-        if layout.num_instances == 1 and layout.is_aggregated and self.devices is None:
-            return LLMEngine(config, processor.tokenizer)
-        return Cluster(
-            layout,
-            config,
-            devices=self.devices or self.device,
-            transfer=self.transfer,
-            kv_streaming=self.kv_streaming,
-            mm_cache_bytes=self.mm_cache_bytes,
-        )
 
 
 class AsyncEngine:

@@ -7,15 +7,18 @@ with LLM(model="path/to/Qwen2.5-VL", device="cpu") as llm:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 from collections.abc import Sequence
+from dataclasses import MISSING, Field, fields, replace
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from epd.cluster.layout import Layout
-from epd.entrypoints.async_engine import EngineArgs
 from epd.entrypoints.backend import EngineBackend
+from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -25,64 +28,16 @@ Message = dict[str, Any]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        *,
-        layout: str = "1EPD",
-        device: str = "cpu",
-        devices: str | Sequence[str] | None = None,
-        transfer: str = "auto",
-        kv_streaming: str = "auto",
-        dtype: str = "float32",
-        load_format: str = "safetensors",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_bytes: int = 1 << 30,
-        gpu_memory_utilization: float | None = None,
-        mm_cache_bytes: int = 256 << 20,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        max_images_per_request: int | None = None,
-        seed: int = 0,
-        attention_backend: str = "auto",
-        cuda_graphs: bool | None = None,
-    ) -> None:
-        """`layout` as in `1EPD`, `2EP+1D`, `1E+1P+1D` (see epd.cluster.layout); `devices`
-        (default: `device` for every instance) assigns devices to instances in order;
-        `transfer` picks the connector between instance processes (`cuda_ipc`, `shm`, `tcp`;
-        `auto`: cuda_ipc when every instance is on a CUDA device, else shm); `kv_streaming`
-        (`layer`, `request`, `auto`) whether a prefill instance sends KV layer by layer.
-        `gpu_memory_utilization` (CUDA only): the KV cache gets that share of each instance's
-        device memory less its weights and activation peak, instead of `kv_cache_memory_bytes`.
+    def __init__(self, model: str, **options: Any) -> None:
+        """`options`: the engine options by name, each declared once with its default and help
+        as a field of `EngineArgs` (epd/entrypoints/options.py; `epd serve --help` lists the
+        same ones as flags). Two conveniences besides: `devices` may be a list, and
+        `max_images_per_request` caps the images of one prompt (it goes into `limits`).
+
         A single aggregated instance (`1EPD`) runs in this process; any other layout
         starts one process per instance (so scripts need `if __name__ == "__main__":`)."""
-        args = EngineArgs(
-            model=model,
-            layout=layout,
-            device=device,
-            devices=",".join(devices) if isinstance(devices, (list, tuple)) else devices,
-            transfer=transfer,
-            kv_streaming=kv_streaming,
-            dtype=dtype,
-            load_format=load_format,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            mm_cache_bytes=mm_cache_bytes,
-            enable_prefix_caching=enable_prefix_caching,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            seed=seed,
-            attention_backend=attention_backend,
-            cuda_graphs=cuda_graphs,
-            limits=InputLimits(max_images_per_request=max_images_per_request),
-        )
-        self.layout = Layout.parse(layout)
+        args = engine_args_for(model, **options)
+        self.layout = Layout.parse(args.layout)
         self.processor = InputProcessor.from_pretrained(model, limits=args.limits)
         self.engine: EngineBackend | None = args.build(self.processor)
         self._ids = itertools.count()
@@ -165,6 +120,53 @@ class LLM:
         if self.engine is None:
             raise RuntimeError("this LLM was shut down")
         return self.engine
+
+
+def _init_signature() -> inspect.Signature:
+    """`(self, model, *, <each EngineArgs field with its default>, max_images_per_request)`:
+    what help(LLM), IDEs and `inspect.signature(LLM)` show, though `__init__` takes `**options`."""
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fixed = [inspect.Parameter("self", positional), inspect.Parameter("model", positional, annotation="str")]
+    options = [_keyword(f.name, _default_of(f), f.type) for f in fields(EngineArgs) if f.name != "model"]
+    convenience = _keyword("max_images_per_request", None, "int | None")
+    return inspect.Signature([*fixed, *options, convenience], return_annotation="None")
+
+
+def _keyword(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _default_of(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+LLM.__init__.__signature__ = _init_signature()  # type: ignore[attr-defined]
+# What LLM() accepts, read off the signature it shows so that the two cannot disagree.
+_OPTION_NAMES = [p.name for p in LLM.__init__.__signature__.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def engine_args_for(model: str, **options: Any) -> EngineArgs:
+    """`LLM(model, **options)`'s EngineArgs; an unknown option is a TypeError naming it."""
+    _check_option_names(options)
+    devices = options.get("devices")
+    if isinstance(devices, (list, tuple)):
+        options["devices"] = ",".join(devices)
+    max_images = options.pop("max_images_per_request", None)
+    if max_images is not None:
+        limits = options.get("limits", InputLimits())
+        options["limits"] = replace(limits, max_images_per_request=max_images)
+    return EngineArgs(model, **options)
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    for name in options:
+        if name not in _OPTION_NAMES:
+            close = difflib.get_close_matches(name, _OPTION_NAMES, n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise TypeError(
+                f"LLM() got an unknown engine option {name!r}; {hint}"
+                "(the options are the fields of EngineArgs, epd/entrypoints/options.py)"
+            )
 
 
 def _is_token_ids(prompt: Any) -> bool:

@@ -1,0 +1,189 @@
+"""The engine's options, declared once: the fields of `EngineArgs`.
+
+Each option is a field with its type, default and help text (`option(...)`). `LLM(model,
+**options)` takes the fields by name and `epd serve` makes a `--kebab-case` flag of each
+(epd/cli.py), so neither keeps a list of its own that could drift from this one.
+
+    EngineArgs(model="path/to/Qwen2.5-VL", layout="1E+1P+1D", kv_cache_memory_bytes=2 << 30)
+
+The CLI reads these declarations to build `--help`, which must answer without loading torch:
+so the engine's modules are imported inside the methods that need them, not at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from epd.config import EngineConfig
+    from epd.entrypoints.backend import EngineBackend
+    from epd.inputs.processor import InputLimits, InputProcessor
+
+OPTION = "epd.option"  # the key of an option's `Option` in its field's metadata
+
+_SIZE = re.compile(r"(?i)\s*(\d+)\s*([kmgt]?)(i?)b?\s*")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512MiB', '1G' -> bytes (K/M/G/T, with or without i: powers of 1024 both ways)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 512MiB, 1G)")
+    number, unit, _ = match.groups()
+    return int(number) * _UNITS[unit.lower()]
+
+
+def format_bytes(size: int) -> str:
+    """1 << 30 -> '1GiB': the largest unit that writes `size` exactly (parse_bytes reads it back)."""
+    for unit, scale in reversed(_UNITS.items()):
+        if size and size % scale == 0:
+            return f"{size // scale}{unit.upper()}iB" if unit else str(size)
+    return str(size)
+
+
+def parse_utilization(text: str) -> float:
+    """'0.9' -> 0.9; a share of device memory, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"not a share of device memory in (0, 1]: {text!r} (e.g. 0.9)")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """What the CLI needs beyond a field's name, type and default."""
+
+    help: str
+    parse: Callable[[str], Any] | None = None  # text -> value; None: the field's type (str, int, float)
+    show: Callable[[Any], str] | None = None  # how --help writes the default; None: as it is
+    choices: Sequence[str] | None = None
+    # None: --kebab-case of the field's name. A bool that defaults to True must name the flag
+    # that turns it off (--disable-prefix-caching): a flag that sets the default does nothing.
+    flag: str | None = None
+
+
+def option(default: Any, help: str, **how: Any) -> Any:
+    """A field of EngineArgs that is an engine option; `how`: the rest of `Option`."""
+    return field(default=default, metadata={OPTION: Option(help, **how)})
+
+
+def _bytes_option(default: int, help: str) -> Any:
+    return option(default, help, parse=parse_bytes, show=format_bytes)
+
+
+def _no_limits() -> InputLimits:
+    from epd.inputs.processor import InputLimits
+
+    return InputLimits()
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to start an engine; shared by `LLM`, `AsyncEngine` and the CLI.
+
+    Two fields are not options: `model` (LLM's first argument, the CLI's --model) and
+    `limits` (what a request may bring; the CLI builds it from its input-limit flags).
+    """
+
+    model: str
+    layout: str = option("1EPD", "instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
+    device: str = option("cpu", "device of every instance (cpu, cuda, cuda:1, ...)")
+    devices: str | None = option(None, "one device per instance in layout order, comma-separated")
+    transfer: str = option(
+        "auto", "connector between instances: cuda_ipc, shm, tcp (auto: cuda_ipc between GPUs, else shm)"
+    )
+    kv_streaming: str = option(
+        "auto",
+        "P -> D KV: layer by layer during prefill, or whole after it (auto: layer with cuda_ipc)",
+        choices=("auto", "layer", "request"),
+    )
+    dtype: str = option("float32", "weights", choices=("float32", "float16", "bfloat16"))
+    load_format: str = option(
+        "safetensors",
+        "dummy: random weights of the real shapes (benchmarks)",
+        choices=("safetensors", "dummy"),
+    )
+    max_model_len: int | None = option(
+        None, "context length, prompt + output (default: the model's, capped by the KV cache)"
+    )
+    block_size: int = option(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = option(
+        None, "KV blocks per instance (default: as many as kv-cache-memory-bytes holds)"
+    )
+    kv_cache_memory_bytes: int = _bytes_option(1 << 30, "KV cache size per instance")
+    gpu_memory_utilization: float | None = option(
+        None,
+        "share of each instance's CUDA device memory for weights, activations and KV cache "
+        "(e.g. 0.9); the KV cache gets the rest, instead of kv-cache-memory-bytes",
+        parse=parse_utilization,
+    )
+    mm_cache_bytes: int = _bytes_option(256 << 20, "multimodal embedding cache per encode/prefill instance")
+    enable_prefix_caching: bool = option(
+        True, "never reuse KV blocks across requests", flag="--disable-prefix-caching"
+    )
+    max_num_seqs: int = option(256, "requests per running batch")
+    max_num_batched_tokens: int | None = option(None, "tokens per engine step (default: max-model-len)")
+    seed: int = option(0, "seed of weights (dummy) and unseeded sampling")
+    attention_backend: str = option(
+        "auto", "torch_sdpa or triton (auto: triton on CUDA where installed, else torch_sdpa)"
+    )
+    cuda_graphs: bool | None = option(
+        None, "replay decode steps as CUDA graphs (default: whenever the device and attention backend can)"
+    )
+    limits: InputLimits = field(default_factory=_no_limits)
+
+    def engine_config(self) -> EngineConfig:
+        from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+        return EngineConfig(
+            model=ModelConfig(
+                self.model,
+                dtype=self.dtype,
+                load_format=self.load_format,
+                max_model_len=self.max_model_len,
+                seed=self.seed,
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_kv_blocks=self.num_kv_blocks,
+                kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                enable_prefix_caching=self.enable_prefix_caching,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+            ),
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            device=self.device,
+            attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
+        )
+
+    def build(self, processor: InputProcessor) -> EngineBackend:
+        """In this process for a single aggregated instance; else one process per instance."""
+        from epd.cluster.cluster import Cluster
+        from epd.cluster.layout import Layout
+        from epd.engine.llm_engine import LLMEngine
+
+        layout = Layout.parse(self.layout)
+        config = self.engine_config()
+        if layout.num_instances == 1 and layout.is_aggregated and self.devices is None:
+            return LLMEngine(config, processor.tokenizer)
+        return Cluster(
+            layout,
+            config,
+            devices=self.devices or self.device,
+            transfer=self.transfer,
+            kv_streaming=self.kv_streaming,
+            mm_cache_bytes=self.mm_cache_bytes,
+        )
+
+
+def engine_options() -> list[Field]:
+    """The fields of EngineArgs that are options, in the order they are declared."""
+    return [f for f in fields(EngineArgs) if OPTION in f.metadata]
