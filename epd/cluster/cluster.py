@@ -1,10 +1,13 @@
-"""Starts a layout's instances as local processes, wires them to a router, stops them.
+"""Starts a layout's instances through a launcher, wires them to a router, stops them.
 
-Start-up returns only when every instance reported ready (or raises with the failing
-instance's error; epd.cluster.spawn explains a script whose entry point is not guarded).
-Shutdown asks politely, then terminates, then kills: no process is left behind, also when
-the parent exits without calling shutdown (a finalizer and daemon processes cover that;
-instances also exit when they see their parent gone).
+The launcher (epd.cluster.launcher; local processes by default) decides where each instance runs
+and binds; each instance advertises its own addresses in InstanceReady. Start-up returns only
+when every instance reported ready (or raises with the failing instance's error;
+epd.cluster.spawn explains a script whose entry point is not guarded). From its InstanceReady on,
+this process heartbeats each instance (epd.cluster.heartbeat), so instances outlive no router,
+whoever launched them. Shutdown asks politely, then kills: nothing is left behind, also when this
+process exits without calling shutdown (a finalizer, daemon processes), and when it is killed
+(the instances hear no heartbeat and exit).
 """
 
 from __future__ import annotations
@@ -17,17 +20,13 @@ from dataclasses import replace
 import zmq
 
 from epd.clock import WALL_CLOCK
-from epd.cluster.instance import InstanceConfig, instance_main
+from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S, HeartbeatSender, heartbeat_interval
+from epd.cluster.instance import InstanceConfig
+from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
 from epd.cluster.layout import InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
-from epd.cluster.spawn import (
-    children_report_to,
-    exited_during_startup,
-    refuse_in_bootstrapping_child,
-    start_process,
-    stop_processes,
-)
+from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
@@ -43,8 +42,8 @@ DEATH_REPORT_GRACE_S = 5.0
 
 
 def resolve_transfer(transfer: str, devices: list[str]) -> str:
-    """`auto`: GPU to GPU through CUDA IPC when every instance is on a CUDA device of this host (the
-    cluster starts all of them here), else shared memory."""
+    """`auto`: GPU to GPU through CUDA IPC when every instance is on a CUDA device of this host (as the
+    local launcher starts them), else shared memory. Instances on other hosts need `tcp`."""
     if transfer != "auto":
         return transfer
     return "cuda_ipc" if all(str(d).startswith("cuda") for d in devices) else "shm"
@@ -72,33 +71,43 @@ class Cluster:
         kv_streaming: str = "auto",
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
+        launcher: Launcher | None = None,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
     ) -> None:
+        """`host`: where the router's inbox binds, and every instance with the default launcher
+        (local processes); another launcher picks each instance's host itself. Instances exit when
+        they hear nothing from this process for `heartbeat_timeout_s`."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         _check_encoders(layout, specs)
         transfer = resolve_transfer(transfer, [s.device for s in specs])
         kv_streaming = resolve_kv_streaming(kv_streaming, transfer)
+        self.launcher = launcher or LocalProcessLauncher(host)
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        port = self.inbox.bind_to_random_port(f"tcp://{host}")
+        router_address = f"tcp://{host}:{self.inbox.bind_to_random_port(f'tcp://{host}')}"
         threads = max(1, (os.cpu_count() or 1) // len(specs))
         configs = [
             InstanceConfig(
                 spec,
                 replace(engine, device=spec.device),
-                f"tcp://{host}:{port}",
+                router_address,
                 transfer,
-                host,
+                self.launcher.host_for(spec),
                 mm_cache_bytes=mm_cache_bytes,
                 num_threads=threads,
                 kv_streaming=kv_streaming,
+                heartbeat_timeout_s=heartbeat_timeout_s,
             )
             for spec in specs
         ]
-        with children_report_to(f"tcp://{host}:{port}"):
-            self.processes = [start_process(cfg.name, instance_main, cfg) for cfg in configs]
-        self._finalizer = weakref.finalize(self, stop_processes, self.processes)
+        self.heartbeats = HeartbeatSender(heartbeat_interval(heartbeat_timeout_s))
+        self.launched: dict[str, LaunchedInstance] = {}
+        # Holds no reference to self: it runs when the cluster is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _stop, self.heartbeats, self.launched)
         try:
+            for cfg in configs:
+                self.launched[cfg.name] = self.launcher.start(cfg)
             handles = self._wait_ready(specs)
         except BaseException:
             self.shutdown()
@@ -117,14 +126,12 @@ class Cluster:
                     f"instances not ready after {STARTUP_TIMEOUT_S:.0f} s: "
                     f"{sorted({s.name for s in specs} - set(ready))}"
                 )
-            for spec, proc in zip(specs, self.processes):
-                if spec.name not in ready and not proc.is_alive():
+            for name, launched in self.launched.items():
+                if name not in ready and not launched.is_alive():
                     self._take_reports_of_the_dead(ready)
-                    raise exited_during_startup(spec.name, proc.exitcode)
+                    raise exited_during_startup(name, launched.exitcode)
             self._take_startup_message(ready, 0.2)
-        return [
-            InstanceHandle(spec, ready[spec.name], proc.is_alive) for spec, proc in zip(specs, self.processes)
-        ]
+        return [InstanceHandle(s, ready[s.name], self.launched[s.name].is_alive) for s in specs]
 
     def _take_startup_message(self, ready: dict[str, InstanceReady], timeout_s: float) -> bool:
         """Wait up to timeout_s for one start-up message and take it (raising with the error of an
@@ -136,6 +143,8 @@ class Cluster:
             raise RuntimeError(f"instance {msg.instance} failed to start:\n{msg.error}")
         if isinstance(msg, InstanceReady):
             ready[msg.instance] = msg
+            # From now on it counts the router's silence; others may take minutes more to start.
+            self.heartbeats.add(msg.instance, msg.control_address)
         return True
 
     def _take_reports_of_the_dead(self, ready: dict[str, InstanceReady]) -> None:
@@ -184,19 +193,24 @@ class Cluster:
         return {name: h.alive for name, h in self.router.instances.items()}
 
     def shutdown(self) -> None:
-        """Stop every instance process. Idempotent."""
+        """Stop every instance and the heartbeats. Idempotent."""
         if not self._finalizer.alive:
             return
-        router = getattr(self, "router", None)  # None when start-up failed
+        router = getattr(self, "router", None)  # None when start-up failed: nobody was told to stop
         if router is not None:
             router.broadcast(Shutdown())
-        deadline = WALL_CLOCK.monotonic() + SHUTDOWN_GRACE_S
-        for proc in self.processes:
-            proc.join(timeout=max(0.0, deadline - WALL_CLOCK.monotonic()))
-        self._finalizer()  # whatever did not stop in time is terminated
+            deadline = WALL_CLOCK.monotonic() + SHUTDOWN_GRACE_S
+            for launched in self.launched.values():
+                launched.join(max(0.0, deadline - WALL_CLOCK.monotonic()))
+        self._finalizer()  # stops the heartbeats; kills whatever did not stop in time
         if router is not None:
             router.control.close()
         self.ctx.destroy(linger=0)
+
+
+def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance]) -> None:
+    heartbeats.stop()
+    kill_all(launched.values())
 
 
 def _check_encoders(layout: Layout, specs: list[InstanceSpec]) -> None:

@@ -45,6 +45,9 @@ class PrefillTask(msgspec.Struct, tag=True):
     decode_dest: str | None  # connector address of the D instance; None: decode here
     prompt: str | None = None
     pixels: list[EncodeItem] | None = None  # only for a P instance that encodes in-process (EP)
+    # Images the router had encoded for this task when it placed it (indices): their embeddings
+    # are on their way, so P waits for them without asking (`NeedEmbeddings`) again.
+    encoding: list[int] = []
 
 
 class ReleaseEmbedding(msgspec.Struct, tag=True):
@@ -71,7 +74,28 @@ class SetRoles(msgspec.Struct, tag=True):
     roles: str  # role letters, any order
 
 
-ToInstance = EncodeTask | PrefillTask | ReleaseEmbedding | AbortRequest | Shutdown | SetRoles
+class EmbeddingsLost(msgspec.Struct, tag=True):
+    """Images on their way to this prefill instance that will not come: their encoder died. Requests
+    waiting for them ask again (`NeedEmbeddings`)."""
+
+    content_hashes: list[str]
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    """The router is alive. An instance that hears nothing from it for a while exits (its launcher
+    may not be its parent, so the parent's pid says nothing)."""
+
+
+ToInstance = (
+    EncodeTask
+    | PrefillTask
+    | ReleaseEmbedding
+    | EmbeddingsLost
+    | AbortRequest
+    | Shutdown
+    | SetRoles
+    | Heartbeat
+)
 
 # ---- received by the router ------------------------------------------------------------------
 
@@ -97,6 +121,14 @@ class NeedEmbeddings(msgspec.Struct, tag=True):
     instance: str
     request_id: str
     items: list[int]
+
+
+class EmbeddingsEvicted(msgspec.Struct, tag=True):
+    """A prefill instance's MM cache dropped these images (content hashes) to make room: the router
+    stops counting on them there. (Inserts need no message: `EmbeddingArrived` says them.)"""
+
+    instance: str
+    content_hashes: list[str]
 
 
 class EncodeDone(msgspec.Struct, tag=True):
@@ -153,6 +185,7 @@ ToRouter = (
     InstanceReady
     | InstanceFailed
     | NeedEmbeddings
+    | EmbeddingsEvicted
     | EncodeDone
     | EmbeddingArrived
     | RequestUpdate

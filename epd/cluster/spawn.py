@@ -1,4 +1,5 @@
-"""Instance processes: started with multiprocessing's spawn, and clear errors when that cannot work.
+"""Instance processes of the local launcher (epd.cluster.launcher): started with multiprocessing's
+spawn, and clear errors when that cannot work.
 
 A spawned child first re-runs the caller's main module (as `__mp_main__`, so that what the
 parent pickled can be found), and only then runs `instance_main`. A script that builds a
@@ -9,7 +10,7 @@ dies before it knows where the router is. What each side does about it:
 
 | where                        | what                                                                |
 |------------------------------|---------------------------------------------------------------------|
-| parent, starting children    | puts the router address in the children's environment               |
+| parent, starting children    | `children_report_to`: the router address, in their environment     |
 | child, re-running main       | `refuse_in_bootstrapping_child`: reports the unguarded entry point  |
 |                              | to that address (with where it was called), exits                   |
 | parent, child dead, no report| `exited_during_startup`: says the main module may be the cause      |
@@ -39,16 +40,6 @@ def start_process(name: str, target: Callable[..., None], *args: object) -> mp.p
     proc = spawn.Process(target=target, args=args, name=f"{PROCESS_PREFIX}{name}", daemon=True)
     proc.start()
     return proc
-
-
-def stop_processes(processes: list[mp.process.BaseProcess]) -> None:
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 @contextlib.contextmanager

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S
 from epd.cluster.layout import InstanceSpec, Role
 from epd.config import EngineConfig
 
@@ -15,13 +15,14 @@ class InstanceConfig:
     engine: EngineConfig
     router_address: str
     transfer: str = "shm"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # this instance's own interface (its launcher's choice): binds, advertises
     mm_cache_bytes: int = 256 << 20
     mm_block_size: int = 16
     max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch
     num_threads: int = 1
     kv_streaming: str = "request"  # "layer": P sends each layer's KV as prefill writes it (see cluster)
-    parent_pid: int = field(default_factory=os.getpid)
+    # Exits when nothing came from the router for this long (epd.cluster.heartbeat).
+    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
 
     @property
     def name(self) -> str:

@@ -1,13 +1,24 @@
 """The production shell of an instance: a process that gives its core ZMQ sockets and a connector.
 
 The loop blocks on a poller over the control socket and the connector, so an idle instance uses
-no CPU; it exits when told to (`Shutdown`), or when its parent process is gone.
+no CPU; it exits when told to (`Shutdown`), or when the router has gone silent. Its launcher need
+not be its parent (epd.cluster.launcher), so liveness is by heartbeat (epd.cluster.heartbeat):
+
+| state    | event                                                       | next     | last_heard |
+|----------|-------------------------------------------------------------|----------|------------|
+| building | sent InstanceReady (the router starts heartbeating then)    | serving  | now        |
+| serving  | any control message: `Heartbeat` (consumed here, never      | serving  | now        |
+|          | reaching the core) or work                                  |          |            |
+| serving  | inbox drained, now - last_heard > cfg.heartbeat_timeout_s   | exits    |            |
+| serving  | `Shutdown`                                                  | exits    |            |
+
+The inbox is drained before judging: beats that queued during a long step count, so a busy
+instance is never taken for an orphan; only a router that stopped sending is.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 
 import msgspec
@@ -18,14 +29,14 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.core import InstanceCore
 from epd.cluster.layout import Role
-from epd.cluster.messages import InstanceFailed, decode_for_instance, encode
+from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
 from epd.engine.llm_engine import LLMEngine
 from epd.transfer.base import Connector
 from epd.transfer.base import create_connector as make_connector
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_MS = 200  # only bounds how fast a lost parent is noticed; work wakes the poller
+IDLE_POLL_MS = 200  # only bounds how late a silent router is noticed; work wakes the poller
 
 
 def instance_main(cfg: InstanceConfig) -> None:
@@ -70,7 +81,8 @@ class Instance:
     def __init__(
         self, cfg: InstanceConfig, ctx: zmq.Context, outbox: zmq.Socket, clock: Clock = WALL_CLOCK
     ) -> None:
-        self.cfg, self.name, self.outbox = cfg, cfg.name, outbox
+        self.cfg, self.name, self.outbox, self.clock = cfg, cfg.name, outbox, clock
+        self.last_heard = clock.monotonic()  # from the router: anything on the control socket
         self.inbox = ctx.socket(zmq.PULL)
         port = self.inbox.bind_to_random_port(f"tcp://{cfg.host}")
         self.control_address = f"tcp://{cfg.host}:{port}"
@@ -94,6 +106,7 @@ class Instance:
 
     def serve(self) -> None:
         self.core.outbox.send(self.core.ready_message(self.control_address))
+        self.last_heard = self.clock.monotonic()
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
         for handle in self.connector.pollables():
@@ -101,9 +114,18 @@ class Instance:
         while not self.core.stopping:
             poller.poll(0 if self.core.has_work() else IDLE_POLL_MS)
             self.run_once()
-            if os.getppid() != self.cfg.parent_pid:
-                logger.warning("parent process is gone; exiting")
+            if self.router_silent():
+                logger.warning(
+                    "nothing from the router for %.1f s (heartbeat timeout): exiting",
+                    self.clock.monotonic() - self.last_heard,
+                )
                 return
+
+    def router_silent(self) -> bool:
+        """Whether the router sent nothing for longer than the heartbeat timeout. Takes what is in
+        the inbox first: what queued while a step ran counts."""
+        self._receive_control()
+        return self.clock.monotonic() - self.last_heard > self.cfg.heartbeat_timeout_s
 
     def run_once(self) -> None:
         """One turn of the loop, without waiting: what arrived (control first, then transfers), one
@@ -118,7 +140,10 @@ class Instance:
                 data = self.inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.core.on_message(decode_for_instance(data))
+            self.last_heard = self.clock.monotonic()
+            message = decode_for_instance(data)
+            if not isinstance(message, Heartbeat):  # it said all it had to by arriving
+                self.core.on_message(message)
 
     def close(self) -> None:
         self.connector.close()
