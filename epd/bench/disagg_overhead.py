@@ -7,7 +7,10 @@
 
 Requests run one at a time (no batching effects), each with new images, so the difference in
 end-to-end latency is the price of the process boundary: control messages, the embedding transfer
-E -> P and the KV hand-off P -> D. The lifetime breakdown shows where the time goes; on GPUs,
+E -> P and the KV hand-off P -> D. `to_encode` runs from the request's arrival to the start of its
+first encode: with encoder instances, what control messages cost before encoding starts (once a
+round trip through P, which asked for its images; now one message from the router to E). The
+lifetime breakdown shows where the rest of the time goes; on GPUs,
 `kv_transfer` (first token on P -> KV usable on D) compares layer-wise KV streaming with sending
 the KV after prefill. A variant is `LAYOUT[:TRANSFER[:KV_STREAMING]]`; instances take the devices
 of --devices in order.
@@ -23,6 +26,7 @@ import time
 
 from epd import LLM, SamplingParams
 from epd.cluster.layout import Layout
+from epd.lifetime import Event
 from epd.testing.images import noise_image
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -45,18 +49,25 @@ def run(model: str, variant: str, args: argparse.Namespace) -> dict[str, float]:
     options.update(kv_cache_memory_bytes=args.kv_cache_gib << 30, mm_cache_bytes=args.mm_cache_gib << 30)
     with LLM(model, **options) as llm:
         llm.generate([prompt(-1, args.images, args.image_side)], params, use_tqdm=False)  # warm-up
-        e2e, ttft, stages = [], [], {s: [] for s in STAGES}
+        e2e, ttft, to_encode, stages = [], [], [], {s: [] for s in STAGES}
         for i in range(args.requests):
             start = time.perf_counter()
             [out] = llm.generate([prompt(i, args.images, args.image_side)], params, use_tqdm=False)
             assert out.error is None, out.error
             e2e.append(time.perf_counter() - start)
             ttft.append(out.metrics.first_token_time - out.metrics.arrival_time)
+            to_encode.append(encode_start(out.metrics.events) - out.metrics.arrival_time)
             for stage, seconds in out.metrics.breakdown().items():
                 stages[stage].append(seconds)
     result = {"e2e_ms": statistics.mean(e2e) * 1e3, "ttft_ms": statistics.mean(ttft) * 1e3}
+    result["to_encode_ms"] = statistics.mean(to_encode) * 1e3
     result.update({f"{s}_ms": statistics.mean(v) * 1e3 for s, v in stages.items() if v})
     return result
+
+
+def encode_start(events: list) -> float:
+    """When the request's first image started encoding (wherever that was)."""
+    return min(e.time for e in events if e.event is Event.ENCODE_START)
 
 
 def main() -> None:
@@ -81,7 +92,7 @@ def main() -> None:
 
         model = str(build_tiny_checkpoint(tempfile.mkdtemp(prefix="epd-bench-"), "qwen2_5_vl"))
     rows = [(variant, run(model, variant, args)) for variant in args.variants.split(",")]
-    columns = ["e2e_ms", "ttft_ms"] + [f"{s}_ms" for s in STAGES]
+    columns = ["e2e_ms", "ttft_ms", "to_encode_ms"] + [f"{s}_ms" for s in STAGES]
     print(
         f"{args.requests} sequential requests, {args.images} new {args.image_side}px image(s) each, "
         f"{args.max_tokens} output tokens; mean ms"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class Role(str, enum.Enum):
@@ -58,20 +58,26 @@ class InstanceSpec:
     """One instance (one process on one device) of a layout.
 
     `index` is global in layout order; `role_index` counts instances with the same role set, so
-    `name` ("E0", "E1", "PD0", "EPD3") is unique within a layout and says what the instance does.
+    `name` ("E0", "E1", "PD0", "EPD3") is unique within a layout and says what the instance does
+    at start. An instance keeps its name when its roles change (`with_roles`): "P0" may decode.
     """
 
     index: int
     roles: frozenset[Role]
     device: str
     role_index: int = 0
+    fixed_name: str | None = None  # set once the roles no longer match the name
 
     @property
     def name(self) -> str:
-        return f"{role_letters(self.roles)}{self.role_index}"
+        return self.fixed_name or f"{role_letters(self.roles)}{self.role_index}"
 
     def has(self, role: Role) -> bool:
         return role in self.roles
+
+    def with_roles(self, roles: frozenset[Role]) -> InstanceSpec:
+        """The same instance (same name) holding `roles`."""
+        return replace(self, roles=frozenset(roles), fixed_name=self.name)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ per-row Python loops.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,8 @@ class MMCache:
         self.misses = 0
         self.evictions = 0
         self.stores = 0
+        # Told the key of every entry evicted: a prefill instance reports them to the router.
+        self.on_evict: Callable[[str], None] | None = None
 
     @staticmethod
     def blocks_for_memory(memory_bytes: int, block_size: int, hidden_size: int, dtype: torch.dtype) -> int:
@@ -318,6 +321,8 @@ class MMCache:
         key = next(iter(self._lru))
         self._remove(key)
         self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key)
 
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)

@@ -10,11 +10,14 @@ from router_harness import arrived, encode_done, image, make_core, need, prompt,
 from epd.cluster.layout import Role
 from epd.cluster.messages import (
     AbortRequest,
+    EmbeddingsEvicted,
+    EmbeddingsLost,
     EncodeTask,
     InstanceFailed,
     PrefillTask,
     ReleaseEmbedding,
     RequestError,
+    SetRolesReply,
 )
 from epd.cluster.router import IllegalTransition, Outgoing, Stage
 from epd.cluster.router.ledger import Work
@@ -24,29 +27,38 @@ from epd.sampling_params import SamplingParams
 PARAMS = SamplingParams(max_tokens=3)
 
 
-def two_image_request(core, rid: str = "r") -> list[Outgoing]:
+def two_image_request(core, rid: str = "r", names: tuple[str, str] = ("small", "big")) -> list[Outgoing]:
     # The larger image goes first onto the emptier encoder, the other onto the second one (IRP).
-    return core.add_request(rid, prompt(8, [image("small", 2), image("big", 4)]), PARAMS)
+    return core.add_request(rid, prompt(8, [image(names[0], 2), image(names[1], 4)]), PARAMS)
+
+
+def placed_with_images_on_p(core, rid: str = "r") -> None:
+    """A two-image request whose images P reported holding: nothing to encode, it stays PLACED."""
+    for content_hash in ("small", "big"):
+        core.handle(arrived("P0", content_hash, "E0", []))
+    [(to, task)] = two_image_request(core, rid)
+    assert to == "P0" and task.encoding == []
 
 
 def test_a_request_through_1p_1d_and_two_encoders_message_by_message():
     core, _, clock = make_core("2E+1P+1D")
-    [(to, task)] = two_image_request(core)
+    (to, task), *out = two_image_request(core)
     assert to == "P0" and isinstance(task, PrefillTask)
     assert task.decode_dest == "data://D0" and task.pixels is None and task.image_hashes == ["small", "big"]
-    assert core.requests["r"].stage is Stage.PLACED
-    assert core.ledger.outstanding() == {
-        Work("r", Role.PREFILL): ("P0", 8),
-        Work("r", Role.DECODE): ("D0", 1),
-    }
+    assert task.encoding == [0, 1], "both are being encoded: P must not ask for them"
 
-    out = core.handle(need("P0", "r", [0, 1]))
+    # The images go to the encoders with the task, not after P asks.
     assert {to for to, _ in out} == {"E0", "E1"} and all(isinstance(m, EncodeTask) for _, m in out)
     by_encoder = {to: [item.content_hash for item in m.items] for to, m in out}
     assert by_encoder == {"E0": ["big"], "E1": ["small"]}
     assert all(m.dest == "data://P0" for _, m in out)
     assert core.requests["r"].stage is Stage.ENCODING
-    assert core.ledger.holder(Work("r", Role.ENCODE, 1)) == "E0"
+    assert core.ledger.outstanding() == {
+        Work("r", Role.PREFILL): ("P0", 8),
+        Work("r", Role.DECODE): ("D0", 1),
+        Work("r", Role.ENCODE, 0): ("E1", 4),
+        Work("r", Role.ENCODE, 1): ("E0", 16),
+    }
 
     assert core.handle(encode_done("E0", "r", [1])) == []
     assert core.requests["r"].stage is Stage.ENCODING, "the small image is still out"
@@ -78,7 +90,7 @@ def test_a_request_through_1p_1d_and_two_encoders_message_by_message():
 def test_an_instance_that_encodes_in_process_gets_the_pixels_and_never_asks():
     core, _, _ = make_core("1EP+1D")
     [(to, task)] = core.add_request("r", prompt(8, [image("a")]), PARAMS)
-    assert to == "EP0" and [item.content_hash for item in task.pixels] == ["a"]
+    assert to == "EP0" and [item.content_hash for item in task.pixels] == ["a"] and task.encoding == []
     core.handle(update("EP0", "r", [1], first_index=0))
     assert core.requests["r"].stage is Stage.DECODING
     core.handle(update("D0", "r", [2], first_index=1, finish="stop"))
@@ -100,7 +112,6 @@ def test_a_prefill_instance_that_decodes_keeps_the_request():
 def test_first_token_before_the_last_encode_done_and_the_late_one_after_the_end():
     core, _, _ = make_core("2E+1P+1D")
     two_image_request(core)
-    core.handle(need("P0", "r", [0, 1]))
     core.handle(encode_done("E0", "r", [1]))
     core.handle(update("P0", "r", [10], first_index=0))  # E1's report is still on its way
     assert core.requests["r"].stage is Stage.DECODING
@@ -116,10 +127,10 @@ def test_first_token_before_the_last_encode_done_and_the_late_one_after_the_end(
 
 
 def drive_to(core, stage: Stage) -> None:
-    two_image_request(core)
     if stage is Stage.PLACED:
+        placed_with_images_on_p(core)
         return
-    core.handle(need("P0", "r", [0, 1]))
+    two_image_request(core)
     if stage is Stage.ENCODING:
         return
     core.handle(encode_done("E0", "r", [1]))
@@ -179,14 +190,18 @@ def test_a_dead_decode_instance_fails_exactly_the_requests_on_it():
 def test_a_failed_encoder_fails_only_requests_with_images_still_on_it():
     core, _, _ = make_core("2E+1P+1D")
     two_image_request(core, "done_on_e1")
-    core.handle(need("P0", "done_on_e1", [0, 1]))
     core.handle(encode_done("E1", "done_on_e1", [0]))  # its E1 image is encoded: nothing left there
-    two_image_request(core, "waits_on_e1")
-    out = core.handle(need("P0", "waits_on_e1", [0, 1]))
+    out = two_image_request(core, "waits_on_e1", ("small2", "big2"))
     assert any(to == "E1" for to, _ in out)
     core.add_request("no_images", prompt(4), PARAMS)
     out = core.handle(InstanceFailed("E1", "Traceback ...\nRuntimeError: CUDA error\n"))
-    assert out == [Outgoing("D0", AbortRequest("waits_on_e1")), Outgoing("P0", AbortRequest("waits_on_e1"))]
+    assert out == [
+        Outgoing("D0", AbortRequest("waits_on_e1")),
+        Outgoing("P0", AbortRequest("waits_on_e1")),
+        # Nothing E1 was sending is counted on any more, not even "small": it was encoded, but P
+        # has not reported it, so it may have died with E1. P's requests waiting for them ask again.
+        Outgoing("P0", EmbeddingsLost(["small", "big2"])),
+    ]
     [failed] = core.take_outputs()
     assert (
         failed.request_id == "waits_on_e1" and failed.error == "instance E1 failed (RuntimeError: CUDA error)"
@@ -197,9 +212,11 @@ def test_a_failed_encoder_fails_only_requests_with_images_still_on_it():
 
 def test_images_without_a_live_encoder_fail_the_request():
     core, fake, _ = make_core("1E+1P+1D")
-    core.add_request("r", prompt(8, [image("a")]), PARAMS)
+    core.handle(arrived("P0", "a", "E0", []))
+    core.add_request("r", prompt(8, [image("a")]), PARAMS)  # P holds "a": nothing sent to encode
     fake.kill("E0")
     core.tick()
+    # P evicted "a" meanwhile and asks for it: no encoder is left.
     assert core.handle(need("P0", "r", [0])) == [
         Outgoing("D0", AbortRequest("r")),
         Outgoing("P0", AbortRequest("r")),
@@ -207,6 +224,10 @@ def test_images_without_a_live_encoder_fail_the_request():
     [out] = core.take_outputs()
     assert out.error == "no live encoder instance to encode this request's images"
     assert core.ledger.is_empty()
+    # Found at arrival, a request is failed before any instance hears of it.
+    assert core.add_request("s", prompt(8, [image("b")]), PARAMS) == []
+    [out] = core.take_outputs()
+    assert out.error == "no live encoder instance to encode this request's images" and core.ledger.is_empty()
 
 
 # ---- what is a bug -----------------------------------------------------------------------------
@@ -224,7 +245,7 @@ def _failed_alone(core, message, match: str) -> None:
 
 def test_an_encode_done_before_any_image_was_asked_for_is_a_bug():
     core, _, _ = make_core("2E+1P+1D")
-    two_image_request(core)
+    placed_with_images_on_p(core)
     with pytest.raises(IllegalTransition, match="image_encoded in stage placed"):
         core.requests["r"].advance(Trigger.IMAGE_ENCODED)
     _failed_alone(core, encode_done("E0", "r", [1]), "internal error: .*image_encoded in stage placed")
@@ -243,3 +264,58 @@ def test_a_request_id_in_use_or_a_prompt_too_long_is_refused():
         core.add_request("r", prompt(4), PARAMS)
     with pytest.raises(ValueError, match="maximum is 4095"):
         core.add_request("long", prompt(4096), PARAMS)
+
+
+# ---- what P holds: images are sent to encode at arrival, once ----------------------------------
+
+
+def encode_tasks(out: list[Outgoing]) -> dict[str, list[str]]:
+    """Encoder -> content hashes it was sent, from what a call returned."""
+    tasks: dict[str, list[str]] = {}
+    for to, message in out:
+        if isinstance(message, EncodeTask):
+            tasks.setdefault(to, []).extend(item.content_hash for item in message.items)
+    return tasks
+
+
+def test_an_image_p_holds_or_is_getting_is_not_encoded_again_until_evicted():
+    core, _, _ = make_core("1E+1P+1D")
+    out = core.add_request("a", prompt(8, [image("x"), image("y"), image("x")]), PARAMS)
+    assert encode_tasks(out) == {"E0": ["x", "y"]}, "a repeat within the request rides along"
+    assert out[0].message.encoding == [0, 1]
+    out = core.add_request("b", prompt(8, [image("x")]), PARAMS)
+    assert encode_tasks(out) == {} and out[0].message.encoding == [], "on its way to P for a"
+    assert core.requests["b"].stage is Stage.PLACED
+    core.handle(arrived("P0", "x", "E0", ["a", "b"]))
+    out = core.add_request("c", prompt(8, [image("x")]), PARAMS)
+    assert encode_tasks(out) == {}, "cached on P"
+    core.handle(EmbeddingsEvicted("P0", ["x"]))
+    out = core.add_request("d", prompt(8, [image("x")]), PARAMS)
+    assert encode_tasks(out) == {"E0": ["x"]} and out[0].message.encoding == [0]
+
+
+def test_p_asking_for_an_image_the_router_thought_it_held_gets_it_at_any_stage_before_the_first_token():
+    core, _, _ = make_core("2E+1P+1D")
+    core.handle(arrived("P0", "small", "E0", []))  # the view: P holds "small", not "big"
+    (_, task), *out = two_image_request(core)
+    assert task.encoding == [1] and encode_tasks(out) == {"E0": ["big"]}
+    core.handle(encode_done("E0", "r", [1]))
+    assert core.requests["r"].stage is Stage.PREFILLING
+    out = core.handle(need("P0", "r", [0]))  # P had evicted "small" before the task came
+    assert encode_tasks(out) == {"E0": ["small"]} and core.requests["r"].stage is Stage.ENCODING
+    core.handle(encode_done("E0", "r", [0]))
+    core.handle(update("P0", "r", [1], first_index=0))
+    core.handle(update("D0", "r", [2, 3], first_index=1, finish="length"))
+    assert core.take_outputs()[-1].outputs[0].token_ids == [1, 2, 3] and core.ledger.is_empty()
+
+
+def test_an_instance_keeps_its_name_when_its_roles_change_and_placement_follows_the_roles():
+    core, _, _ = make_core("1E+1P+1D")
+    assert core.handle(SetRolesReply("D0", "PD")) == []
+    assert core.instances["D0"].has(Role.PREFILL) and core.instances["D0"].name == "D0"
+    placed = {
+        core.requests[rid].prefill for rid in "ab" if not core.add_request(rid, prompt(4), PARAMS) == []
+    }
+    assert placed == {"P0", "D0"}, "least loaded over both prefill instances"
+    core.handle(SetRolesReply("P0", "P", error="busy"))  # a refusal: the roles it still holds
+    assert core.instances["P0"].has(Role.PREFILL)

@@ -1,27 +1,36 @@
 """Many requests' messages in random orders: none is lost, each ends exactly once, nothing stays held.
 
-Fake instances answer what the router sends them at once, as a real one would in the end: P asks for
-its images, an encoder ships them to P and reports EncodeDone, P prefills once it has all of them and
-its first token lets D produce the rest. Each instance's messages reach the router in the order it
-sent them (one PUSH socket each); which instance's message comes next, when a request is added or
-aborted and when an instance dies is what hypothesis chooses.
+Fake instances answer what the router sends them at once, as a real one would in the end: an encoder
+ships images to P and reports EncodeDone; P counts the images on their way as the real prefill stage
+does (epd.cluster.instance.prefill_stage), asks for what it lacks and nobody sends, prefills once it
+has all of them, and its first token lets D produce the rest. Each instance's messages reach the
+router in the order it sent them (one PUSH socket each); which instance's message comes next, when an
+encoder works through its next task, when a request is added or aborted and when an instance dies is
+what hypothesis chooses.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from router_harness import arrived, encode_done, image, make_core, need, prompt, update
 
-from epd.cluster.messages import AbortRequest, EncodeTask, PrefillTask, ToInstance, ToRouter
+from epd.cluster.messages import (
+    AbortRequest,
+    EmbeddingsLost,
+    EncodeTask,
+    PrefillTask,
+    ToInstance,
+    ToRouter,
+)
 from epd.cluster.router import RouterCore
 from epd.sampling_params import SamplingParams
 
 LAYOUT = "2E+1P+2D"
-MORTAL = ("E1", "D1")  # at most one of them dies; E0, P0 and D0 keep serving
+MORTAL = ("E0", "E1", "D1")  # at most one of them dies: an encoder, P0 and D0 keep serving
 
 
 @dataclass
@@ -32,6 +41,10 @@ class FakeInstances:
     outbox: dict[str, deque[ToRouter]] = field(default_factory=dict)
     tasks: dict[str, PrefillTask] = field(default_factory=dict)
     waiting: dict[str, set[str]] = field(default_factory=dict)  # request -> image hashes P lacks
+    encode_queue: dict[str, deque[EncodeTask]] = field(default_factory=dict)
+    has: set[str] = field(default_factory=set)  # images P holds (it never evicts here)
+    announced: Counter[str] = field(default_factory=Counter)  # images on their way to P
+    unannounced: Counter[str] = field(default_factory=Counter)  # arrived before their task
     aborted: set[tuple[str, str]] = field(default_factory=set)  # (instance, request)
     dead: set[str] = field(default_factory=set)
 
@@ -41,31 +54,66 @@ class FakeInstances:
         if isinstance(message, PrefillTask):
             self._prefill_task(instance, message)
         elif isinstance(message, EncodeTask):
-            self._encode(instance, message)
+            self.encode_queue.setdefault(instance, deque()).append(message)
         elif isinstance(message, AbortRequest):
             self.aborted.add((instance, message.request_id))
+            if instance == "P0":
+                self.waiting.pop(message.request_id, None)
+        elif isinstance(message, EmbeddingsLost):
+            for content_hash in message.content_hashes:
+                self._lost(instance, content_hash)
 
     def _send(self, instance: str, message: ToRouter) -> None:
         self.outbox.setdefault(instance, deque()).append(message)
 
     def _prefill_task(self, instance: str, task: PrefillTask) -> None:
         self.tasks[task.request_id] = task
-        self.waiting[task.request_id] = set(task.image_hashes)
-        if task.image_hashes and task.pixels is None:
-            self._send(instance, need(instance, task.request_id, list(range(len(task.image_hashes)))))
-        else:
+        for index in task.encoding:
+            self._count(self.unannounced, self.announced, task.image_hashes[index])
+        missing = set() if task.pixels is not None else set(task.image_hashes) - self.has
+        self.waiting[task.request_id] = missing
+        ask = []
+        for index, content_hash in enumerate(task.image_hashes):
+            if content_hash in missing and self.announced[content_hash] == 0:
+                self.announced[content_hash] += 1
+                ask.append(index)
+        if ask:
+            self._send(instance, need(instance, task.request_id, ask))
+        if not missing:
             self._prefill(instance, task.request_id)
+
+    @staticmethod
+    def _count(use_first: Counter[str], otherwise: Counter[str], content_hash: str) -> None:
+        """One transfer of `content_hash` matched (`use_first` had one) or counted (`otherwise`)."""
+        if use_first[content_hash] > 0:
+            use_first[content_hash] -= 1
+        else:
+            otherwise[content_hash] += 1
+
+    def encode_next(self, encoder: str) -> None:
+        self._encode(encoder, self.encode_queue[encoder].popleft())
 
     def _encode(self, encoder: str, task: EncodeTask) -> None:
         self._send(encoder, encode_done(encoder, task.request_id, [item.index for item in task.items]))
         prefill = task.dest.removeprefix("data://")
         for item in task.items:  # the embeddings reach P through the connector, not the router
+            self._count(self.announced, self.unannounced, item.content_hash)
+            self.has.add(item.content_hash)
             waiters = [rid for rid, hashes in self.waiting.items() if item.content_hash in hashes]
             self._send(prefill, arrived(prefill, item.content_hash, encoder, waiters))
             for rid in waiters:
                 self.waiting[rid].discard(item.content_hash)
                 if not self.waiting[rid]:
                     self._prefill(prefill, rid)
+
+    def _lost(self, instance: str, content_hash: str) -> None:
+        if self.announced[content_hash] > 0:
+            self.announced[content_hash] -= 1
+        waiters = [rid for rid, hashes in self.waiting.items() if content_hash in hashes]
+        if waiters and self.announced[content_hash] == 0:
+            self.announced[content_hash] += 1
+            index = self.tasks[waiters[0]].image_hashes.index(content_hash)
+            self._send(instance, need(instance, waiters[0], [index]))
 
     def _prefill(self, instance: str, rid: str) -> None:
         del self.waiting[rid]
@@ -82,6 +130,7 @@ class FakeInstances:
     def kill(self, instance: str) -> None:
         self.dead.add(instance)
         self.outbox.pop(instance, None)  # what it had not delivered yet is lost with it
+        self.encode_queue.pop(instance, None)
 
 
 def request_prompt(index: int, num_images: int):
@@ -112,9 +161,10 @@ def test_random_interleavings_lose_no_request(requests, data):
             if out.finished:
                 ended.setdefault(out.request_id, []).append(out)
 
-    while to_add or any(fakes.outbox.values()):
+    while to_add or any(fakes.outbox.values()) or any(fakes.encode_queue.values()):
         actions = ["add"] if to_add else []
         actions += [f"from {name}" for name, queue in sorted(fakes.outbox.items()) if queue]
+        actions += [f"encode on {name}" for name, queue in sorted(fakes.encode_queue.items()) if queue]
         actions += ["abort"] if core.requests else []
         actions += ["kill"] if not fakes.dead else []
         action = data.draw(st.sampled_from(actions))
@@ -133,6 +183,8 @@ def test_random_interleavings_lose_no_request(requests, data):
             fakes.kill(victim)
             fake_layout.kill(victim)
             deliver(core.tick())
+        elif action.startswith("encode on "):
+            fakes.encode_next(action.removeprefix("encode on "))
         else:
             deliver(core.handle(fakes.outbox[action.removeprefix("from ")].popleft()))
         collect()
@@ -153,3 +205,32 @@ def check_outcome(rid: str, out, tokens: int, aborted: set[str], victims: set[st
     else:
         assert reason == "length" and out.outputs[0].token_ids == list(range(tokens)), out
         assert out.error is None
+
+
+def test_requests_waiting_for_an_image_a_dead_encoder_was_sending_get_it_from_another():
+    # A's image goes to E0; B needs the same image, on its way to P for A, so nothing is sent for B.
+    # E0 dies before encoding it: A fails with E0, and B must still get the image (from E1).
+    core, fake_layout, _ = make_core(LAYOUT)
+    fakes = FakeInstances(core)
+
+    def deliver(outgoing) -> None:
+        for instance, message in outgoing:
+            fakes.receive(instance, message)
+
+    for rid in ("A", "B"):
+        deliver(core.add_request(rid, prompt(6, [image("shared")]), SamplingParams(max_tokens=2)))
+    assert list(fakes.encode_queue) == ["E0"] and len(fakes.encode_queue["E0"]) == 1
+    fakes.kill("E0")
+    fake_layout.kill("E0")
+    deliver(core.tick())
+    while any(fakes.outbox.values()) or any(fakes.encode_queue.values()):
+        for name in sorted(fakes.encode_queue):
+            while fakes.encode_queue[name]:
+                fakes.encode_next(name)
+        for name in sorted(fakes.outbox):
+            while fakes.outbox[name]:
+                deliver(core.handle(fakes.outbox[name].popleft()))
+    ended = {out.request_id: out for out in core.take_outputs() if out.finished}
+    assert ended["A"].error == "instance E0 failed (its process died)"
+    assert ended["B"].error is None and ended["B"].outputs[0].token_ids == [0, 1]
+    assert not core.requests and core.ledger.is_empty()

@@ -1,9 +1,25 @@
 """The prefill stage: takes `PrefillTask`s, waits for their images' embeddings, admits, hands KV off.
 
-Per image of a task (content hash), the least the stage can ask for:
-  in the MM cache        -> pin it for the request;
-  asked for already      -> wait for that arrival too (two requests, one transfer);
-  otherwise              -> wait, and ask the router for it (`NeedEmbeddings`).
+The router sends a request's images to the encoders when it sends the task, and lists them in
+the task (`encoding`): one transfer of each is on its way here. The stage counts transfers per
+content hash, so it knows whether one is still to come:
+
+| event                                  | counts                                               |
+|----------------------------------------|------------------------------------------------------|
+| a task lists image h (`encoding`)      | an early arrival of h was its transfer: use it up;   |
+|                                        | else `announced[h] += 1`                             |
+| the stage asks for h (`NeedEmbeddings`)| `announced[h] += 1`                                  |
+| h arrives (`mm:<h>`)                   | `announced[h] -= 1`; none announced: it came before  |
+|                                        | its task, `unannounced[h] += 1`                      |
+| h is lost (`EmbeddingsLost`: its       | `announced[h] -= 1`; if none is left on its way and  |
+| encoder died)                          | requests wait for h: ask again for the first of them |
+
+Then per image of a task, the least it can do:
+  in the MM cache                  -> pin it for the request;
+  not cached, announced[h] > 0     -> wait for that arrival (two requests, one transfer);
+  otherwise                        -> wait, and ask the router for it (`NeedEmbeddings`): the
+                                      router thought it was here, but it was evicted meanwhile.
+Evictions are reported (`EmbeddingsEvicted`) so that the router's view catches up.
 A request is admitted to the engine once every image is pinned for it, and unpins them at its
 first token (the request holds its own copies then). Without an MM cache (EP) the engine encodes
 the task's pixels itself and the task is admitted at once. Where the KV goes after the first
@@ -12,6 +28,7 @@ token is the engine's wiring (engine_host); this stage tells the `KVSender` each
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from epd.clock import Clock
@@ -20,7 +37,14 @@ from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
 from epd.cluster.kv_handoff import KVSender
-from epd.cluster.messages import EmbeddingArrived, NeedEmbeddings, PrefillTask, RequestError
+from epd.cluster.messages import (
+    EmbeddingArrived,
+    EmbeddingsEvicted,
+    EmbeddingsLost,
+    NeedEmbeddings,
+    PrefillTask,
+    RequestError,
+)
 from epd.cluster.stats import mm_cache_stats
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
@@ -55,12 +79,21 @@ class PrefillStage(StageManager):
         self.decode_pixels, self.outbox, self.clock = decode_pixels, outbox, clock
         self.pending: dict[str, _Pending] = {}
         self.waiting_on: dict[str, list[str]] = {}  # content hash -> request ids
-        self.requested: set[str] = set()  # hashes asked of the router, not yet arrived
-        self.held: dict[str, set[str]] = {}  # request id -> hashes it pins in the MM cache
+        self.announced: Counter[str] = Counter()  # hash -> transfers on their way (module docstring)
+        self.unannounced: Counter[str] = Counter()  # hash -> arrivals before the task that lists them
+        # request id -> hashes it pins in the MM cache, in pin order (a dict, not a set: the order
+        # of unpinning is the MM cache's LRU order, which must not hang on string hashing)
+        self.held: dict[str, dict[str, None]] = {}
+        self.evicted: list[str] = []
+        if mm_cache is not None:
+            mm_cache.on_evict = self.evicted.append
 
     def on_message(self, msg: object) -> None:
-        assert isinstance(msg, PrefillTask), msg
-        self._prefill_task(msg)
+        if isinstance(msg, PrefillTask):
+            self._prefill_task(msg)
+        elif isinstance(msg, EmbeddingsLost):
+            for content_hash in msg.content_hashes:
+                self._lost(content_hash)
 
     def on_transfer(self, received: Received) -> None:
         """An image's embeddings (`mm:<hash>`) from an encoder instance."""
@@ -88,7 +121,10 @@ class PrefillStage(StageManager):
         self.kv_sender.forget(request_id)
 
     def busy_requests(self) -> int:
-        return len(set(self.pending) | set(self.held) | set(self.kv_sender.dest))
+        # A transfer on its way that no request here waits for (its request was aborted) counts
+        # too: the stage must be here to take it, or the counts of the next one would be off.
+        in_flight = len([h for h in self.announced if h not in self.waiting_on]) + len(self.unannounced)
+        return len(set(self.pending) | set(self.held) | set(self.kv_sender.dest)) + in_flight
 
     def stats(self) -> dict[str, float]:
         return mm_cache_stats(self.mm_cache)
@@ -96,6 +132,8 @@ class PrefillStage(StageManager):
     # ---- tasks and embeddings ------------------------------------------------------------------
 
     def _prefill_task(self, task: PrefillTask) -> None:
+        for index in task.encoding:  # first: their transfers come whatever happens to the task
+            self._announce(task.image_hashes[index])
         prompt = prompt_from_task(task, self.decode_pixels)
         try:
             self.llm.engine.check_fits(len(task.prompt_token_ids))
@@ -113,21 +151,28 @@ class PrefillStage(StageManager):
         else:
             self._admit(task, prompt)
 
+    def _announce(self, content_hash: str) -> None:
+        if self.unannounced[content_hash] > 0:
+            _decrement(self.unannounced, content_hash)
+        else:
+            self.announced[content_hash] += 1
+
     def _pin_or_wait(self, task: PrefillTask) -> set[str]:
-        """Pin the task's cached images; the hashes still missing (asked of the router if new)."""
+        """Pin the task's cached images; the hashes still missing (asked of the router if none is
+        on its way)."""
         missing, need = set(), []
-        held = self.held.setdefault(task.request_id, set())
+        held = self.held.setdefault(task.request_id, {})
         for i, h in enumerate(task.image_hashes):
             if h in held or h in missing:
                 continue
             if self.mm_cache.lookup(h):
                 self.mm_cache.pin(h)
-                held.add(h)
+                held[h] = None
                 continue
             missing.add(h)
             self.waiting_on.setdefault(h, []).append(task.request_id)
-            if h not in self.requested:
-                self.requested.add(h)
+            if self.announced[h] == 0:
+                self.announced[h] += 1
                 need.append(i)
         if need:
             self.outbox.send(NeedEmbeddings(self.instance_id, task.request_id, need))
@@ -136,11 +181,16 @@ class PrefillStage(StageManager):
     def _embedding_arrived(self, received: Received) -> None:
         h, source = received.meta["content_hash"], received.meta["source"]
         waiters = self.waiting_on.pop(h, [])
-        self.requested.discard(h)
+        if self.announced[h] > 0:
+            _decrement(self.announced, h)
+        else:
+            self.unannounced[h] += 1
         end = Event.MM_TRANSFER_END
         events = [(rid, LifetimeEvent.now(self.clock, end, self.instance_id)) for rid in waiters]
         self.outbox.send(EmbeddingArrived(self.instance_id, h, source, events))
-        if not self.mm_cache.put(h, received.tensors["embeds"]):
+        stored = self.mm_cache.put(h, received.tensors["embeds"])
+        self._report_evictions([] if stored else [h])
+        if not stored:
             for rid in waiters:
                 self._fail(rid, MM_CACHE_FULL)
             return
@@ -149,12 +199,30 @@ class PrefillStage(StageManager):
             if pending is None:
                 continue  # aborted meanwhile
             self.mm_cache.pin(h)
-            self.held.setdefault(rid, set()).add(h)
+            self.held.setdefault(rid, {})[h] = None
             pending.missing.discard(h)
             if not pending.missing:
                 del self.pending[rid]
                 self._admit(pending.task, pending.prompt)
         self.mm_cache.unpin(h)  # the arrival's own pin: the waiters hold theirs
+
+    def _lost(self, content_hash: str) -> None:
+        if self.announced[content_hash] > 0:
+            _decrement(self.announced, content_hash)
+        waiters = self.waiting_on.get(content_hash)
+        if self.announced[content_hash] > 0 or not waiters:
+            return
+        self.announced[content_hash] += 1
+        first = self.pending[waiters[0]].task  # the router sends it for this request; all get it
+        index = first.image_hashes.index(content_hash)
+        self.outbox.send(NeedEmbeddings(self.instance_id, first.request_id, [index]))
+
+    def _report_evictions(self, not_stored: list[str]) -> None:
+        """What the MM cache dropped to make room (and an arrival it had no room for)."""
+        gone = self.evicted + not_stored
+        self.evicted.clear()
+        if gone:
+            self.outbox.send(EmbeddingsEvicted(self.instance_id, gone))
 
     def _admit(self, task: PrefillTask, prompt: ProcessedPrompt) -> None:
         self.llm.engine.add_request(task.request_id, prompt, task.params, task.arrival_time)
@@ -167,3 +235,9 @@ class PrefillStage(StageManager):
         self.abort(request_id)
         self.llm.abort(request_id)
         self.outbox.send(RequestError(self.instance_id, request_id, error))
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

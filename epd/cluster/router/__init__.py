@@ -6,6 +6,7 @@
 | `lifecycle.py`     | one `Stage` per request, the table of stages and transitions                 |
 | `placement.py`     | which instance takes each part of a request (policies)                       |
 | `ledger.py`        | the work each instance holds (reservations), which loads and failures read   |
+| `held_embeddings.py` | which images each P holds or is about to get: what need not be encoded  |
 | `control_plane.py` | how messages travel: `ZmqControlPlane` (production), `InMemoryControlPlane`  |
 | `shell.py`         | `Router` = core + control plane: what `Cluster` and the entrypoints drive    |
 """

@@ -1,8 +1,13 @@
 """The router core: every request's lifecycle as a pure state machine (no sockets, time from a Clock).
 
-    add_request --PrefillTask--> P ...NeedEmbeddings--> router --EncodeTask(s)--> E(s)
+    add_request --PrefillTask--> P, and --EncodeTask(s)--> E(s) for the images P does not hold
     E --embeddings (connector)--> P --EmbeddingArrived--> router --ReleaseEmbedding--> E
     P --first token (RequestUpdate)--> router;  P --KV (connector)--> D --tokens--> router
+
+The images go to the encoders when the request arrives, in parallel with its task to P: the
+router keeps a view of what each P holds (`held_embeddings.py`, from P's reports). Where the view
+was stale (P evicted an image meanwhile), P asks for it (`NeedEmbeddings`) and the router sends it
+then.
 
 Each call (`add_request`, `abort`, `handle` a message, `tick` for liveness) returns the messages to
 send as `Outgoing(instance, message)`; outputs of the requests that advanced pile up until
@@ -15,6 +20,7 @@ What it leaves to others, and what it keeps:
 - What each instance holds: `ledger.py`, one reservation per piece of work, reserved when sent,
   released when done; a request that ends releases whatever it still holds.
 - A dead instance fails the requests holding work on it, with the reason; the rest carry on.
+- Roles an instance reports (`SetRolesReply`) replace those it started with; its name stays.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
     AbortRequest,
     EmbeddingArrived,
+    EmbeddingsEvicted,
+    EmbeddingsLost,
     EncodeDone,
     EncodeItem,
     EncodeTask,
@@ -40,8 +48,10 @@ from epd.cluster.messages import (
     ReleaseEmbedding,
     RequestError,
     RequestUpdate,
+    SetRolesReply,
     ToInstance,
 )
+from epd.cluster.router.held_embeddings import HeldEmbeddings
 from epd.cluster.router.ledger import LoadLedger, Work
 from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
 from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement
@@ -57,7 +67,9 @@ logger = logging.getLogger(__name__)
 class InstanceHandle:
     """What the router knows of one instance: its spec, its ready report, and whether it lives.
 
-    `is_alive` probes the instance (its process, in production); `tick` reads it.
+    `is_alive` asks the instance's launcher (epd.cluster.launcher) whether it runs; `tick` reads
+    it. `spec.roles` are the roles it holds now (they may change: `SetRolesReply`); `name` never
+    changes.
     """
 
     spec: InstanceSpec
@@ -89,6 +101,7 @@ class RouterCore:
         self.placement = placement or Placement()
         self.ledger = LoadLedger()
         self.affinity = EncodeAffinity()
+        self.held = HeldEmbeddings()
         self.instances = {h.name: h for h in instances}
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.requests: dict[str, RequestRecord] = {}
@@ -98,9 +111,11 @@ class RouterCore:
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
         self._outbox: list[Outgoing] = []
         self._handlers = {
-            NeedEmbeddings: self._dispatch_encodes,
+            NeedEmbeddings: self._need_embeddings,
             EncodeDone: self._encode_done,
             EmbeddingArrived: self._embedding_arrived,
+            EmbeddingsEvicted: self._embeddings_evicted,
+            SetRolesReply: self._roles_set,
             RequestUpdate: self._update,
             RequestError: self._error,
             InstanceFailed: self._instance_failed,
@@ -130,7 +145,14 @@ class RouterCore:
         self.requests[request_id] = record
         self.ledger.reserve(Work(request_id, Role.PREFILL), prefill.name, len(prompt.prompt_token_ids))
         self.ledger.reserve(Work(request_id, Role.DECODE), decode.name, 1)
-        self._send(prefill.name, _prefill_task(record, prefill, decode))
+        to_encode = self._images_to_encode(record, prefill)
+        if to_encode and not self._encoders():
+            record.error = "no live encoder instance to encode this request's images"
+            self._end(record, Trigger.FAIL, "error")  # nothing was sent: no instance to tell
+            return self._take_outbox()
+        self._send(prefill.name, _prefill_task(record, prefill, decode, to_encode))
+        if to_encode:
+            self._dispatch_encodes(record, to_encode)
         return self._take_outbox()
 
     def abort(self, request_id: str) -> list[Outgoing]:
@@ -182,31 +204,49 @@ class RouterCore:
         decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
         return self.instances[prefill.name], self.instances[decode.name]
 
-    def _dispatch_encodes(self, msg: NeedEmbeddings) -> None:
+    def _images_to_encode(self, record: RequestRecord, prefill: InstanceHandle) -> list[int]:
+        """The images (first index of each content) that P neither holds nor is about to get."""
+        if prefill.has(Role.ENCODE):
+            return []  # it encodes them itself, from the pixels in its task
+        wanted, seen = [], set()
+        for index, image in enumerate(record.prompt.images):
+            if image.content_hash not in seen and not self.held.holds(prefill.name, image.content_hash):
+                wanted.append(index)
+            seen.add(image.content_hash)
+        return wanted
+
+    def _encoders(self) -> list[InstanceSpec]:
+        # An instance that also prefills encodes only its own requests' images (in-process).
+        live = [h for h in self.instances.values() if h.alive]
+        return [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
+
+    def _need_embeddings(self, msg: NeedEmbeddings) -> None:
+        """P lacks images the router thought it held (evicted meanwhile): send them now."""
         record = self.requests.get(msg.request_id)
         if record is None:
             return
-        record.advance(Trigger.NEED_IMAGES)
-        # An instance that also prefills encodes only its own requests' images (in-process).
-        live = [h for h in self.instances.values() if h.alive]
-        encoders = [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
-        if not encoders:
+        if not self._encoders():
             self._fail(record, "no live encoder instance to encode this request's images")
             return
+        self._dispatch_encodes(record, msg.items)
+
+    def _dispatch_encodes(self, record: RequestRecord, items: list[int]) -> None:
+        record.advance(Trigger.NEED_IMAGES)
         images = record.prompt.images
-        wanted = [ImageToEncode(i, images[i].content_hash, images[i].num_patches) for i in msg.items]
-        assignment = self.placement.encode.assign(wanted, encoders, self.ledger, self.affinity)
+        wanted = [ImageToEncode(i, images[i].content_hash, images[i].num_patches) for i in items]
+        assignment = self.placement.encode.assign(wanted, self._encoders(), self.ledger, self.affinity)
         tasks: dict[str, list[EncodeItem]] = {}
         for index, encoder in assignment.items():
             image = images[index]
             self.ledger.reserve(Work(record.request_id, Role.ENCODE, index), encoder, image.num_patches)
             self.affinity.started(image.content_hash, encoder)
+            self.held.dispatched(record.prefill, image.content_hash, encoder)
             tasks.setdefault(encoder, []).append(encode_item(index, image))
             record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[record.prefill].ready.data_address
         for name, items in tasks.items():
             self._send(name, EncodeTask(record.request_id, items, dest))
-        self.stats["encode_items"] += len(msg.items)
+        self.stats["encode_items"] += len(items)
 
     # ---- progress -----------------------------------------------------------------------------
 
@@ -227,6 +267,7 @@ class RouterCore:
 
     def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
         source = self.by_data_address.get(msg.source)
+        self.held.arrived(msg.instance, msg.content_hash, source.name if source is not None else None)
         if source is not None:
             self._send(source.name, ReleaseEmbedding(msg.content_hash))
         for request_id, event in msg.events:
@@ -266,8 +307,21 @@ class RouterCore:
         else:
             self._outputs[record.request_id] = record.output()
 
+    def _embeddings_evicted(self, msg: EmbeddingsEvicted) -> None:
+        self.held.evicted(msg.instance, msg.content_hashes)
+
     def _stats(self, msg: InstanceStats) -> None:
         self.instance_stats[msg.instance] = msg.stats
+
+    def _roles_set(self, msg: SetRolesReply) -> None:
+        handle = self.instances.get(msg.instance)
+        if handle is None:
+            return
+        if msg.error is not None:
+            logger.warning("%s kept its roles %s: %s", msg.instance, msg.roles, msg.error)
+        handle.spec = handle.spec.with_roles(frozenset(Role(letter) for letter in msg.roles))
+        if not handle.has(Role.PREFILL) or handle.has(Role.ENCODE):
+            self.held.forget(handle.name)  # no MM cache of embeddings from encoders there now
 
     # ---- failures and ends --------------------------------------------------------------------
 
@@ -286,6 +340,9 @@ class RouterCore:
             if name in self.ledger.instances_of(record.request_id):
                 self._fail(record, f"instance {name} failed ({reason})")
         self.affinity.encoder_died(name)
+        self.held.forget(name)
+        for prefill, hashes in self.held.encoder_died(name).items():
+            self._send(prefill, EmbeddingsLost(hashes))
 
     def _fail(self, record: RequestRecord, error: str) -> None:
         record.error = error
@@ -316,7 +373,9 @@ class RouterCore:
         return outgoing
 
 
-def _prefill_task(record: RequestRecord, prefill: InstanceHandle, decode: InstanceHandle) -> PrefillTask:
+def _prefill_task(
+    record: RequestRecord, prefill: InstanceHandle, decode: InstanceHandle, encoding: list[int]
+) -> PrefillTask:
     prompt = record.prompt
     # An instance that encodes in-process (EP) gets the pixels with the task.
     pixels = None
@@ -333,6 +392,7 @@ def _prefill_task(record: RequestRecord, prefill: InstanceHandle, decode: Instan
         None if decode is prefill else decode.ready.data_address,
         prompt.prompt,
         pixels,
+        encoding,
     )
 
 

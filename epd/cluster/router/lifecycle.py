@@ -6,10 +6,12 @@ for embeddings another request asked for, or prefilling).
 
 | stage      | the router knows                                   | the ledger holds for it            |
 |------------|----------------------------------------------------|------------------------------------|
-| PLACED     | PrefillTask sent to P; P asked for no images (none,| prefill on P, decode on D          |
-|            | cached, on their way, or P encodes them itself: EP)|                                    |
-| ENCODING   | P asked for images; some EncodeTasks not done      | + patches of each image on its E   |
-| PREFILLING | every image it asked for is encoded; no token yet  | prefill on P, decode on D          |
+| PLACED     | PrefillTask sent to P; no image sent to encode     | prefill on P, decode on D          |
+|            | (none, P holds them or gets them for another       |                                    |
+|            | request, or P encodes them itself: EP)             |                                    |
+| ENCODING   | images sent to encoders (at arrival, or when P     | + patches of each image on its E   |
+|            | asked); some EncodeTasks not done                  |                                    |
+| PREFILLING | every image sent is encoded; no token yet          | prefill on P, decode on D          |
 | DECODING   | the first token is in; D (or P, if it decodes)     | decode on D (+ an image whose      |
 |            | produces the rest                                  | EncodeDone is late: P had it first)|
 | FINISHED   | ended by its instance (stop, length, ...)          | nothing (terminal)                 |
@@ -20,7 +22,9 @@ for embeddings another request asked for, or prefilling).
 | from                         | trigger: what happened                              | to         |
 |------------------------------|-----------------------------------------------------|------------|
 | (new)                        | add_request                                         | PLACED     |
-| PLACED, ENCODING             | NEED_IMAGES: NeedEmbeddings (P may ask in parts)    | ENCODING   |
+| PLACED, ENCODING, PREFILLING | NEED_IMAGES: images sent to encode: at arrival, or  | ENCODING   |
+|                              | on NeedEmbeddings (P lacks one the router thought   |            |
+|                              | it held; it may ask after the others were encoded)  |            |
 | ENCODING                     | IMAGE_ENCODED: EncodeDone, other images still out   | ENCODING   |
 | ENCODING                     | LAST_IMAGE_ENCODED: EncodeDone, no image out        | PREFILLING |
 | DECODING                     | IMAGE_ENCODED, LAST_IMAGE_ENCODED: a late EncodeDone| DECODING   |
@@ -83,6 +87,7 @@ BEFORE_FIRST_TOKEN = (Stage.PLACED, Stage.ENCODING, Stage.PREFILLING)
 TRANSITIONS: dict[tuple[Stage, Trigger], Stage] = {
     (Stage.PLACED, Trigger.NEED_IMAGES): Stage.ENCODING,
     (Stage.ENCODING, Trigger.NEED_IMAGES): Stage.ENCODING,
+    (Stage.PREFILLING, Trigger.NEED_IMAGES): Stage.ENCODING,
     (Stage.ENCODING, Trigger.IMAGE_ENCODED): Stage.ENCODING,
     (Stage.DECODING, Trigger.IMAGE_ENCODED): Stage.DECODING,
     (Stage.ENCODING, Trigger.LAST_IMAGE_ENCODED): Stage.PREFILLING,
