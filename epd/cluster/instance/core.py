@@ -10,16 +10,21 @@ Messages and transfers go to the stage that handles them:
 | input                         | goes to                                                   |
 |-------------------------------|-----------------------------------------------------------|
 | EncodeTask, ReleaseEmbedding  | encode stage                                              |
-| PrefillTask, `mm:` transfers  | prefill stage                                             |
+| PrefillTask, EmbeddingsLost,  | prefill stage                                             |
+| `mm:` transfers               |                                                           |
 | `kv:`, `kvl:` transfers       | decode stage                                              |
 | AbortRequest                  | every stage (decode first), then the engine               |
 | SetRoles, Shutdown            | the core itself                                           |
+
+What it computes with is injected (`Compute`): the checkpoint's model by default; tests and the
+simulator give scripted or cost-model compute (epd.engine.scripted_runner, epd.sim).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +32,12 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.encoder_worker import PixelDecoder
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.decode_stage import DecodeStage
-from epd.cluster.instance.encode_stage import EncodeStage, build_encoder_worker
+from epd.cluster.instance.encode_stage import (
+    EncodeStage,
+    VisionFactory,
+    build_encoder_worker,
+    load_vision_tower,
+)
 from epd.cluster.instance.engine_host import EngineHost, EngineWiring, build_engine, wiring_for
 from epd.cluster.instance.prefill_stage import PrefillStage
 from epd.cluster.instance.roles import Loaded, parse_roles, refusal
@@ -36,6 +46,7 @@ from epd.cluster.kv_handoff import KV_KEY, LAYER_KEY, KVSender, request_of_key
 from epd.cluster.layout import Role, role_letters
 from epd.cluster.messages import (
     AbortRequest,
+    EmbeddingsLost,
     EncodeTask,
     InstanceReady,
     InstanceStats,
@@ -46,6 +57,7 @@ from epd.cluster.messages import (
     SetRolesReply,
     Shutdown,
 )
+from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache
 from epd.inputs.image_processor import ImageProcessorConfig
@@ -56,11 +68,29 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.25
 
 
+@dataclass(frozen=True)
+class Compute:
+    """What an instance computes with: the engine's runner (`parts`) and, for an encoder-only
+    instance, its vision tower (`vision`; an engine that encodes in-process gets it from `parts`)."""
+
+    parts: PartsFactory = load_model_parts
+    vision: VisionFactory = load_vision_tower
+
+
+MODEL_COMPUTE = Compute()  # the checkpoint's weights (or dummy ones, by its load format)
+
+
 class InstanceCore:
     def __init__(
-        self, cfg: InstanceConfig, connector: Connector, outbox: Outbox, clock: Clock = WALL_CLOCK
+        self,
+        cfg: InstanceConfig,
+        connector: Connector,
+        outbox: Outbox,
+        clock: Clock = WALL_CLOCK,
+        compute: Compute = MODEL_COMPUTE,
     ) -> None:
         self.cfg, self.connector, self.outbox, self.clock = cfg, connector, outbox, clock
+        self.compute = compute
         self.instance_id = cfg.name  # fixed here: a later role change keeps it ("P0" may decode)
         self.roles: frozenset[Role] = frozenset(cfg.spec.roles)
         self.device = torch.device(cfg.engine.device)
@@ -73,7 +103,7 @@ class InstanceCore:
             self.mm_cache = self._new_mm_cache(cfg.engine.model.hf.text.hidden_size)
         self.llm: EngineHost | None = None  # the language model, shared by the P and D stages
         if cfg.has(Role.PREFILL) or cfg.has(Role.DECODE):
-            engine = build_engine(cfg, self._wiring(self.roles), clock)
+            engine = build_engine(cfg, self._wiring(self.roles), clock, compute.parts)
             self.llm = EngineHost(engine, self.instance_id, outbox)
         self.loaded = Loaded(self.llm is not None, cfg.has(Role.ENCODE), connector.name == "local")
         self.prefill: PrefillStage | None = None
@@ -91,7 +121,9 @@ class InstanceCore:
         if not cfg.has(Role.ENCODE) or cfg.has(Role.PREFILL):
             return None
         cache = self._new_mm_cache(cfg.engine.model.hf.vision.out_hidden_size)
-        worker = build_encoder_worker(cfg, cache, self.connector, self.decode_pixels, self.clock)
+        worker = build_encoder_worker(
+            cfg, cache, self.connector, self.decode_pixels, self.clock, self.compute.vision
+        )
         return EncodeStage(worker, self.outbox)
 
     def _new_mm_cache(self, hidden: int) -> MMCache:
@@ -157,7 +189,7 @@ class InstanceCore:
     def on_message(self, msg: object) -> None:
         if isinstance(msg, (EncodeTask, ReleaseEmbedding)):
             self._to_stage(self.encode, Role.ENCODE, msg)
-        elif isinstance(msg, PrefillTask):
+        elif isinstance(msg, (PrefillTask, EmbeddingsLost)):
             self._to_stage(self.prefill, Role.PREFILL, msg)
         elif isinstance(msg, AbortRequest):
             self._abort(msg.request_id)
@@ -167,7 +199,10 @@ class InstanceCore:
             self.stopping = True
 
     def _to_stage(
-        self, stage: StageManager | None, role: Role, msg: EncodeTask | ReleaseEmbedding | PrefillTask
+        self,
+        stage: StageManager | None,
+        role: Role,
+        msg: EncodeTask | ReleaseEmbedding | PrefillTask | EmbeddingsLost,
     ) -> None:
         if stage is not None:
             stage.on_message(msg)

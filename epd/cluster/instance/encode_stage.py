@@ -6,6 +6,8 @@ requests' images in-process (epd.cluster.instance.engine_host).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from epd.clock import Clock
@@ -14,6 +16,7 @@ from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.messages import EncodeTask, ReleaseEmbedding
 from epd.cluster.stats import mm_cache_stats
+from epd.config import ModelConfig
 from epd.engine.mm_cache import MMCache
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import VISION
@@ -48,24 +51,36 @@ class EncodeStage(StageManager):
         }
 
 
+class VisionFactory(Protocol):
+    """Builds what an encoder-only instance encodes with: a module offering `encode_images` and
+    `config.vision.spatial_merge_size` (as the model does), on `device`, reading time from `clock`."""
+
+    def __call__(self, model: ModelConfig, device: torch.device, clock: Clock) -> torch.nn.Module: ...
+
+
+def load_vision_tower(model: ModelConfig, device: torch.device, clock: Clock) -> torch.nn.Module:
+    """The vision tower alone (no language weights), from the checkpoint."""
+    return build_model(
+        model.model,
+        parts=frozenset({VISION}),
+        dtype=model.torch_dtype,
+        device=device,
+        load_format=model.load_format,
+        seed=model.seed,
+    )
+
+
 def build_encoder_worker(
     cfg: InstanceConfig,
     cache: MMCache,
     connector: Connector,
     decode_pixels: PixelDecoder,
     clock: Clock,
+    vision: VisionFactory = load_vision_tower,
 ) -> EncoderWorker:
-    """The vision tower alone (no language weights) and its worker."""
-    mc = cfg.engine.model
+    """The vision tower `vision` builds (by default the checkpoint's) and its worker."""
     device = torch.device(cfg.engine.device)
-    model = build_model(
-        mc.model,
-        parts=frozenset({VISION}),
-        dtype=mc.torch_dtype,
-        device=device,
-        load_format=mc.load_format,
-        seed=mc.seed,
-    )
+    model = vision(cfg.engine.model, device, clock)
     return EncoderWorker(
         model,
         cache,

@@ -21,6 +21,7 @@ from epd.cluster.instance.stage import Outbox
 from epd.cluster.kv_handoff import KVSender
 from epd.cluster.layout import Role
 from epd.cluster.messages import RequestUpdate
+from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import HandOff, LLMEngine
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
@@ -47,7 +48,10 @@ def wiring_for(
     )
 
 
-def build_engine(cfg: InstanceConfig, wiring: EngineWiring, clock: Clock) -> LLMEngine:
+def build_engine(
+    cfg: InstanceConfig, wiring: EngineWiring, clock: Clock, parts: PartsFactory = load_model_parts
+) -> LLMEngine:
+    """The instance's engine, computing with what `parts` builds (by default the checkpoint's model)."""
     return LLMEngine(
         cfg.engine,
         Tokenizer.from_pretrained(cfg.engine.model.model),
@@ -57,6 +61,7 @@ def build_engine(cfg: InstanceConfig, wiring: EngineWiring, clock: Clock) -> LLM
         layer_sink=wiring.layer_sink,
         instance=cfg.name,
         clock=clock,
+        model_parts=parts,
     )
 
 

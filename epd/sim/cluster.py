@@ -1,0 +1,124 @@
+"""A layout's instances and router, built from real cores, wired to in-memory queues.
+
+| part         | what runs                                   | shell here                                  |
+|--------------|---------------------------------------------|---------------------------------------------|
+| router       | `RouterCore` on the harness's virtual clock | the harness delivers its `Outgoing`         |
+| instance     | `InstanceCore` with scripted (or cost-model)| `SimInstance` (epd.sim.node): own clock,    |
+|              | compute: no weights are loaded              | inbox, stamped outbox                       |
+| connectors   | `MemoryConnector`s of one `MemoryNetwork`   | the harness lands transfers when due        |
+
+The checkpoint directory is still read for its config, tokenizer and image processor files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+from epd.clock import VirtualClock
+from epd.cluster.instance import InstanceConfig, InstanceCore
+from epd.cluster.instance.core import Compute
+from epd.cluster.layout import InstanceSpec, Layout
+from epd.cluster.router import InstanceHandle, RouterCore
+from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
+from epd.sim.costs import LinearCosts
+from epd.sim.node import SimInstance, StampedOutbox
+from epd.transfer.memory import MemoryNetwork
+
+ROUTER = "router"
+KV_BLOCKS = 2048  # per engine: room for the workload's running requests, no preemption by default
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    layout: str
+    engine: EngineConfig
+    costs: ComputeCosts = field(default_factory=LinearCosts)
+    control_latency_s: float = 0.0  # router <-> instance, each way
+    transfer_latency_s: float = 0.0
+    transfer_bandwidth: float = math.inf  # bytes per second, per (sender, receiver) pair
+    mm_cache_bytes: int = 16 << 20  # per E and P instance
+    max_encode_batch_patches: int = 49152
+    kv_streaming: str = "request"
+
+
+def engine_config(
+    model: str, *, block_size: int = 16, num_kv_blocks: int = KV_BLOCKS, max_num_seqs: int = 128
+) -> EngineConfig:
+    """An engine of `num_kv_blocks` KV blocks for the checkpoint directory `model`."""
+    return EngineConfig(
+        ModelConfig(model),
+        CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks),
+        SchedulerConfig(max_num_seqs=max_num_seqs),
+    )
+
+
+def scripted_compute(costs: ComputeCosts | None = None) -> Compute:
+    """Scripted tokens and embeddings (epd.engine.scripted_runner), each forward and vision batch
+    taking the time `costs` gives it on its instance's clock."""
+    return Compute(partial(scripted_parts, costs=costs), partial(scripted_vision, costs=costs))
+
+
+class SimCluster:
+    """The router and one `SimInstance` per instance of the layout, in layout order."""
+
+    def __init__(self, spec: ClusterSpec, compute: Compute | None = None) -> None:
+        self.spec = spec
+        self.clock = VirtualClock()  # the router's, and the harness's "now"
+        self.network = MemoryNetwork(spec.transfer_latency_s, spec.transfer_bandwidth)
+        compute = compute or scripted_compute(spec.costs)
+        self.nodes = [self._node(s, compute) for s in Layout.parse(spec.layout).instances("cpu")]
+        self.by_name = {node.name: node for node in self.nodes}
+        self.by_address = {node.connector.address: node for node in self.nodes}
+        self.router = RouterCore([self._handle(node) for node in self.nodes], self.clock)
+
+    def _node(self, instance: InstanceSpec, compute: Compute) -> SimInstance:
+        spec = self.spec
+        cfg = InstanceConfig(
+            instance,
+            spec.engine,
+            f"sim://{ROUTER}",
+            transfer="memory",
+            mm_cache_bytes=spec.mm_cache_bytes,
+            max_encode_batch_patches=spec.max_encode_batch_patches,
+            kv_streaming=spec.kv_streaming,
+        )
+        clock = VirtualClock()
+        connector = self.network.connector(instance.name, clock)
+        outbox = StampedOutbox(clock)
+        return SimInstance(InstanceCore(cfg, connector, outbox, clock, compute), clock, connector, outbox)
+
+    def _handle(self, node: SimInstance) -> InstanceHandle:
+        ready = node.core.ready_message(f"sim://{node.name}")
+        return InstanceHandle(node.core.cfg.spec, ready, lambda: True)
+
+    def leftovers(self) -> list[str]:
+        """What is still held anywhere once a run is over; [] when everything was cleaned up."""
+        found = []
+        if self.router.requests:
+            found.append(f"router: {len(self.router.requests)} requests unfinished")
+        if not self.router.ledger.is_empty():
+            found.append(f"router: ledger holds {len(self.router.ledger.outstanding())} reservations")
+        if self.network.in_flight():
+            found.append(f"network: {self.network.in_flight()} transfers in flight")
+        for node in self.nodes:
+            found += [f"{node.name}: {what}" for what in _held_by(node)]
+        return found
+
+
+def _held_by(node: SimInstance) -> list[str]:
+    core, held = node.core, []
+    if node.inbox or node.connector.has_received():
+        held.append("unread inputs")
+    if core.has_work():
+        held.append("has work")
+    held += [f"{type(s).__name__} holds {s.busy_requests()}" for s in core.stages() if s.busy_requests()]
+    if core.engine is not None and (core.engine.requests or core.engine.block_manager.usage > 0):
+        held.append(f"engine holds {len(core.engine.requests)} requests")
+    caches = [core.mm_cache, core.encode.worker.cache if core.encode is not None else None]
+    for cache in (c for c in caches if c is not None):
+        if cache.used_blocks != cache.evictable_blocks:
+            held.append("MM cache holds pinned or pending embeddings")
+    return held
