@@ -69,3 +69,55 @@ def test_bad_layouts_are_rejected(checkpoints):
         LLM(str(checkpoints["qwen2_vl"]), layout="1E+1P")
     with pytest.raises(ValueError, match="encoder-only"):
         LLM(str(checkpoints["qwen2_vl"]), layout="1EP+1P+1D")
+
+
+def image_prompts(count: int) -> list[dict]:
+    from epd.testing.images import noise_image
+
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    return [
+        {"prompt": f"{pad}Describe image {i}.", "multi_modal_data": {"image": [noise_image(56, 56, seed=i)]}}
+        for i in range(count)
+    ]
+
+
+def run_to_the_end(cluster, count: int) -> dict:
+    outputs, deadline = {}, time.monotonic() + 120
+    while len(outputs) < count and time.monotonic() < deadline:
+        outputs.update({o.request_id: o for o in cluster.step() if o.finished})
+    assert len(outputs) == count, "a request hung after the instance died"
+    return outputs
+
+
+def kill_and_wait(cluster, name: str) -> None:
+    """SIGKILL the instance and wait until its launcher sees it gone (the router has not looked)."""
+    os.kill(cluster.router.instances[name].ready.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while cluster.launched[name].is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("victim", ["E0", "P0"])
+def test_work_on_a_dead_encoder_or_prefill_instance_is_redone_elsewhere(checkpoints, victim):
+    """The victim dies before the router knows: it places work there, then finds it dead and sends
+    the work elsewhere; every request gives the tokens of an undisturbed run."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(str(checkpoints["qwen2_5_vl"]), layout="1EPD", max_model_len=1024) as reference:
+        outs = reference.generate(image_prompts(4), params, use_tqdm=False)
+        expected = [o.outputs[0].token_ids for o in outs]
+    with LLM(str(checkpoints["qwen2_5_vl"]), layout="2E+2P+1D", max_model_len=1024) as llm:
+        cluster = llm.engine
+        kill_and_wait(cluster, victim)
+        for i, prompt in enumerate(image_prompts(4)):
+            cluster.add_request(str(i), llm.processor.process_prompt(prompt), params)
+        placed = {
+            rid: (s.prefill, cluster.router.ledger.instances_of(rid))
+            for rid, s in cluster.router.requests.items()
+        }
+        assert any(victim in held for _, held in placed.values()), "some work must have gone to the victim"
+        outputs = run_to_the_end(cluster, 4)
+        for i in range(4):
+            out = outputs[str(i)]
+            assert out.error is None and out.outputs[0].token_ids == expected[i], (victim, i, out.error)
+        assert not cluster.router.instances[victim].alive
+        assert cluster.router.stats["retries"] == (2 if victim == "P0" else 0)

@@ -169,7 +169,7 @@ def test_an_instance_error_fails_the_request():
 # ---- dead instances ----------------------------------------------------------------------------
 
 
-def test_a_dead_decode_instance_fails_exactly_the_requests_on_it():
+def test_requests_without_a_token_start_over_when_their_decode_instance_dies():
     core, fake, _ = make_core("1E+1P+2D")
     for rid in "abcd":
         core.add_request(rid, prompt(4), PARAMS)
@@ -177,17 +177,76 @@ def test_a_dead_decode_instance_fails_exactly_the_requests_on_it():
     assert on_d1 == {"b", "d"}, "least loaded: alternating"
     fake.kill("D1")
     out = core.tick()
-    assert out == [Outgoing("P0", AbortRequest("b")), Outgoing("P0", AbortRequest("d"))], "D1 reads nothing"
-    failed = {o.request_id: o for o in core.take_outputs()}
-    assert set(failed) == on_d1
-    assert all("instance D1 failed (its process died)" == o.error for o in failed.values())
-    assert set(core.requests) == {"a", "c"} and not core.instances["D1"].alive
+    # P0 drops the old attempt and gets a new one, decoding on D0; D1 reads nothing.
+    assert [(to, type(m).__name__, m.request_id) for to, m in out] == [
+        ("P0", "AbortRequest", "b"),
+        ("P0", "PrefillTask", "b~1"),
+        ("P0", "AbortRequest", "d"),
+        ("P0", "PrefillTask", "d~1"),
+    ]
+    assert all(m.decode_dest == "data://D0" for _, m in out if isinstance(m, PrefillTask))
+    assert core.take_outputs() == [] and set(core.requests) == set("abcd")
+    assert core.stats["retries"] == 2 and not core.instances["D1"].alive
+
+    # What an instance still says about the old attempt changes nothing.
+    assert core.handle(update("P0", "b", [7], first_index=0)) == [] and core.take_outputs() == []
+    core.handle(update("P0", "b~1", [1], first_index=0))
+    core.handle(update("D0", "b~1", [2, 3], first_index=1, finish="length"))
+    [out] = [o for o in core.take_outputs() if o.finished]
+    assert out.request_id == "b" and out.outputs[0].token_ids == [1, 2, 3] and out.error is None
+    assert core.ledger.instances_of("d") == {"P0", "D0"}
     [(to, _)] = core.add_request("e", prompt(4), PARAMS)
     assert core.requests["e"].decode == "D0", "new requests avoid the dead one"
     assert core.tick() == []
 
 
-def test_a_failed_encoder_fails_only_requests_with_images_still_on_it():
+def test_a_dead_decode_instance_fails_the_requests_it_was_decoding():
+    core, fake, _ = make_core("1E+1P+2D")
+    for rid in "ab":
+        core.add_request(rid, prompt(4), PARAMS)
+        core.handle(update("P0", rid, [1], first_index=0))
+    assert core.requests["b"].decode == "D1" and core.requests["b"].stage is Stage.DECODING
+    core.take_outputs()
+    fake.kill("D1")
+    assert core.tick() == [Outgoing("P0", AbortRequest("b"))]
+    [failed] = core.take_outputs()
+    assert failed.request_id == "b" and failed.error == "instance D1 failed (its process died)"
+    assert set(core.requests) == {"a"}
+
+
+def test_a_request_that_keeps_losing_instances_fails_after_max_attempts():
+    core, fake, _ = make_core("1E+1P+4D")
+    core.add_request("r", prompt(4), PARAMS)
+    for attempt, decode in enumerate(("D0", "D1", "D2")):
+        assert core.requests["r"].decode == decode and core.requests["r"].attempt == attempt
+        fake.kill(decode)
+        core.tick()
+    [failed] = core.take_outputs()
+    assert failed.error == "instance D2 failed (its process died)" and core.ledger.is_empty()
+    assert core.requests == {} and core.stats["retries"] == 2, "3 attempts at most"
+
+
+def test_a_dead_prefill_instance_sends_its_requests_and_their_images_elsewhere():
+    core, fake, _ = make_core("1E+2P+1D")
+    (to, task), *encodes = two_image_request(core)
+    assert to == "P0" and len(encodes) == 1
+    core.handle(encode_done("E0", "r", [0, 1]))
+    fake.kill("P0")
+    abort, (to, task), *encodes = core.tick()
+    assert abort == Outgoing("D0", AbortRequest("r")), "D0 forgets the old attempt"
+    assert to == "P1" and task.request_id == "r~1" and task.encoding == [0, 1]
+    assert [(e, m.request_id, m.dest) for e, m in encodes] == [("E0", "r~1", "data://P1")]
+    assert core.requests["r"].stage is Stage.ENCODING
+    # The dead P's first token, sent before it died, arrives late: ignored.
+    core.handle(update("P0", "r", [9], first_index=0))
+    core.handle(encode_done("E0", "r~1", [0, 1]))
+    core.handle(update("P1", "r~1", [1], first_index=0))
+    core.handle(update("D0", "r~1", [2, 3], first_index=1, finish="length"))
+    [out] = [o for o in core.take_outputs() if o.finished]
+    assert out.outputs[0].token_ids == [1, 2, 3] and out.error is None and core.ledger.is_empty()
+
+
+def test_a_dead_encoder_fails_nothing_its_images_are_asked_for_again():
     core, _, _ = make_core("2E+1P+1D")
     two_image_request(core, "done_on_e1")
     core.handle(encode_done("E1", "done_on_e1", [0]))  # its E1 image is encoded: nothing left there
@@ -195,19 +254,13 @@ def test_a_failed_encoder_fails_only_requests_with_images_still_on_it():
     assert any(to == "E1" for to, _ in out)
     core.add_request("no_images", prompt(4), PARAMS)
     out = core.handle(InstanceFailed("E1", "Traceback ...\nRuntimeError: CUDA error\n"))
-    assert out == [
-        Outgoing("D0", AbortRequest("waits_on_e1")),
-        Outgoing("P0", AbortRequest("waits_on_e1")),
-        # Nothing E1 was sending is counted on any more, not even "small": it was encoded, but P
-        # has not reported it, so it may have died with E1. P's requests waiting for them ask again.
-        Outgoing("P0", EmbeddingsLost(["small", "big2"])),
-    ]
-    [failed] = core.take_outputs()
-    assert (
-        failed.request_id == "waits_on_e1" and failed.error == "instance E1 failed (RuntimeError: CUDA error)"
-    )
-    assert set(core.requests) == {"done_on_e1", "no_images"}
-    assert core.ledger.instances_of("done_on_e1") == {"P0", "D0", "E0"}
+    # Nothing E1 was sending is counted on any more, not even "small": it was encoded, but P
+    # has not reported it, so it may have died with E1. P's requests waiting for them ask again.
+    assert out == [Outgoing("P0", EmbeddingsLost(["small", "big2"]))]
+    assert core.take_outputs() == [] and set(core.requests) == {"done_on_e1", "waits_on_e1", "no_images"}
+    assert core.ledger.instances_of("waits_on_e1") == {"P0", "D0", "E0"}, "E1's reservation released"
+    out = core.handle(need("P0", "waits_on_e1", [1]))
+    assert encode_tasks(out) == {"E0": ["big2"]}
 
 
 def test_images_without_a_live_encoder_fail_the_request():

@@ -43,7 +43,10 @@ def test_a_dead_instance_is_noticed_on_poll_and_skipped_by_broadcast():
     control.take_sent("P0")
     fake.kill("D0")
     [out] = router.poll(timeout_ms=0)
-    assert out.error == "instance D0 failed (its process died)"
+    assert out.error == (
+        "instance D0 failed (its process died); no instance left to retry on "
+        "(no live instance can take role D)"
+    )
     assert control.take_sent("P0") == [AbortRequest("r")] and control.take_sent("D0") == []
     router.broadcast(Shutdown())
     assert {name: control.take_sent(name) for name in ("E0", "P0", "D0")} == {

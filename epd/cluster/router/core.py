@@ -55,6 +55,7 @@ from epd.cluster.router.held_embeddings import HeldEmbeddings
 from epd.cluster.router.ledger import LoadLedger, Work
 from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
 from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement
+from epd.cluster.router.recovery import MAX_ATTEMPTS, Recovery, recovery_for
 from epd.inputs.types import ImageInput, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import RequestMetrics, RequestOutput
@@ -105,7 +106,9 @@ class RouterCore:
         self.instances = {h.name: h for h in instances}
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.requests: dict[str, RequestRecord] = {}
-        self.stats = {"encode_items": 0, "encode_cache_hits": 0}
+        self.wire_ids: dict[str, str] = {}  # the id instances know (current attempt) -> request id
+        self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0}
+        self.max_attempts = MAX_ATTEMPTS
         self.instance_stats: dict[str, dict[str, float]] = {}
         self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
@@ -143,17 +146,30 @@ class RouterCore:
         metrics.events.append(LifetimeEvent(Event.ARRIVED, metrics.arrival_time))
         record = RequestRecord(request_id, prompt, params, metrics, prefill.name, decode.name)
         self.requests[request_id] = record
-        self.ledger.reserve(Work(request_id, Role.PREFILL), prefill.name, len(prompt.prompt_token_ids))
-        self.ledger.reserve(Work(request_id, Role.DECODE), decode.name, 1)
+        self.wire_ids[record.wire_id] = request_id
+        self._start_attempt(record, prefill, decode)
+        return self._take_outbox()
+
+    def _start_attempt(self, record: RequestRecord, prefill: InstanceHandle, decode: InstanceHandle) -> None:
+        """Reserve the request's work on `prefill` and `decode`, send its task and its images."""
+        record.prefill, record.decode = prefill.name, decode.name
+        rid = record.request_id
+        self.ledger.reserve(Work(rid, Role.PREFILL), prefill.name, len(record.prompt.prompt_token_ids))
+        self.ledger.reserve(Work(rid, Role.DECODE), decode.name, 1)
         to_encode = self._images_to_encode(record, prefill)
         if to_encode and not self._encoders():
             record.error = "no live encoder instance to encode this request's images"
             self._end(record, Trigger.FAIL, "error")  # nothing was sent: no instance to tell
-            return self._take_outbox()
+            return
         self._send(prefill.name, _prefill_task(record, prefill, decode, to_encode))
         if to_encode:
             self._dispatch_encodes(record, to_encode)
-        return self._take_outbox()
+
+    def _record_of(self, wire_id: str) -> RequestRecord | None:
+        """The live request a message names, if it names its current attempt: what an instance
+        sends about an earlier attempt (one that died, or was started over) is ignored."""
+        request_id = self.wire_ids.get(wire_id)
+        return None if request_id is None else self.requests.get(request_id)
 
     def abort(self, request_id: str) -> list[Outgoing]:
         """End a request as aborted, telling its instances; a no-op for an unknown or ended one."""
@@ -177,7 +193,7 @@ class RouterCore:
         """A message that breaks its request's lifecycle is a bug somewhere; it fails that request
         alone, never the router that every other request depends on."""
         logger.error("%s (%s from %s)", err, type(message).__name__, getattr(message, "instance", "?"))
-        record = self.requests.get(getattr(message, "request_id", ""))
+        record = self._record_of(getattr(message, "request_id", ""))
         if record is not None:
             self._fail(record, f"internal error: {err}")
 
@@ -221,8 +237,9 @@ class RouterCore:
         return [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
 
     def _need_embeddings(self, msg: NeedEmbeddings) -> None:
-        """P lacks images the router thought it held (evicted meanwhile): send them now."""
-        record = self.requests.get(msg.request_id)
+        """P lacks images the router thought it held (evicted meanwhile, or lost with a dead
+        encoder): send them now."""
+        record = self._record_of(msg.request_id)
         if record is None:
             return
         if not self._encoders():
@@ -245,13 +262,13 @@ class RouterCore:
             record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[record.prefill].ready.data_address
         for name, items in tasks.items():
-            self._send(name, EncodeTask(record.request_id, items, dest))
+            self._send(name, EncodeTask(record.wire_id, items, dest))
         self.stats["encode_items"] += len(items)
 
     # ---- progress -----------------------------------------------------------------------------
 
     def _encode_done(self, msg: EncodeDone) -> None:
-        record = self.requests.get(msg.request_id)
+        record = self._record_of(msg.request_id)
         self.stats["encode_cache_hits"] += len(msg.cache_hits)
         if record is None:
             return
@@ -271,12 +288,12 @@ class RouterCore:
         if source is not None:
             self._send(source.name, ReleaseEmbedding(msg.content_hash))
         for request_id, event in msg.events:
-            record = self.requests.get(request_id)
+            record = self._record_of(request_id)
             if record is not None:
                 record.metrics.events.append(event)
 
     def _update(self, msg: RequestUpdate) -> None:
-        record = self.requests.get(msg.request_id)
+        record = self._record_of(msg.request_id)
         if record is None:
             return
         if msg.first_index != len(record.token_ids):
@@ -326,7 +343,7 @@ class RouterCore:
     # ---- failures and ends --------------------------------------------------------------------
 
     def _error(self, msg: RequestError) -> None:
-        record = self.requests.get(msg.request_id)
+        record = self._record_of(msg.request_id)
         if record is not None:
             self._fail(record, f"{msg.instance}: {msg.error}")
 
@@ -334,15 +351,51 @@ class RouterCore:
         self._instance_down(msg.instance, msg.error.strip().splitlines()[-1])
 
     def _instance_down(self, name: str, reason: str) -> None:
+        """What the dead instance held is redone elsewhere where the request allows (table in
+        `recovery.py`); the rest fails with the reason."""
         self.instances[name].alive = False
-        for record in list(self.requests.values()):
-            # Its decode slot until the end, prefill until the first token, each image until encoded.
-            if name in self.ledger.instances_of(record.request_id):
-                self._fail(record, f"instance {name} failed ({reason})")
         self.affinity.encoder_died(name)
         self.held.forget(name)
+        for record in list(self.requests.values()):
+            held = self.ledger.works_on(record.request_id, name)
+            if held:
+                self._recover(record, held, f"instance {name} failed ({reason})")
+        # P's requests still waiting for what the encoder was sending ask again (NeedEmbeddings).
         for prefill, hashes in self.held.encoder_died(name).items():
             self._send(prefill, EmbeddingsLost(hashes))
+
+    def _recover(self, record: RequestRecord, held: list[Work], error: str) -> None:
+        action = recovery_for(record, held, self.max_attempts)
+        if action is Recovery.RELEASE_IMAGES:
+            for work in held:
+                self.ledger.release(work)  # P asks for them again, on EmbeddingsLost
+        elif action is Recovery.START_OVER:
+            self._start_over(record, error)
+        else:
+            self._fail(record, error)
+
+    def _start_over(self, record: RequestRecord, error: str) -> None:
+        """A new attempt on live instances for a request without a token yet."""
+        try:
+            prefill, decode = self._place()
+        except RuntimeError as err:
+            self._fail(record, f"{error}; no instance left to retry on ({err})")
+            return
+        self._abort_on_instances(record)  # a live D or P of the old attempt drops what it holds
+        self.ledger.release_request(record.request_id)
+        del self.wire_ids[record.wire_id]
+        record.new_attempt(self._free_wire_id(record))
+        self.wire_ids[record.wire_id] = record.request_id
+        self.stats["retries"] += 1
+        logger.warning("request %s: %s; attempt %d", record.request_id, error, record.attempt)
+        self._start_attempt(record, prefill, decode)
+
+    def _free_wire_id(self, record: RequestRecord) -> str:
+        """`<id>~<attempt>`, lengthened in the unlikely case that a caller's id is already that."""
+        wire_id = f"{record.request_id}~{record.attempt + 1}"
+        while wire_id in self.wire_ids or wire_id in self.requests:
+            wire_id += "~"
+        return wire_id
 
     def _fail(self, record: RequestRecord, error: str) -> None:
         record.error = error
@@ -351,7 +404,7 @@ class RouterCore:
 
     def _abort_on_instances(self, record: RequestRecord) -> None:
         for name in sorted({record.prefill, record.decode}):
-            self._send(name, AbortRequest(record.request_id))
+            self._send(name, AbortRequest(record.wire_id))
 
     def _end(self, record: RequestRecord, trigger: Trigger, finish_reason: str) -> None:
         record.advance(trigger)
@@ -359,6 +412,7 @@ class RouterCore:
         record.metrics.finished_time = self.clock.now()
         self.ledger.release_request(record.request_id)
         del self.requests[record.request_id]
+        del self.wire_ids[record.wire_id]
         self._outputs[record.request_id] = record.output()
 
     # ---- outgoing -----------------------------------------------------------------------------
@@ -382,7 +436,7 @@ def _prefill_task(
     if prefill.has(Role.ENCODE):
         pixels = [encode_item(i, img) for i, img in enumerate(prompt.images)]
     return PrefillTask(
-        record.request_id,
+        record.wire_id,
         prompt.prompt_token_ids,
         [(p.offset, p.length) for p in prompt.placeholders],
         [img.content_hash for img in prompt.images],

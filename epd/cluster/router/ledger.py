@@ -82,6 +82,11 @@ class LoadLedger:
         """Every instance that holds work of `request_id`: those whose failure fails it."""
         return {self._held[work].instance for work in self._by_request.get(request_id, ())}
 
+    def works_on(self, request_id: str, instance: str) -> list[Work]:
+        """The work of `request_id` that `instance` holds, in a fixed order."""
+        works = self._by_request.get(request_id, ())
+        return sorted(w for w in works if self._held[w].instance == instance)
+
     def outstanding(self) -> dict[Work, tuple[str, int]]:
         """Every live reservation: work -> (instance, amount)."""
         return {work: (r.instance, r.amount) for work, r in self._held.items()}

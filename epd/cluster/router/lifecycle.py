@@ -29,6 +29,8 @@ for embeddings another request asked for, or prefilling).
 | ENCODING                     | LAST_IMAGE_ENCODED: EncodeDone, no image out        | PREFILLING |
 | DECODING                     | IMAGE_ENCODED, LAST_IMAGE_ENCODED: a late EncodeDone| DECODING   |
 |                              | (the embedding reached P before E's report)         |            |
+| PLACED, ENCODING, PREFILLING | RETRY: an instance holding its prefill or decode    | PLACED     |
+|                              | died; a new attempt starts (recovery.py)            |            |
 | PLACED, ENCODING, PREFILLING | FIRST_TOKEN: the first RequestUpdate with tokens    | DECODING   |
 | DECODING                     | TOKENS: a later RequestUpdate, in order             | DECODING   |
 | any live stage               | FINISH: a RequestUpdate with a finish_reason        | FINISHED   |
@@ -72,6 +74,7 @@ class Trigger(enum.Enum):
     NEED_IMAGES = "need_images"
     IMAGE_ENCODED = "image_encoded"
     LAST_IMAGE_ENCODED = "last_image_encoded"
+    RETRY = "retry"
     FIRST_TOKEN = "first_token"
     TOKENS = "tokens"
     FINISH = "finish"
@@ -92,6 +95,7 @@ TRANSITIONS: dict[tuple[Stage, Trigger], Stage] = {
     (Stage.DECODING, Trigger.IMAGE_ENCODED): Stage.DECODING,
     (Stage.ENCODING, Trigger.LAST_IMAGE_ENCODED): Stage.PREFILLING,
     (Stage.DECODING, Trigger.LAST_IMAGE_ENCODED): Stage.DECODING,
+    **{(s, Trigger.RETRY): Stage.PLACED for s in BEFORE_FIRST_TOKEN},
     **{(s, Trigger.FIRST_TOKEN): Stage.DECODING for s in BEFORE_FIRST_TOKEN},
     (Stage.DECODING, Trigger.TOKENS): Stage.DECODING,
     **{(s, Trigger.FINISH): Stage.FINISHED for s in LIVE},
@@ -123,6 +127,18 @@ class RequestRecord:
     num_cached_tokens: int = 0
     error: str | None = None
     early: list[RequestUpdate] = field(default_factory=list)  # updates that arrived out of order
+    attempt: int = 0  # 0 first; each start-over (recovery.py) adds one
+    wire_id: str = ""  # the id its instances know it by, this attempt (the request id at first)
+
+    def __post_init__(self) -> None:
+        self.wire_id = self.wire_id or self.request_id
+
+    def new_attempt(self, wire_id: str) -> None:
+        """Start over (no token yet): the next attempt, known to instances as `wire_id`."""
+        self.advance(Trigger.RETRY)
+        self.attempt += 1
+        self.wire_id = wire_id
+        self.early.clear()
 
     def advance(self, trigger: Trigger) -> Stage:
         """Move to the stage `trigger` leads to from here; IllegalTransition if it leads nowhere."""

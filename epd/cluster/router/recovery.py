@@ -1,0 +1,49 @@
+"""What the router does with a request whose instance died, by what that instance held for it.
+
+The ledger says exactly what each instance holds (ledger.py), so the answer depends only on that
+and on how far the request got:
+
+| held on the dead instance     | the request                    | recovery                               |
+|-------------------------------|--------------------------------|----------------------------------------|
+| only images being encoded     | any stage                      | RELEASE_IMAGES: P is told which images |
+|                               |                                | will not come (`EmbeddingsLost`) and   |
+|                               |                                | asks again; another encoder takes them |
+| its prefill or its decode slot| no token yet                   | START_OVER: a new attempt on live      |
+|                               |                                | instances (new PrefillTask, images     |
+|                               |                                | sent again where needed)               |
+| its decode slot               | has tokens (D held its KV)     | FAIL (continuing elsewhere needs the   |
+|                               |                                | prompt and tokens prefilled again)     |
+| prefill or decode             | no token, `max_attempts` used  | FAIL                                   |
+
+An attempt has its own id on the wire (`RequestRecord.wire_id`: the request id, then
+`<id>~<attempt>`), so whatever an instance still says about an earlier attempt (a first token
+from a prefill instance that died right after sending it, a late EncodeDone) names no live
+attempt and is ignored: no double tokens, no request brought back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+from epd.cluster.layout import Role
+from epd.cluster.router.ledger import Work
+from epd.cluster.router.lifecycle import RequestRecord
+
+MAX_ATTEMPTS = 3  # a request that lost two instances before its first token has bad luck; a third,
+# a cause that follows it (an input that kills instances): it fails then
+
+
+class Recovery(enum.Enum):
+    RELEASE_IMAGES = "release_images"
+    START_OVER = "start_over"
+    FAIL = "fail"
+
+
+def recovery_for(record: RequestRecord, held: Iterable[Work], max_attempts: int) -> Recovery:
+    stages = {work.stage for work in held}
+    if stages <= {Role.ENCODE}:
+        return Recovery.RELEASE_IMAGES
+    if record.has_first_token or record.attempt + 1 >= max_attempts:
+        return Recovery.FAIL
+    return Recovery.START_OVER
