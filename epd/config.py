@@ -68,14 +68,33 @@ def check_gpu_memory_utilization(value: float) -> None:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {value}")
 
 
+# The step budget with chunked prefill when none is given. A step runs at most this many tokens,
+# which bounds how long running decodes wait for a prefill (TPOT); a larger one prefills in fewer
+# steps (TTFT), each re-reading the KV of the chunks before it. Tune it per GPU and workload.
+DEFAULT_CHUNKED_PREFILL_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max_model_len, so any prompt fits one step
+    # Tokens one step computes, shared by decodes and prefill chunks. None: see `budget`.
+    max_num_batched_tokens: int | None = None
+    # Split a prompt's prefill over steps so that it never holds up running decodes for long.
+    # Only engines that decode chunk: one that hands its KV off prefills whole (epd.engine.llm_engine).
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+    def budget(self, max_model_len: int) -> int:
+        """Tokens per step. Chunked: the given budget, else DEFAULT_CHUNKED_PREFILL_TOKENS. Whole
+        prompts: at least max_model_len, so that any prompt fits one step."""
+        if self.enable_chunked_prefill:
+            return self.max_num_batched_tokens or DEFAULT_CHUNKED_PREFILL_TOKENS
+        return max(self.max_num_batched_tokens or 0, max_model_len)
 
 
 @dataclass(frozen=True)
@@ -89,4 +108,5 @@ class EngineConfig:
 
     @property
     def max_num_batched_tokens(self) -> int:
-        return self.scheduler.max_num_batched_tokens or self.model.derived_max_model_len
+        """Tokens in the largest step (what the memory profile runs), see SchedulerConfig.budget."""
+        return self.scheduler.budget(self.model.derived_max_model_len)

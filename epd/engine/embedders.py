@@ -3,6 +3,11 @@
 - `LocalEncoder`: the instance holds the vision tower (roles E+P): encode here, packed.
 - `CachedEmbeddings`: the embeddings arrived from an encoder instance into the MM cache.
 The model runner calls `ensure()` the same way for both; no `if encoder_is_local:` in the loop.
+
+With chunked prefill a prompt is computed over several steps: `ensure` is given where each
+request's tokens end this step, and fills only the images that start before that end. An image
+is encoded (or fetched) once, in the first step that reaches it, and kept in the request
+(`image_embeds`) for the steps after, and for a recompute after preemption.
 """
 
 from __future__ import annotations
@@ -19,20 +24,24 @@ from epd.lifetime import Event
 
 class ImageEmbedder(ABC):
     @abstractmethod
-    def ensure(self, requests: list[Request]) -> None:
-        """Fill `req.image_embeds[i]` for every image whose tokens are still to be computed."""
+    def ensure(self, requests: list[Request], ends: list[int] | None = None) -> None:
+        """Fill `req.image_embeds[i]` for every image with tokens still to be computed before
+        `ends[k]`, the end of this step's tokens of `requests[k]` (None: all its tokens)."""
 
     @abstractmethod
     def can_recompute(self, request: Request) -> bool:
         """Whether a preempted request's prompt can be recomputed here (else its KV is swapped out)."""
 
 
-def _missing(requests: list[Request]) -> list[tuple[Request, int]]:
+def _missing(requests: list[Request], ends: list[int] | None) -> list[tuple[Request, int]]:
+    """(request, image index) of the images `ensure` must fill, in prompt order."""
     return [
         (req, i)
-        for req in requests
+        for k, req in enumerate(requests)
         for i, ph in enumerate(req.prompt.placeholders)
-        if req.image_embeds[i] is None and ph.end > req.num_computed_tokens
+        if req.image_embeds[i] is None
+        and ph.end > req.num_computed_tokens
+        and (ends is None or ph.offset < ends[k])
     ]
 
 
@@ -42,8 +51,8 @@ class LocalEncoder(ImageEmbedder):
     ) -> None:
         self.model, self.device, self.clock, self.instance = model, device, clock, instance
 
-    def ensure(self, requests: list[Request]) -> None:
-        todo = _missing(requests)
+    def ensure(self, requests: list[Request], ends: list[int] | None = None) -> None:
+        todo = _missing(requests, ends)
         if not todo:
             return
         images = [req.prompt.images[i] for req, i in todo]
@@ -65,14 +74,15 @@ class CachedEmbeddings(ImageEmbedder):
     """Reads embeddings that an encoder instance sent into this instance's MM cache.
 
     The instance admits a request to the scheduler only once all its images are cached
-    (and pinned for it), so a miss here is a bug, not a wait.
+    (and pinned for it until its first token, so its later prefill chunks find them too),
+    so a miss here is a bug, not a wait.
     """
 
     def __init__(self, cache: MMCache) -> None:
         self.cache = cache
 
-    def ensure(self, requests: list[Request]) -> None:
-        for req, i in _missing(requests):
+    def ensure(self, requests: list[Request], ends: list[int] | None = None) -> None:
+        for req, i in _missing(requests, ends):
             req.image_embeds[i] = self.cache.get(req.prompt.images[i].content_hash)
 
     def can_recompute(self, request: Request) -> bool:
@@ -85,8 +95,8 @@ class CachedEmbeddings(ImageEmbedder):
 class NoEmbeddings(ImageEmbedder):
     """A decode-only instance: prompts arrive with their KV computed, never as images."""
 
-    def ensure(self, requests: list[Request]) -> None:
-        missing = _missing(requests)
+    def ensure(self, requests: list[Request], ends: list[int] | None = None) -> None:
+        missing = _missing(requests, ends)
         if missing:
             raise RuntimeError(
                 f"request {missing[0][0].request_id} needs image embeddings on a decode-only instance"

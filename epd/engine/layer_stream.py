@@ -1,10 +1,11 @@
 """Layer-wise KV streaming, prefill side: each layer's KV leaves as soon as the layer has run.
 
-A request is streamed in the step that completes its prefill (prompts are prefilled in one
-step). After layer i of that step, every token of the request has its layer-i KV in the
-cache: this step's tokens were just written, prefix-cache hits and injected (swapped-in)
-rows were there before. So the layer's rows can be copied out and sent while layers
-i+1.. still run. What the sink hears, per streamed request, in this order:
+A request is streamed in the step that completes its prefill (an engine that hands off never
+chunks a prompt: it prefills each in one step, epd.engine.llm_engine). After layer i of that
+step, every token of the request has its layer-i KV in the cache: this step's tokens were just
+written, prefix-cache hits and injected (swapped-in) rows were there before. So the layer's
+rows can be copied out and sent while layers i+1.. still run. What the sink hears, per
+streamed request, in this order:
 
     send_layer(req, 0, kv_0) ... send_layer(req, L-1, kv_L-1)   during the forward
     then, after sampling, exactly one of:

@@ -8,6 +8,15 @@ injected, not branched on:
   else this engine decodes); with `layer_sink` too, the KV goes out layer by layer during
   the prefill forward instead (`epd.engine.layer_stream`),
 - requests may arrive with their KV already computed (`add_handoff`, decode instances).
+
+Prefill is chunked (epd.engine.scheduler) where the engine decodes: one token budget per step,
+shared by the running decodes and prefill chunks, so a long prompt never stalls the decodes for
+its whole prefill. An engine that hands its KV off (`handoff`) prefills whole prompts, one
+step each: it runs no decodes to protect, chunks would only add steps before the hand-off
+(TTFT), and its KV transfer, whole after the prefill step or layer by layer during its forward
+(epd.engine.layer_stream), is built around the one forward that computes the prompt.
+A step that computes only part of a request's prompt samples nothing for it and reports nothing
+(`step` returns only the requests that got a token).
 """
 
 from __future__ import annotations
@@ -15,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from epd.clock import WALL_CLOCK, Clock
-from epd.config import EngineConfig
+from epd.config import EngineConfig, SchedulerConfig
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, NoEmbeddings
 from epd.engine.factory import PartsFactory, choose_embedder, load_model_parts
@@ -67,22 +77,19 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton kernels launch on the current device
+        # The effective policy, so that a prefill-only engine's memory profile runs whole prompts.
+        compute_config = replace(config, scheduler=_effective_scheduler_config(config.scheduler, handoff))
         parts = model_parts(
-            config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
+            compute_config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
         )
         num_blocks, self.model, self.runner = parts.num_blocks, parts.model, parts.runner
         self.max_model_len = _resolve_max_model_len(
             mc.max_model_len, mc.derived_max_model_len, num_blocks * cc.block_size
         )
-        max_batched = config.scheduler.max_num_batched_tokens or self.max_model_len
-        if max_batched < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_batched}) must be >= max_model_len "
-                f"({self.max_model_len}): prompts are prefilled in one step"
-            )
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        chunked, budget = self._prefill_policy(handoff)
         self.scheduler = Scheduler(
-            self.block_manager, config.scheduler.max_num_seqs, max_batched, swap_out=self._swap_out
+            self.block_manager, config.scheduler.max_num_seqs, budget, self._swap_out, chunked
         )
         self.streamer = self._streamer(handoff, layer_sink)
         self.sampler = Sampler()
@@ -194,9 +201,20 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RuntimeError("an engine can be rewired only while it holds no request")
         self.handoff = handoff
+        # Hand-offs start or stop: so does chunking. (An engine whose memory was profiled with
+        # chunked steps and now prefills whole prompts may need more activation memory.)
+        self.scheduler.set_prefill_policy(*self._prefill_policy(handoff))
         self.streamer = self._streamer(handoff, layer_sink)
         if isinstance(self.runner.embedder, (CachedEmbeddings, NoEmbeddings)):
             self.runner.embedder = choose_embedder(None, mm_cache, self.device, self.clock, self.instance)
+
+    def _prefill_policy(self, handoff: HandOff | None) -> tuple[bool, int]:
+        """(chunked prefill, tokens per step) of this engine with or without hand-offs."""
+        policy = _effective_scheduler_config(self.config.scheduler, handoff)
+        budget = policy.budget(self.max_model_len)
+        if (policy.max_num_batched_tokens or budget) < budget:
+            logger.info("max_num_batched_tokens raised to max_model_len %d: prompts go whole", budget)
+        return policy.enable_chunked_prefill, budget
 
     def _streamer(
         self, handoff: HandOff | None, layer_sink: LayerSink | None
@@ -269,12 +287,7 @@ class LLMEngine:
             req.kv_payload = None
         logits = self.runner.run(batch, tables, self.streamer.plan(batch, tables))
         self._advance_computed(batch)  # needs no sampled token: runs while the device works
-        sampled = self.sampler(
-            logits,
-            [r.params for r in batch.requests],
-            [r.generator or self.shared_generator for r in batch.requests],
-        )
-        advanced = self._postprocess(batch, sampled.token_ids, sampled.logprobs)
+        advanced = self._sample(batch, logits)
         self.num_steps += 1
         self.step_seconds += self.clock.monotonic() - started
         self.last_batch_tokens = batch.total_tokens
@@ -307,9 +320,25 @@ class LLMEngine:
                     req.request_id, req.all_token_ids, req.prompt.mm_spans, req.num_computed_tokens
                 )
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int], logprobs: list) -> list[Request]:
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Request]:
+        """Next tokens of the requests whose tokens this step completed (not of a prompt's earlier
+        chunks: their logits are not a next token, and sampling them would draw from generators)."""
+        rows = [i for i, samples in enumerate(batch.samples) if samples]
+        if not rows:
+            return []
+        if len(rows) < len(batch):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        requests = [batch.requests[i] for i in rows]
+        sampled = self.sampler(
+            logits,
+            [r.params for r in requests],
+            [r.generator or self.shared_generator for r in requests],
+        )
+        return self._postprocess(requests, sampled.token_ids, sampled.logprobs)
+
+    def _postprocess(self, requests: list[Request], tokens: list[int], logprobs: list) -> list[Request]:
         advanced = []
-        for req, token, lp in zip(batch.requests, tokens, logprobs):
+        for req, token, lp in zip(requests, tokens, logprobs):
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(self._with_text(lp))
@@ -377,6 +406,14 @@ def request_output(req: Request) -> RequestOutput:
         metrics=req.metrics,
         num_cached_tokens=req.num_cached_tokens,
     )
+
+
+def _effective_scheduler_config(config: SchedulerConfig, handoff: HandOff | None) -> SchedulerConfig:
+    """The scheduler config an engine runs with: chunked prefill only where it decodes (a hand-off
+    takes the KV of a whole prompt's prefill: see the module docstring)."""
+    if handoff is None:
+        return config
+    return replace(config, enable_chunked_prefill=False)
 
 
 def _resolve_max_model_len(explicit: int | None, derived: int, cache_tokens: int) -> int:

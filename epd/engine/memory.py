@@ -5,9 +5,10 @@
                - the activation peak of the largest step it will run      (activation_peak)
 
 The largest step is measured by running it once with dummy inputs (`run_dummy_step`): a prefill
-of `max_num_batched_tokens` tokens in one sequence, preceded, where the instance holds the vision
-tower, by encoding images that fill those tokens (a step encodes the images of the tokens it
-prefills), and followed by logits for `max_num_seqs` rows.
+of `max_num_batched_tokens` tokens in one sequence (EngineConfig's: the step budget with chunked
+prefill, else at least max_model_len; a prefill-only engine profiles whole prompts), preceded,
+where the instance holds the vision tower, by encoding images that fill those tokens (a step
+encodes the images of the tokens it prefills), and followed by logits for `max_num_seqs` rows.
 
 Figures are the caching allocator's reserved bytes: what it holds is what the device cannot give
 the KV cache, rounding and fragmentation included. The share left over, 1 - utilization, covers

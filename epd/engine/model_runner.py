@@ -9,6 +9,11 @@ Two ways through a step:
 - anything else runs eagerly, with the batch layout also sent to the device in one copy
   for backends whose kernels read it there. Only an eager step can call back between
   layers (`after_layer`: layer-wise KV streaming from a prefill instance).
+A step with a prefill chunk (chunked prefill mixes them with decodes) is never a pure decode,
+even a chunk of one prompt token: its position comes from the prompt's M-RoPE layout, and it
+may be an image row. A chunk starts at any token, like a prefix-cache hit but not on a block
+boundary, and may end inside an image's placeholder span: the image rows that fall in the step
+are placed by `_gather_image_rows`, the rest come with the later chunks.
 """
 
 from __future__ import annotations
@@ -109,10 +114,12 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits [len(batch), vocab] at the last new token of every scheduled request, in the
         model dtype (the sampler converts where it needs float32). Read them before the next run:
-        a graph step returns a view of the graph's output.
+        a graph step returns a view of the graph's output. A chunk that ends inside its prompt
+        gets a row too (one row: cheaper than a second layout); the engine samples none from it.
 
         `after_layer(i)` is called once layer i has written its KV (the step then runs eagerly)."""
-        self.embedder.ensure(batch.requests)
+        ends = [req.num_computed_tokens + n for req, n in zip(batch.requests, batch.num_new_tokens)]
+        self.embedder.ensure(batch.requests, ends)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
         mm_embeds, mm_index = self._gather_image_rows(batch)
         if mm_embeds is None and after_layer is None and self._graph_fits(inputs):

@@ -5,6 +5,13 @@ Lifecycle (owned by the scheduler):
     WAITING --schedule--> RUNNING --finish--> FINISHED
        ^                     |
        +----- preempt -------+   (KV freed; recomputed from all tokens on re-admission)
+
+Where a RUNNING request stands follows from its counts (chunked prefill, epd.engine.scheduler):
+
+| num_computed_tokens              | the next step computes               | and samples a token   |
+|----------------------------------|--------------------------------------|-----------------------|
+| < num_tokens - 1 (partly filled) | its next chunk, as the budget allows | if that chunk ends it |
+| == num_tokens - 1 (decoding)     | its last token                       | yes                   |
 """
 
 from __future__ import annotations

@@ -130,7 +130,17 @@ class EngineArgs:
         True, "never reuse KV blocks across requests", flag="--disable-prefix-caching"
     )
     max_num_seqs: int = option(256, "requests per running batch")
-    max_num_batched_tokens: int | None = option(None, "tokens per engine step (default: max-model-len)")
+    max_num_batched_tokens: int | None = option(
+        None,
+        "tokens per engine step, shared by decodes and prefill chunks (default: 2048 with chunked "
+        "prefill; without it, or on a prefill-only instance, at least max-model-len)",
+    )
+    enable_chunked_prefill: bool = option(
+        True,
+        "prefill each prompt in one step, beside the decodes, instead of in chunks that fit the "
+        "step's token budget (prefill-only instances never chunk)",
+        flag="--disable-chunked-prefill",
+    )
     seed: int = option(0, "seed of weights (dummy) and unseeded sampling")
     attention_backend: str = option(
         "auto", "torch_sdpa or triton (auto: triton on CUDA where installed, else torch_sdpa)"
@@ -158,7 +168,9 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),
-            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            scheduler=SchedulerConfig(
+                self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill
+            ),
             device=self.device,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
