@@ -1,0 +1,52 @@
+"""The fitted cost model the simulator runs on: `ComputeCosts` (epd.engine.scripted_runner).
+
+Which model prices a step follows the path the real runner (epd.engine.model_runner) takes:
+- a pure decode step (every sequence one new token past its prompt) that a captured CUDA graph
+  holds: the decode model, at the graph's padded batch size; where the device has no graphs
+  (CPU), pure decode steps were measured eagerly and use the decode model too;
+- anything else (prefills, chunks, decodes riding along with them, a decode batch larger than
+  every graph) runs eagerly: the prefill model, decodes counted as one-token sequences.
+Vision batches: the encode model. Image rows in a prefill cost what text rows cost (the
+embeddings were made by the encoder; writing them in is a copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from epd.plan.profile.features import decode_terms, encode_terms, pad_to_graph, prefill_terms
+from epd.plan.profile.fit import StageFit
+
+if TYPE_CHECKING:
+    from epd.engine.scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True)
+class ProfileCosts:
+    prefill: StageFit
+    decode: StageFit
+    encode: StageFit
+    graph_sizes: tuple[int, ...] = ()  # (): the device replays no graphs
+
+    def step_seconds(self, batch: ScheduledBatch) -> float:
+        """One engine forward over `batch`."""
+        seqs = [(n, req.num_computed_tokens) for req, n in zip(batch.requests, batch.num_new_tokens)]
+        if _is_pure_decode(batch):
+            padded = pad_to_graph(self.graph_sizes)(len(seqs))
+            if padded is not None or not self.graph_sizes:
+                return self.decode.predict(decode_terms(seqs, padded))
+        return self.prefill.predict(prefill_terms(seqs))
+
+    def encode_seconds(self, grids: Sequence[tuple[int, int, int]]) -> float:
+        """One vision batch of images with these patch grids."""
+        return self.encode.predict(encode_terms(grids))
+
+
+def _is_pure_decode(batch: ScheduledBatch) -> bool:
+    """The runner's test for a graph step: one new token per request, past its prompt."""
+    return len(batch) > 0 and all(
+        n == 1 and req.num_computed_tokens >= req.num_prompt_tokens
+        for req, n in zip(batch.requests, batch.num_new_tokens)
+    )
