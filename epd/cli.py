@@ -1,9 +1,12 @@
 """The `epd` command. Subcommands: `serve` (the OpenAI-compatible server), `bench` (the serving
-benchmark, epd/bench/serve); `profile`, `simulate`, `plan` join the same way: a
+benchmark, epd/bench/serve), `simulate` (the benchmark on a simulated layout, epd/sim), `profile`
+(stage costs on a device, fitted: epd/plan/profile); `plan` joins the same way: an
 `add_<name>_parser(subparsers)` that sets `func`.
 
     epd serve --model /path/to/Qwen2.5-VL-3B-Instruct --layout 1E+1P+1D
     epd bench --base-url http://127.0.0.1:8000 --rates 1,2,4 --slo-ttft 1 --slo-tpot 0.05
+    epd simulate --layout 1E+1P+1D --profile profile.json --rates 1,2,4 --slo-ttft 1 --slo-tpot 0.05
+    epd profile --model DIR --device cuda:0 --load-format dummy --dtype bfloat16 --out profile.json
 
 Imports of the engine happen inside the command, so `epd --help` answers at once.
 """
@@ -18,8 +21,15 @@ from collections.abc import Sequence
 from dataclasses import Field
 from typing import TYPE_CHECKING, Any
 
-from epd.bench.serve.cli import add_bench_parser
+from epd.bench.serve.cli import (
+    add_arrival_options,
+    add_bench_parser,
+    add_slo_options,
+    add_workload_options,
+    check_workload_args,
+)
 from epd.entrypoints.options import OPTION, EngineArgs, Option, engine_options, parse_bytes
+from epd.plan.profile.cli import add_profile_parser
 
 if TYPE_CHECKING:  # the server pulls in torch: imported in the command, not for --help
     from epd.server.config import ServerConfig
@@ -28,6 +38,13 @@ if TYPE_CHECKING:  # the server pulls in torch: imported in the command, not for
 _SCALARS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
 API_KEY_ENV = "EPD_API_KEY"
+# The `epd serve` options that shape a simulation: the layout, the connector and KV streaming its
+# devices imply, and every size and limit of the engine's caches and batches.
+SIMULATED_OPTIONS = (
+    "layout", "device", "devices", "transfer", "kv_streaming", "dtype", "max_model_len", "block_size",
+    "num_kv_blocks", "kv_cache_memory_bytes", "mm_cache_bytes", "enable_prefix_caching", "max_num_seqs",
+    "max_num_batched_tokens", "enable_chunked_prefill",
+)  # fmt: skip
 
 
 def default_model() -> str | None:
@@ -53,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_parser(sub)
     add_bench_parser(sub, _HelpFormatter)
+    add_simulate_parser(sub)
+    add_profile_parser(sub, _HelpFormatter)
     return parser
 
 
@@ -70,12 +89,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve, parser=p)
 
 
-def _engine_options(p: argparse.ArgumentParser) -> None:
-    """One flag per field of EngineArgs that is an option, as declared there."""
+def _engine_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> argparse._ArgumentGroup:
+    """One flag per field of EngineArgs that is an option (those named in `only`), as declared there."""
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, help="Hugging Face model directory (default: the demo model)")
     for f in engine_options():
-        _add_engine_option(g, f)
+        if only is None or f.name in only:
+            _add_engine_option(g, f)
+    return g
 
 
 def _add_engine_option(g: argparse._ArgumentGroup, f: Field) -> None:
@@ -188,6 +209,70 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
         help="fetch http(s) image URLs (public addresses only, no redirects to private ones)",
     )
     g.add_argument("--remote-media-timeout", type=float, default=10.0, help="seconds per remote image fetch")
+
+
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run epd bench's workload on a simulated layout (virtual time, cost model)",
+        description="Serve `epd bench`'s workload (same flags, same seed: the same requests) with the "
+        "real router and schedulers of a layout on virtual time: compute takes what the cost model "
+        "says (--profile, or linear costs), transfers latency + bytes / bandwidth. Writes `epd bench`'s "
+        "results.json (marked simulated), plots and table: `epd bench plot` overlays real and "
+        "simulated runs. The model directory is read for its config, tokenizer and processor only.",
+        formatter_class=_HelpFormatter,
+    )
+    _engine_options(p, SIMULATED_OPTIONS)
+    g = p.add_argument_group(
+        "simulation",
+        "The instances run here, on virtual time: --device, --devices and --transfer only pick the "
+        "connector between them (as epd serve does), hence the profile's link costs and KV streaming. "
+        "Each rate starts on a fresh cluster; --warmup requests are not simulated.",
+    )
+    g.add_argument("--profile", default=None, help="fitted costs of compute and links (epd profile's JSON)")
+    g.add_argument(
+        "--costs",
+        default=None,
+        metavar="NAME=S,...",
+        help="without --profile, the linear costs in seconds: step_s (per forward), token_s (per token), "
+        "sequence_s (per request in a batch), encode_s (per vision batch), patch_s (per patch); "
+        "those not given keep their defaults",
+    )
+    g.add_argument(
+        "--transfer-latency",
+        type=float,
+        default=None,
+        help="seconds per transfer (default: the profile's, else 0)",
+    )
+    g.add_argument(
+        "--transfer-bandwidth",
+        type=float,
+        default=None,
+        help="bytes per second between two instances (default: the profile's, else unlimited)",
+    )
+    g.add_argument(
+        "--control-latency", type=float, default=0.0, help="seconds per router <-> instance message"
+    )
+    add_workload_options(p)
+    add_arrival_options(p)
+    add_slo_options(p, out_prefix="sim")
+    p.set_defaults(func=run_simulate, parser=p)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    check_workload_args(args)
+    from epd.sim.command import run_simulate_command
+
+    return run_simulate_command(args, simulated_engine_args(args))
+
+
+def simulated_engine_args(args: argparse.Namespace) -> EngineArgs:
+    """The `epd serve` options of an `epd simulate` command line."""
+    model = args.model or default_model()
+    if model is None:
+        args.parser.error("--model is required (the built-in demo model is missing from this install)")
+    options = {f.name: _engine_option_value(args, f) for f in engine_options() if f.name in SIMULATED_OPTIONS}
+    return EngineArgs(model, **options)
 
 
 def run_serve(args: argparse.Namespace) -> int:

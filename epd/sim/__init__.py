@@ -1,16 +1,27 @@
-"""The real router and instance cores on virtual time, in one process: tests now, `epd simulate` later.
+"""The real router and instance cores on virtual time, in one process: the harness of the tests, and
+`epd simulate` (`epd bench`'s workload and results on a simulated layout).
 
-| module        | what                                                                          |
-|---------------|-------------------------------------------------------------------------------|
-| workload.py   | seeded requests: Poisson arrivals, prompts with images from a shared pool     |
-| costs.py      | `LinearCosts`: how long a forward / a vision batch takes (until fitted ones)  |
-| cluster.py    | `SimCluster`: a layout's cores with scripted compute, memory connectors       |
-| node.py       | `SimInstance`: one instance's shell (own clock, inbox, stamped outbox, turns) |
-| events.py     | `EventQueue` (what is due when), `EventLog` (what happened, and its digest)   |
-| harness.py    | `Harness` / `simulate`: the event loop; `SimResult`                           |
-| __main__.py   | `python -m epd.sim`: one run, its digest and figures as JSON                  |
+| module            | what                                                                          |
+|-------------------|-------------------------------------------------------------------------------|
+| workload.py       | seeded requests: Poisson arrivals, prompts with images from a shared pool     |
+| costs.py          | `LinearCosts`: how long a forward / a vision batch takes (or a fitted profile)|
+| cluster.py        | `SimCluster`: a layout's cores with scripted compute, memory connectors       |
+| node.py           | `SimInstance`: one instance's shell (own clock, inbox, stamped outbox, turns) |
+| events.py         | `EventQueue` (what is due when), `EventLog` (what happened, and its digest)   |
+| harness.py        | `Harness` / `simulate`: the event loop; `SimResult`                           |
+| __main__.py       | `python -m epd.sim`: one run, its digest and figures as JSON                  |
+| `epd simulate`:   |                                                                               |
+| command.py        | its flags (`epd serve`'s engine options, `epd bench`'s workload) -> a spec    |
+| simulation.py     | each rate on a fresh cluster; bench's results.json, plots and table           |
+| bench_requests.py | bench's requests as the server would make them, without pixels               |
+| images.py         | images known by their size: real grids, 3-byte stand-in patches              |
+| bench_results.py  | what bench's client would have measured, from the harness's record           |
+| runner.py         | the cost-model runner: a forward is its cost, every token the same           |
+| model_shape.py    | narrow embeddings (real bytes, real cache capacity): fast on 7B shapes        |
+| wire.py           | what a transfer is charged: the real model's bytes                            |
 
-Connectors: epd.transfer.memory. Compute: epd.engine.scripted_runner (no weights are loaded).
+Connectors: epd.transfer.memory. Compute: epd.engine.scripted_runner (tests: tokens that check the
+data path) or epd.sim.runner (`epd simulate`: only time); no weights are loaded.
 """
 
 from epd.sim.cluster import ClusterSpec, SimCluster, engine_config, scripted_compute

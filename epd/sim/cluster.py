@@ -25,7 +25,7 @@ from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
 from epd.sim.costs import LinearCosts
 from epd.sim.node import SimInstance, StampedOutbox
-from epd.transfer.memory import MemoryNetwork
+from epd.transfer.memory import MemoryNetwork, WireBytes, tensor_bytes
 
 ROUTER = "router"
 KV_BLOCKS = 2048  # per engine: room for the workload's running requests, no preemption by default
@@ -39,6 +39,7 @@ class ClusterSpec:
     control_latency_s: float = 0.0  # router <-> instance, each way
     transfer_latency_s: float = 0.0
     transfer_bandwidth: float = math.inf  # bytes per second, per (sender, receiver) pair
+    wire_bytes: WireBytes = tensor_bytes  # what a transfer is charged (epd.sim.wire: a real model's)
     mm_cache_bytes: int = 16 << 20  # per E and P instance
     max_encode_batch_patches: int = 49152
     kv_streaming: str = "request"
@@ -67,7 +68,7 @@ class SimCluster:
     def __init__(self, spec: ClusterSpec, compute: Compute | None = None) -> None:
         self.spec = spec
         self.clock = VirtualClock()  # the router's, and the harness's "now"
-        self.network = MemoryNetwork(spec.transfer_latency_s, spec.transfer_bandwidth)
+        self.network = MemoryNetwork(spec.transfer_latency_s, spec.transfer_bandwidth, spec.wire_bytes)
         compute = compute or scripted_compute(spec.costs)
         self.nodes = [self._node(s, compute) for s in Layout.parse(spec.layout).instances("cpu")]
         self.by_name = {node.name: node for node in self.nodes}

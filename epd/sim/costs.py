@@ -9,7 +9,7 @@ a fitted model replaces this one without touching the harness.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from epd.engine.scheduler import ScheduledBatch
 
@@ -30,3 +30,17 @@ class LinearCosts:
 
 
 FREE = LinearCosts(0.0, 0.0, 0.0, 0.0, 0.0)  # compute takes no time: only transfers and messages do
+
+
+def parse_costs(text: str, base: LinearCosts = LinearCosts()) -> LinearCosts:
+    """'step_s=4e-3,patch_s=1e-5' -> `base` with those fields set (ValueError for unknown names)."""
+    names = {f.name for f in fields(LinearCosts)}
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in names:
+            raise ValueError(f"not NAME=SECONDS with NAME one of {', '.join(sorted(names))}: {item!r}")
+        values[name.strip()] = float(value)
+    if any(v < 0 for v in values.values()):
+        raise ValueError(f"costs must be >= 0: {text!r}")
+    return replace(base, **values)

@@ -1,20 +1,26 @@
 """The event loop that drives a `SimCluster` on virtual time: requests in, outputs and a log out.
 
     arrival ---> router.add_request --(control latency)--> instance inbox
+        (an arrival waits while `max_in_flight` requests are in flight)
     instance turn (when free): inbox, transfers, one step; compute moves its clock on
         messages, stamped when sent --(control latency)--> router.handle --> instance inboxes
         transfers --(memory network: latency + bytes / bandwidth)--> receiver's connector
 
 Per iteration: every instance that is free and has something to do takes one turn, in layout
-order; then time jumps to the next thing due (a queued delivery, an arrival, a transfer landing, an
-instance finishing its turn). Nothing depends on wall time, threads, ids or hashing order, so the same
-requests give the same log. The harness only delivers what the cores send; which messages those are
-is the cores' business.
+order (only those that got an input or ended a turn are asked); then time jumps to the next thing
+due (a queued delivery, an arrival, a transfer landing, an instance finishing its turn). Nothing
+depends on wall time, threads, ids or hashing order, so the same requests give the same log. The
+harness only delivers what the cores send; which messages those are is the cores' business.
+
+It also watches what a client would see: when each request was sent (`sent_at`: its arrival, or
+later when `max_in_flight` held it back, as `epd bench --max-concurrency` does) and when the router
+had each new batch of its tokens (`token_times`), for the benchmark's TTFT, ITL and E2E.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import msgspec
 import torch
@@ -36,18 +42,31 @@ class SimResult:
     leftovers: list[str]  # what anything still held at the end ([]: all clean)
     busy_s: dict[str, float]  # virtual compute time per instance
     turns: dict[str, int]
+    sent_at: dict[str, float] = field(default_factory=dict)  # when each request reached the router
+    # Per request, (virtual time, tokens so far) each time the router had more of its tokens.
+    token_times: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
 
 class Harness:
-    def __init__(self, cluster: SimCluster) -> None:
+    def __init__(self, cluster: SimCluster, max_in_flight: int | None = None) -> None:
         self.cluster, self.router, self.clock = cluster, cluster.router, cluster.clock
         self.latency = cluster.spec.control_latency_s
         self.queue = EventQueue()
         self.log = EventLog()
         self.outputs: dict[str, RequestOutput] = {}
+        self.max_in_flight = max_in_flight
+        self.held: deque[SimRequest] = deque()  # arrived while max_in_flight were in flight
+        self.in_flight = 0
+        self.sent_at: dict[str, float] = {}
+        self.token_times: dict[str, list[tuple[float, int]]] = {}
+        # Instances that may want a turn: those that got an input or finished a turn since they
+        # were last asked. Any other is busy, asleep or idle, and asking it would change nothing.
+        self.position = {node.name: i for i, node in enumerate(cluster.nodes)}
+        self.to_ask: set[str] = set(self.position)
 
     def run(self, requests: list[SimRequest]) -> SimResult:
-        """Serve `requests` (each at its arrival time) until nothing is left to do."""
+        """Serve `requests` (each at its arrival time, at most `max_in_flight` at once) until nothing
+        is left to do."""
         threads = torch.get_num_threads()
         # Every tensor here is tiny: intra-op threads only add spin-waits, which made a run 4x
         # slower on a busy 2-core machine. One thread, as the loop itself is.
@@ -61,8 +80,7 @@ class Harness:
         for request in requests:
             self.queue.push(request.arrival_time, self._arrive, request)
         while True:
-            self._turn_free_instances()
-            if any(node.wants_turn(self.clock.now()) for node in self.cluster.nodes):
+            if self._turn_free_instances():
                 continue  # a turn that cost no time left more to do now
             due = self._next_time()
             if due is None:
@@ -79,26 +97,46 @@ class Harness:
     # ---- the router's side --------------------------------------------------------------------
 
     def _arrive(self, request: SimRequest) -> None:
-        self.log.record(LogEntry(self.clock.now(), "arrival", "client", ROUTER, request.request_id))
-        rid, prompt, params = request.request_id, request.prompt, request.params
-        self._send(self.router.add_request(rid, prompt, params, request.arrival_time))
+        self.held.append(request)
+        self._send_held()
+
+    def _send_held(self) -> None:
+        """Send what arrived, as far as `max_in_flight` lets (a finished request makes room)."""
+        while self.held and (self.max_in_flight is None or self.in_flight < self.max_in_flight):
+            request = self.held.popleft()
+            now, rid = self.clock.now(), request.request_id
+            self.log.record(LogEntry(now, "arrival", "client", ROUTER, rid))
+            self.sent_at[rid] = now
+            self.in_flight += 1
+            self._send(self.router.add_request(rid, request.prompt, request.params, now))
 
     def _to_router(self, source: str, message: msgspec.Struct) -> None:
         self._record_message(source, ROUTER, message)
         self._send(self.router.handle(message))
+        if self.held:
+            self._send_held()
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         for instance, message in outgoing:
             self.queue.push(self.clock.now() + self.latency, self._to_instance, instance, message)
         for output in self.router.take_outputs():
+            self._note_tokens(output)
             if output.finished:
                 self.outputs[output.request_id] = output
+                self.in_flight -= 1
+
+    def _note_tokens(self, output: RequestOutput) -> None:
+        count = len(output.outputs[0].token_ids) if output.outputs else 0
+        times = self.token_times.setdefault(output.request_id, [])
+        if count > (times[-1][1] if times else 0):
+            times.append((self.clock.now(), count))
 
     # ---- the instances' side ------------------------------------------------------------------
 
     def _to_instance(self, instance: str, message: msgspec.Struct) -> None:
         self._record_message(ROUTER, instance, message)
         self.cluster.by_name[instance].deliver(message)
+        self.to_ask.add(instance)
 
     def _land_transfers(self, now: float) -> None:
         by_address = self.cluster.by_address
@@ -107,14 +145,26 @@ class Harness:
             entry = LogEntry(landed.time, "transfer", source.name, dest.name, landed.key)
             self.log.record(entry, landed.nbytes.to_bytes(8, "little"))
             dest.transfer_arrived()
+            self.to_ask.add(dest.name)
 
-    def _turn_free_instances(self) -> None:
-        now = self.clock.now()
-        for node in self.cluster.nodes:
-            if node.wants_turn(now):
-                self._sent_by(node, node.turn(now))
-                if not node.is_free(now):
-                    self.queue.push(node.clock.now(), _free)  # be back when its turn ends
+    def _turn_free_instances(self) -> bool:
+        """A turn for each instance that is free and has something to do, in layout order; whether
+        any of them has more to do at once (a turn that took no time)."""
+        now, by_name = self.clock.now(), self.cluster.by_name
+        asked, self.to_ask = sorted(self.to_ask, key=self.position.__getitem__), set()
+        for node in (by_name[name] for name in asked):
+            if not node.wants_turn(now):
+                continue
+            self._sent_by(node, node.turn(now))
+            if not node.is_free(now):
+                self.queue.push(node.clock.now(), self._free, node)  # be back when its turn ends
+            elif node.wants_turn(now):
+                self.to_ask.add(node.name)
+        return bool(self.to_ask)
+
+    def _free(self, node: SimInstance) -> None:
+        """Its turn is over: ask it again."""
+        self.to_ask.add(node.name)
 
     def _sent_by(self, node: SimInstance, sent: list[Stamped]) -> None:
         for stamp, message in sent:
@@ -135,12 +185,10 @@ class Harness:
             self.cluster.leftovers(),
             {n.name: n.busy_s for n in nodes},
             {n.name: n.num_turns for n in nodes},
+            self.sent_at,
+            self.token_times,
         )
 
 
-def _free() -> None:
-    """Nothing to do: the event only brings the loop to the time an instance is free again."""
-
-
-def simulate(cluster: SimCluster, requests: list[SimRequest]) -> SimResult:
-    return Harness(cluster).run(requests)
+def simulate(cluster: SimCluster, requests: list[SimRequest], max_in_flight: int | None = None) -> SimResult:
+    return Harness(cluster, max_in_flight).run(requests)

@@ -8,6 +8,10 @@ which puts arrivals in their receivers' queues and reports each completed send t
 
 The defaults (no latency, unlimited bandwidth) deliver a send at the time it was made. Tensors are
 handed over as they are (moved with `.to(device)`, a no-op on one device), as `local` does.
+
+A send is charged the bytes of its tensors, or what `wire_bytes` says it would be: the simulator's
+stand-in tensors are narrower than a real model's (one number per KV slot, not every layer and
+head), so it charges the bytes the real transfer would move instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import heapq
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +28,14 @@ import torch
 from epd.clock import Clock
 from epd.transfer.base import Connector, ConnectorClosedError, Received, SendResult, check_send_args
 from epd.transfer.serialization import check_meta
+
+# (key, tensors) -> the bytes a send puts on the wire
+WireBytes = Callable[[str, dict[str, torch.Tensor]], int]
+
+
+def tensor_bytes(key: str, tensors: dict[str, torch.Tensor]) -> int:
+    """The default `WireBytes`: what the tensors hold."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class _InFlight(NamedTuple):
@@ -46,10 +59,16 @@ class Delivered(NamedTuple):
 class MemoryNetwork:
     """The links between memory connectors: what is in flight, and when each transfer lands."""
 
-    def __init__(self, latency_s: float = 0.0, bandwidth_bytes_per_s: float = math.inf) -> None:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        bandwidth_bytes_per_s: float = math.inf,
+        wire_bytes: WireBytes = tensor_bytes,
+    ) -> None:
         if latency_s < 0 or bandwidth_bytes_per_s <= 0:
             raise ValueError("latency must be >= 0 and bandwidth > 0")
         self.latency_s, self.bandwidth = latency_s, bandwidth_bytes_per_s
+        self.wire_bytes = wire_bytes
         self.connectors: dict[str, MemoryConnector] = {}
         self._in_flight: list[_InFlight] = []
         self._link_free: dict[tuple[str, str], float] = {}  # (source, dest) -> when its link is free
@@ -130,7 +149,7 @@ class MemoryConnector(Connector):
         meta = check_meta(meta)
         if self.closed:
             raise ConnectorClosedError(f"send({key!r}) on a closed memory connector")
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = self.network.wire_bytes(key, tensors)
         self.network.carry(self, dest, Received(key, dict(tensors), meta, nbytes, self.clock.now()))
         self.num_sends += 1
 

@@ -87,13 +87,9 @@ def _add_plot_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:
-    _workload_options(p)
-    _arrival_options(p)
-    g = p.add_argument_group("SLOs and output")
-    g.add_argument("--slo-ttft", type=float, default=None, help="TTFT objective, seconds")
-    g.add_argument("--slo-tpot", type=float, default=None, help="TPOT objective, seconds")
-    g.add_argument("--out", default=None, help="output folder (default: ./bench-YYYYmmdd-HHMMSS)")
-    g.add_argument("--label", default=None, help="name of this run on comparison plots")
+    add_workload_options(p)
+    add_arrival_options(p)
+    g = add_slo_options(p)
     g.add_argument(
         "--epd-timings",
         default="auto",
@@ -104,7 +100,18 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload_options(p: argparse.ArgumentParser) -> None:
+def add_slo_options(p: argparse.ArgumentParser, out_prefix: str = "bench") -> argparse._ArgumentGroup:
+    """--slo-ttft, --slo-tpot, --out, --label (shared with `epd simulate`); the group, for more."""
+    g = p.add_argument_group("SLOs and output")
+    g.add_argument("--slo-ttft", type=float, default=None, help="TTFT objective, seconds")
+    g.add_argument("--slo-tpot", type=float, default=None, help="TPOT objective, seconds")
+    g.add_argument("--out", default=None, help=f"output folder (default: ./{out_prefix}-YYYYmmdd-HHMMSS)")
+    g.add_argument("--label", default=None, help="name of this run on comparison plots")
+    return g
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """The workload flags (shared with `epd simulate`, which must draw the same requests)."""
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="synthetic", choices=WORKLOADS, help="what to send")
     g.add_argument(
@@ -146,7 +153,8 @@ def _workload_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrival times")
 
 
-def _arrival_options(p: argparse.ArgumentParser) -> None:
+def add_arrival_options(p: argparse.ArgumentParser) -> None:
+    """The arrival flags (shared with `epd simulate`)."""
     g = p.add_argument_group("arrivals")
     rates = g.add_mutually_exclusive_group()
     rates.add_argument("--rate", type=float, default=math.inf, help="requests per second (inf: all at once)")
@@ -167,9 +175,27 @@ def _arrival_options(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace, base_url: str, model: str | None) -> BenchSpec:
+    return BenchSpec(
+        base_url=base_url,
+        model=model,
+        api_key=getattr(args, "api_key", None) or next(filter(None, map(os.environ.get, API_KEY_ENVS)), None),
+        workload=workload_from_args(args),
+        arrivals=arrivals_from_args(args),
+        slo=SLO(args.slo_ttft, args.slo_tpot),
+        num_requests=args.num_requests,
+        warmup=args.warmup,
+        seed=args.seed,
+        epd_timings=args.epd_timings,
+        request_timeout=args.request_timeout,
+        progress=not args.no_progress,
+        label=args.label,
+    )
+
+
+def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
     kind = args.workload
     output = args.output_tokens if args.output_tokens is not None else DEFAULT_OUTPUT_TOKENS[kind]
-    workload = WorkloadSpec(
+    return WorkloadSpec(
         kind=kind,
         images_per_request=args.images_per_request,
         image_sizes=args.image_size,
@@ -182,30 +208,20 @@ def spec_from_args(args: argparse.Namespace, base_url: str, model: str | None) -
         ignore_eos=not args.no_ignore_eos,
         tokenizer=args.tokenizer,
     )
+
+
+def arrivals_from_args(args: argparse.Namespace) -> tuple[ArrivalSpec, ...]:
+    """One arrival spec per rate: the runs of a sweep."""
     rates = args.rates or (args.rate,)
-    arrivals = tuple(ArrivalSpec(r, args.arrival, args.burstiness, args.max_concurrency) for r in rates)
-    return BenchSpec(
-        base_url=base_url,
-        model=model,
-        api_key=getattr(args, "api_key", None) or next(filter(None, map(os.environ.get, API_KEY_ENVS)), None),
-        workload=workload,
-        arrivals=arrivals,
-        slo=SLO(args.slo_ttft, args.slo_tpot),
-        num_requests=args.num_requests,
-        warmup=args.warmup,
-        seed=args.seed,
-        epd_timings=args.epd_timings,
-        request_timeout=args.request_timeout,
-        progress=not args.no_progress,
-        label=args.label,
-    )
+    return tuple(ArrivalSpec(r, args.arrival, args.burstiness, args.max_concurrency) for r in rates)
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path.cwd() / time.strftime("bench-%Y%m%d-%H%M%S")
+def out_dir_of(args: argparse.Namespace, prefix: str = "bench") -> Path:
+    return Path(args.out) if args.out else Path.cwd() / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_workload_args(args: argparse.Namespace) -> None:
+    """Usage errors of the workload and arrival flags (exits through the parser)."""
     if args.num_requests < 1 or args.warmup < 0:
         args.parser.error("--num-requests must be >= 1 and --warmup >= 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -224,7 +240,7 @@ def _quiet_http_logs() -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    _check(args)
+    check_workload_args(args)
     _quiet_http_logs()
     from rich.console import Console
 
@@ -232,7 +248,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     try:
-        run_benchmark(spec_from_args(args, args.base_url, args.model), _out_dir(args), console)
+        run_benchmark(spec_from_args(args, args.base_url, args.model), out_dir_of(args), console)
     except (BenchError, ValueError, OSError) as e:  # bad workload files or values: no traceback
         console.print(f"[red]epd bench: {e}[/red]")
         return 1
@@ -240,7 +256,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    _check(args)
+    check_workload_args(args)
     _quiet_http_logs()
     from rich.console import Console
 
@@ -254,7 +270,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     )
     console = Console()
     try:
-        run_sweep(sweep, spec_from_args(args, "", None), _out_dir(args), console)
+        run_sweep(sweep, spec_from_args(args, "", None), out_dir_of(args), console)
     except (BenchError, ServerFailed, ValueError, OSError) as e:
         console.print(f"[red]epd bench sweep: {e}[/red]")
         return 1
@@ -274,7 +290,7 @@ def run_plot_command(args: argparse.Namespace) -> int:
         args.parser.error(f"{len(labels)} labels for {len(docs)} files")
     for doc, label in zip(docs, labels):
         doc["label"] = label
-    out = _out_dir(args)
+    out = out_dir_of(args)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     console.print(comparison_table(docs))

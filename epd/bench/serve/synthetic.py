@@ -8,12 +8,16 @@ is a new image of a size drawn from `image_sizes`. Images are smooth colour fiel
 seeded from --seed, sent as JPEG data URLs; each is made once per process (a sweep sends the
 same images to every layout). `ignore_eos` makes every request generate exactly
 `output_tokens`, so runs do the same work whatever the model says.
+
+Which image goes where is decided from its (width, height, seed) alone; `image_url` turns that into
+what is sent. The simulator (epd.sim) passes its own, to draw the same requests without pixels.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -22,12 +26,14 @@ from epd.bench.serve.spec import SizeBucket, WorkloadSpec
 from epd.bench.serve.text import PromptText
 from epd.bench.serve.workload import BenchRequest, derive_seed, image_data_url, user_message
 
+ImageUrl = Callable[[int, int, int], str]  # (width, height, seed of its pixels) -> the URL sent
+
 
 class _ImagePool:
-    """New or repeated images, each encoded once (a repeat sends byte-identical data)."""
+    """New or repeated images, each made once (a repeat sends byte-identical data)."""
 
-    def __init__(self, spec: WorkloadSpec, seed: int, namespace: str) -> None:
-        self.spec, self.seed, self.namespace = spec, seed, namespace
+    def __init__(self, spec: WorkloadSpec, seed: int, namespace: str, image_url: ImageUrl) -> None:
+        self.spec, self.seed, self.namespace, self.image_url = spec, seed, namespace, image_url
         self.urls: list[str] = []
 
     def draw(self, rng: random.Random) -> str:
@@ -35,7 +41,7 @@ class _ImagePool:
             return rng.choice(self.urls)
         bucket = _pick_size(self.spec.image_sizes, rng)
         image_seed = derive_seed(self.seed, self.namespace, "image", len(self.urls))
-        url = _jpeg_url(bucket.width, bucket.height, image_seed)
+        url = self.image_url(bucket.width, bucket.height, image_seed)
         self.urls.append(url)
         return url
 
@@ -63,10 +69,15 @@ def _pick_size(buckets: tuple[SizeBucket, ...], rng: random.Random) -> SizeBucke
 
 
 def synthetic_requests(
-    spec: WorkloadSpec, n: int, seed: int, namespace: str, tokenizer_dir: str | None
+    spec: WorkloadSpec,
+    n: int,
+    seed: int,
+    namespace: str,
+    tokenizer_dir: str | None,
+    image_url: ImageUrl | None = None,
 ) -> list[BenchRequest]:
     rng = random.Random(derive_seed(seed, namespace, "synthetic"))
-    pool, text = _ImagePool(spec, seed, namespace), PromptText(tokenizer_dir)
+    pool, text = _ImagePool(spec, seed, namespace, image_url or _jpeg_url), PromptText(tokenizer_dir)
     extra = {"temperature": spec.temperature}
     if spec.ignore_eos:
         extra["ignore_eos"] = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -32,13 +33,19 @@ class BenchRequest:
 
 
 def build_requests(
-    spec: WorkloadSpec, n: int, seed: int, namespace: str, tokenizer_dir: str | None
+    spec: WorkloadSpec,
+    n: int,
+    seed: int,
+    namespace: str,
+    tokenizer_dir: str | None,
+    image_url: Callable[[int, int, int], str] | None = None,
 ) -> list[BenchRequest]:
-    """`n` requests of the workload `spec.kind`."""
+    """`n` requests of the workload `spec.kind`. `image_url` (synthetic only) names each image from
+    its (width, height, seed) instead of drawing it: the simulator's requests without pixels."""
     if spec.kind == "synthetic":
         from epd.bench.serve.synthetic import synthetic_requests
 
-        return synthetic_requests(spec, n, seed, namespace, tokenizer_dir)
+        return synthetic_requests(spec, n, seed, namespace, tokenizer_dir, image_url)
     if spec.kind == "shapes":
         from epd.bench.serve.shapes_task import shapes_requests
 

@@ -1,0 +1,154 @@
+"""The `epd simulate` command: its flags (parsed in epd/cli.py) -> a `SimulateSpec` -> a run.
+
+The engine flags are `epd serve`'s and are read the way it reads them (`EngineArgs`): the same
+command line sizes the same KV cache, MM caches and batches (counted from the real model config;
+the simulation then runs with narrow embeddings, epd.sim.model_shape). The instances themselves run
+here on the CPU, whatever `--device` says; the devices only decide the connector between them, as
+in `epd serve` (cuda_ipc between GPUs of this host, else shm), and so the profile's link costs and
+whether KV streams by layer.
+
+Costs: `--profile` (epd.plan.profile: fitted compute costs and per-connector links); without it
+`LinearCosts` with `--costs` overrides and free links. `--transfer-latency` and
+`--transfer-bandwidth` override the links either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+from rich.console import Console
+
+from epd.bench.serve.cli import arrivals_from_args, out_dir_of, workload_from_args
+from epd.bench.serve.spec import SLO, BenchSpec
+from epd.cluster.cluster import resolve_kv_streaming, resolve_transfer
+from epd.cluster.instance import InstanceConfig
+from epd.cluster.layout import Layout
+from epd.config import EngineConfig
+from epd.engine.kv_cache import num_blocks_for_memory
+from epd.engine.scripted_runner import ComputeCosts
+from epd.entrypoints.options import EngineArgs
+from epd.sim.cluster import ClusterSpec
+from epd.sim.costs import parse_costs
+from epd.sim.model_shape import narrow_mm_cache_bytes, narrow_model
+from epd.sim.simulation import SimulateSpec, run_simulation
+from epd.sim.wire import ModelWireBytes
+
+logger = logging.getLogger("epd.simulate")
+FREE_LINK = (0.0, math.inf)  # (latency s, bytes per second) without a profile
+MM_BLOCK_SIZE = InstanceConfig.mm_block_size  # what every instance's MM cache uses
+
+
+def run_simulate_command(args: argparse.Namespace, engine_args: EngineArgs) -> int:
+    console = Console()
+    try:
+        run_simulation(simulate_spec(args, engine_args), out_dir_of(args, "sim"), console)
+    except (ValueError, OSError) as e:  # bad flags, files or profile: the reason, no traceback
+        console.print(f"[red]epd simulate: {e}[/red]")
+        return 1
+    return 0
+
+
+def simulate_spec(args: argparse.Namespace, engine_args: EngineArgs) -> SimulateSpec:
+    real = engine_args.engine_config()
+    engine = sim_engine_config(real)
+    connector = connector_of(engine_args)
+    costs = cost_source(args.profile, args.costs, connector)
+    _check_dtype(costs.profile, engine_args.dtype)
+    latency, bandwidth = costs.link
+    cluster = ClusterSpec(
+        engine_args.layout,
+        engine,
+        costs.compute,
+        control_latency_s=args.control_latency,
+        transfer_latency_s=latency if args.transfer_latency is None else args.transfer_latency,
+        transfer_bandwidth=bandwidth if args.transfer_bandwidth is None else args.transfer_bandwidth,
+        wire_bytes=ModelWireBytes.of(real.model),
+        mm_cache_bytes=narrow_mm_cache_bytes(real.model, engine_args.mm_cache_bytes, MM_BLOCK_SIZE),
+        kv_streaming=resolve_kv_streaming(engine_args.kv_streaming, connector),
+    )
+    tokenizer = args.tokenizer or engine_args.model
+    options = {
+        f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args) if f.name != "limits"
+    }
+    return SimulateSpec(bench_spec(args, engine_args), cluster, connector, costs.profile, tokenizer, options)
+
+
+def bench_spec(args: argparse.Namespace, engine_args: EngineArgs) -> BenchSpec:
+    """The benchmark these flags describe, as `epd bench` reads them, aimed at no server."""
+    return BenchSpec(
+        base_url="simulated",
+        model=engine_args.model,
+        workload=workload_from_args(args),
+        arrivals=arrivals_from_args(args),
+        slo=SLO(args.slo_ttft, args.slo_tpot),
+        num_requests=args.num_requests,
+        warmup=args.warmup,
+        seed=args.seed,
+        epd_timings="on",
+        progress=False,
+        label=args.label or f"sim {engine_args.layout}",
+    )
+
+
+def sim_engine_config(config: EngineConfig) -> EngineConfig:
+    """`config` (`epd serve`'s for the flags) as simulated: on the CPU, narrow embeddings, and the
+    KV block count the engine derives from --kv-cache-memory-bytes and the real model's shape."""
+    cache, model = config.cache, config.model
+    blocks = cache.num_kv_blocks or num_blocks_for_memory(
+        model.hf.text, cache.block_size, model.torch_dtype, cache.kv_cache_memory_bytes
+    )
+    cache = dataclasses.replace(cache, num_kv_blocks=blocks)
+    return dataclasses.replace(config, model=narrow_model(model), cache=cache, device="cpu")
+
+
+def connector_of(engine_args: EngineArgs) -> str:
+    """The connector `epd serve` would choose between these instances (epd.cluster.cluster)."""
+    count = Layout.parse(engine_args.layout).num_instances
+    devices = engine_args.devices.split(",") if engine_args.devices else [engine_args.device] * count
+    return resolve_transfer(engine_args.transfer, devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostSource:
+    compute: ComputeCosts
+    link: tuple[float, float]  # (latency s, bytes per second) of each pair of instances
+    profile: dict | None = None  # its path, sha256 and own meta; None: linear costs
+
+
+def cost_source(profile: str | None, overrides: str | None, connector: str) -> CostSource:
+    """The fitted costs of `profile` (its link for `connector`), or linear ones and free links."""
+    if profile is None:
+        return CostSource(parse_costs(overrides or ""), FREE_LINK)
+    if overrides:
+        raise ValueError("--costs adjusts the built-in linear costs; with --profile the fitted ones are used")
+    try:
+        from epd.plan.profile import load_profile  # imported only when a profile is given
+    except ImportError as e:
+        raise ValueError(f"--profile needs epd.plan.profile, which cannot be imported: {e}") from None
+    fitted = load_profile(profile)
+    try:
+        link = fitted.transfer(connector)
+    except KeyError as e:  # not profiled: say which were
+        raise ValueError(f"{profile}: {e.args[0]}") from None
+    return CostSource(fitted.compute_costs(), link, _profile_record(profile, fitted))
+
+
+def _profile_record(path: str, fitted: object) -> dict:
+    meta = getattr(fitted, "meta", None)
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "meta": dataclasses.asdict(meta) if dataclasses.is_dataclass(meta) else None,
+    }
+
+
+def _check_dtype(profile: dict | None, dtype: str) -> None:
+    """Costs measured in one dtype, bytes counted in another: allowed (a what-if), but said."""
+    measured = ((profile or {}).get("meta") or {}).get("dtype")
+    if measured is not None and measured != dtype:
+        logger.warning("the profile measured %s; the simulation counts bytes in --dtype %s", measured, dtype)
