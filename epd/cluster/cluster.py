@@ -5,7 +5,9 @@ and binds; each instance advertises its own addresses in InstanceReady. Start-up
 when every instance reported ready (or raises with the failing instance's error;
 epd.cluster.spawn explains a script whose entry point is not guarded). From its InstanceReady on,
 this process heartbeats each instance (epd.cluster.heartbeat), so instances outlive no router,
-whoever launched them. Shutdown asks politely, then kills: nothing is left behind, also when this
+whoever launched them. An instance the router takes for dead is started again from its config
+(epd.cluster.restarts: backoff, a limit) and rejoins with empty caches.
+Shutdown asks politely, then kills: nothing is left behind, also when this
 process exits without calling shutdown (a finalizer, daemon processes), and when it is killed
 (the instances hear no heartbeat and exit).
 """
@@ -25,6 +27,7 @@ from epd.cluster.instance import InstanceConfig
 from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
 from epd.cluster.layout import InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
+from epd.cluster.restarts import Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
@@ -35,6 +38,9 @@ from epd.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 300.0
+# An instance's loop reports every 0.25 s; silence this long means stopped or hung. Generous, as one
+# engine step (a long prefill on a slow device) delays its reports by that step's length.
+SILENCE_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
 # How long an instance found dead during start-up may take to deliver the report it sent before
 # exiting (it waits until the report is out): only ever spent on a death without a report.
@@ -73,10 +79,12 @@ class Cluster:
         mm_cache_bytes: int = 256 << 20,
         launcher: Launcher | None = None,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        silence_timeout_s: float | None = SILENCE_TIMEOUT_S,
     ) -> None:
         """`host`: where the router's inbox binds, and every instance with the default launcher
         (local processes); another launcher picks each instance's host itself. Instances exit when
-        they hear nothing from this process for `heartbeat_timeout_s`."""
+        they hear nothing from this process for `heartbeat_timeout_s`; the router takes an instance
+        that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         _check_encoders(layout, specs)
@@ -113,7 +121,10 @@ class Cluster:
             self.shutdown()
             raise
         addresses = {h.name: h.ready.control_address for h in handles}
-        self.router = Router(handles, ZmqControlPlane(self.ctx, self.inbox, addresses))
+        control = ZmqControlPlane(self.ctx, self.inbox, addresses)
+        self.router = Router(handles, control, silence_timeout_s=silence_timeout_s)
+        by_name = {cfg.name: cfg for cfg in configs}
+        self.restarter = Restarter(self.launcher, by_name, self.launched, self.heartbeats)
         placed = ", ".join(f"{h.name}@{h.spec.device} (pid {h.ready.pid})" for h in handles)
         logger.info("layout %s ready: %s", layout.text, placed)
 
@@ -166,7 +177,9 @@ class Cluster:
         self.router.add_request(request_id, prompt, params, arrival_time)
 
     def step(self) -> list[RequestOutput]:
-        return self.router.poll()
+        outputs = self.router.poll()
+        self.restarter.tick(self.router)
+        return outputs
 
     def abort_request(self, request_id: str) -> None:
         self.router.abort(request_id)
@@ -184,7 +197,9 @@ class Cluster:
     def poll_idle(self) -> list[RequestOutput]:
         # Idle, the router must still read its inbox: instance stats keep /metrics current
         # and a dead instance is noticed (so /health turns 503) without any request.
-        return self.router.poll(timeout_ms=0)
+        outputs = self.router.poll(timeout_ms=0)
+        self.restarter.tick(self.router)
+        return outputs
 
     def instance_stats(self) -> dict[str, dict[str, float]]:
         return dict(self.router.instance_stats)

@@ -95,6 +95,9 @@ class HeartbeatSender:
             sock.setsockopt(zmq.SNDHWM, BEATS_QUEUED)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(address)
+            old = sockets.pop(instance, None)
+            if old is not None:
+                old.close()  # a restarted instance: beat its new address only
             sockets[instance] = sock
 
 

@@ -121,3 +121,25 @@ def test_work_on_a_dead_encoder_or_prefill_instance_is_redone_elsewhere(checkpoi
             assert out.error is None and out.outputs[0].token_ids == expected[i], (victim, i, out.error)
         assert not cluster.router.instances[victim].alive
         assert cluster.router.stats["retries"] == (2 if victim == "P0" else 0)
+
+
+def test_a_dead_instance_is_restarted_and_serves_again(checkpoints):
+    """1E+1P+2D, D1 killed: new requests go to D0 at once; D1 comes back (a new process, empty
+    caches) and takes requests again."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(str(checkpoints["qwen2_5_vl"]), layout="1E+1P+2D", max_model_len=1024) as llm:
+        cluster = llm.engine
+        old_pid = cluster.router.instances["D1"].ready.pid
+        kill_and_wait(cluster, "D1")
+        first = llm.generate([f"while D1 is down {i}" for i in range(3)], params, use_tqdm=False)
+        assert all(o.error is None for o in first)
+        deadline = time.monotonic() + 120
+        d1 = cluster.router.instances["D1"]
+        while not (d1.alive and d1.ready.pid != old_pid) and time.monotonic() < deadline:
+            cluster.step()
+        assert d1.alive and d1.ready.pid != old_pid, "D1 was not restarted"
+        assert cluster.restarter.restarts() == {"D1": 1}
+        outs = llm.generate([f"after the restart {i}" for i in range(4)], params, use_tqdm=False)
+        assert all(o.error is None and len(o.outputs[0].token_ids) == 4 for o in outs)
+        decoders = {e.instance for o in outs for e in o.metrics.events if e.event is Event.DECODE_START}
+        assert decoders == {"D0", "D1"}, "the restarted D1 takes its share again"

@@ -29,6 +29,10 @@ class ControlPlane(Protocol):
         """Queue `message` for `instance` (never blocks on the instance reading it)."""
         ...
 
+    def connect(self, instance: str, control_address: str) -> None:
+        """Send to `instance` at this address from now on (a restarted instance binds a new one)."""
+        ...
+
     def receive(self, timeout_s: float) -> list[ToRouter]:
         """Every message for the router that arrived, in arrival order (per sender: in send order),
         waiting up to timeout_s for the first; [] if none came."""
@@ -47,12 +51,10 @@ class ZmqControlPlane:
     """One PUSH socket per instance (to its control inbox) and the router's PULL inbox."""
 
     def __init__(self, context: zmq.Context, inbox: zmq.Socket, addresses: Mapping[str, str]) -> None:
-        self.inbox = inbox
+        self.inbox, self._context = inbox, context
         self._outboxes: dict[str, zmq.Socket] = {}
         for instance, address in addresses.items():
-            push = context.socket(zmq.PUSH)
-            push.connect(address)
-            self._outboxes[instance] = push
+            self.connect(instance, address)
         # A socket pair, not a zmq socket: wake() comes from other threads, and a zmq socket
         # belongs to one thread. (Not a bare pipe either: a wake after close() must fail, not
         # write to whatever reused the descriptor number.)
@@ -65,6 +67,14 @@ class ZmqControlPlane:
 
     def send(self, instance: str, message: ToInstance) -> None:
         self._outboxes[instance].send(encode(message))
+
+    def connect(self, instance: str, control_address: str) -> None:
+        old = self._outboxes.pop(instance, None)
+        if old is not None:
+            old.close(linger=0)  # what is queued there was for the process that died
+        push = self._context.socket(zmq.PUSH)
+        push.connect(control_address)
+        self._outboxes[instance] = push
 
     def receive(self, timeout_s: float) -> list[ToRouter]:
         ready = dict(self._poller.poll(max(0, round(timeout_s * 1000))))
@@ -109,6 +119,9 @@ class InMemoryControlPlane:
 
     def send(self, instance: str, message: ToInstance) -> None:
         self._sent.setdefault(instance, deque()).append(message)
+
+    def connect(self, instance: str, control_address: str) -> None:
+        self._sent.pop(instance, None)  # queued for the instance that died
 
     def receive(self, timeout_s: float = 0.0) -> list[ToRouter]:
         # Never waits: in one thread nothing can arrive meanwhile (a simulator advances its clock).

@@ -77,6 +77,11 @@ class InstanceHandle:
     ready: InstanceReady
     is_alive: Callable[[], bool]
     alive: bool = True
+    last_heard: float = 0.0  # clock.monotonic() of its last message (or of its handle's creation)
+    started_as: InstanceSpec | None = None  # the spec it starts with (again, when restarted)
+
+    def __post_init__(self) -> None:
+        self.started_as = self.started_as or self.spec
 
     @property
     def name(self) -> str:
@@ -97,13 +102,19 @@ class RouterCore:
         instances: list[InstanceHandle],
         clock: Clock = WALL_CLOCK,
         placement: Placement | None = None,
+        silence_timeout_s: float | None = None,
     ) -> None:
+        """`silence_timeout_s`: an instance that sends nothing for that long is taken for dead
+        (instances report stats every 0.25 s while their loop runs); None: only its launcher says."""
         self.clock = clock
+        self.silence_timeout_s = silence_timeout_s
         self.placement = placement or Placement()
         self.ledger = LoadLedger()
         self.affinity = EncodeAffinity()
         self.held = HeldEmbeddings()
         self.instances = {h.name: h for h in instances}
+        for handle in instances:
+            handle.last_heard = clock.monotonic()
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.requests: dict[str, RequestRecord] = {}
         self.wire_ids: dict[str, str] = {}  # the id instances know (current attempt) -> request id
@@ -122,6 +133,7 @@ class RouterCore:
             RequestUpdate: self._update,
             RequestError: self._error,
             InstanceFailed: self._instance_failed,
+            InstanceReady: self._instance_ready,
             InstanceStats: self._stats,
         }
 
@@ -180,7 +192,13 @@ class RouterCore:
         return self._take_outbox()
 
     def handle(self, message: object) -> list[Outgoing]:
-        """Take one message from an instance; messages the router does not act on are ignored."""
+        """Take one message from an instance; messages the router does not act on are ignored, and
+        so is everything from an instance marked down (fenced: its work went elsewhere)."""
+        sender = self.instances.get(getattr(message, "instance", ""))
+        if sender is not None:
+            if not sender.alive and not isinstance(message, InstanceReady):
+                return []  # a restarted instance says it is back; nothing else is heard from it
+            sender.last_heard = self.clock.monotonic()
         handler = self._handlers.get(type(message))
         if handler is not None:
             try:
@@ -198,10 +216,17 @@ class RouterCore:
             self._fail(record, f"internal error: {err}")
 
     def tick(self) -> list[Outgoing]:
-        """Check every instance still thought alive; a dead one fails the requests holding work on it."""
+        """Check every instance still thought alive: one whose launcher says it is gone, or that sent
+        nothing for `silence_timeout_s` (hung, stopped), is down; its work is redone or failed."""
+        now = self.clock.monotonic()
         for handle in self.instances.values():
-            if handle.alive and not handle.is_alive():
+            if not handle.alive:
+                continue
+            if not handle.is_alive():
                 self._instance_down(handle.name, "its process died")
+            elif self.silence_timeout_s is not None and now - handle.last_heard > self.silence_timeout_s:
+                silent = now - handle.last_heard
+                self._instance_down(handle.name, f"it sent nothing for {silent:.1f} s")
         return self._take_outbox()
 
     def take_outputs(self) -> list[RequestOutput]:
@@ -346,6 +371,18 @@ class RouterCore:
         record = self._record_of(msg.request_id)
         if record is not None:
             self._fail(record, f"{msg.instance}: {msg.error}")
+
+    def _instance_ready(self, msg: InstanceReady) -> None:
+        """An instance that was down is back (restarted): its first roles, new addresses, empty
+        caches. A ready report from an instance thought alive changes nothing."""
+        handle = self.instances.get(msg.instance)
+        if handle is None or handle.alive:
+            return
+        handle.ready, handle.spec, handle.alive = msg, handle.started_as, True
+        handle.last_heard = self.clock.monotonic()
+        self.by_data_address[msg.data_address] = handle
+        self.held.forget(handle.name)
+        logger.info("%s is back (pid %d)", handle.name, msg.pid)
 
     def _instance_failed(self, msg: InstanceFailed) -> None:
         self._instance_down(msg.instance, msg.error.strip().splitlines()[-1])

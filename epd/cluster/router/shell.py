@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from epd.clock import WALL_CLOCK, Clock
-from epd.cluster.messages import ToInstance
+from epd.cluster.messages import InstanceReady, ToInstance
 from epd.cluster.router.control_plane import ControlPlane
 from epd.cluster.router.core import InstanceHandle, Outgoing, RouterCore
 from epd.cluster.router.ledger import LoadLedger
@@ -27,8 +27,9 @@ class Router:
         control: ControlPlane,
         clock: Clock = WALL_CLOCK,
         placement: Placement | None = None,
+        silence_timeout_s: float | None = None,
     ) -> None:
-        self.core = RouterCore(instances, clock, placement)
+        self.core = RouterCore(instances, clock, placement, silence_timeout_s)
         self.control = control
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -51,6 +52,8 @@ class Router:
         """Handle what arrived (waiting up to timeout_ms for the first message); the outputs
         (cumulative, as in RequestOutput) of every request that advanced or finished."""
         for message in self.control.receive(timeout_ms / 1000):
+            if isinstance(message, InstanceReady):  # a restarted instance, at its new address
+                self.control.connect(message.instance, message.control_address)
             self._deliver(self.core.handle(message))
         self._deliver(self.core.tick())
         return self.core.take_outputs()
