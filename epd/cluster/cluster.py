@@ -25,9 +25,9 @@ from epd.clock import WALL_CLOCK
 from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S, HeartbeatSender, heartbeat_interval
 from epd.cluster.instance import InstanceConfig
 from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
-from epd.cluster.layout import InstanceSpec, Layout, Role
+from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
-from epd.cluster.restarts import Restarter
+from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
@@ -80,6 +80,7 @@ class Cluster:
         launcher: Launcher | None = None,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         silence_timeout_s: float | None = SILENCE_TIMEOUT_S,
+        max_restarts: int = MAX_RESTARTS,
     ) -> None:
         """`host`: where the router's inbox binds, and every instance with the default launcher
         (local processes); another launcher picks each instance's host itself. Instances exit when
@@ -124,7 +125,9 @@ class Cluster:
         control = ZmqControlPlane(self.ctx, self.inbox, addresses)
         self.router = Router(handles, control, silence_timeout_s=silence_timeout_s)
         by_name = {cfg.name: cfg for cfg in configs}
-        self.restarter = Restarter(self.launcher, by_name, self.launched, self.heartbeats)
+        self.restarter = Restarter(
+            self.launcher, by_name, self.launched, self.heartbeats, max_restarts=max_restarts
+        )
         placed = ", ".join(f"{h.name}@{h.spec.device} (pid {h.ready.pid})" for h in handles)
         logger.info("layout %s ready: %s", layout.text, placed)
 
@@ -202,10 +205,24 @@ class Cluster:
         return outputs
 
     def instance_stats(self) -> dict[str, dict[str, float]]:
-        return dict(self.router.instance_stats)
+        """What each instance reported, and what the router and the cluster count about it when it
+        died (requests redone by recovery, restarts)."""
+        stats = {name: dict(reported) for name, reported in self.router.instance_stats.items()}
+        for name, counts in self.router.core.recoveries.items():
+            for action, count in counts.items():
+                stats.setdefault(name, {})[f"requests_{action}_total"] = float(count)
+        for name, count in self.restarter.restarts().items():
+            stats.setdefault(name, {})["restarts_total"] = float(count)
+        return stats
 
     def instances_up(self) -> dict[str, bool]:
         return {name: h.alive for name, h in self.router.instances.items()}
+
+    def missing_roles(self) -> list[str]:
+        handles = self.router.instances.values()
+        needed = {role for h in handles for role in h.started_as.roles}
+        held = {role for h in handles if h.alive for role in h.spec.roles}
+        return [role.value for role in ROLE_ORDER if role in needed - held]
 
     def shutdown(self) -> None:
         """Stop every instance and the heartbeats. Idempotent."""

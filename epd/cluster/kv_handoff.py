@@ -82,7 +82,8 @@ class KVSender:
 
 def handoff_meta(request: Request) -> dict[str, Any]:
     """Everything D needs to continue the request, besides its KV and generator state."""
-    first_logprobs = request.output_logprobs[0] if request.output_logprobs else None
+    # The token P sampled is the last output; any before it came from an earlier attempt.
+    first_logprobs = request.output_logprobs[-1] if request.output_logprobs else None
     return {
         "request_id": request.request_id,
         "prompt": request.prompt.prompt,
@@ -91,7 +92,8 @@ def handoff_meta(request: Request) -> dict[str, Any]:
         "image_hashes": [img.content_hash for img in request.prompt.images],
         "grids": [img.grid_thw for img in request.prompt.images],
         "params": msgspec.to_builtins(request.params),
-        "first_token": request.output_token_ids[0],
+        "first_token": request.output_token_ids[-1],
+        "earlier_token_ids": request.output_token_ids[:-1],
         "first_logprobs": msgspec.to_builtins(first_logprobs),
         "arrival_time": request.arrival_time,
     }

@@ -48,6 +48,9 @@ class PrefillTask(msgspec.Struct, tag=True):
     # Images the router had encoded for this task when it placed it (indices): their embeddings
     # are on their way, so P waits for them without asking (`NeedEmbeddings`) again.
     encoding: list[int] = []
+    # The tokens the request produced already (a continuation: its decode instance died). They are
+    # prefilled after the prompt, and the token sampled after them is the next one it outputs.
+    output_token_ids: list[int] = []
 
 
 class ReleaseEmbedding(msgspec.Struct, tag=True):

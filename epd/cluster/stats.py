@@ -32,6 +32,12 @@ STAT_HELP = {
     "kv_parts_received_total": "streamed KV layers received by a decode instance",
     "kv_aborts_remembered": "aborted requests a decode instance remembers until their late KV arrives",
     "kv_late_handoffs_dropped_total": "KV hand-offs dropped by a decode instance: their request was aborted",
+    # Kept by the router and the cluster, about an instance that died (epd.cluster.router.recovery):
+    "requests_release_images_total": "requests whose images it was encoding when it died: encoded elsewhere",
+    "requests_start_over_total": "requests without a token that started over on live instances",
+    "requests_continue_total": "requests that went on from their tokens on live instances",
+    "requests_fail_total": "requests failed when the instance died (no instance left, or attempts used)",
+    "restarts_total": "times the instance was started again after it died",
 }
 
 

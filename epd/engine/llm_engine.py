@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,8 +137,12 @@ class LLMEngine:
         prompt: ProcessedPrompt,
         params: SamplingParams,
         arrival_time: float | None = None,
+        earlier_token_ids: Sequence[int] = (),
     ) -> Request:
+        """Queue a request for prefill. `earlier_token_ids`: outputs it produced before (elsewhere:
+        a continuation), prefilled after the prompt; its next token follows them."""
         request = self.new_request(request_id, prompt, params, arrival_time)
+        self._continue_after(request, earlier_token_ids)
         request.record(Event.PREFILL_QUEUED, self.clock.now(), self.instance)
         self._enqueue(request)
         return request
@@ -153,11 +157,14 @@ class LLMEngine:
         kv: torch.Tensor,
         generator_state: torch.Tensor | None = None,
         arrival_time: float | None = None,
+        earlier_token_ids: Sequence[int] = (),
     ) -> Request:
-        """Continue decoding a request whose prompt was prefilled elsewhere (KV in `kv`)."""
+        """Continue decoding a request whose prompt (and `earlier_token_ids`, its outputs before
+        `first_token`) was prefilled elsewhere (KV in `kv`)."""
         request = self.new_request(request_id, prompt, params, arrival_time)
         if request.generator is not None and generator_state is not None:
             request.generator.set_state(generator_state.cpu())  # get/set_state take CPU bytes, any device
+        self._continue_after(request, earlier_token_ids)
         request.output_token_ids.append(first_token)
         if first_logprobs is not None:
             request.output_logprobs.append(first_logprobs)
@@ -167,6 +174,18 @@ class LLMEngine:
         request.kv_payload = kv
         self._enqueue(request)
         return request
+
+    def _continue_after(self, request: Request, earlier_token_ids: Sequence[int]) -> None:
+        """The request's outputs so far, produced elsewhere: they count towards its limits and
+        text. Their logprobs went out with them, so their places hold None."""
+        if not earlier_token_ids:
+            return
+        request.output_token_ids.extend(earlier_token_ids)
+        if request.params.logprobs is not None:
+            request.output_logprobs.extend([None] * len(earlier_token_ids))
+        request.output_text = request.detokenizer.step(
+            self.tokenizer.decode, request.output_token_ids, request.params.skip_special_tokens
+        )
 
     def _enqueue(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -241,6 +260,9 @@ class LLMEngine:
 
     def instances_up(self) -> dict[str, bool]:
         return {self.instance_name: True}  # it lives as long as this process
+
+    def missing_roles(self) -> list[str]:
+        return []  # it holds every role, as long as this process lives
 
     def shutdown(self) -> None:
         pass  # no process of its own: its memory goes with the last reference

@@ -83,7 +83,15 @@ class AsyncEngine:
         return len(self._streams)
 
     def is_healthy(self) -> bool:
-        return all(self.instances_up().values())
+        """Whether every request can be served now: the loop runs and every role has a live
+        instance (some instances may be down: degraded, see `missing_roles`)."""
+        return self.is_running() and not self.engine.missing_roles()
+
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def missing_roles(self) -> list[str]:
+        return self.engine.missing_roles()
 
     def instance_stats(self) -> dict[str, dict[str, float]]:
         """Latest figures per instance (see epd.cluster.stats.STAT_HELP)."""
@@ -91,7 +99,7 @@ class AsyncEngine:
 
     def instances_up(self) -> dict[str, bool]:
         """Each instance's liveness; none is up for the API once the engine thread is gone."""
-        running = self._thread.is_alive() and self._error is None
+        running = self.is_running()
         return {name: up and running for name, up in self.engine.instances_up().items()}
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -61,6 +61,11 @@ class EngineBackend(Protocol):
 
     def instances_up(self) -> dict[str, bool]: ...
 
+    def missing_roles(self) -> list[str]:
+        """Roles ("E", "P", "D") the layout has that no live instance holds now: [] while it can
+        serve every request, whichever instances are down."""
+        ...
+
     def shutdown(self) -> None:
         """Stop every process the backend started. Idempotent."""
         ...

@@ -148,6 +148,12 @@ class EngineArgs:
     cuda_graphs: bool | None = option(
         None, "replay decode steps as CUDA graphs (default: whenever the device and attention backend can)"
     )
+    instance_silence_timeout: float = option(
+        10.0,
+        "seconds without a word from an instance (its loop reports 4 times a second) before the "
+        "router takes it for dead (stopped, hung) and redoes its work elsewhere",
+    )
+    instance_restarts: int = option(5, "times a dead instance is started again (0: never)")
     limits: InputLimits = field(default_factory=_no_limits)
 
     def engine_config(self) -> EngineConfig:
@@ -193,6 +199,8 @@ class EngineArgs:
             transfer=self.transfer,
             kv_streaming=self.kv_streaming,
             mm_cache_bytes=self.mm_cache_bytes,
+            silence_timeout_s=self.instance_silence_timeout,
+            max_restarts=self.instance_restarts,
         )
 
 

@@ -5,7 +5,8 @@
 | POST /v1/chat/completions  | API key | epd.server.chat                                          |
 | POST /v1/completions       | API key | epd.server.completions                                   |
 | GET  /v1/models            | API key | the served model                                         |
-| GET  /health               | none    | 200 when every instance is up, else 503                  |
+| GET  /health               | none    | 200 when every role is served (JSON "degraded" and the   |
+|                            |         | instances down if some are), else 503                    |
 | GET  /metrics              | none    | Prometheus text (epd.server.metrics, plus the gauges of  |
 |                            |         | epd.server.body and epd.server.preprocess)               |
 
@@ -83,10 +84,17 @@ async def list_models(request: Request) -> JSONResponse:
 @ops_router.get("/health")
 async def health(request: Request) -> Response:
     state = get_state(request)
-    if state.healthy():
-        return Response(status_code=200)
     down = sorted(name for name, up in state.engine.instances_up().items() if not up)
-    detail = f"instances down: {', '.join(down)}" if down else "the engine is not running"
+    if state.healthy():
+        if not down:
+            return Response(status_code=200)
+        # Every request is still served (other instances hold each role); restarts are under way.
+        return JSONResponse({"status": "degraded", "instances_down": down})
+    if not state.engine.is_running():
+        detail = "the engine is not running"
+    else:
+        missing = ", ".join(state.engine.missing_roles())
+        detail = f"no live instance holds {missing}; instances down: {', '.join(down)}"
     raise APIError(503, f"unhealthy: {detail}", code="service_unavailable")
 
 

@@ -94,13 +94,10 @@ def test_cluster_runs_on_the_launcher_it_is_given(checkpoints):
         victim.join(WAIT_S)
         outputs = run_until_all_finished(cluster, 4)
         assert victim.probes > probes_before, "the router did not ask the launcher"
-        assert not router.instances["D1"].alive and cluster.instances_up()["D0"]
-        for rid, out in outputs.items():
-            if rid in on_victim:
-                assert out.outputs[0].finish_reason == "error"
-                assert "instance D1 failed (its process died)" in out.error
-            else:
-                assert out.error is None and len(out.outputs[0].token_ids) == 400
+        # It found D1 dead through the launcher: D1's requests went on elsewhere.
+        assert cluster.instance_stats()["D1"]["requests_continue_total"] == len(on_victim)
+        for out in outputs.values():
+            assert out.error is None and len(out.outputs[0].token_ids) == 400
     finally:
         cluster.shutdown()
     assert not any(p.is_alive() for p in launcher.started.values())

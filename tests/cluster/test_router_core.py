@@ -200,18 +200,36 @@ def test_requests_without_a_token_start_over_when_their_decode_instance_dies():
     assert core.tick() == []
 
 
-def test_a_dead_decode_instance_fails_the_requests_it_was_decoding():
+def test_a_request_a_dead_decode_instance_was_decoding_continues_from_its_tokens():
     core, fake, _ = make_core("1E+1P+2D")
     for rid in "ab":
         core.add_request(rid, prompt(4), PARAMS)
         core.handle(update("P0", rid, [1], first_index=0))
+    assert core.ledger.holder(Work("b", Role.PREFILL)) == "P0", "held until D has the KV"
+    core.handle(update("D1", "b", [2], first_index=1))
+    assert core.ledger.holder(Work("b", Role.PREFILL)) is None
     assert core.requests["b"].decode == "D1" and core.requests["b"].stage is Stage.DECODING
     core.take_outputs()
     fake.kill("D1")
-    assert core.tick() == [Outgoing("P0", AbortRequest("b"))]
-    [failed] = core.take_outputs()
-    assert failed.request_id == "b" and failed.error == "instance D1 failed (its process died)"
-    assert set(core.requests) == {"a"}
+    abort, (to, task) = core.tick()
+    assert abort == Outgoing("P0", AbortRequest("b")) and to == "P0"
+    assert task.request_id == "b~1" and task.output_token_ids == [1, 2] and task.decode_dest == "data://D0"
+    assert core.take_outputs() == [] and core.requests["b"].stage is Stage.DECODING
+    core.handle(update("D1", "b", [9], first_index=2))  # fenced: D1 is down
+    core.handle(update("P0", "b~1", [3], first_index=2))
+    core.handle(update("D0", "b~1", [4], first_index=3, finish="length"))
+    [out] = [o for o in core.take_outputs() if o.finished]
+    assert out.request_id == "b" and out.outputs[0].token_ids == [1, 2, 3, 4] and out.error is None
+
+
+def test_a_dead_prefill_instance_whose_kv_never_reached_d_continues_the_request():
+    core, fake, _ = make_core("1E+2P+1D")
+    core.add_request("r", prompt(4), PARAMS)
+    core.handle(update("P0", "r", [1], first_index=0))  # its first token; the KV is on its way to D0
+    fake.kill("P0")
+    abort, (to, task) = core.tick()
+    assert abort == Outgoing("D0", AbortRequest("r")), "D0 drops the hand-off if it still comes"
+    assert to == "P1" and task.output_token_ids == [1] and task.request_id == "r~1"
 
 
 def test_a_request_that_keeps_losing_instances_fails_after_max_attempts():

@@ -1,5 +1,6 @@
-"""An instance process that dies: /health and new requests answer 503, /metrics drops its gauges;
-shutdown still exits 0."""
+"""An instance process that dies: while a role has no live instance /health and new requests answer
+503 and /metrics drops its gauges; while others hold its roles /health says "degraded"; a restarted
+instance brings it back to 200; shutdown still exits 0."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def wait_for_gauges(url: str, instance: str, names: set[str], timeout: float = 3
 
 def test_dead_instance_turns_the_server_unhealthy(model: str, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("logs") / "instance_down.log"
-    srv = ServerProcess(["--model", model, "--layout", "1E+1PD", "--served-model-name", "m"], log).start()
+    # No restart: what the server says while a role has no live instance, for as long as we look.
+    args = ["--model", model, "--layout", "1E+1PD", "--served-model-name", "m", "--instance-restarts", "0"]
+    srv = ServerProcess(args, log).start()
     children = srv.descendants()
     try:
         victim = instance_pid(srv, "PD0")
@@ -78,3 +81,50 @@ def test_dead_instance_turns_the_server_unhealthy(model: str, tmp_path_factory: 
     while alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(children)
+
+
+def wait_for_health(url: str, status: int, timeout: float = 60.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while (health := httpx.get(url + "/health", timeout=5)).status_code != status:
+        assert time.monotonic() < deadline, f"/health not {status} within {timeout} s: {health.text}"
+        time.sleep(0.2)
+    return health
+
+
+def test_a_dead_instance_whose_role_others_hold_leaves_the_server_degraded(
+    model: str, tmp_path_factory: pytest.TempPathFactory
+):
+    log = tmp_path_factory.mktemp("logs") / "degraded.log"
+    args = ["--model", model, "--layout", "1E+1P+2D", "--served-model-name", "m", "--instance-restarts", "0"]
+    srv = ServerProcess(args, log).start()
+    try:
+        os.kill(instance_pid(srv, "D1"), signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        degraded = {"status": "degraded", "instances_down": ["D1"]}
+        while not (health := httpx.get(srv.url + "/health", timeout=5)).content or health.json() != degraded:
+            assert health.status_code == 200 and time.monotonic() < deadline, health.text
+            time.sleep(0.2)
+        body = {"model": "m", "messages": image_message("hi", 1), "max_tokens": 2}
+        for _ in range(3):  # D0 takes them all
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert "epd_instance_restarts_total" not in metrics(srv.url), "--instance-restarts 0"
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def test_a_restarted_instance_brings_the_server_back(model: str, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("logs") / "restart.log"
+    srv = ServerProcess(["--model", model, "--layout", "1E+1PD", "--served-model-name", "m"], log).start()
+    try:
+        victim = instance_pid(srv, "PD0")
+        os.kill(victim, signal.SIGKILL)
+        wait_for_health(srv.url, 503, timeout=15)
+        wait_for_health(srv.url, 200)
+        body = {"model": "m", "messages": image_message("hi", 1), "max_tokens": 2}
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        m = metrics(srv.url)
+        assert m["epd_instance_up"][(("instance", "PD0"),)] == 1.0
+        assert m["epd_instance_restarts_total"] == {(("instance", "PD0"),): 1.0}
+        assert victim not in instance_pids(srv), "PD0 is a new process"
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]

@@ -86,7 +86,8 @@ class DecodeStage(StageManager):
             self.outbox.send(RequestError(self.instance_id, rid, str(err)))
             return
         request.record(Event.KV_TRANSFER_END, self.clock.now(), self.instance_id)
-        self.llm.continues_at(rid, 1)  # the prefill instance reported the first token
+        # The prefill instance reported its token, and those before it came from earlier attempts.
+        self.llm.continues_at(rid, len(request.output_token_ids))
 
     def _continue(self, received: Received, kv: torch.Tensor) -> Request:
         """Start the handed-off request in the engine, its KV injected (ValueError if it cannot)."""
@@ -104,6 +105,7 @@ class DecodeStage(StageManager):
             kv,
             received.tensors.get("generator_state"),
             task.arrival_time,
+            meta.get("earlier_token_ids", ()),
         )
 
 

@@ -225,7 +225,10 @@ class PrefillStage(StageManager):
             self.outbox.send(EmbeddingsEvicted(self.instance_id, gone))
 
     def _admit(self, task: PrefillTask, prompt: ProcessedPrompt) -> None:
-        self.llm.engine.add_request(task.request_id, prompt, task.params, task.arrival_time)
+        earlier = task.output_token_ids  # a continuation: what it produced before
+        self.llm.engine.add_request(task.request_id, prompt, task.params, task.arrival_time, earlier)
+        if earlier:
+            self.llm.continues_at(task.request_id, len(earlier))  # reported by an earlier attempt
 
     def _unpin_images(self, request_id: str) -> None:
         for h in self.held.pop(request_id, ()):

@@ -120,6 +120,7 @@ class RouterCore:
         self.wire_ids: dict[str, str] = {}  # the id instances know (current attempt) -> request id
         self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0}
         self.max_attempts = MAX_ATTEMPTS
+        self.recoveries: dict[str, dict[str, int]] = {}  # dead instance -> recovery -> requests
         self.instance_stats: dict[str, dict[str, float]] = {}
         self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
@@ -340,9 +341,12 @@ class RouterCore:
             record.logprobs.extend(msg.new_logprobs)
         if record.token_ids and not record.has_first_token:
             record.advance(Trigger.FIRST_TOKEN)
-            self.ledger.release(Work(record.request_id, Role.PREFILL))
         elif record.has_first_token:
             record.advance(Trigger.TOKENS)
+        if msg.instance == record.decode:
+            # D produces tokens, so it has the KV: P's part is done. (Until then P's death could
+            # leave D waiting for a hand-off that never comes: recovery.py redoes the request.)
+            self.ledger.release(Work(record.request_id, Role.PREFILL))
         if msg.finish_reason is not None:
             record.text, record.stop_reason = msg.text or "", msg.stop_reason
             self._end(record, Trigger.FINISH, msg.finish_reason)
@@ -396,23 +400,26 @@ class RouterCore:
         for record in list(self.requests.values()):
             held = self.ledger.works_on(record.request_id, name)
             if held:
-                self._recover(record, held, f"instance {name} failed ({reason})")
+                self._recover(record, held, name, f"instance {name} failed ({reason})")
         # P's requests still waiting for what the encoder was sending ask again (NeedEmbeddings).
         for prefill, hashes in self.held.encoder_died(name).items():
             self._send(prefill, EmbeddingsLost(hashes))
 
-    def _recover(self, record: RequestRecord, held: list[Work], error: str) -> None:
+    def _recover(self, record: RequestRecord, held: list[Work], dead: str, error: str) -> None:
         action = recovery_for(record, held, self.max_attempts)
+        counts = self.recoveries.setdefault(dead, {})
+        counts[action.value] = counts.get(action.value, 0) + 1
         if action is Recovery.RELEASE_IMAGES:
             for work in held:
                 self.ledger.release(work)  # P asks for them again, on EmbeddingsLost
-        elif action is Recovery.START_OVER:
+        elif action in (Recovery.START_OVER, Recovery.CONTINUE):
             self._start_over(record, error)
         else:
             self._fail(record, error)
 
     def _start_over(self, record: RequestRecord, error: str) -> None:
-        """A new attempt on live instances for a request without a token yet."""
+        """A new attempt on live instances: from the start, or (it has tokens) from its prompt and
+        tokens prefilled again, its next token sampled after them."""
         try:
             prefill, decode = self._place()
         except RuntimeError as err:
@@ -484,6 +491,7 @@ def _prefill_task(
         prompt.prompt,
         pixels,
         encoding,
+        list(record.token_ids),  # empty unless it continues after a dead decode instance
     )
 
 

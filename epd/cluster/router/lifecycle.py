@@ -31,6 +31,9 @@ for embeddings another request asked for, or prefilling).
 |                              | (the embedding reached P before E's report)         |            |
 | PLACED, ENCODING, PREFILLING | RETRY: an instance holding its prefill or decode    | PLACED     |
 |                              | died; a new attempt starts (recovery.py)            |            |
+| DECODING                     | CONTINUE: an instance holding its decode (or its    | DECODING   |
+|                              | KV on the way) died; a new attempt goes on from its |            |
+|                              | tokens (recovery.py)                                |            |
 | PLACED, ENCODING, PREFILLING | FIRST_TOKEN: the first RequestUpdate with tokens    | DECODING   |
 | DECODING                     | TOKENS: a later RequestUpdate, in order             | DECODING   |
 | any live stage               | FINISH: a RequestUpdate with a finish_reason        | FINISHED   |
@@ -75,6 +78,7 @@ class Trigger(enum.Enum):
     IMAGE_ENCODED = "image_encoded"
     LAST_IMAGE_ENCODED = "last_image_encoded"
     RETRY = "retry"
+    CONTINUE = "continue"
     FIRST_TOKEN = "first_token"
     TOKENS = "tokens"
     FINISH = "finish"
@@ -96,6 +100,7 @@ TRANSITIONS: dict[tuple[Stage, Trigger], Stage] = {
     (Stage.ENCODING, Trigger.LAST_IMAGE_ENCODED): Stage.PREFILLING,
     (Stage.DECODING, Trigger.LAST_IMAGE_ENCODED): Stage.DECODING,
     **{(s, Trigger.RETRY): Stage.PLACED for s in BEFORE_FIRST_TOKEN},
+    (Stage.DECODING, Trigger.CONTINUE): Stage.DECODING,
     **{(s, Trigger.FIRST_TOKEN): Stage.DECODING for s in BEFORE_FIRST_TOKEN},
     (Stage.DECODING, Trigger.TOKENS): Stage.DECODING,
     **{(s, Trigger.FINISH): Stage.FINISHED for s in LIVE},
@@ -134,8 +139,9 @@ class RequestRecord:
         self.wire_id = self.wire_id or self.request_id
 
     def new_attempt(self, wire_id: str) -> None:
-        """Start over (no token yet): the next attempt, known to instances as `wire_id`."""
-        self.advance(Trigger.RETRY)
+        """The next attempt, known to instances as `wire_id`: from the start (no token yet), or
+        going on from its tokens."""
+        self.advance(Trigger.CONTINUE if self.has_first_token else Trigger.RETRY)
         self.attempt += 1
         self.wire_id = wire_id
         self.early.clear()

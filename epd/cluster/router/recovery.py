@@ -11,9 +11,14 @@ and on how far the request got:
 | its prefill or its decode slot| no token yet                   | START_OVER: a new attempt on live      |
 |                               |                                | instances (new PrefillTask, images     |
 |                               |                                | sent again where needed)               |
-| its decode slot               | has tokens (D held its KV)     | FAIL (continuing elsewhere needs the   |
-|                               |                                | prompt and tokens prefilled again)     |
-| prefill or decode             | no token, `max_attempts` used  | FAIL                                   |
+| its decode slot, or its       | has tokens                     | CONTINUE: a new attempt prefills the   |
+| prefill (the KV had not yet   |                                | prompt and the tokens so far on a live |
+| reached D: D sent no token)   |                                | P, which samples the next one; a live  |
+|                               |                                | D goes on from there                   |
+| prefill or decode             | `max_attempts` used            | FAIL                                   |
+
+A continuation's tokens are those an undisturbed run gives for greedy and unseeded sampling; a
+seeded request continues with a generator started again from its seed (its state died with D).
 
 An attempt has its own id on the wire (`RequestRecord.wire_id`: the request id, then
 `<id>~<attempt>`), so whatever an instance still says about an earlier attempt (a first token
@@ -37,6 +42,7 @@ MAX_ATTEMPTS = 3  # a request that lost two instances before its first token has
 class Recovery(enum.Enum):
     RELEASE_IMAGES = "release_images"
     START_OVER = "start_over"
+    CONTINUE = "continue"
     FAIL = "fail"
 
 
@@ -44,6 +50,6 @@ def recovery_for(record: RequestRecord, held: Iterable[Work], max_attempts: int)
     stages = {work.stage for work in held}
     if stages <= {Role.ENCODE}:
         return Recovery.RELEASE_IMAGES
-    if record.has_first_token or record.attempt + 1 >= max_attempts:
+    if record.attempt + 1 >= max_attempts:
         return Recovery.FAIL
-    return Recovery.START_OVER
+    return Recovery.CONTINUE if record.has_first_token else Recovery.START_OVER

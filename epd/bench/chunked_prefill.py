@@ -1,0 +1,158 @@
+"""Decodes under a burst of long prompts, with whole-prompt prefill and with chunked prefill budgets.
+
+    python -m epd.bench.chunked_prefill --config-dir DIR [--budgets 512,1024,2048,4096,8192]
+
+One aggregated engine in this process (1EPD), dummy bf16 weights of a full-size config: 32 text
+requests of 1k prompt tokens decode; then 4 requests of 3 images of 1280x960 and 40 words arrive
+at once. Per policy, one row: the decode step before the burst, every step while the burst
+prefills (what the running decodes wait per token: their ITL), the burst's TTFT, and the time the
+vision tower took (encoding inside the engine is not chunked: it stalls decodes whatever the
+budget). Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from epd import SamplingParams
+from epd.bench.roofline_setup import SHARED_CONFIGS, build_model_dir
+from epd.engine.llm_engine import LLMEngine
+from epd.entrypoints.options import EngineArgs
+from epd.inputs.processor import InputProcessor
+from epd.testing.images import noise_image
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+WORDS = " ".join(["word"] * 40)
+DECODES, BURST, WHOLE_BUDGET = 32, 4, 16384
+
+
+class VisionTimer:
+    """Wraps the model's `encode_images`, summing its GPU time (synchronised at both ends)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.encode, self.seconds = model.encode_images, 0.0
+        model.encode_images = self
+
+    def __call__(self, pixels: torch.Tensor, grids: list) -> list[torch.Tensor]:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = self.encode(pixels, grids)
+        torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def burst(processor: InputProcessor, seed: int) -> list:
+    prompts = []
+    for i in range(BURST):
+        images = [noise_image(1280, 960, seed=seed * 100 + 3 * i + j) for j in range(3)]
+        prompts.append(
+            processor.process_prompt({"prompt": IMAGE * 3 + WORDS, "multi_modal_data": {"image": images}})
+        )
+    return prompts
+
+
+def timed_step(engine: LLMEngine) -> float:
+    start = time.perf_counter()
+    engine.step_requests()
+    return time.perf_counter() - start
+
+
+def run(
+    engine: LLMEngine,
+    processor: InputProcessor,
+    vision: VisionTimer,
+    label: str,
+    budget: int | None,
+    seed: int,
+) -> dict:
+    """One policy: `budget` None is whole-prompt prefill."""
+    engine.scheduler.set_prefill_policy(budget is not None, budget or WHOLE_BUDGET)
+    engine.block_manager.reset_prefix_cache()
+    generator = torch.Generator().manual_seed(seed)
+    decode_params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    decodes = []
+    for i in range(DECODES):
+        ids = torch.randint(10, 600, (1000,), generator=generator).tolist()
+        decodes.append(engine.add_request(f"{label}d{i}", processor.process_prompt(ids), decode_params))
+    while any(not r.output_token_ids for r in decodes):
+        engine.step_requests()
+    before = [timed_step(engine) for _ in range(20)]
+    vision.seconds = 0.0
+    start = time.perf_counter()
+    burst_params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    longs = [
+        engine.add_request(f"{label}l{i}", p, burst_params) for i, p in enumerate(burst(processor, seed))
+    ]
+    steps, ttft = [], {}
+    while len(ttft) < len(longs):
+        steps.append(timed_step(engine))
+        for r in longs:
+            if r.output_token_ids and r.request_id not in ttft:
+                ttft[r.request_id] = time.perf_counter() - start
+    for r in decodes + longs:
+        engine.abort_request(r.request_id)
+    return {
+        "policy": label,
+        "decode_step_ms": statistics.median(before) * 1e3,
+        "steps": len(steps),
+        "step_mean_ms": statistics.mean(steps) * 1e3,
+        "step_max_ms": max(steps) * 1e3,
+        "ttft_first_ms": min(ttft.values()) * 1e3,
+        "ttft_last_ms": max(ttft.values()) * 1e3,
+        "vision_ms": vision.seconds * 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-dir", type=Path, default=SHARED_CONFIGS)
+    parser.add_argument("--config", default="qwen2_5_vl_7b.json")
+    parser.add_argument("--budgets", default="512,1024,2048,4096,8192", help="chunked prefill budgets")
+    args = parser.parse_args()
+    model = build_model_dir(Path("/tmp/epd-chunked-prefill-model"), args.config_dir, args.config)
+    processor = InputProcessor.from_pretrained(str(model))
+    engine_args = EngineArgs(
+        model=str(model),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        kv_cache_memory_bytes=40 << 30,
+        max_model_len=WHOLE_BUDGET,
+        max_num_seqs=64,
+    )
+    engine = LLMEngine(engine_args.engine_config(), processor.tokenizer)
+    vision = VisionTimer(engine.model)
+    print("prompt tokens of a burst request:", len(burst(processor, 99)[0].prompt_token_ids))
+    run(engine, processor, vision, "warm-up chunked", 2048, 0)
+    run(engine, processor, vision, "warm-up whole", None, 50)
+    policies = [("whole prompts", None)] + [(f"chunks of {b}", int(b)) for b in args.budgets.split(",")]
+    columns = [
+        "policy",
+        "decode_step_ms",
+        "steps",
+        "step_mean_ms",
+        "step_max_ms",
+        "ttft_first_ms",
+        "ttft_last_ms",
+        "vision_ms",
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    for seed, (label, budget) in enumerate(policies, start=1):
+        row = run(engine, processor, vision, label, budget, seed)
+        print(
+            "| "
+            + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+            + " |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
