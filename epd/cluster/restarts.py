@@ -89,10 +89,16 @@ class Restarter:
         if old is not None and old.is_alive():
             old.kill()  # fenced (it went silent): its late messages are ignored, but it must go
         record.count += 1
-        record.starting = True
         logger.warning("%s: restarting (restart %d of at most %d)", name, record.count, self.max_restarts)
-        self.launched[name] = self.launcher.start(self.configs[name])
-        handle.is_alive = self.launched[name].is_alive  # the router probes the new process
+        try:
+            launched = self.launcher.start(self.configs[name])
+        except Exception:  # the launcher could not start it (resources, a remote node): retry later
+            logger.exception("%s: the launcher could not start it", name)
+            self._failed_start(name, record, self.clock.monotonic())
+            return
+        record.starting = True
+        self.launched[name] = launched
+        handle.is_alive = launched.is_alive  # the router probes the new process
 
     def _came_up(self, name: str, handle: InstanceHandle, record: _Restarts) -> None:
         record.starting = False
