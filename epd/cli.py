@@ -92,7 +92,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def _engine_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> argparse._ArgumentGroup:
     """One flag per field of EngineArgs that is an option (those named in `only`), as declared there."""
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="Hugging Face model directory (default: the demo model)")
+    g.add_argument(
+        "--model", default=None, help="model directory or Hub id ORG/NAME (default: the demo model)"
+    )
     for f in engine_options():
         if only is None or f.name in only:
             _add_engine_option(g, f)
@@ -276,16 +278,22 @@ def simulated_engine_args(args: argparse.Namespace) -> EngineArgs:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from epd.models.hub import resolve_model
     from epd.server.launch import serve
 
     model = args.model or default_model()
     if model is None:
         args.parser.error("--model is required (the built-in demo model is missing from this install)")
+    try:  # a Hub id: its local snapshot, which every consumer then reads
+        model_dir = resolve_model(model, args.revision, weights=args.load_format != "dummy")
+    except FileNotFoundError as e:  # ModelNotFoundError: one line, no traceback
+        logging.getLogger("epd.server").error("cannot start: %s", e)
+        return 2
     try:
-        config = server_config_from(args, model)
+        config = server_config_from(args, model)  # clients name the model as typed
     except ValueError as e:
         args.parser.error(str(e))
-    return serve(engine_args_from(args, model), config)
+    return serve(engine_args_from(args, model_dir), config)
 
 
 def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:

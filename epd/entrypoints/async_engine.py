@@ -32,7 +32,7 @@ IDLE_WAIT_S = 0.05
 
 class AsyncEngine:
     def __init__(self, args: EngineArgs) -> None:
-        self.args = args
+        self.args = args = args.resolved()  # a Hub id: its local snapshot, for every consumer
         self.processor = InputProcessor.from_pretrained(args.model, limits=args.limits)
         self.engine = args.build(self.processor)
         self.max_model_len = self.engine.max_model_len

@@ -34,11 +34,14 @@ class LLM:
         same ones as flags). Two conveniences besides: `devices` may be a list, and
         `max_images_per_request` caps the images of one prompt (it goes into `limits`).
 
+        `model`: a model directory, or a Hub id ("Qwen/Qwen2.5-VL-3B-Instruct", at `revision`)
+        read from the Hub cache or downloaded into it (epd/models/hub.py).
+
         A single aggregated instance (`1EPD`) runs in this process; any other layout
         starts one process per instance (so scripts need `if __name__ == "__main__":`)."""
-        args = engine_args_for(model, **options)
+        args = engine_args_for(model, **options).resolved()  # a Hub id: its local snapshot
         self.layout = Layout.parse(args.layout)
-        self.processor = InputProcessor.from_pretrained(model, limits=args.limits)
+        self.processor = InputProcessor.from_pretrained(args.model, limits=args.limits)
         self.engine: EngineBackend | None = args.build(self.processor)
         self._ids = itertools.count()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -89,11 +89,15 @@ def _no_limits() -> InputLimits:
 class EngineArgs:
     """Everything needed to start an engine; shared by `LLM`, `AsyncEngine` and the CLI.
 
-    Two fields are not options: `model` (LLM's first argument, the CLI's --model) and
-    `limits` (what a request may bring; the CLI builds it from its input-limit flags).
+    Two fields are not options: `model` (LLM's first argument, the CLI's --model: a model
+    directory, or a Hub id ORG/NAME that `resolved` turns into one) and `limits` (what a
+    request may bring; the CLI builds it from its input-limit flags).
     """
 
     model: str
+    revision: str | None = option(
+        None, "branch, tag or commit of a Hub model (--model ORG/NAME; default: main); not for a directory"
+    )
     layout: str = option("1EPD", "instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
     device: str = option("cpu", "device of every instance (cpu, cuda, cuda:1, ...)")
     devices: str | None = option(None, "one device per instance in layout order, comma-separated")
@@ -155,6 +159,16 @@ class EngineArgs:
     )
     instance_restarts: int = option(5, "times a dead instance is started again (0: never)")
     limits: InputLimits = field(default_factory=_no_limits)
+
+    def resolved(self) -> EngineArgs:
+        """These args with `model` a local directory: a Hub id's snapshot in the Hub cache, or
+        downloaded into it (epd/models/hub.py; weights skipped with dummy ones). Called once, first,
+        by LLM and AsyncEngine, so that every consumer, the instance processes included, reads the
+        same snapshot. ModelNotFoundError (a FileNotFoundError) in one line if there is none."""
+        from epd.models.hub import resolve_model
+
+        local = resolve_model(self.model, self.revision, weights=self.load_format != "dummy")
+        return self if local == self.model else replace(self, model=local)
 
     def engine_config(self) -> EngineConfig:
         from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
