@@ -1,12 +1,14 @@
 """The `epd` command. Subcommands: `serve` (the OpenAI-compatible server), `bench` (the serving
 benchmark, epd/bench/serve), `simulate` (the benchmark on a simulated layout, epd/sim), `profile`
-(stage costs on a device, fitted: epd/plan/profile); `plan` joins the same way: an
+(stage costs on a device, fitted: epd/plan/profile), `plan` (the best layout and knobs for a
+workload and SLOs, searched on the simulator: epd/plan/search). Each is an
 `add_<name>_parser(subparsers)` that sets `func`.
 
     epd serve --model /path/to/Qwen2.5-VL-3B-Instruct --layout 1E+1P+1D
     epd bench --base-url http://127.0.0.1:8000 --rates 1,2,4 --slo-ttft 1 --slo-tpot 0.05
     epd simulate --layout 1E+1P+1D --profile profile.json --rates 1,2,4 --slo-ttft 1 --slo-tpot 0.05
     epd profile --model DIR --device cuda:0 --load-format dummy --dtype bfloat16 --out profile.json
+    epd plan --profile profile.json --gpus 4 --slo-ttft 2 --slo-tpot 0.05 --image-size 1344x1344
 
 Imports of the engine happen inside the command, so `epd --help` answers at once.
 """
@@ -30,6 +32,7 @@ from epd.bench.serve.cli import (
 )
 from epd.entrypoints.options import OPTION, EngineArgs, Option, engine_options, parse_bytes
 from epd.plan.profile.cli import add_profile_parser
+from epd.plan.search.cli import add_plan_parser
 
 if TYPE_CHECKING:  # the server pulls in torch: imported in the command, not for --help
     from epd.server.config import ServerConfig
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub, _HelpFormatter)
     add_simulate_parser(sub)
     add_profile_parser(sub, _HelpFormatter)
+    add_plan_parser(sub, _HelpFormatter)
     return parser
 
 
@@ -83,13 +87,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "/v1/completions, /v1/models, /health and /metrics until SIGINT/SIGTERM.",
         formatter_class=_HelpFormatter,
     )
-    _engine_options(p)
+    add_engine_option_flags(p)
     _server_options(p)
     _limit_options(p)
     p.set_defaults(func=run_serve, parser=p)
 
 
-def _engine_options(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> argparse._ArgumentGroup:
+def add_engine_option_flags(
+    p: argparse.ArgumentParser, only: Sequence[str] | None = None
+) -> argparse._ArgumentGroup:
     """One flag per field of EngineArgs that is an option (those named in `only`), as declared there."""
     g = p.add_argument_group("model and engine")
     g.add_argument(
@@ -117,7 +123,7 @@ def _add_engine_option(g: argparse._ArgumentGroup, f: Field) -> None:
         g.add_argument(flag, dest=_dest(f), action="store_true", help=opt.help)
 
 
-def _engine_option_value(args: argparse.Namespace, f: Field) -> Any:
+def engine_option_value(args: argparse.Namespace, f: Field) -> Any:
     value = getattr(args, _dest(f))
     return not value if _is_off_switch(f) else value
 
@@ -224,7 +230,7 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
         "simulated runs. The model directory is read for its config, tokenizer and processor only.",
         formatter_class=_HelpFormatter,
     )
-    _engine_options(p, SIMULATED_OPTIONS)
+    add_engine_option_flags(p, SIMULATED_OPTIONS)
     g = p.add_argument_group(
         "simulation",
         "The instances run here, on virtual time: --device, --devices and --transfer only pick the "
@@ -273,7 +279,7 @@ def simulated_engine_args(args: argparse.Namespace) -> EngineArgs:
     model = args.model or default_model()
     if model is None:
         args.parser.error("--model is required (the built-in demo model is missing from this install)")
-    options = {f.name: _engine_option_value(args, f) for f in engine_options() if f.name in SIMULATED_OPTIONS}
+    options = {f.name: engine_option_value(args, f) for f in engine_options() if f.name in SIMULATED_OPTIONS}
     return EngineArgs(model, **options)
 
 
@@ -308,7 +314,7 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
         max_image_bytes=args.max_image_bytes,
         remote_fetcher=fetcher,
     )
-    options = {f.name: _engine_option_value(args, f) for f in engine_options()}
+    options = {f.name: engine_option_value(args, f) for f in engine_options()}
     return EngineArgs(model, **options, limits=limits)
 
 
