@@ -6,12 +6,14 @@ Per image (content hash) the worker does the least work it can:
   otherwise        -> queue a job; encode when the MM cache can reserve room for it.
 Each sent copy holds one pin on the cache entry until the consumer confirms receipt
 (`release`): the cache is the transfer buffer, and a full cache stops admission
-(back-pressure) instead of growing.
+(back-pressure) instead of growing. A consumer that dies confirms nothing: `dest_gone` drops what
+was still to go there and unpins the copies it never confirmed (the chaos soak saw them pinned
+for ever, one more with each prefill instance that died).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +61,7 @@ class EncoderWorker:
         self.queue: OrderedDict[str, _Job] = OrderedDict()  # waiting for room or their turn
         self.done: list[EncodeDone] = []
         self.num_encoded = 0
+        self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
 
     def has_work(self) -> bool:
         return bool(self.queue)
@@ -128,6 +131,7 @@ class EncoderWorker:
     def _send(self, content_hash: str, waiters: list[_Waiter]) -> None:
         embeds = self.cache.get(content_hash)
         for w in waiters:
+            self.unconfirmed[(content_hash, w.dest)] += 1
             meta = {"content_hash": content_hash, "source": self.connector.address}
             self.connector.send(w.dest, f"mm:{content_hash}", {"embeds": embeds}, meta)
 
@@ -148,8 +152,26 @@ class EncoderWorker:
                 EncodeDone(self.instance, request_id, [w.index for w in waiters], joined, events)
             )
 
-    def release(self, content_hash: str) -> None:
-        self.cache.unpin(content_hash)
+    def release(self, content_hash: str, dest: str) -> None:
+        """`dest` has its copy: one pin less (none if `dest_gone` released it already)."""
+        key = (content_hash, dest)
+        if self.unconfirmed[key] > 0:
+            self.unconfirmed[key] -= 1
+            self.cache.unpin(content_hash)
+        if not self.unconfirmed[key]:
+            del self.unconfirmed[key]
+
+    def dest_gone(self, dest: str) -> None:
+        """`dest` died: nothing more goes there, and the copies it never confirmed are unpinned."""
+        for content_hash, job in list(self.queue.items()):
+            job.waiters = [w for w in job.waiters if w.dest != dest]
+            if not job.waiters:
+                del self.queue[content_hash]  # queued jobs hold no cache entry yet
+        for (content_hash, to), copies in list(self.unconfirmed.items()):
+            if to == dest:
+                del self.unconfirmed[(content_hash, to)]
+                for _ in range(copies):
+                    self.cache.unpin(content_hash)
 
 
 class PixelDecoder:

@@ -54,9 +54,17 @@ class PrefillTask(msgspec.Struct, tag=True):
 
 
 class ReleaseEmbedding(msgspec.Struct, tag=True):
-    """The consumer has the embedding: the encoder may unpin one reference."""
+    """The consumer (data address `dest`) has the embedding: the encoder may unpin one reference."""
 
     content_hash: str
+    dest: str
+
+
+class DestinationGone(msgspec.Struct, tag=True):
+    """The instance at data address `dest` died: an encoder sends it nothing more and unpins what it
+    sent there and saw no receipt for (that receipt will never come: the pins leaked before)."""
+
+    dest: str
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -93,6 +101,7 @@ ToInstance = (
     EncodeTask
     | PrefillTask
     | ReleaseEmbedding
+    | DestinationGone
     | EmbeddingsLost
     | AbortRequest
     | Shutdown

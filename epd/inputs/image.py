@@ -205,6 +205,8 @@ def _read_url(
 def _resolve_local_path(path: str, allowed_root: str | None) -> Path:
     if not path:
         raise InvalidInputError("empty image path")
+    if "\x00" in path:  # os calls raise ValueError on it: a 500 before (found by the schema fuzz)
+        raise InvalidInputError("local image path contains a NUL character")
     if allowed_root is None:
         return Path(path)
     root = Path(allowed_root).resolve()

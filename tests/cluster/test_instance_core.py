@@ -17,9 +17,12 @@ from epd.clock import VirtualClock
 from epd.cluster.instance import InstanceConfig, InstanceCore, ListOutbox
 from epd.cluster.layout import Layout
 from epd.cluster.messages import (
+    DestinationGone,
+    EncodeDone,
     EncodeItem,
     EncodeTask,
     PrefillTask,
+    ReleaseEmbedding,
     RequestError,
     RequestUpdate,
     SetRoles,
@@ -210,6 +213,39 @@ def test_work_for_a_stage_the_instance_does_not_hold_is_refused_per_request(core
     p.on_message(EncodeTask("r", [item], "nowhere"))
 
     assert outbox.take() == [RequestError("P0", "r", "P0 does not hold E (its roles: P)")]
+
+
+def test_an_encoder_unpins_what_it_sent_to_a_consumer_that_died(cores, checkpoints):
+    """Found by the chaos soak: each copy an encoder sends holds a pin until its receipt, which a
+    dead prefill instance never sends; the pins stayed for ever (DestinationGone releases them)."""
+    from epd.cluster.router.core import encode_item
+    from epd.inputs.processor import InputProcessor
+    from epd.testing.images import noise_image
+
+    processor = InputProcessor.from_pretrained(str(checkpoints["qwen2_5_vl"]))
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    prompts = [{"prompt": pad, "multi_modal_data": {"image": [noise_image(56, 56, seed=s)]}} for s in (1, 2)]
+    one, two = (encode_item(0, processor.process_prompt(p).images[0]) for p in prompts)
+    e, outbox = cores("1E+1P+1D", "E0")
+    dead, live = (cores("1E+1P+1D", name)[0].connector.address for name in ("P0", "P0"))
+    e.on_message(EncodeTask("a", [one], dead))
+    e.on_message(EncodeTask("b", [one], live))  # rides along: one encoding, two copies, two pins
+    e.step()
+    assert e.stats()["images_encoded_total"] == 1 and e.stats()["mm_cache_usage"] > 0
+    e.on_message(ReleaseEmbedding(one.content_hash, live))
+    assert e.stats()["mm_cache_usage"] > 0, "the dead one's copy is still pinned"
+
+    e.on_message(DestinationGone(dead))
+    assert e.stats()["mm_cache_usage"] == 0
+    e.on_message(ReleaseEmbedding(one.content_hash, dead))  # a late receipt: released already
+    assert e.stats()["mm_cache_usage"] == 0
+    # What was still queued for the dead one is not encoded at all.
+    outbox.take()
+    e.on_message(EncodeTask("c", [two], dead))
+    e.on_message(DestinationGone(dead))
+    e.step()
+    assert e.stats()["images_encoded_total"] == 1 and e.stats()["mm_cache_usage"] == 0
+    assert not [m for m in outbox.take() if isinstance(m, EncodeDone)]
 
 
 def test_set_roles_and_its_reply_travel_as_control_messages():

@@ -10,6 +10,7 @@ from router_harness import arrived, encode_done, image, make_core, need, prompt,
 from epd.cluster.layout import Role
 from epd.cluster.messages import (
     AbortRequest,
+    DestinationGone,
     EmbeddingsEvicted,
     EmbeddingsLost,
     EncodeTask,
@@ -62,10 +63,14 @@ def test_a_request_through_1p_1d_and_two_encoders_message_by_message():
 
     assert core.handle(encode_done("E0", "r", [1])) == []
     assert core.requests["r"].stage is Stage.ENCODING, "the small image is still out"
-    assert core.handle(arrived("P0", "big", "E0", ["r"])) == [Outgoing("E0", ReleaseEmbedding("big"))]
+    assert core.handle(arrived("P0", "big", "E0", ["r"])) == [
+        Outgoing("E0", ReleaseEmbedding("big", "data://P0"))
+    ]
     assert core.handle(encode_done("E1", "r", [0])) == []
     assert core.requests["r"].stage is Stage.PREFILLING
-    assert core.handle(arrived("P0", "small", "E1", ["r"])) == [Outgoing("E1", ReleaseEmbedding("small"))]
+    assert core.handle(arrived("P0", "small", "E1", ["r"])) == [
+        Outgoing("E1", ReleaseEmbedding("small", "data://P0"))
+    ]
 
     # D overtakes P: its token 1 arrives before P's first token and waits for it.
     assert core.handle(update("D0", "r", [11], first_index=1)) == []
@@ -214,7 +219,7 @@ def test_a_request_a_dead_decode_instance_was_decoding_continues_from_its_tokens
     abort, (to, task) = core.tick()
     assert abort == Outgoing("P0", AbortRequest("b")) and to == "P0"
     assert task.request_id == "b~1" and task.output_token_ids == [1, 2] and task.decode_dest == "data://D0"
-    assert core.take_outputs() == [] and core.requests["b"].stage is Stage.DECODING
+    assert core.take_outputs() == [] and core.requests["b"].stage is Stage.RESUMING
     core.handle(update("D1", "b", [9], first_index=2))  # fenced: D1 is down
     core.handle(update("P0", "b~1", [3], first_index=2))
     core.handle(update("D0", "b~1", [4], first_index=3, finish="length"))
@@ -227,9 +232,32 @@ def test_a_dead_prefill_instance_whose_kv_never_reached_d_continues_the_request(
     core.add_request("r", prompt(4), PARAMS)
     core.handle(update("P0", "r", [1], first_index=0))  # its first token; the KV is on its way to D0
     fake.kill("P0")
-    abort, (to, task) = core.tick()
+    abort, (to, task), gone = core.tick()
     assert abort == Outgoing("D0", AbortRequest("r")), "D0 drops the hand-off if it still comes"
+    assert gone == Outgoing("E0", DestinationGone("data://P0")), "E0 unpins what P0 never confirmed"
     assert to == "P1" and task.output_token_ids == [1] and task.request_id == "r~1"
+
+
+def test_a_continuation_whose_new_prefill_instance_lacks_the_images_has_them_encoded():
+    """Found by the chaos test: the new P lacked the image, and sending it to encode raised
+    IllegalTransition out of tick() (need_images in stage decoding), taking the router down."""
+    core, fake, _ = make_core("1E+2P+1D")
+    core.add_request("r", prompt(8, [image("a")]), PARAMS)
+    core.handle(encode_done("E0", "r", [0]))
+    core.handle(update("P0", "r", [1], first_index=0))
+    fake.kill("P0")
+    abort, (to, task), (encoder, encode), _ = core.tick()
+    assert to == "P1" and task.output_token_ids == [1] and task.encoding == [0]
+    assert encoder == "E0" and isinstance(encode, EncodeTask) and encode.dest == "data://P1"
+    assert core.requests["r"].stage is Stage.RESUMING
+    core.handle(encode_done("E0", "r~1", [0]))
+    assert encode_tasks(core.handle(need("P1", "r~1", [0]))) == {"E0": ["a"]}, "P1 lost it: asks again"
+    core.handle(encode_done("E0", "r~1", [0]))
+    core.handle(update("P1", "r~1", [2], first_index=1))
+    assert core.requests["r"].stage is Stage.DECODING
+    core.handle(update("D0", "r~1", [3], first_index=2, finish="length"))
+    [out] = [o for o in core.take_outputs() if o.finished]
+    assert out.outputs[0].token_ids == [1, 2, 3] and out.error is None and core.ledger.is_empty()
 
 
 def test_a_request_that_keeps_losing_instances_fails_after_max_attempts():
@@ -250,8 +278,9 @@ def test_a_dead_prefill_instance_sends_its_requests_and_their_images_elsewhere()
     assert to == "P0" and len(encodes) == 1
     core.handle(encode_done("E0", "r", [0, 1]))
     fake.kill("P0")
-    abort, (to, task), *encodes = core.tick()
+    abort, (to, task), *encodes, gone = core.tick()
     assert abort == Outgoing("D0", AbortRequest("r")), "D0 forgets the old attempt"
+    assert gone == Outgoing("E0", DestinationGone("data://P0"))
     assert to == "P1" and task.request_id == "r~1" and task.encoding == [0, 1]
     assert [(e, m.request_id, m.dest) for e, m in encodes] == [("E0", "r~1", "data://P1")]
     assert core.requests["r"].stage is Stage.ENCODING

@@ -9,7 +9,8 @@ Messages and transfers go to the stage that handles them:
 
 | input                         | goes to                                                   |
 |-------------------------------|-----------------------------------------------------------|
-| EncodeTask, ReleaseEmbedding  | encode stage                                              |
+| EncodeTask, ReleaseEmbedding, | encode stage                                              |
+| DestinationGone               |                                                           |
 | PrefillTask, EmbeddingsLost,  | prefill stage                                             |
 | `mm:` transfers               |                                                           |
 | `kv:`, `kvl:` transfers       | decode stage                                              |
@@ -46,6 +47,7 @@ from epd.cluster.kv_handoff import KV_KEY, LAYER_KEY, KVSender, request_of_key
 from epd.cluster.layout import Role, role_letters
 from epd.cluster.messages import (
     AbortRequest,
+    DestinationGone,
     EmbeddingsLost,
     EncodeTask,
     InstanceReady,
@@ -187,7 +189,7 @@ class InstanceCore:
     # ---- inputs -------------------------------------------------------------------------------
 
     def on_message(self, msg: object) -> None:
-        if isinstance(msg, (EncodeTask, ReleaseEmbedding)):
+        if isinstance(msg, (EncodeTask, ReleaseEmbedding, DestinationGone)):
             self._to_stage(self.encode, Role.ENCODE, msg)
         elif isinstance(msg, (PrefillTask, EmbeddingsLost)):
             self._to_stage(self.prefill, Role.PREFILL, msg)
@@ -202,7 +204,7 @@ class InstanceCore:
         self,
         stage: StageManager | None,
         role: Role,
-        msg: EncodeTask | ReleaseEmbedding | PrefillTask | EmbeddingsLost,
+        msg: EncodeTask | ReleaseEmbedding | DestinationGone | PrefillTask | EmbeddingsLost,
     ) -> None:
         if stage is not None:
             stage.on_message(msg)

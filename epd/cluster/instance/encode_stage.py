@@ -14,7 +14,7 @@ from epd.clock import Clock
 from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.stage import Outbox, StageManager
-from epd.cluster.messages import EncodeTask, ReleaseEmbedding
+from epd.cluster.messages import DestinationGone, EncodeTask, ReleaseEmbedding
 from epd.cluster.stats import mm_cache_stats
 from epd.config import ModelConfig
 from epd.engine.mm_cache import MMCache
@@ -31,7 +31,9 @@ class EncodeStage(StageManager):
         if isinstance(msg, EncodeTask):
             self.worker.add(msg)
         elif isinstance(msg, ReleaseEmbedding):
-            self.worker.release(msg.content_hash)
+            self.worker.release(msg.content_hash, msg.dest)
+        elif isinstance(msg, DestinationGone):
+            self.worker.dest_gone(msg.dest)
 
     def step(self) -> None:
         for done in self.worker.step():

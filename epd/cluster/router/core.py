@@ -34,6 +34,7 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.layout import InstanceSpec, Role
 from epd.cluster.messages import (
     AbortRequest,
+    DestinationGone,
     EmbeddingArrived,
     EmbeddingsEvicted,
     EmbeddingsLost,
@@ -312,7 +313,8 @@ class RouterCore:
         source = self.by_data_address.get(msg.source)
         self.held.arrived(msg.instance, msg.content_hash, source.name if source is not None else None)
         if source is not None:
-            self._send(source.name, ReleaseEmbedding(msg.content_hash))
+            dest = self.instances[msg.instance].ready.data_address
+            self._send(source.name, ReleaseEmbedding(msg.content_hash, dest))
         for request_id, event in msg.events:
             record = self._record_of(request_id)
             if record is not None:
@@ -399,11 +401,23 @@ class RouterCore:
         self.held.forget(name)
         for record in list(self.requests.values()):
             held = self.ledger.works_on(record.request_id, name)
-            if held:
+            if not held:
+                continue
+            try:
                 self._recover(record, held, name, f"instance {name} failed ({reason})")
+            except IllegalTransition as err:
+                # Reached from tick(), outside handle()'s guard: a bug in one request's recovery
+                # must fail that request, not the router (it raised out of Cluster.step before).
+                logger.error("%s (recovering from the death of %s)", err, name)
+                self._fail(record, f"internal error: {err}")
         # P's requests still waiting for what the encoder was sending ask again (NeedEmbeddings).
         for prefill, hashes in self.held.encoder_died(name).items():
             self._send(prefill, EmbeddingsLost(hashes))
+        # Encoders hold a pin per copy they sent until its receipt, which a dead P never sends.
+        dead = self.instances[name]
+        if dead.has(Role.PREFILL) and not dead.has(Role.ENCODE):
+            for encoder in self._encoders():
+                self._send(encoder.name, DestinationGone(dead.ready.data_address))
 
     def _recover(self, record: RequestRecord, held: list[Work], dead: str, error: str) -> None:
         action = recovery_for(record, held, self.max_attempts)

@@ -14,6 +14,9 @@ for embeddings another request asked for, or prefilling).
 | PREFILLING | every image sent is encoded; no token yet          | prefill on P, decode on D          |
 | DECODING   | the first token is in; D (or P, if it decodes)     | decode on D (+ an image whose      |
 |            | produces the rest                                  | EncodeDone is late: P had it first)|
+| RESUMING   | a new attempt goes on from its tokens: a live P    | prefill on P, decode on D (+ the   |
+|            | prefills prompt + tokens (its images sent to       | patches of each image sent to an E)|
+|            | encode if it lacks them) and samples the next one  |                                    |
 | FINISHED   | ended by its instance (stop, length, ...)          | nothing (terminal)                 |
 | ABORTED    | ended by the caller                                | nothing (terminal)                 |
 | FAILED     | an instance reported an error, died holding its    | nothing (terminal)                 |
@@ -29,13 +32,15 @@ for embeddings another request asked for, or prefilling).
 | ENCODING                     | LAST_IMAGE_ENCODED: EncodeDone, no image out        | PREFILLING |
 | DECODING                     | IMAGE_ENCODED, LAST_IMAGE_ENCODED: a late EncodeDone| DECODING   |
 |                              | (the embedding reached P before E's report)         |            |
+| RESUMING                     | NEED_IMAGES, IMAGE_ENCODED, LAST_IMAGE_ENCODED: the | RESUMING   |
+|                              | new P lacks images, as a new request's P may        |            |
 | PLACED, ENCODING, PREFILLING | RETRY: an instance holding its prefill or decode    | PLACED     |
 |                              | died; a new attempt starts (recovery.py)            |            |
-| DECODING                     | CONTINUE: an instance holding its decode (or its    | DECODING   |
+| DECODING, RESUMING           | CONTINUE: an instance holding its decode (or its    | RESUMING   |
 |                              | KV on the way) died; a new attempt goes on from its |            |
 |                              | tokens (recovery.py)                                |            |
 | PLACED, ENCODING, PREFILLING | FIRST_TOKEN: the first RequestUpdate with tokens    | DECODING   |
-| DECODING                     | TOKENS: a later RequestUpdate, in order             | DECODING   |
+| DECODING, RESUMING           | TOKENS: a later RequestUpdate, in order             | DECODING   |
 | any live stage               | FINISH: a RequestUpdate with a finish_reason        | FINISHED   |
 | any live stage               | ABORT: abort()                                      | ABORTED    |
 | any live stage               | FAIL: RequestError, a dead instance holding its     | FAILED     |
@@ -64,6 +69,7 @@ class Stage(enum.Enum):
     ENCODING = "encoding"
     PREFILLING = "prefilling"
     DECODING = "decoding"
+    RESUMING = "resuming"
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -100,9 +106,16 @@ TRANSITIONS: dict[tuple[Stage, Trigger], Stage] = {
     (Stage.ENCODING, Trigger.LAST_IMAGE_ENCODED): Stage.PREFILLING,
     (Stage.DECODING, Trigger.LAST_IMAGE_ENCODED): Stage.DECODING,
     **{(s, Trigger.RETRY): Stage.PLACED for s in BEFORE_FIRST_TOKEN},
-    (Stage.DECODING, Trigger.CONTINUE): Stage.DECODING,
+    # A continuation is a stage of its own: its new P may lack the images and have them encoded
+    # (NEED_IMAGES), which after P's first token is a bug.
+    (Stage.DECODING, Trigger.CONTINUE): Stage.RESUMING,
+    (Stage.RESUMING, Trigger.CONTINUE): Stage.RESUMING,
+    (Stage.RESUMING, Trigger.NEED_IMAGES): Stage.RESUMING,
+    (Stage.RESUMING, Trigger.IMAGE_ENCODED): Stage.RESUMING,
+    (Stage.RESUMING, Trigger.LAST_IMAGE_ENCODED): Stage.RESUMING,
     **{(s, Trigger.FIRST_TOKEN): Stage.DECODING for s in BEFORE_FIRST_TOKEN},
     (Stage.DECODING, Trigger.TOKENS): Stage.DECODING,
+    (Stage.RESUMING, Trigger.TOKENS): Stage.DECODING,
     **{(s, Trigger.FINISH): Stage.FINISHED for s in LIVE},
     **{(s, Trigger.ABORT): Stage.ABORTED for s in LIVE},
     **{(s, Trigger.FAIL): Stage.FAILED for s in LIVE},
