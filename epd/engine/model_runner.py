@@ -118,7 +118,7 @@ class ModelRunner:
         gets a row too (one row: cheaper than a second layout); the engine samples none from it.
 
         `after_layer(i)` is called once layer i has written its KV (the step then runs eagerly)."""
-        ends = [req.num_computed_tokens + n for req, n in zip(batch.requests, batch.num_new_tokens)]
+        ends = batch.token_ends()
         self.embedder.ensure(batch.requests, ends)
         inputs = _BatchInputs.build(batch, block_tables, self.block_size)
         mm_embeds, mm_index = self._gather_image_rows(batch)

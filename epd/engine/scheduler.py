@@ -63,6 +63,11 @@ class ScheduledBatch:
         self.num_new_tokens.append(num_tokens)
         self.samples.append(request.num_computed_tokens + num_tokens == request.num_tokens)
 
+    def token_ends(self) -> list[int]:
+        """Per request, where this step's tokens end: a prefill chunk needs only the images that
+        start before it (ImageEmbedder.ensure)."""
+        return [req.num_computed_tokens + n for req, n in zip(self.requests, self.num_new_tokens)]
+
     @property
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)

@@ -103,8 +103,7 @@ class ScriptedRunner:
         after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Logits [len(batch), vocab]: each request's next token one-hot, after writing its new slots."""
-        # As the model runner: a prefill chunk needs only the images that start before its end.
-        ends = [req.num_computed_tokens + n for req, n in zip(batch.requests, batch.num_new_tokens)]
+        ends = batch.token_ends()
         self.embedder.ensure(batch.requests, ends)
         if self.cost is not None:
             # The forward's time passes before its results exist (and before any KV leaves).

@@ -46,8 +46,7 @@ class CostModelRunner:
         after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """[len(batch), width] logits whose argmax (and, at any temperature, sample) is `token`."""
-        # As the model runner: a prefill chunk needs only the images that start before its end.
-        ends = [req.num_computed_tokens + n for req, n in zip(batch.requests, batch.num_new_tokens)]
+        ends = batch.token_ends()
         self.embedder.ensure(batch.requests, ends)
         self.cost.clock.advance(self.cost.costs.step_seconds(batch))
         if after_layer is not None:

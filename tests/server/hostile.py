@@ -231,11 +231,11 @@ VALUES = [None, True, False, 0, -1, 1, 3, 2**31, 2**64, 1e308, -1e308, 0.5, "", 
 
 
 def _mutate(rng: random.Random, body: Any) -> Any:
-    paths = list(_paths(body))
+    paths = list(json_paths(body))
     if not paths:
         return rng.choice(VALUES)
     path = rng.choice(paths)
-    parent, key = _resolve(body, path)
+    parent, key = resolve_path(body, path)
     op = rng.choice(["set", "set", "delete", "add", "wrap", "string"])
     if op == "set" or (op == "string" and not isinstance(parent[key], str)):
         parent[key] = copy.deepcopy(rng.choice(VALUES))
@@ -254,14 +254,14 @@ def _mutate(rng: random.Random, body: Any) -> Any:
     return body
 
 
-def _paths(node: Any, prefix: tuple = ()) -> Any:
+def json_paths(node: Any, prefix: tuple = ()) -> Any:
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
     for key, value in items:
         yield (*prefix, key)
-        yield from _paths(value, (*prefix, key))
+        yield from json_paths(value, (*prefix, key))
 
 
-def _resolve(body: Any, path: tuple) -> tuple[Any, Any]:
+def resolve_path(body: Any, path: tuple) -> tuple[Any, Any]:
     for key in path[:-1]:
         body = body[key]
     return body, path[-1]

@@ -31,6 +31,7 @@ from epd.testing.images import noise_image
 
 from .conftest import API_KEY, MODEL_NAME
 from .helpers import ServerProcess, data_url, encode_image, metrics, wait_until_idle
+from .hostile import json_paths, resolve_path
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 BATCH, BATCHES = 50, 42  # bodies per hypothesis example, examples: 2,100 requests
@@ -120,32 +121,19 @@ def request_bodies(model: type) -> st.SearchStrategy:
 def mutated(draw: st.DrawFn, bodies: st.SearchStrategy) -> dict:
     """A schema body with one thing wrong (or, by chance, still right)."""
     body = draw(bodies)
-    paths = list(_paths(body))
+    paths = list(json_paths(body))
     op = draw(st.sampled_from(["delete", "replace", "add"]))
     if not paths:
         op = "add"
     if op == "add":
         body[draw(st.sampled_from(["zzz", "max_token", "messages", "prompt", "stream"]))] = draw(JSON)
         return body
-    parent, key = _resolve(body, draw(st.sampled_from(paths)))
+    parent, key = resolve_path(body, draw(st.sampled_from(paths)))
     if op == "delete":
         del parent[key]
     else:
         parent[key] = draw(JSON)
     return body
-
-
-def _paths(node: Any, prefix: tuple = ()) -> Any:
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
-    for key, value in items:
-        yield (*prefix, key)
-        yield from _paths(value, (*prefix, key))
-
-
-def _resolve(body: Any, path: tuple) -> tuple[Any, Any]:
-    for key in path[:-1]:
-        body = body[key]
-    return body, path[-1]
 
 
 def cheap(body: Any) -> Any:
