@@ -166,7 +166,7 @@ def test_random_interleavings_lose_no_request(requests, data):
     fakes = FakeInstances(core)
     to_add = deque(enumerate(requests))
     ended: dict[str, list] = {}
-    aborted, victims = set(), {}
+    aborted = set()
 
     def deliver(outgoing) -> None:
         for instance, message in outgoing:
@@ -195,7 +195,7 @@ def test_random_interleavings_lose_no_request(requests, data):
             deliver(core.abort(rid))
         elif action == "kill":
             victim = data.draw(st.sampled_from(MORTAL))
-            victims = set()  # at most one instance dies: every request is redone elsewhere
+            # At most one instance dies: every request is redone elsewhere, none fails.
             fakes.kill(victim)
             fake_layout.kill(victim)
             deliver(core.tick())
@@ -209,15 +209,13 @@ def test_random_interleavings_lose_no_request(requests, data):
     assert sorted(ended, key=int) == [str(i) for i in range(len(requests))], "every request ended"
     for rid, outs in ended.items():
         assert len(outs) == 1, f"request {rid} ended {len(outs)} times"
-        check_outcome(rid, outs[0], requests[int(rid)][1], aborted, victims)
+        check_outcome(rid, outs[0], requests[int(rid)][1], aborted)
 
 
-def check_outcome(rid: str, out, tokens: int, aborted: set[str], victims: set[str]) -> None:
+def check_outcome(rid: str, out, tokens: int, aborted: set[str]) -> None:
     reason = out.outputs[0].finish_reason
     if rid in aborted:
         assert reason == "abort"
-    elif rid in victims:
-        assert reason == "error" and "its process died" in out.error
     else:
         assert reason == "length" and out.outputs[0].token_ids == list(range(tokens)), out
         assert out.error is None
