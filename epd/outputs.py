@@ -59,3 +59,4 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed (finish_reason "error")
+    invalid_input: bool = False  # the failure is the request's own input's fault (a 400, not a 503)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 
 import zmq
@@ -24,6 +25,7 @@ import zmq
 from epd.clock import WALL_CLOCK
 from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S, HeartbeatSender, heartbeat_interval
 from epd.cluster.instance import InstanceConfig
+from epd.cluster.instance.config import TRANSFER_TIMEOUT_S
 from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
 from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout, Role
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
@@ -34,6 +36,7 @@ from epd.config import EngineConfig
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
+from epd.transfer.base import DEFAULT_RETRIES
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class Cluster:
         devices: str | list[str] = "cpu",
         transfer: str = "auto",
         kv_streaming: str = "auto",
+        transfer_retries: int = DEFAULT_RETRIES,
+        transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
         launcher: Launcher | None = None,
@@ -85,7 +90,9 @@ class Cluster:
         """`host`: where the router's inbox binds, and every instance with the default launcher
         (local processes); another launcher picks each instance's host itself. Instances exit when
         they hear nothing from this process for `heartbeat_timeout_s`; the router takes an instance
-        that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work."""
+        that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work.
+        A failed transfer is sent again `transfer_retries` times on the same pair, each attempt
+        waiting `transfer_timeout_s` for its receiver, before the router places its request anew."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         _check_encoders(layout, specs)
@@ -106,6 +113,8 @@ class Cluster:
                 mm_cache_bytes=mm_cache_bytes,
                 num_threads=threads,
                 kv_streaming=kv_streaming,
+                transfer_retries=transfer_retries,
+                transfer_timeout_s=transfer_timeout_s,
                 heartbeat_timeout_s=heartbeat_timeout_s,
             )
             for spec in specs
@@ -170,6 +179,9 @@ class Cluster:
 
     # ---- the backend interface the offline API drives ------------------------------------------
 
+    def prepare_images(self, prompt: ProcessedPrompt) -> ProcessedPrompt:
+        return prompt  # the encoding instances decode the image files
+
     def add_request(
         self,
         request_id: str,
@@ -188,7 +200,8 @@ class Cluster:
         self.router.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.router.has_unfinished()
+        # A role switch under way counts: the caller keeps stepping (no idle waits) until it rejoins.
+        return self.router.has_unfinished() or self.router.switches.busy()
 
     @property
     def max_model_len(self) -> int:
@@ -217,6 +230,17 @@ class Cluster:
 
     def instances_up(self) -> dict[str, bool]:
         return {name: h.alive for name, h in self.router.instances.items()}
+
+    # ---- role switching (epd.cluster.router.role_switch; epd.entrypoints.backend.RoleControl) ----
+
+    def instances(self) -> list[dict]:
+        return self.router.switches.instances()
+
+    def set_roles(self, instance: str, roles: str, on_done: Callable[[dict], None]) -> None:
+        self.router.set_roles(instance, roles, on_done)
+
+    def role_switches(self) -> list[dict]:
+        return self.router.switches.records()
 
     def missing_roles(self) -> list[str]:
         handles = self.router.instances.values()

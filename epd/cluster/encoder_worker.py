@@ -14,14 +14,17 @@ for ever, one more with each prefill instance that died).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from epd.clock import WALL_CLOCK, Clock
-from epd.cluster.messages import EncodeDone, EncodeItem, EncodeTask
+from epd.cluster.messages import EncodeDone, EncodeFailed, EncodeItem, EncodeTask
 from epd.engine.mm_cache import MMCache
+from epd.inputs.errors import InvalidInputError
 from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
+from epd.inputs.patches import PatchPool, done_future, patches_from_file
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Connector
 
@@ -39,6 +42,7 @@ class _Job:
     content_hash: str
     item: EncodeItem
     num_tokens: int
+    patches: Future[torch.Tensor]  # uint8, made in the instance's PatchPool
     waiters: list[_Waiter] = field(default_factory=list)
 
 
@@ -59,12 +63,13 @@ class EncoderWorker:
         self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
         self.merge = model.config.vision.spatial_merge_size**2
         self.queue: OrderedDict[str, _Job] = OrderedDict()  # waiting for room or their turn
-        self.done: list[EncodeDone] = []
+        self.done: list[EncodeDone | EncodeFailed] = []
         self.num_encoded = 0
         self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
 
     def has_work(self) -> bool:
-        return bool(self.queue)
+        """Whether a step would do something: an image whose patches are made (or failed)."""
+        return any(job.patches.done() for job in self.queue.values())
 
     @property
     def queued_patches(self) -> int:
@@ -83,12 +88,13 @@ class EncoderWorker:
                 self.queue[item.content_hash].waiters.append(waiter)
             else:
                 grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
-                self.queue[item.content_hash] = _Job(item.content_hash, item, grid_tokens, [waiter])
+                patches = self.decode_pixels.patches(item)  # decoding starts now, off this thread
+                self.queue[item.content_hash] = _Job(item.content_hash, item, grid_tokens, patches, [waiter])
         if hits:
             events = [LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, i) for i in hits]
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events))
 
-    def step(self) -> list[EncodeDone]:
+    def step(self) -> list[EncodeDone | EncodeFailed]:
         """Encode what fits (patch budget, cache room), ship it; return completion reports."""
         batch = self._take_batch()
         if batch:
@@ -97,8 +103,16 @@ class EncoderWorker:
         return done
 
     def _take_batch(self) -> list[_Job]:
+        """Jobs in arrival order whose patches are made, within the patch budget and cache room.
+        One still decoding is passed over, not waited for; one that failed is reported."""
         batch, patches = [], 0
         for content_hash, job in list(self.queue.items()):
+            if not job.patches.done():
+                continue
+            if job.patches.exception() is not None:
+                del self.queue[content_hash]
+                self._report_failure(job, job.patches.exception())
+                continue
             job_patches = job.num_tokens * self.merge
             if batch and patches + job_patches > self.max_batch_patches:
                 break
@@ -111,7 +125,7 @@ class EncoderWorker:
 
     def _encode(self, batch: list[_Job]) -> None:
         start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)
-        pixels = torch.cat([self.decode_pixels(job.item) for job in batch])
+        pixels = torch.cat([self.decode_pixels.expand(job.patches.result()) for job in batch])
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
         if self.device.type == "cuda":
@@ -152,6 +166,15 @@ class EncoderWorker:
                 EncodeDone(self.instance, request_id, [w.index for w in waiters], joined, events)
             )
 
+    def _report_failure(self, job: _Job, error: BaseException) -> None:
+        if not isinstance(error, InvalidInputError):
+            raise error  # a bug, not a bad file: let the instance fail loudly
+        by_request: dict[str, list[int]] = {}
+        for w in job.waiters:
+            by_request.setdefault(w.request_id, []).append(w.index)
+        for request_id, indices in by_request.items():
+            self.done.append(EncodeFailed(self.instance, request_id, indices, f"image {indices[0]}: {error}"))
+
     def release(self, content_hash: str, dest: str) -> None:
         """`dest` has its copy: one pin less (none if `dest_gone` released it already)."""
         key = (content_hash, dest)
@@ -175,14 +198,28 @@ class EncoderWorker:
 
 
 class PixelDecoder:
-    """EncodeItems carry uint8 patches; the tower takes normalised float32 ones, made on `device`
+    """The tower takes normalised float32 patches; images travel as files or uint8 patches. Makes
+    the uint8 patches (a file: decoded in the instance's `PatchPool`) and expands them on `device`
     (a lookup per value, bit-exact to the processor: epd.inputs.image_processor.expand_patches)."""
 
-    def __init__(self, cfg: ImageProcessorConfig, device: torch.device) -> None:
+    def __init__(
+        self, cfg: ImageProcessorConfig, device: torch.device, pool: PatchPool | None = None
+    ) -> None:
+        self.cfg = cfg
         self.table = normalization_table(cfg).to(device)
         self.temporal_patch_size = cfg.temporal_patch_size
         self.device = device
+        self.pool = pool
 
-    def __call__(self, item: EncodeItem) -> torch.Tensor:
-        raw = torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(-1, item.raw_dim)
+    def patches(self, item: EncodeItem) -> Future[torch.Tensor]:
+        """The item's uint8 patches: at once if they came made, else from a pool thread (whose
+        exception is an `InvalidInputError` when the file is bad)."""
+        if not item.file:
+            raw = torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(-1, item.raw_dim)
+            return done_future(raw)
+        if self.pool is None:
+            raise RuntimeError("an image file reached an instance without a patch pool")
+        return self.pool.submit(patches_from_file, item.file, self.cfg, tuple(item.grid))
+
+    def expand(self, raw: torch.Tensor) -> torch.Tensor:
         return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size)

@@ -4,7 +4,7 @@ What P sends for one request, over one connector pair (FIFO, so D sees it in thi
 
 | kv_streaming | during the prefill forward       | after the first token was sampled                     |
 |--------------|----------------------------------|-------------------------------------------------------|
-| request      | -                                | kv:<rid> {kv, generator_state?}, request meta         |
+| request      | -                                | kv:<rid> {kv}, request meta                           |
 | layer        | kvl:<rid>:<i> {kv: layer i KV},  | D continues the request:                              |
 |              |   i = 0 .. L-1, as each layer    |   kv:<rid> {generator_state?}, request meta plus      |
 |              |   finishes                       |   streamed_layers = L                                 |
@@ -12,13 +12,19 @@ What P sends for one request, over one connector pair (FIFO, so D sees it in thi
 |              |                                  |   kv:<rid> {}, meta {request_id, discard: True}       |
 
 D holds the layer parts until the `kv:` message says what to do with them, so every part is
-either assembled into a request's KV or dropped: the `kv:` message always follows its parts
-(P sends both within one engine step), and an abort on D drops what has arrived so far.
+either assembled into a request's KV or dropped: P sends the `kv:` message after its parts
+(both within one engine step), and an abort on D drops what has arrived so far. A part whose send
+failed is sent again (epd.transfer.retry) and may then arrive after the `kv:` message: D holds
+that message until its last part is in (`LayerParts.missing`). If the part never comes, P reports
+the failure and the router aborts the request on D, which drops the held message with its parts.
 
 An abort travels router -> D on the control socket, the KV P -> D through the connector: nothing
 orders the two, so an abort can reach D before the KV P had already sent (the client hung up at the
 first token). D remembers such aborts (`AbortedBeforeKV`) and drops what arrives for them later,
 instead of decoding for nobody.
+
+No generator state travels: a seeded request's draws depend only on its seed and how many tokens
+it has (epd.engine.sampler.draw_seed), which the meta carries.
 """
 
 from __future__ import annotations
@@ -61,8 +67,6 @@ class KVSender:
         """The final message: the whole KV, or (kv None) the count of the layers streamed before."""
         rid = request.request_id
         tensors = {} if kv is None else {"kv": kv}
-        if request.generator is not None:
-            tensors["generator_state"] = request.generator.get_state()
         meta = handoff_meta(request)
         if kv is None:
             meta["streamed_layers"] = self.layers_sent.pop(rid)
@@ -120,6 +124,14 @@ class LayerParts:
         meta = received.meta
         self.parts.setdefault(meta["request_id"], {})[meta["layer"]] = received.tensors["kv"]
         self.received_total += 1
+
+    def missing(self, received: Received) -> list[int]:
+        """The streamed layers a `kv:` message stands for that have not arrived (yet)."""
+        meta = received.meta
+        if meta.get("discard") or "streamed_layers" not in meta:
+            return []
+        parts = self.parts.get(meta["request_id"], {})
+        return [i for i in range(meta["streamed_layers"]) if i not in parts]
 
     def complete(self, received: Received) -> torch.Tensor | None:
         """The full KV [layers, 2, tokens, kv_heads, head_dim] a `kv:` message stands for: sent whole,

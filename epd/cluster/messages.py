@@ -2,8 +2,8 @@
 
 Grouped by the process that receives them. Encoded as msgpack by msgspec (tagged
 unions, so one socket carries every message type). Bulk tensors (image embeddings,
-KV) never travel here: they go through a connector; pixel patches do, once, from the
-router to the encoder that will consume them. Updates carry diffs (new tokens since the
+KV) never travel here: they go through a connector; image files do, once, from the
+router to the encoder that will decode and encode them. Updates carry diffs (new tokens since the
 last update), not whole requests.
 """
 
@@ -19,11 +19,15 @@ from epd.sampling_params import SamplingParams
 
 
 class EncodeItem(msgspec.Struct):
+    """One image to encode: its file as the client sent it (the encoding side decodes it), or,
+    where it was processed already (a PIL image given offline), its uint8 patches."""
+
     index: int  # image index within its request
     content_hash: str
     grid: tuple[int, int, int]
-    pixels: bytes  # uint8 patches before normalisation, [t*h*w, raw_dim] (see ImageInput.raw_patches)
+    pixels: bytes  # uint8 patches before normalisation, [t*h*w, raw_dim]; b"" when `file` is set
     raw_dim: int
+    file: bytes = b""  # the image file (PNG, JPEG...): decoded by the encoding instance
 
 
 class EncodeTask(msgspec.Struct, tag=True):
@@ -151,11 +155,31 @@ class EncodeDone(msgspec.Struct, tag=True):
     events: list[LifetimeEvent]
 
 
+class EncodeFailed(msgspec.Struct, tag=True):
+    """These images of a request cannot be encoded: their files are bad (found when decoded)."""
+
+    instance: str
+    request_id: str
+    items: list[int]
+    error: str
+
+
 class EmbeddingArrived(msgspec.Struct, tag=True):
     instance: str
     content_hash: str
     source: str  # the encoder's connector address
     events: list[tuple[str, LifetimeEvent]]  # (request_id, MM_TRANSFER_END) per waiting request
+
+
+class EmbeddingNotSent(msgspec.Struct, tag=True):
+    """An encoder's send of an image's embeddings to the prefill instance at data address `dest`
+    failed for good (its connector's retries used up): they will not come. The encoder unpinned
+    that copy; the router tells P (`EmbeddingsLost`), whose waiting requests ask again."""
+
+    instance: str
+    content_hash: str
+    dest: str
+    error: str
 
 
 class RequestUpdate(msgspec.Struct, tag=True):
@@ -183,6 +207,7 @@ class RequestError(msgspec.Struct, tag=True):
     instance: str
     request_id: str
     error: str
+    invalid_input: bool = False  # the request's own input is at fault (a corrupt image): a 400
 
 
 class SetRolesReply(msgspec.Struct, tag=True):
@@ -199,7 +224,9 @@ ToRouter = (
     | NeedEmbeddings
     | EmbeddingsEvicted
     | EncodeDone
+    | EncodeFailed
     | EmbeddingArrived
+    | EmbeddingNotSent
     | RequestUpdate
     | RequestError
     | InstanceStats

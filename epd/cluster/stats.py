@@ -27,9 +27,12 @@ STAT_HELP = {
     "step_seconds_total": "seconds spent in engine steps",
     "transfer_bytes_total": "bytes sent through the connector",
     "transfer_seconds_total": "seconds from send to completion, summed over transfers",
+    "transfer_retries_total": "failed sends sent again on the same pair (--transfer-retries each at most)",
+    "transfer_gave_up_total": "sends still failing after their last retry, reported to the router",
     "preemptions_total": "requests preempted for lack of KV blocks",
     "kv_parts_buffered": "streamed KV layers held on a decode instance until their request's hand-off",
     "kv_parts_received_total": "streamed KV layers received by a decode instance",
+    "kv_handoffs_awaiting_layers": "KV hand-offs held on a decode instance until their retried layers arrive",
     "kv_aborts_remembered": "aborted requests a decode instance remembers until their late KV arrives",
     "kv_late_handoffs_dropped_total": "KV hand-offs dropped by a decode instance: their request was aborted",
     # Kept by the router and the cluster, about an instance that died (epd.cluster.router.recovery):

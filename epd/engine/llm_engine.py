@@ -40,6 +40,8 @@ from epd.engine.request import Request
 from epd.engine.sampler import Sampler
 from epd.engine.scheduler import ScheduledBatch, Scheduler
 from epd.engine.stop import refresh_text, update_text_and_check_stop
+from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.patches import PatchPool
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event
@@ -73,6 +75,8 @@ class LLMEngine:
         `model_parts`: what computes (epd.engine.factory): the model by default."""
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         self.clock = clock
+        self._patch_pool: PatchPool | None = None  # made on the first image file (prepare_images)
+        self._image_config: ImageProcessorConfig | None = None
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
@@ -141,7 +145,7 @@ class LLMEngine:
     ) -> Request:
         """Queue a request for prefill. `earlier_token_ids`: outputs it produced before (elsewhere:
         a continuation), prefilled after the prompt; its next token follows them."""
-        request = self.new_request(request_id, prompt, params, arrival_time)
+        request = self.new_request(request_id, self.prepare_images(prompt), params, arrival_time)
         self._continue_after(request, earlier_token_ids)
         request.record(Event.PREFILL_QUEUED, self.clock.now(), self.instance)
         self._enqueue(request)
@@ -264,8 +268,22 @@ class LLMEngine:
     def missing_roles(self) -> list[str]:
         return []  # it holds every role, as long as this process lives
 
+    def prepare_images(self, prompt: ProcessedPrompt) -> ProcessedPrompt:
+        """The prompt with its images' patches made from their files, the images in parallel on
+        threads of the engine's `PatchPool`: what this in-process engine encodes from. Call it
+        before `add_request`, off the thread that steps the engine (the server does, in its
+        preprocessing threads); `add_request` does it itself for a prompt that skipped it."""
+        if all(img.pixel_values is not None for img in prompt.images):
+            return prompt
+        if self._patch_pool is None:
+            self._patch_pool = PatchPool()
+            self._image_config = ImageProcessorConfig.from_pretrained(self.config.model.model)
+        return self._patch_pool.prepare(prompt, self._image_config)
+
     def shutdown(self) -> None:
-        pass  # no process of its own: its memory goes with the last reference
+        # No process of its own: its memory goes with the last reference; its decoding threads stop.
+        if self._patch_pool is not None:
+            self._patch_pool.close()
 
     def stats(self) -> dict[str, float]:
         """Scheduler and cache figures now (see epd.cluster.stats.STAT_HELP)."""
@@ -364,21 +382,29 @@ class LLMEngine:
             req.output_token_ids.append(token)
             if lp is not None:
                 req.output_logprobs.append(self._with_text(lp))
-            self._record_first_token(req)
+            first = self._first_sampled_here(req)
+            if first:
+                self._record_first_token(req)
             update_text_and_check_stop(req, self.tokenizer.decode, self.eos_token_ids, self.max_model_len)
             if req.finish_reason is not None:
                 req.metrics.finished_time = self.clock.now()
                 req.record(Event.FINISHED, req.metrics.finished_time, self.instance)
                 self._forget(req)
                 self.streamer.finished(req)
-            elif self.handoff is not None and len(req.output_token_ids) == 1:
+            elif self.handoff is not None and first:
                 self._hand_off(req)
             advanced.append(req)
         return advanced
 
+    def _first_sampled_here(self, req: Request) -> bool:
+        """Whether the token just sampled is the first this engine sampled after prefilling `req`:
+        its first output, or, for a continuation, the one after its earlier tokens. A request handed
+        off here (its KV computed elsewhere, where that token was sampled) has none."""
+        if req.metrics.first_token_time is not None:
+            return False
+        return any(e.event is Event.PREFILL_START for e in req.metrics.events)
+
     def _record_first_token(self, req: Request) -> None:
-        if len(req.output_token_ids) != 1:
-            return
         now = req.metrics.first_token_time = self.clock.now()
         req.record(Event.PREFILL_END, now, self.instance)
         if self.handoff is None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epd.engine.detokenizer import IncrementalDetokenizer
+from epd.engine.sampler import draw_seed
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.models.mrope import mrope_positions
@@ -42,7 +43,8 @@ class Request:
     prompt: ProcessedPrompt
     params: SamplingParams
     merge_size: int
-    generator: torch.Generator | None = None
+    # A seeded request's own generator; read it as `generator`, which sets it for the next draw.
+    seeded_generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.time)
 
     status: RequestStatus = RequestStatus.WAITING
@@ -75,6 +77,18 @@ class Request:
 
     def record(self, event: Event, at: float, instance: str | None = None, item: int | None = None) -> None:
         self.metrics.events.append(LifetimeEvent(event, at, instance, item))
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The seeded request's generator, set for drawing its next token; None when unseeded.
+
+        Its state is `draw_seed(seed, tokens generated so far)` whenever it is read, whatever
+        earlier draws left in it: a request that arrives with earlier tokens (a continuation, a
+        hand-off) draws what it would have drawn undisturbed, with no generator state carried over.
+        """
+        if self.seeded_generator is not None and self.params.seed is not None:
+            self.seeded_generator.manual_seed(draw_seed(self.params.seed, len(self.output_token_ids)))
+        return self.seeded_generator
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -4,6 +4,12 @@ Style note: this runs every decode step. Masking is vectorised over the batch; o
 multinomial draw loops over rows, because each seeded request owns its own generator.
 A row's result must not depend on the other rows in the batch (seeded reproducibility), so every
 row goes through the same ops in token-id order whatever features its neighbours use.
+
+A seeded request's draw of output token n starts from `draw_seed(seed, n)`, never from what its
+earlier draws left in the generator (epd.engine.request: `Request.generator`). So its tokens depend
+on (seed, position) alone: a request continued on another instance after a death (prompt and
+tokens so far prefilled again: epd.cluster.router.recovery) draws exactly what it would have drawn
+undisturbed, whatever amount of randomness the device's multinomial used per draw before.
 """
 
 from __future__ import annotations
@@ -15,6 +21,20 @@ import torch
 
 from epd.outputs import Logprob, PositionLogprobs
 from epd.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of a seeded request's draw of output token `position` (0: the first).
+
+    splitmix64 of (seed, position): neighbouring seeds and positions give unrelated streams.
+    Any seed torch accepts ([-2**63, 2**64 - 1]) works; the result is in [0, 2**64).
+    """
+    x = ((seed & _MASK64) + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 @dataclass

@@ -181,7 +181,7 @@ class ScriptedVision(torch.nn.Module):
     def __init__(self, config: VLModelConfig, dtype: torch.dtype, cost: VirtualCost | None = None) -> None:
         super().__init__()
         self.config, self.dtype, self.cost = config, dtype, cost
-        self.hidden = config.vision.out_hidden_size
+        self.hidden = config.mm_embed_width
         self.merge = config.vision.spatial_merge_size**2
 
     def encode_images(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ async and never blocks on the model.
     engine = AsyncEngine(EngineArgs(model=...))
     async for out in engine.generate(prompt, params, request_id):   # cumulative outputs
         ...
+    record = await engine.set_roles("P1", "D")   # once it rejoined (epd.cluster.router.role_switch)
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+from epd.entrypoints.backend import role_control
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputProcessor
 from epd.inputs.types import ProcessedPrompt
@@ -35,7 +37,9 @@ class AsyncEngine:
         self.args = args = args.resolved()  # a Hub id: its local snapshot, for every consumer
         self.processor = InputProcessor.from_pretrained(args.model, limits=args.limits)
         self.engine = args.build(self.processor)
+        self.roles = role_control(self.engine)
         self.max_model_len = self.engine.max_model_len
+        self._switch_waiters: set[Callable[[object], None]] = set()  # engine thread only
         self._submit: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, SamplingParams]] = {}
         self._stop = threading.Event()
@@ -77,6 +81,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
+    def prepare_images(self, prompt: ProcessedPrompt) -> ProcessedPrompt:
+        """From a worker thread, before `generate`: see EngineBackend.prepare_images (blocks)."""
+        return self.engine.prepare_images(prompt)
+
     @property
     def num_requests(self) -> int:
         """Requests admitted and not finished (for admission control)."""
@@ -101,6 +109,37 @@ class AsyncEngine:
         """Each instance's liveness; none is up for the API once the engine thread is gone."""
         running = self.is_running()
         return {name: up and running for name, up in self.engine.instances_up().items()}
+
+    def instances(self) -> list[dict]:
+        """Every instance: {"id", "roles", "device", "state"} (epd.entrypoints.backend.RoleControl)."""
+        running = self.is_running()
+        return [i if running else {**i, "state": "down"} for i in self.roles.instances()]
+
+    def role_switches(self) -> list[dict]:
+        return self.roles.role_switches()
+
+    async def set_roles(self, instance: str, roles: str) -> dict:
+        """Switch `instance` to `roles`; the switch's record once it rejoined (or failed: its
+        "error"). A SwitchError (epd.cluster.router.role_switch) if it cannot start."""
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(result: object) -> None:
+            if not done.done():
+                if isinstance(result, BaseException):
+                    done.set_exception(result)
+                else:
+                    done.set_result(result)
+
+        def reply(result: object) -> None:  # from the engine thread
+            try:
+                loop.call_soon_threadsafe(settle, result)
+            except RuntimeError:
+                pass  # the event loop is closed: nobody waits any more
+
+        self._post(("roles", instance, roles, reply))
+        return await done
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop, abort what is left, stop every instance process. Idempotent."""
@@ -132,6 +171,9 @@ class AsyncEngine:
             self._error = err
             for request_id in list(self._streams):
                 self._push(request_id, RuntimeError(f"engine failed: {err}"))
+        finally:
+            for waiter in list(self._switch_waiters):
+                waiter(RuntimeError("the engine stopped before the role switch finished"))
 
     def _wait_for_work(self) -> None:
         self._deliver(self.engine.poll_idle())
@@ -160,6 +202,21 @@ class AsyncEngine:
                 self._push(request_id, err)
         elif item[0] == "abort":
             self.engine.abort_request(item[1])
+        elif item[0] == "roles":
+            self._start_switch(*item[1:])
+
+    def _start_switch(self, instance: str, roles: str, reply: Callable[[object], None]) -> None:
+        from epd.cluster.router.role_switch import SwitchError
+
+        def done(record: object) -> None:
+            self._switch_waiters.discard(done)
+            reply(record)
+
+        self._switch_waiters.add(done)
+        try:
+            self.roles.set_roles(instance, roles, done)
+        except SwitchError as err:
+            done(err)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

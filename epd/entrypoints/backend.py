@@ -8,10 +8,15 @@
 
 `LLM` and `AsyncEngine` use only these methods, so a new backend (a Ray launcher, the
 simulator's virtual cluster) plugs in without an `isinstance` in the entry points.
+
+Role control (`RoleControl`: list the instances, switch one's roles) is a second protocol: a
+`Cluster` offers it; `role_control` wraps a backend that does not (the in-process engine) in
+`FixedRoles`, one instance that holds every role and refuses to change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from epd.inputs.types import ProcessedPrompt
@@ -24,6 +29,12 @@ class EngineBackend(Protocol):
     @property
     def max_model_len(self) -> int:
         """Longest prompt + output any request may have."""
+        ...
+
+    def prepare_images(self, prompt: ProcessedPrompt) -> ProcessedPrompt:
+        """What `add_request` wants of the prompt's images, made on the caller's thread (which
+        may block): the patches for an engine that encodes in this process; nothing for a
+        cluster (its encoding instances decode the files)."""
         ...
 
     def add_request(
@@ -69,3 +80,67 @@ class EngineBackend(Protocol):
     def shutdown(self) -> None:
         """Stop every process the backend started. Idempotent."""
         ...
+
+
+@runtime_checkable
+class RoleControl(Protocol):
+    def instances(self) -> list[dict]:
+        """Every instance as {"id", "roles" (letters, "PD"), "device", "state" (up, draining,
+        switching, down)}."""
+        ...
+
+    def set_roles(self, instance: str, roles: str, on_done: Callable[[dict], None]) -> None:
+        """Start switching `instance` to `roles` ("P"); `on_done` hears the switch's record
+        (epd.cluster.router.role_switch.RoleSwitch.to_dict) once it rejoined or failed. Raises a
+        SwitchError (same module) when it cannot start. Called from the thread that steps."""
+        ...
+
+    def role_switches(self) -> list[dict]:
+        """Every finished switch's record, oldest first."""
+        ...
+
+
+class FixedRoles:
+    """The role control of a backend that cannot switch: one instance in this process, every role."""
+
+    def __init__(self, backend: EngineBackend) -> None:
+        self.backend = backend
+
+    def _name(self) -> str:
+        return next(iter(self.backend.instances_up()))
+
+    def instances(self) -> list[dict]:
+        device = str(getattr(self.backend, "device", "cpu"))
+        up = self.backend.instances_up()[self._name()]
+        return [{"id": self._name(), "roles": "EPD", "device": device, "state": "up" if up else "down"}]
+
+    def set_roles(self, instance: str, roles: str, on_done: Callable[[dict], None]) -> None:
+        from epd.cluster.instance.roles import Loaded, parse_roles, refusal
+        from epd.cluster.layout import Role
+        from epd.cluster.router.role_switch import (
+            BadRoles,
+            RoleSwitch,
+            SwitchRefused,
+            SwitchState,
+            UnknownInstance,
+        )
+
+        name = self._name()
+        if instance != name:
+            raise UnknownInstance(f"no instance {instance!r} (instances: {name})")
+        try:
+            wanted = parse_roles(roles)
+        except ValueError as err:
+            raise BadRoles(str(err)) from None
+        every = frozenset(Role)
+        why = refusal(name, every, wanted, Loaded(True, True, True), {})
+        if why is not None:
+            raise (BadRoles if not wanted else SwitchRefused)(why)
+        on_done(RoleSwitch(name, "EPD", "EPD", 0.0, SwitchState.DONE, 0.0, 0.0, 0.0).to_dict())  # no change
+
+    def role_switches(self) -> list[dict]:
+        return []
+
+
+def role_control(backend: EngineBackend) -> RoleControl:
+    return backend if isinstance(backend, RoleControl) else FixedRoles(backend)

@@ -1,4 +1,5 @@
-"""Offline inference in the shape of vLLM's `LLM`: `generate`, `chat`, `shutdown`.
+"""Offline inference in the shape of vLLM's `LLM`: `generate`, `chat`, `shutdown`; and the
+instances' roles: `instances`, `set_roles` (what /admin/instances does online).
 
 from epd import LLM, SamplingParams
 with LLM(model="path/to/Qwen2.5-VL", device="cpu") as llm:
@@ -17,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from epd.cluster.layout import Layout
-from epd.entrypoints.backend import EngineBackend
+from epd.entrypoints.backend import EngineBackend, role_control
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputLimits, InputProcessor
 from epd.inputs.types import ProcessedPrompt
@@ -78,6 +79,21 @@ class LLM:
     def get_tokenizer(self):
         return self.processor.tokenizer
 
+    def instances(self) -> list[dict]:
+        """Every instance as {"id", "roles" ("PD"), "device", "state" (up, draining, switching, down)}."""
+        return role_control(self._engine()).instances()
+
+    def set_roles(self, instance: str, roles: str) -> dict:
+        """Switch `instance` ("P1") to `roles` ("D"): it drains, reconfigures and rejoins before this
+        returns the switch's record, with seconds per phase in "timings" (and "error" if it failed).
+        A SwitchError (epd.cluster.router.role_switch) names what cannot be switched and why."""
+        engine = self._engine()
+        done: list[dict] = []
+        role_control(engine).set_roles(instance, roles, done.append)
+        while not done:
+            engine.step()  # between generate calls no request of ours runs: no output to keep
+        return done[0]
+
     def shutdown(self) -> None:
         """Release the engine (model weights and KV cache) and stop every instance process. Idempotent."""
         if self.engine is not None:
@@ -99,7 +115,7 @@ class LLM:
         added = []
         try:
             for request_id, prompt, p in zip(ids, prompts, param_list):
-                engine.add_request(request_id, prompt, p)
+                engine.add_request(request_id, engine.prepare_images(prompt), p)
                 added.append(request_id)
             return self._drain(engine, ids, use_tqdm)
         except BaseException:

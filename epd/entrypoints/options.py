@@ -109,6 +109,14 @@ class EngineArgs:
         "P -> D KV: layer by layer during prefill, or whole after it (auto: layer with cuda_ipc)",
         choices=("auto", "layer", "request"),
     )
+    transfer_retries: int = option(
+        2,
+        "times a failed transfer (embeddings E -> P, KV P -> D) is sent again on the same pair; "
+        "after the last the request is placed anew on other instances, or fails",
+    )
+    transfer_timeout: float = option(
+        30.0, "seconds one attempt of a transfer waits for its receiver to take it before it fails"
+    )
     dtype: str = option("float32", "weights", choices=("float32", "float16", "bfloat16"))
     load_format: str = option(
         "safetensors",
@@ -212,6 +220,8 @@ class EngineArgs:
             devices=self.devices or self.device,
             transfer=self.transfer,
             kv_streaming=self.kv_streaming,
+            transfer_retries=self.transfer_retries,
+            transfer_timeout_s=self.transfer_timeout,
             mm_cache_bytes=self.mm_cache_bytes,
             silence_timeout_s=self.instance_silence_timeout,
             max_restarts=self.instance_restarts,

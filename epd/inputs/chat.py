@@ -40,7 +40,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from epd.inputs.errors import InvalidInputError
-from epd.inputs.image import ImageSource
+from epd.inputs.image import DataURL, ImageSource
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -172,9 +172,12 @@ def _check_part(part: Any, where: str, images: list[ImageSource]) -> None:
         )
 
 
-def _image_url(value: Any, where: str) -> str:
-    # OpenAI sends {"url": ..., "detail": ...}; some clients send the URL string itself.
+def _image_url(value: Any, where: str) -> str | DataURL:
+    # OpenAI sends {"url": ..., "detail": ...}; some clients send the URL string itself. The
+    # server hands over base64 data URLs already split (DataURL: lifted out of the body).
     url = value.get("url") if isinstance(value, dict) else value
+    if isinstance(url, DataURL):
+        return url
     if not isinstance(url, str) or not url:
         raise InvalidInputError(f"{where} of type 'image_url' needs 'image_url': {{'url': <string>}}")
     return url

@@ -21,22 +21,38 @@ Every failure the caller caused raises `InvalidInputError`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import errno
 import hashlib
 import io
 import os
 import stat
+import struct
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from epd.inputs.errors import InvalidInputError
 
-ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+
+@dataclass(frozen=True)
+class DataURL:
+    """A base64 data URL already split (the server lifts them out of request bodies before
+    parsing: epd.server.blobs): its media type and its base64 text, still encoded."""
+
+    media_type: str
+    payload: memoryview | bytes
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike | DataURL
 # (url, max_image_bytes) -> the bytes behind an http(s) URL; raises InvalidInputError. The
 # server's epd.server.fetch.RemoteMediaFetcher is one (it refuses private addresses).
 RemoteFetcher = Callable[[str, int | None], bytes]
@@ -77,7 +93,7 @@ def load_image(
 
 
 def read_image_bytes(
-    source: bytes | bytearray | memoryview | str | os.PathLike,
+    source: bytes | bytearray | memoryview | str | os.PathLike | DataURL,
     *,
     allowed_local_media_path: str | None = None,
     max_image_bytes: int | None = None,
@@ -88,6 +104,9 @@ def read_image_bytes(
         data = bytes(source)
         _check_bytes(len(data), max_image_bytes)
         return data
+    if isinstance(source, DataURL):
+        _check_media_type(source.media_type)
+        return _decode_base64(source.payload, max_image_bytes)
     if isinstance(source, os.PathLike):
         return _read_local_file(os.fspath(source), allowed_local_media_path, max_image_bytes)
     if not isinstance(source, str):
@@ -101,19 +120,24 @@ def read_image_bytes(
 
 def decode_image_bytes(data: bytes, *, max_image_pixels: int | None = None) -> Image.Image:
     """Decode encoded image bytes (first frame of animations) into an RGB image."""
+    img = _open(data)
+    # The header gives the size: refuse decompression bombs before decoding any pixel.
+    _check_pixels(img.size, max_image_pixels)
+    return _finish(img)
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image behind `data`, header parsed, no pixel decoded; input errors for anything else."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
         raise InvalidInputError(f"image has too many pixels: {e}") from None
     except UnidentifiedImageError:
         raise InvalidInputError(
             f"data is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidInputError(f"cannot read image header: {e}") from None
-    # The header gives the size: refuse decompression bombs before decoding any pixel.
-    _check_pixels(img.size, max_image_pixels)
-    return _finish(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -126,6 +150,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel."""
+
+    format: str
+    width: int  # after EXIF orientation: the size the decoded image will have
+    height: int
+
+
+def read_image_header(data: bytes, *, max_image_pixels: int | None = None) -> ImageHeader:
+    """The format and oriented size of encoded image bytes, with the format and pixel checks of
+    `decode_image_bytes`, in ~20 us instead of the ~16 ms a 1280x960 PNG takes to decode.
+
+    The orientation comes from EXIF where the format keeps it before the pixel data (JPEG, WebP,
+    TIFF, PNG's eXIf before IDAT); an encoder that decodes to another size refuses the image
+    (epd.inputs.patches), so a header that misleads costs an error, never wrong tokens.
+    """
+    img = _open(data)
+    _check_pixels(img.size, max_image_pixels)
+    width, height = img.size
+    if _orientation(img) in _SWAPS_SIDES:
+        width, height = height, width
+    return ImageHeader(img.format or "", width, height)
+
+
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
+_EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1 = as stored), read from what `Image.open` parsed. A PNG's is read from
+    the chunks before its pixel data: its `getexif()` would decode the whole image to look for
+    a late eXIf chunk."""
+    if img.format == "TIFF":
+        return 1  # Pillow applies a TIFF's orientation itself: its size is the oriented one
+    if img.format != "PNG":
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+        return 1  # as exif_transpose: an unreadable EXIF block orients nothing
+    return int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+
+
+def image_key(data: bytes) -> str:
+    """The cache key of an image given as file bytes: BLAKE3 of the bytes as received.
+
+    Every cache uses it (the router's view, the encoder and prefill MM caches, the KV prefix
+    cache's extra keys), so one image is encoded once wherever it recurs. It names the file, not
+    the pixels: the same picture re-encoded (another PNG compression, a JPEG) is another key and
+    is encoded again; never the reverse. A cryptographic hash (BLAKE3, ~6 GB/s, 0.6 ms for a
+    3.7 MB PNG on one core), because a key collision would hand one client's image embeddings
+    to another's request.
+    """
+    return "b3:" + blake3.blake3(data).hexdigest()
 
 
 def image_content_hash(img: Image.Image) -> str:
@@ -166,20 +251,38 @@ def _decode_data_url(url: str, max_image_bytes: int | None) -> bytes:
     if not comma:
         raise InvalidInputError("malformed data URL: no ',' before the data")
     media_type, *params = header.split(";")
-    media_type = media_type.strip().lower()
-    if not (media_type.startswith("image/") or media_type in _DATA_URL_MEDIA_TYPES):
-        raise InvalidInputError(f"data URL media type {media_type!r} is not an image")
+    _check_media_type(media_type.strip().lower())
     if "base64" not in (p.strip().lower() for p in params):
         data = urllib.parse.unquote_to_bytes(payload)
-    else:
-        # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
-        _check_bytes(len(payload) // 4 * 3 - 2, max_image_bytes)
-        try:
-            data = base64.b64decode(payload)
-        except (binascii.Error, ValueError) as e:
-            raise InvalidInputError(f"data URL has invalid base64: {e}") from None
+        _check_bytes(len(data), max_image_bytes)
+        return data
+    return _decode_base64(payload, max_image_bytes)
+
+
+def _check_media_type(media_type: str) -> None:
+    if not (media_type.startswith("image/") or media_type in _DATA_URL_MEDIA_TYPES):
+        raise InvalidInputError(f"data URL media type {media_type!r} is not an image")
+
+
+def _decode_base64(payload: str | bytes | memoryview, max_image_bytes: int | None) -> bytes:
+    # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
+    _check_bytes(len(payload) // 4 * 3 - 2, max_image_bytes)
+    try:
+        data = _b64decode(payload)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInputError(f"data URL has invalid base64: {e}") from None
     _check_bytes(len(data), max_image_bytes)
     return data
+
+
+def _b64decode(payload: str | bytes | memoryview) -> bytes:
+    """SIMD base64 (pybase64): ~0.2-1.5 ms for a 5 MB payload where the standard library takes
+    ~10 ms, the front end's largest per-image cost after JSON. Strict first (its fast path); then,
+    as the standard library's default, skipping characters outside the alphabet (line breaks)."""
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return pybase64.b64decode(payload)
 
 
 def _read_url(

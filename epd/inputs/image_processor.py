@@ -130,12 +130,18 @@ def process_image(
     image = to_rgb(image)
     if content_hash is None:
         content_hash = image_content_hash(image)
+    raw, grid = raw_patches(image, cfg)
+    pixel_values = expand_patches(raw, normalization_table(cfg), cfg.temporal_patch_size)
+    return ImageInput(pixel_values, grid, content_hash, raw_patches=raw)
+
+
+def raw_patches(image: Image.Image, cfg: ImageProcessorConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An RGB image resized and cut into uint8 patches, one frame ([N, C * P * P]), and its grid:
+    what `process_image` computes before rescaling and normalising."""
     h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     pixels = np.asarray(image.resize((w, h), resample=cfg.resample))  # [H, W, C] uint8
     raw = torch.from_numpy(patchify(pixels, cfg.patch_size, cfg.merge_size, 1, dtype=np.uint8))
-    pixel_values = expand_patches(raw, normalization_table(cfg), cfg.temporal_patch_size)
-    grid = (1, h // cfg.patch_size, w // cfg.patch_size)
-    return ImageInput(pixel_values, grid, content_hash, raw_patches=raw)
+    return raw, (1, h // cfg.patch_size, w // cfg.patch_size)
 
 
 def normalization_table(cfg: ImageProcessorConfig) -> torch.Tensor:

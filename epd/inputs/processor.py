@@ -18,19 +18,26 @@ text before tokenising: pads are special tokens, so both give the same ids.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
+from epd.inputs.cancel import image_loading_cancel_event, stop_if_cancelled
 from epd.inputs.chat import ChatTemplate, RenderedChat, load_chat_template
 from epd.inputs.errors import InvalidInputError
-from epd.inputs.image import ImageSource, RemoteFetcher, load_image
-from epd.inputs.image_processor import ImageProcessorConfig, process_image
+from epd.inputs.image import (
+    ImageSource,
+    RemoteFetcher,
+    image_key,
+    load_image,
+    read_image_bytes,
+    read_image_header,
+)
+from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, process_image
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
 
@@ -56,35 +63,6 @@ class VisionTokenIds:
     image_token_id: int
     vision_start_token_id: int | None = None
     video_token_id: int | None = None
-
-
-class ImageLoadingCancelled(Exception):
-    """`load_images` stopped between two steps: whoever wanted the images is gone."""
-
-
-_image_loading_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
-    "epd_image_loading_cancel", default=None
-)
-
-
-@contextmanager
-def cancel_image_loading_on(event: threading.Event) -> Iterator[None]:
-    """Within the block, in this thread, `load_images` raises ImageLoadingCancelled at its next
-    step (before decoding or preprocessing an image) once `event` is set.
-
-    A context variable rather than an argument: the server sets it around a request's whole
-    input processing, and images are loaded deep inside `process_chat`.
-    """
-    token = _image_loading_cancel.set(event)
-    try:
-        yield
-    finally:
-        _image_loading_cancel.reset(token)
-
-
-def _stop_if_cancelled(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise ImageLoadingCancelled()
 
 
 class InputProcessor:
@@ -176,25 +154,31 @@ class InputProcessor:
         return self.tokenizer.encode(chat.text)
 
     def load_images(self, sources: Sequence[ImageSource]) -> list[ImageInput]:
-        """Decode (with the configured limits) and preprocess each image, in order.
+        """Each image's bytes, checked (limits), keyed and sized from its header, in order.
 
-        Stops between steps once the event of `cancel_image_loading_on` is set: one image may
-        take a second or more, and a request may bring many.
+        No pixel is decoded here: the side that encodes an image makes its patches
+        (epd.inputs.patches). A PIL image (offline API) has no file to pass on, so it is
+        processed now. Stops between images once the event of `cancel_image_loading_on` is
+        set: reading a file or fetching a URL may take long, and a request may bring many.
         """
         lim = self.limits
-        cancel = _image_loading_cancel.get()
+        cancel = image_loading_cancel_event()
         images = []
         for src in sources:
-            _stop_if_cancelled(cancel)
-            img = load_image(
+            stop_if_cancelled(cancel)
+            if isinstance(src, Image.Image):
+                img = load_image(src, max_image_pixels=lim.max_image_pixels)
+                images.append(process_image(img, self.image_config))
+                continue
+            data = read_image_bytes(
                 src,
                 allowed_local_media_path=lim.allowed_local_media_path,
-                max_image_pixels=lim.max_image_pixels,
                 max_image_bytes=lim.max_image_bytes,
                 fetch_remote=lim.remote_fetcher,
             )
-            _stop_if_cancelled(cancel)
-            images.append(process_image(img, self.image_config))
+            header = read_image_header(data, max_image_pixels=lim.max_image_pixels)
+            grid = image_grid_thw(header.height, header.width, self.image_config)
+            images.append(ImageInput(None, grid, image_key(data), encoded=data))
         return images
 
     def _build(self, ids: list[int], sources: Sequence[ImageSource], text: str | None) -> ProcessedPrompt:

@@ -13,19 +13,26 @@ import torch
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image, resized, normalised and cut into patches, ready for the vision tower.
+    """One image of a prompt: its size in patches, its cache key, and its pixels in one of three forms.
 
-    `pixel_values` has shape [grid_t * grid_h * grid_w, channels * temporal_patch * patch * patch]
-    in the patch order the Qwen2-VL vision tower expects (merge groups contiguous).
-    `content_hash` identifies the decoded pixels: same pixels -> same hash, whatever the source.
-    `raw_patches`, where the processor kept them, are the same patches as uint8 before rescaling
-    and normalisation, one frame ([N, C * P * P]): what travels to another instance.
+    | form          | field          | made by                             | shape                |
+    |---------------|----------------|-------------------------------------|----------------------|
+    | file bytes    | `encoded`      | the front end (reads the header)    | PNG/JPEG/... as sent |
+    | uint8 patches | `raw_patches`  | the encoding side (inputs/patches)  | [N, C * P * P]       |
+    | float patches | `pixel_values` | the encoding side, on its device    | [N, C * T * P * P]   |
+
+    The front end keeps only the file bytes: decoding, resizing and patchifying happen where the
+    image is encoded (its instance's worker pool), so that work scales with the encoders.
+    `pixel_values` rows are in the patch order the Qwen2-VL vision tower expects (merge groups
+    contiguous). `content_hash` keys every cache (router, encoder and prefill MM caches, the KV
+    prefix cache): see `epd.inputs.image.image_key`.
     """
 
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None
     grid_thw: tuple[int, int, int]
     content_hash: str
     raw_patches: torch.Tensor | None = None
+    encoded: bytes | None = None
 
     @property
     def num_patches(self) -> int:

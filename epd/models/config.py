@@ -1,9 +1,18 @@
-"""The parts of a Hugging Face `config.json` our Qwen2-VL family code needs, as frozen dataclasses.
+"""The parts of a Hugging Face `config.json` our Qwen-VL family code needs, as frozen dataclasses.
 
 Checkpoints come in two shapes: the original flat one (text fields at the top level,
 `rope_scaling.mrope_section`, `rope_theta`) and transformers 5's nested one
 (`text_config`, `rope_parameters`). Both are read into the same objects here so the
 model code never looks at raw JSON.
+
+| field                     | Qwen2-VL / Qwen2.5-VL     | Qwen3-VL                                 |
+|---------------------------|---------------------------|------------------------------------------|
+| text `head_dim`           | hidden / heads            | `head_dim` of the config                 |
+| text `attention_bias`     | True (q/k/v have biases)  | False                                    |
+| text `qk_norm`            | False                     | True: RMSNorm of each q and k head       |
+| text `mrope_interleaved`  | False: t, h, w sections   | True: t/h/w bands interleaved            |
+| vision `variant`          | "qwen2_vl", "qwen2_5_vl"  | "qwen3_vl"                               |
+| vision `deepstack_...`    | ()                        | blocks whose outputs also feed the LLM   |
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epd.models.registry import QWEN2_VL, check_architecture
+from epd.models.registry import QWEN2_VL, QWEN3_VL, check_architecture
 
 
 @dataclass(frozen=True)
@@ -30,17 +39,22 @@ class TextConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     hidden_act: str = "silu"
+    explicit_head_dim: int | None = None  # Qwen3's `head_dim`; None: hidden / heads
+    attention_bias: bool = True
+    qk_norm: bool = False
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """Vision tower shape. `variant` is "qwen2_vl" (LayerNorm + GELU MLP, full attention in
-    every block) or "qwen2_5_vl" (RMSNorm + gated MLP, window attention except in
-    `fullatt_block_indexes`)."""
+    every block), "qwen2_5_vl" (RMSNorm + gated MLP, window attention except in
+    `fullatt_block_indexes`) or "qwen3_vl" (LayerNorm + GELU MLP, full attention, a learned
+    position embedding, and a deepstack merger after each block in `deepstack_visual_indexes`)."""
 
     variant: str
     depth: int
@@ -56,6 +70,8 @@ class VisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     rope_theta: float = 10000.0
+    num_position_embeddings: int = 0  # Qwen3-VL's learned (square) position grid, side**2
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +93,12 @@ class VLModelConfig:
     vision_start_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
+    @property
+    def mm_embed_width(self) -> int:
+        """Width of one image token's embedding as the encoder produces, caches and sends it:
+        the merger's output, then one more LLM-width slice per deepstack level (Qwen3-VL)."""
+        return self.vision.out_hidden_size * (1 + len(self.vision.deepstack_visual_indexes))
+
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> VLModelConfig:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
@@ -88,7 +110,7 @@ class VLModelConfig:
         text_raw = {**raw, **raw.get("text_config", {})}
         return cls(
             architecture=architecture,
-            text=_text_config(text_raw, raw),
+            text=_text_config(architecture, text_raw, raw),
             vision=_vision_config(architecture, raw.get("vision_config", {})),
             image_token_id=_first_int(raw, text_raw, "image_token_id"),
             video_token_id=_optional_int(raw, text_raw, "video_token_id"),
@@ -97,10 +119,11 @@ class VLModelConfig:
         )
 
 
-def _text_config(text: dict[str, Any], top: dict[str, Any]) -> TextConfig:
+def _text_config(architecture: str, text: dict[str, Any], top: dict[str, Any]) -> TextConfig:
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
-    section = rope.get("mrope_section", [16, 24, 24])
+    qwen3 = architecture == QWEN3_VL
+    section = rope.get("mrope_section", [24, 20, 20] if qwen3 else [16, 24, 24])
     tie = text.get("tie_word_embeddings", top.get("tie_word_embeddings", False))
     return TextConfig(
         vocab_size=text["vocab_size"],
@@ -115,6 +138,11 @@ def _text_config(text: dict[str, Any], top: dict[str, Any]) -> TextConfig:
         max_position_embeddings=text.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(tie),
         hidden_act=text.get("hidden_act", "silu"),
+        explicit_head_dim=text.get("head_dim") if qwen3 else None,
+        attention_bias=bool(text.get("attention_bias", not qwen3)),
+        qk_norm=qwen3,
+        # transformers' Qwen3-VL always interleaves (it reads no flag); the flag is informative.
+        mrope_interleaved=qwen3 or bool(rope.get("mrope_interleaved", False)),
     )
 
 
@@ -138,6 +166,17 @@ def _vision_config(architecture: str, v: dict[str, Any]) -> VisionConfig:
             out_hidden_size=v["hidden_size"],
             hidden_act=v.get("hidden_act", "quick_gelu"),
             **common,
+        )
+    if architecture == QWEN3_VL:
+        return VisionConfig(
+            variant="qwen3_vl",
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["intermediate_size"],
+            out_hidden_size=v["out_hidden_size"],
+            hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+            num_position_embeddings=v.get("num_position_embeddings", 2304),
+            deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", (8, 16, 24))),
+            **{**common, "patch_size": v.get("patch_size", 16)},
         )
     return VisionConfig(
         variant="qwen2_5_vl",

@@ -1,4 +1,6 @@
 """The Qwen2 decoder the Qwen2-VL family uses as its language model, over a paged KV cache.
+Qwen3-VL's Qwen3 decoder is the same with three switches of `TextConfig`: no q/k/v bias,
+an RMSNorm over each q and k head before the rotation (`qk_norm`), and interleaved M-RoPE.
 
 Tokens of all sequences in a step are flattened into one [tokens, hidden] batch; only
 attention needs to know where sequences start and end (from the forward context).
@@ -36,10 +38,15 @@ class Qwen2Attention(nn.Module):
         d = cfg.head_dim
         self.q_size, self.kv_size = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size)], bias=True
+            cfg.hidden_size,
+            [("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size)],
+            bias=cfg.attention_bias,
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.attn = PagedAttention(cfg.num_attention_heads, cfg.num_key_value_heads, d)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n, d = x.shape[0], self.attn.head_dim
@@ -54,6 +61,10 @@ class Qwen2Attention(nn.Module):
         """q and k, rotated. Their heads sit side by side in qkv's rows, so the fused kernel
         rotates both in one launch; the torch path rotates each (the CPU reference)."""
         n, d, heads = qkv.shape[0], self.attn.head_dim, self.attn.num_heads
+        if self.q_norm is not None:
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q, k = self.q_norm(q.reshape(n, -1, d)), self.k_norm(k.reshape(n, -1, d))
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if fused.use_fused(qkv):
             qk = fused.ops().rotary(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)
             return qk[:, :heads], qk[:, heads:]
@@ -105,7 +116,9 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.rotary_emb = MRotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
+        )
         self._after_layer: Callable[[int], None] | None = None
 
     @contextmanager

@@ -39,12 +39,16 @@ _CHECKPOINT_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
+    # What a subclass swaps to serve another generation (Qwen3-VL).
+    vision_tower_class: type[nn.Module] = VisionTransformer
+    language_model_class: type[Qwen2Model] = Qwen2Model
+
     def __init__(self, config: VLModelConfig, parts: frozenset[str] = ALL_PARTS) -> None:
         super().__init__()
         self.config = config
         self.parts = frozenset(parts)
-        self.visual = VisionTransformer(config.vision) if VISION in parts else None
-        self.model = Qwen2Model(config.text) if LANGUAGE in parts else None
+        self.visual = self.vision_tower_class(config.vision) if VISION in parts else None
+        self.model = self.language_model_class(config.text) if LANGUAGE in parts else None
         self.lm_head = None
         if LANGUAGE in parts:
             text = config.text

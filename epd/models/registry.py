@@ -8,8 +8,9 @@ from torch import nn
 
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
+QWEN3_VL = "Qwen3VLForConditionalGeneration"  # dense only (Qwen3-VL-MoE is another architecture)
 
-SUPPORTED_ARCHITECTURES = (QWEN2_VL, QWEN2_5_VL)
+SUPPORTED_ARCHITECTURES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
 
 def check_architecture(architectures: Sequence[str]) -> str:
@@ -25,7 +26,11 @@ def check_architecture(architectures: Sequence[str]) -> str:
 
 def get_model_class(architecture: str) -> type[nn.Module]:
     check_architecture([architecture])
-    # Both generations share one implementation; the vision variant comes from the config.
+    if architecture == QWEN3_VL:
+        from epd.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+    # Qwen2-VL and Qwen2.5-VL share one implementation; the vision variant comes from the config.
     from epd.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration

@@ -9,6 +9,9 @@
 |                            |         | instances down if some are), else 503                    |
 | GET  /metrics              | none    | Prometheus text (epd.server.metrics, plus the gauges of  |
 |                            |         | epd.server.body and epd.server.preprocess)               |
+| GET  /admin/instances      | API key | epd.server.admin: every instance, its roles and state    |
+| POST /admin/instances/{id}/| API key | epd.server.admin: switch its roles, answered once it has |
+|      roles                 |         | rejoined, with the seconds of each phase                 |
 
 /health and /metrics stay open so that orchestrators and scrapers need no secret, as in vLLM.
 """
@@ -22,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from epd.entrypoints.async_engine import AsyncEngine
-from epd.server import chat, completions
+from epd.server import admin, chat, completions
 from epd.server.body import BodyBudget
 from epd.server.config import ServerConfig
 from epd.server.errors import APIError, install_handlers
@@ -42,7 +45,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.epd = _state(engine, config)
     app.state.started = time.time()
     install_handlers(app)
-    for router in (chat.router, completions.router, models_router, ops_router):
+    for router in (chat.router, completions.router, models_router, admin.router, ops_router):
         app.include_router(router)
     app.add_middleware(StatusCounter, metrics=app.state.epd.metrics)
     return app
@@ -50,7 +53,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
 def _state(engine: AsyncEngine, config: ServerConfig) -> ServerState:
     admission = Admission(config.max_queued_requests, config.retry_after_s, lambda: engine_healthy(engine))
-    metrics = ServerMetrics(engine.instance_stats, engine.instances_up, lambda: admission.count)
+    metrics = ServerMetrics(
+        engine.instance_stats, engine.instances_up, lambda: admission.count, engine.role_switches
+    )
     return ServerState(
         engine=engine,
         config=config,

@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry, Gauge
 from pydantic import BaseModel, ValidationError
 from starlette.types import Message
 
+from epd.inputs.image import DataURL
+from epd.server.blobs import lift_data_urls
 from epd.server.errors import APIError, ClientGone, ShuttingDown, from_validation_error
 from epd.server.shape import ObjectShape, check_shape
 from epd.server.state import ServerState
@@ -68,16 +70,31 @@ class BodyBudget:
 async def read_json(request: Request, model: type[M], shape: ObjectShape, state: ServerState) -> M:
     """The body parsed into `model`: 4xx/503 as in the module docstring, 400 if invalid."""
     async with _buffered_body(request, state) as body:
-        # Each step holds the GIL for 15-40 ms per 20 MB (a worker thread would not help: msgspec
-        # and pydantic never release it), so pause in between: /health and the streams of other
-        # requests wait for one step at most.
-        await _yield_if_large(body)
-        check_shape(body, shape, state.engine.max_model_len)
-        await _yield_if_large(body)
-        try:
-            return model.model_validate_json(body)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        return await _parse(body, model, shape, state)
+
+
+async def read_json_with_images(
+    request: Request, model: type[M], shape: ObjectShape, state: ServerState
+) -> tuple[M, list[DataURL]]:
+    """Like `read_json`, with large base64 image URLs lifted out before parsing (epd.server.blobs):
+    the model names them `epd-blob:N`, N indexing the list. They hold slices of the body, which
+    the body budget stops counting once parsed, as it does the parsed strings."""
+    async with _buffered_body(request, state) as body:
+        rest, blobs = lift_data_urls(body)
+        return await _parse(rest, model, shape, state), blobs
+
+
+async def _parse(body: bytes | bytearray, model: type[M], shape: ObjectShape, state: ServerState) -> M:
+    # Each step holds the GIL for 15-40 ms per 20 MB (a worker thread would not help: msgspec
+    # and pydantic never release it), so pause in between: /health and the streams of other
+    # requests wait for one step at most.
+    await _yield_if_large(body)
+    check_shape(body, shape, state.engine.max_model_len)
+    await _yield_if_large(body)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 @asynccontextmanager
@@ -106,7 +123,7 @@ async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[
         budget.give_back(len(body))
 
 
-async def _yield_if_large(body: bytearray) -> None:
+async def _yield_if_large(body: bytes | bytearray) -> None:
     if len(body) > LARGE_BODY_BYTES:
         # Not sleep(0): one loop iteration wakes no task that a timer or a socket made ready.
         await asyncio.sleep(0.001)

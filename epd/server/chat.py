@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from epd.outputs import Logprob, PositionLogprobs, RequestOutput
-from epd.server.body import read_json
+from epd.server.body import read_json_with_images
 from epd.server.formatting import (
     Delta,
     ResponseFormatter,
@@ -44,17 +44,17 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_chat_completion(request: Request) -> Response:
     timing = RequestTiming(time.time())
     state = get_state(request)
-    req = await read_json(request, ChatCompletionRequest, CHAT, state)
+    req, images = await read_json_with_images(request, ChatCompletionRequest, CHAT, state)
     state.check_model(req.model)
     state.text_bound.check(chat_text_chars(req.messages), "messages")  # before any tokenizing
-    messages = engine_messages(req.messages, state.media)
+    messages = engine_messages(req.messages, state.media, images)
     engine = state.engine
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     token_text = token_text_of(engine.processor.tokenizer)
     gen = Generation(
         request_id=request_id,
         timing=timing,
-        process=lambda: engine.processor.process_chat(messages),
+        process=lambda: engine.prepare_images(engine.processor.process_chat(messages)),
         has_images=_has_images(messages),
         params=lambda prompt_len: build_sampling_params(
             req,

@@ -50,7 +50,7 @@ async def create_completion(request: Request) -> Response:
     gen = Generation(
         request_id=request_id,
         timing=timing,
-        process=lambda: engine.processor.process_prompt(prompt),
+        process=lambda: engine.prepare_images(engine.processor.process_prompt(prompt)),
         has_images=False,
         params=lambda prompt_len: build_sampling_params(
             req,

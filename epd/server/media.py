@@ -3,6 +3,8 @@
 | URL                          | allowed when                      | then checked by                   |
 |------------------------------|-----------------------------------|-----------------------------------|
 | `data:image/...;base64,...`  | always                            | epd.inputs.image (bytes, pixels)  |
+| `epd-blob:N` (a large data   | N is one of this request's        | epd.inputs.image, as data: URLs   |
+| URL lifted out of the body)  | lifted URLs (epd.server.blobs)    |                                   |
 | `file://...` or a plain path | --allowed-local-media-path is set | epd.inputs.image (stays under it, |
 |                              |                                   | regular files only: no FIFOs...)  |
 | `http://`, `https://`        | --allow-remote-media              | epd.server.fetch (no private IPs) |
@@ -14,8 +16,11 @@ local paths lives here, in front of the input processor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from epd.inputs.image import DataURL
+from epd.server.blobs import blob_index
 from epd.server.errors import bad_request
 from epd.server.protocol import ChatMessage, ImagePart
 
@@ -53,8 +58,11 @@ class MediaPolicy:
         raise bad_request(f"unsupported image URL scheme {scheme!r} (use data:, file: or http(s):)", param)
 
 
-def engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -> list[dict]:
-    """Validated messages -> the plain dicts `InputProcessor.process_chat` takes, URLs checked."""
+def engine_messages(
+    messages: list[ChatMessage], policy: MediaPolicy, blobs: Sequence[DataURL] = ()
+) -> list[dict]:
+    """Validated messages -> the plain dicts `InputProcessor.process_chat` takes, URLs checked.
+    `blobs`: the data URLs lifted out of the body (epd.server.blobs), which `epd-blob:N` names."""
     out = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
@@ -62,17 +70,24 @@ def engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -> list[di
             content: str | list[dict] = msg.content
         else:
             content = [
-                _part(part, f"messages[{i}].content[{j}]", policy) for j, part in enumerate(msg.content)
+                _part(part, f"messages[{i}].content[{j}]", policy, blobs)
+                for j, part in enumerate(msg.content)
             ]
         out.append({"role": role, "content": content})
     return out
 
 
-def _part(part: object, param: str, policy: MediaPolicy) -> dict:
-    if isinstance(part, ImagePart):
-        policy.check(part.image_url.url, f"{param}.image_url.url")
-        return {"type": "image_url", "image_url": {"url": part.image_url.url}}
-    return {"type": "text", "text": part.text}
+def _part(part: object, param: str, policy: MediaPolicy, blobs: Sequence[DataURL]) -> dict:
+    if not isinstance(part, ImagePart):
+        return {"type": "text", "text": part.text}
+    url = part.image_url.url
+    index = blob_index(url)
+    if index is None:
+        policy.check(url, f"{param}.image_url.url")
+        return {"type": "image_url", "image_url": {"url": url}}
+    if not 0 <= index < len(blobs):
+        raise bad_request(f"{url!r} names no image of this request", f"{param}.image_url.url")
+    return {"type": "image_url", "image_url": {"url": blobs[index]}}
 
 
 def _scheme(url: str) -> str:

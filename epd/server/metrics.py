@@ -12,6 +12,10 @@
 | epd_requests_admitted                    | gauge     |                    | admission count now           |
 | epd_instance_<stat>[_total]              | gauge/ctr | instance           | AsyncEngine.instance_stats()  |
 | epd_instance_up                          | gauge     | instance           | AsyncEngine.instances_up()    |
+| epd_role_switches_total                  | counter   | from_roles,        | AsyncEngine.role_switches()   |
+|                                          |           | to_roles, outcome  | (done or failed)              |
+| epd_role_switch_phase_seconds            | histogram | phase              | switches done: drain,         |
+|                                          |           |                    | reconfigure, rejoin, total    |
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
@@ -27,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from epd.cluster.stats import STAT_HELP
@@ -36,6 +40,9 @@ from epd.outputs import RequestOutput
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS += ("/admin/instances",)
+SWITCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SWITCH_BUCKETS += (5, 10, 30, 60, 120, 300, 600)
 
 
 class ServerMetrics:
@@ -44,6 +51,7 @@ class ServerMetrics:
         instance_stats: Callable[[], dict[str, dict[str, float]]],
         instances_up: Callable[[], dict[str, bool]],
         admitted: Callable[[], int],
+        role_switches: Callable[[], list[dict]] = list,
     ) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
@@ -75,6 +83,7 @@ class ServerMetrics:
             registry=reg,
         )
         reg.register(_EngineCollector(instance_stats, instances_up, admitted))
+        reg.register(_SwitchCollector(role_switches))
 
     def observe_finished(self, out: RequestOutput, timing: RequestTiming) -> None:
         """Record a generation that ran to its end (stop or length); aborted ones are not latencies."""
@@ -164,6 +173,40 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "epd_requests_admitted", "requests admitted and not finished", value=float(self._admitted())
         )
+
+
+class _SwitchCollector:
+    """Counts the role switches the engine finished (its records, epd.cluster.router.role_switch)
+    at scrape time, like the instance counters: the records are the totals, nothing is counted twice."""
+
+    def __init__(self, role_switches: Callable[[], list[dict]]) -> None:
+        self._switches = role_switches
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        records = self._switches()
+        counts: dict[tuple[str, str, str], int] = {}
+        for r in records:
+            key = (r["from"], r["to"], "failed" if r["error"] else "done")
+            counts[key] = counts.get(key, 0) + 1
+        switches = CounterMetricFamily(
+            "epd_role_switches", "role switches finished", labels=["from_roles", "to_roles", "outcome"]
+        )
+        for labels, count in sorted(counts.items()):
+            switches.add_metric(list(labels), float(count))
+        yield switches
+        phases = HistogramMetricFamily(
+            "epd_role_switch_phase_seconds", "seconds per phase of the role switches done", labels=["phase"]
+        )
+        done = [r["timings"] for r in records if not r["error"]]
+        for phase in ("drain", "reconfigure", "rejoin", "total"):
+            values = [t[phase] for t in done if t.get(phase) is not None]
+            buckets = [(str(b), float(sum(v <= b for v in values))) for b in SWITCH_BUCKETS]
+            buckets.append(("+Inf", float(len(values))))
+            phases.add_metric([phase], buckets, sum_value=float(sum(values)))
+        yield phases
 
 
 class StatusCounter:

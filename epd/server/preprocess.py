@@ -2,7 +2,7 @@
 
 A thread cannot be killed, so a request that is cancelled (its client left, or the shutdown
 ended it) asks its thread to stop, and the thread does at the next image it would decode or
-preprocess (epd.inputs.processor.cancel_image_loading_on). The request's coroutine waits for
+preprocess (epd.inputs.cancel). The request's coroutine waits for
 that before it ends, so its admission slot is held until the thread has stopped: abandoned
 requests cannot fill the thread pool behind admission's back.
 
@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from epd.inputs.processor import ImageLoadingCancelled, cancel_image_loading_on
+from epd.inputs.cancel import ImageLoadingCancelled, cancel_image_loading_on
 
 T = TypeVar("T")
 WORKERS = min(32, (os.cpu_count() or 1) + 4)  # per pool: what asyncio's default executor has

@@ -97,6 +97,8 @@ async def _tracked(
     outputs = state.engine.generate(prompt, params, gen.request_id)
     try:
         async for out in outputs:
+            if out.error is not None and out.invalid_input:
+                raise bad_request(out.error)  # found where the image was decoded
             if out.error is not None:
                 raise APIError(503, f"the request failed in the engine: {out.error}")
             if timing.first_token is None and out.outputs[0].token_ids:

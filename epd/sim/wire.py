@@ -6,7 +6,7 @@ token slot and one layer, not every layer, head and channel. The memory network 
 
 | transfer key       | real bytes                                                              |
 |--------------------|-------------------------------------------------------------------------|
-| `mm:<hash>`        | image tokens x vision out_hidden_size x dtype size (the embeddings)     |
+| `mm:<hash>`        | image tokens x embedding width (mm_embed_width) x dtype size            |
 | `kv:<rid>`         | tokens x (layers x 2 x kv_heads x head_dim x dtype size): the whole KV  |
 | `kvl:<rid>:<i>`    | the same: the scripted runner has one layer, so its one part is all     |
 | anything else      | what its tensors hold (a generator state, an empty discard notice)      |
@@ -35,7 +35,7 @@ class ModelWireBytes:
     def of(cls, model: ModelConfig) -> ModelWireBytes:
         elem = torch.tensor([], dtype=model.torch_dtype).element_size()
         kv = bytes_per_block(model.hf.text, 1, model.torch_dtype)
-        return cls(model.hf.vision.out_hidden_size * elem, kv)
+        return cls(model.hf.mm_embed_width * elem, kv)
 
     def __call__(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
         if key.startswith(MM_KEY):

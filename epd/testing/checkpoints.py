@@ -1,8 +1,9 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL checkpoints, saved as real Hugging Face directories.
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, saved as real Hugging Face directories.
 
 Built with transformers' own classes and `save_pretrained`, so epd's loader is tested
 against the format transformers writes, and transformers can serve as the reference on
-exactly the same weights.
+exactly the same weights. All families get the same tiny tokenizer and (Qwen2-VL) chat
+template: Qwen3-VL's vision tokens are the same ones, and the tests write prompts directly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2_5_VLProcessor",
 }
+# Qwen3-VL: 16 px patches, mean/std 0.5, sizes in transformers 5's layout (as the real one writes).
+QWEN3_PREPROCESSOR = {
+    "size": {"shortest_edge": 64 * 64, "longest_edge": 32 * 32 * 256},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
+# Qwen3's head_dim is set apart from hidden / heads (here 32, not 16) and its M-RoPE interleaved.
+QWEN3_TEXT = dict(TEXT, num_hidden_layers=3, head_dim=32, attention_bias=False)
+QWEN3_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "mrope_section": [6, 5, 5],
+    "mrope_interleaved": True,
+}
 
 
 def build_tiny_checkpoint(
@@ -59,7 +79,8 @@ def build_tiny_checkpoint(
     model = _hf_model(family, ids, seed, tie_word_embeddings, weight_std)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    preprocessor = QWEN3_PREPROCESSOR if family == "qwen3_vl" else PREPROCESSOR
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     generation = {"eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
@@ -71,13 +92,16 @@ def _hf_model(family: str, ids: dict[str, int], seed: int, tie: bool, std: float
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     vocab = max(ids.values()) + 1
+    qwen3 = family == "qwen3_vl"
     text = dict(
-        TEXT,
+        QWEN3_TEXT if qwen3 else TEXT,
         vocab_size=vocab,
-        rope_parameters=ROPE,
+        rope_parameters=QWEN3_ROPE if qwen3 else ROPE,
         tie_word_embeddings=tie,
         eos_token_id=ids["eos_token_id"],
         bos_token_id=ids["bos_token_id"],
@@ -104,8 +128,23 @@ def _hf_model(family: str, ids: dict[str, int], seed: int, tie: bool, std: float
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **tokens)
         cls = Qwen2VLForConditionalGeneration
+    elif qwen3:
+        # An 8 x 8 learned position grid: test images have grids both smaller and larger than it.
+        # Deepstack after blocks 0 and 2: levels added after LLM layers 0 and 1 (of 3).
+        vision = dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 2],
+        )
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **tokens)
+        cls = Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"unknown family {family!r}; use 'qwen2_vl' or 'qwen2_5_vl'")
+        raise ValueError(f"unknown family {family!r}; use 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'")
     config.initializer_range = std
     config.text_config.initializer_range = std
     config.vision_config.initializer_range = std

@@ -6,7 +6,8 @@ embeddings ("mm:<hash>"), P -> D moves KV blocks ("kv:<request_id>"); the connec
 moves dicts of tensors plus a little msgpack metadata under a key the producer picks.
 
 Backends are looked up by name (`create_connector`), imported lazily so a GPU backend never loads on a
-machine that does not use it. Devices never appear on the wire: a consumer places what it receives
+machine that does not use it; `create_connector` puts bounded retries of failed sends around the backend
+(retry.py). Devices never appear on the wire: a consumer places what it receives
 with `.to(its device)`, so cuda_ipc / nccl backends fit the same interface.
 """
 
@@ -131,6 +132,8 @@ def check_send_args(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, 
         raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
 
 
+DEFAULT_RETRIES = 2  # of a failed send, on the same pair (epd.transfer.retry)
+
 # Lazy registry: name -> "module:Class". A new backend adds one line (or calls register_connector).
 _BACKENDS: dict[str, str] = {
     "local": "epd.transfer.local:LocalConnector",
@@ -151,14 +154,31 @@ def available_connectors() -> list[str]:
 
 
 def create_connector(
-    name: str, *, device: str | torch.device = "cpu", host: str = "127.0.0.1", **options: Any
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    host: str = "127.0.0.1",
+    retries: int = DEFAULT_RETRIES,
+    **options: Any,
 ) -> Connector:
-    """Build the connector registered as `name`.
+    """Build the connector registered as `name`, a failed send retried on the same pair.
 
     `device` is where received tensors are placed; `host` is the interface a socket-based backend binds
-    and advertises in its address. `options` go to the backend's constructor (e.g. send_timeout_s).
+    and advertises in its address. `retries`: how often a failed send goes out again before its failure
+    is reported (epd.transfer.retry; 0: never). `options` go to the backend's
+    constructor (e.g. send_timeout_s: how long one attempt waits for its dest).
     Raises ValueError, listing the registered names, for an unknown one.
     """
+    from epd.transfer.retry import RetryingConnector
+
+    backend = create_backend(name, device=device, host=host, **options)
+    return RetryingConnector(backend, retries) if retries > 0 else backend
+
+
+def create_backend(
+    name: str, *, device: str | torch.device = "cpu", host: str = "127.0.0.1", **options: Any
+) -> Connector:
+    """The backend registered as `name` alone, without retries (arguments as `create_connector`)."""
     target = _BACKENDS.get(name)
     if target is None:
         raise ValueError(f"unknown connector {name!r}; available: {', '.join(_BACKENDS)}")

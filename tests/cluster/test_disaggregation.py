@@ -1,11 +1,13 @@
 """Every layout gives the same tokens (and logprobs) as the aggregated engine.
 
-Real instance processes, real sockets, both CPU connectors. The reference is the
+Real instance processes, real sockets, both CPU connectors; images as files (decoded by the
+instance that encodes them) and as pixels. The reference is the
 in-process `1EPD` engine, itself token-exact against transformers (tests/entrypoints).
 """
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -32,10 +34,19 @@ def mixed_requests(n: int, seed: int) -> list:
         ]
         if k and rng.random() < 0.25:
             images[0] = shared
+        # Half the images as files, which the encoding instance decodes (the other half travel
+        # as patches): both paths in every layout.
+        images = [as_png(img) if rng.random() < 0.5 else img for img in images]
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 20)))
         prompt = f"<|im_start|>user\n{IMAGE * k}{text}<|im_end|>\n<|im_start|>assistant\n"
         prompts.append({"prompt": prompt, "multi_modal_data": {"image": images}} if k else prompt)
     return prompts
+
+
+def as_png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

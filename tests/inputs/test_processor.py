@@ -14,6 +14,9 @@ import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import image_key
+from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.patches import PatchPool
 from epd.inputs.processor import InputLimits, InputProcessor, expand_image_tokens
 from epd.inputs.types import PlaceholderRange
 from epd.testing.tokenizer import special_token_ids
@@ -51,8 +54,21 @@ def reference(hf_tokenizer, hf_image_processor, text: str, images: list) -> tupl
 IMAGES = [random_image(56, 56, seed=1), random_image(200, 90, seed=2), random_image(123, 321, "RGBA", seed=3)]
 
 
+DEFAULT_IMAGES = ImageProcessorConfig()
+
+
+def prepared(result, cfg: ImageProcessorConfig = DEFAULT_IMAGES):
+    """The prompt with its images' patches made, as the side that encodes them makes them."""
+    pool = PatchPool(workers=2)
+    try:
+        return pool.prepare(result, cfg)
+    finally:
+        pool.close()
+
+
 def check_against_reference(result, hf_tokenizer, hf_image_processor, text: str, images: list, image_id: int):
     ids, pixels = reference(hf_tokenizer, hf_image_processor, text, images)
+    result = prepared(result)
     assert result.prompt_token_ids == ids
     assert len(result.images) == len(images)
     if images:
@@ -104,10 +120,19 @@ def test_single_image_without_list_and_url_sources(proc: InputProcessor, tmp_pat
         proc.process_prompt({"prompt": VISION, "multi_modal_data": {"image": src}})
         for src in (img, [img], data_url(encode(img, "PNG"), "image/png"), str(path))
     ]
-    for r in results:
+    ready_results = [prepared(r, proc.image_config) for r in results]
+    for r, ready in zip(results, ready_results):
         assert r.prompt_token_ids == results[0].prompt_token_ids
-        assert r.mm_spans == results[0].mm_spans
-        assert torch.equal(r.images[0].pixel_values, results[0].images[0].pixel_values)
+        assert [s[:2] for s in r.mm_spans] == [s[:2] for s in results[0].mm_spans]
+        assert torch.equal(ready.images[0].pixel_values, ready_results[0].images[0].pixel_values)
+    # Keys name what was sent: the PIL image by its pixels, the PNG file by its bytes, whether
+    # it came as a data URL or a path.
+    assert results[0].mm_spans == results[1].mm_spans
+    assert results[2].mm_spans == results[3].mm_spans
+    assert results[2].images[0].content_hash == image_key(encode(img, "PNG"))
+    assert results[0].images[0].content_hash != results[2].images[0].content_hash
+    # The front end decoded nothing: the files travel as sent.
+    assert results[2].images[0].pixel_values is None and results[2].images[0].encoded is not None
 
 
 def test_chat_matches_reference(proc, hf_tokenizer, hf_image_processor) -> None:

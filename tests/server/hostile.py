@@ -176,6 +176,7 @@ def _bad_images(base: dict, media_dir: str) -> list[Case]:
         "device": "/dev/zero",
         "nul in path": f"{media_dir}/allowed.png\x00.txt",  # os calls raise ValueError: was a 500
         "nul in file url": f"file://{media_dir}/a%00b.png",
+        "reference to no lifted image": "epd-blob:7",  # the server's own references (epd.server.blobs)
     }
     cases = [Case(f"image {name}", with_content(base, image(url))) for name, url in urls.items()]
     nine = [image(data_url(encode_image(noise_image(32, 32, seed=s), "PNG"))) for s in range(9)]

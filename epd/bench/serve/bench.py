@@ -3,6 +3,7 @@
 GET /v1/models -> model name, tokenizer directory, whether to ask for epd_timings
 warm-up requests (one at a time, not recorded)
 for each rate: build the workload (own namespace) -> serialise -> run -> summarise
+    (or, with --phases: every phase's workload on one timeline -> one run -> a summary per phase)
 results.json, PNG plots, the summary table
 """
 
@@ -18,10 +19,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from epd.bench.serve.client import RequestResult, prepare
+from epd.bench.serve.phases import phase_offsets, phase_records
 from epd.bench.serve.plots import write_plots
 from epd.bench.serve.report import print_report
 from epd.bench.serve.results import document, run_record, save
-from epd.bench.serve.runner import run_requests
+from epd.bench.serve.runner import run_requests, run_schedule
 from epd.bench.serve.spec import ArrivalSpec, BenchSpec
 from epd.bench.serve.workload import BenchRequest, build_requests, derive_seed
 
@@ -40,21 +42,55 @@ def run_benchmark(spec: BenchSpec, out_dir: Path, console: Console) -> dict:
     tokenizer_dir = _tokenizer_dir(spec, server)
     send = _Sender(spec, server)
     if spec.warmup:
-        warm = build_requests(spec.workload, spec.warmup, spec.seed, "warmup", tokenizer_dir)
+        workload = spec.phases[0].workload if spec.phases else spec.workload
+        warm = build_requests(workload, spec.warmup, spec.seed, "warmup", tokenizer_dir)
         console.print(f"warming up with {spec.warmup} request(s)")
         send.run(warm, ArrivalSpec(max_concurrency=1), 0)
-    runs = []
+    runs, overall = [], None
     with _progress(console, spec.progress) as progress:
-        for i, arrival in enumerate(spec.arrivals):
+        if spec.phases:
+            runs, overall = _run_phases(spec, send, tokenizer_dir, progress, console)
+        for i, arrival in enumerate(() if spec.phases else spec.arrivals):
             requests = build_requests(spec.workload, spec.num_requests, spec.seed, f"run{i}", tokenizer_dir)
             task = progress.add_task(arrival.label, total=len(requests))
             results, duration = send.run(requests, arrival, i, lambda _r, t=task: progress.advance(t))
             _warn_failures(results, console)
             runs.append(run_record(arrival, results, duration, spec.slo))
     doc = document(spec, server, runs)
+    if overall is not None:
+        doc["overall"] = overall
+        doc["sweep"]["goodput_rate"] = None  # the phases are one run, not a sweep of rates
     files = [save(doc, out_dir), *write_plots([doc], out_dir)]
     print_report(doc, files, console)
     return doc
+
+
+def _run_phases(
+    spec: BenchSpec, send: _Sender, tokenizer_dir: str | None, progress: Progress, console: Console
+) -> tuple[list[dict], dict]:
+    """Every phase's requests on one timeline, each phase starting where the last one's arrivals end."""
+    requests: list[BenchRequest] = []
+    offsets: list[float] = []
+    groups: list[int] = []
+    starts, counts, start = [], [], 0.0
+    for k, phase in enumerate(spec.phases):
+        times, length = phase_offsets(phase, derive_seed(spec.seed, "arrivals", "phase", k))
+        requests += build_requests(phase.workload, len(times), spec.seed, f"phase{k}", tokenizer_dir)
+        offsets += [start + t for t in times]
+        groups += [k] * len(times)
+        starts.append(start)
+        counts.append(len(times))
+        start += length
+    names = " -> ".join(p.name for p in spec.phases)
+    task = progress.add_task(names, total=len(requests))
+    limits = [p.arrival.max_concurrency for p in spec.phases]
+
+    def advance(_result: RequestResult) -> None:
+        progress.advance(task)
+
+    results, duration = send.run_schedule(requests, offsets, groups, limits, advance)
+    _warn_failures(results, console)
+    return phase_records(spec.phases, starts, results, counts, duration, spec.slo)
 
 
 class _Sender:
@@ -76,6 +112,20 @@ class _Sender:
         seed = derive_seed(self.spec.seed, "arrivals", index)
         return asyncio.run(
             run_requests(prepared, arrival, seed, self.url, self.headers, self.spec.request_timeout, on_done)
+        )
+
+    def run_schedule(
+        self,
+        requests: list[BenchRequest],
+        offsets: list[float],
+        groups: list[int],
+        limits: list[int | None],
+        on_done: Callable[[RequestResult], None],
+    ) -> tuple[list[RequestResult], float]:
+        prepared = prepare(requests, self.server["model"], self.server["epd_timings"])
+        timeout = self.spec.request_timeout
+        return asyncio.run(
+            run_schedule(prepared, offsets, groups, limits, self.url, self.headers, timeout, on_done)
         )
 
 

@@ -4,6 +4,7 @@
         --rates 0.5,1,2,4 --num-requests 200 --slo-ttft 2 --slo-tpot 0.1
     epd bench sweep --model DIR --layouts "1EPD,1E+1P+1D" --devices cuda:0,cuda:1,cuda:2 --rates 1,2,4
     epd bench plot a/results.json b/results.json --out compare/
+    epd bench --phases phases.yaml ...   # phases back to back, each its own mix (epd.bench.serve.phases)
 
 Only argparse is imported here: the benchmark's own imports happen inside the commands.
 """
@@ -98,6 +99,14 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds without data per request")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument_group("phases").add_argument(
+        "--phases",
+        default=None,
+        metavar="FILE|JSON",
+        help="a phased workload: a .json/.yaml file or inline JSON listing phases, each with its own "
+        "image_size, output_tokens, rate, ... and num_requests or duration (seconds); keys left out "
+        "come from the flags; reported per phase (see epd/bench/serve/phases.py)",
+    )
 
 
 def add_slo_options(p: argparse.ArgumentParser, out_prefix: str = "bench") -> argparse._ArgumentGroup:
@@ -175,6 +184,7 @@ def add_arrival_options(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace, base_url: str, model: str | None) -> BenchSpec:
+    """ValueError if --phases is wrong (epd.bench.serve.phases.load_phases says how)."""
     return BenchSpec(
         base_url=base_url,
         model=model,
@@ -189,7 +199,17 @@ def spec_from_args(args: argparse.Namespace, base_url: str, model: str | None) -
         request_timeout=args.request_timeout,
         progress=not args.no_progress,
         label=args.label,
+        phases=phases_from_args(args),
     )
+
+
+def phases_from_args(args: argparse.Namespace) -> tuple:
+    if getattr(args, "phases", None) is None:
+        return ()
+    from epd.bench.serve.phases import load_phases
+
+    arrival = ArrivalSpec(args.rate, args.arrival, args.burstiness, args.max_concurrency)
+    return load_phases(args.phases, workload_from_args(args), arrival, args.num_requests)
 
 
 def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
@@ -230,6 +250,8 @@ def check_workload_args(args: argparse.Namespace) -> None:
         args.parser.error("--workload jsonl needs --dataset-path FILE")
     if args.arrival == "gamma" and args.burstiness <= 0:
         args.parser.error("--burstiness must be > 0")
+    if getattr(args, "phases", None) is not None and args.rates:
+        args.parser.error("--phases runs its phases' own rates: give --rate (a default), not --rates")
 
 
 def _quiet_http_logs() -> None:

@@ -1,4 +1,4 @@
-"""The terminal summary: one rich table, a column per run (rate)."""
+"""The terminal summary: one rich table, a column per run (rate, or phase; then all phases)."""
 
 from __future__ import annotations
 
@@ -50,10 +50,14 @@ def summary_table(doc: dict) -> Table:
     title = f"epd bench: {doc.get('label') or doc['server']['model']} ({doc['config']['workload']['kind']})"
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
+    summaries = [run["summary"] for run in doc["runs"]]
     for run in doc["runs"]:
         table.add_column(run["label"], justify="right")
+    if doc.get("overall") is not None:  # a phased run: its phases together
+        table.add_column("all phases", justify="right")
+        summaries.append(doc["overall"])
     for name, cell in _rows():
-        values = [cell(run["summary"]) for run in doc["runs"]]
+        values = [cell(summary) for summary in summaries]
         if any(v != "-" for v in values):  # skip rows this benchmark has nothing for
             table.add_row(name, *values)
     return table

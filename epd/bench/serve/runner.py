@@ -3,7 +3,8 @@
 Every request is its own task that sleeps until its send time, so a slow server never delays
 later arrivals (open loop); the semaphore, when given, holds requests back instead (closed
 loop at an infinite rate). Latencies are measured from the send, as vLLM's bench does; the
-held-back time is in the results as `sent_s - scheduled_s`.
+held-back time is in the results as `sent_s - scheduled_s`. A phased run (epd.bench.serve.phases)
+gives every send time itself and one semaphore per phase (`run_schedule`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,29 @@ async def run_requests(
 ) -> tuple[list[RequestResult], float]:
     """All results (in request order) and the run's duration: first send to last answer."""
     offsets = arrival_offsets(len(prepared), arrival, seed)
-    gate = asyncio.Semaphore(arrival.max_concurrency) if arrival.max_concurrency else None
+    one_group, limit = [0] * len(prepared), [arrival.max_concurrency]
+    return await run_schedule(prepared, offsets, one_group, limit, url, headers, timeout, on_done)
+
+
+async def run_schedule(
+    prepared: list[PreparedRequest],
+    offsets: list[float],
+    groups: list[int],
+    max_concurrency: list[int | None],
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    on_done: Callable[[RequestResult], None] = lambda r: None,
+) -> tuple[list[RequestResult], float]:
+    """Send each request at its offset, at most `max_concurrency[g]` of group `groups[i]` at once."""
+    gates = [asyncio.Semaphore(n) if n else None for n in max_concurrency]
     # No pool limit: the arrival process, not httpx's default of 100 connections, decides the load.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     headers = {"Content-Type": "application/json", **headers}
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
         t0 = time.perf_counter()
 
-        async def one(p: PreparedRequest, offset: float) -> RequestResult:
+        async def one(p: PreparedRequest, offset: float, gate: asyncio.Semaphore | None) -> RequestResult:
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
             result = RequestResult(p.index, offset)
             async with gate if gate is not None else contextlib.nullcontext():
@@ -46,6 +62,6 @@ async def run_requests(
             on_done(result)
             return result
 
-        results = await asyncio.gather(*(one(p, o) for p, o in zip(prepared, offsets)))
+        results = await asyncio.gather(*(one(p, o, gates[g]) for p, o, g in zip(prepared, offsets, groups)))
         duration = time.perf_counter() - t0
     return list(results), duration

@@ -6,6 +6,7 @@
 |               | --output-tokens --text-only-share --dataset-path --temperature --ignore-eos    |
 | ArrivalSpec   | --rate / --rates --arrival --burstiness --max-concurrency                      |
 | SLO           | --slo-ttft --slo-tpot                                                          |
+| PhaseSpec     | --phases: each phase's workload and arrivals (epd.bench.serve.phases)          |
 | BenchSpec     | all of the above plus --num-requests --warmup --seed and the server to drive   |
 """
 
@@ -75,6 +76,21 @@ class SLO:
 
 
 @dataclass(frozen=True)
+class PhaseSpec:
+    """One phase of a phased run: its requests (`workload`), their arrivals, how long it lasts."""
+
+    name: str
+    workload: WorkloadSpec
+    arrival: ArrivalSpec
+    num_requests: int | None = None
+    duration_s: float | None = None  # arrivals drawn until this many seconds (a finite rate)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.arrival.label})"
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     base_url: str
     model: str | None = None  # None: the first model of /v1/models
@@ -89,6 +105,9 @@ class BenchSpec:
     request_timeout: float = 600.0
     progress: bool = True
     label: str | None = None  # the curve's name on comparison plots
+    # Given: one run through these phases back to back (epd.bench.serve.phases), instead of one run
+    # per entry of `arrivals` with `workload`.
+    phases: tuple[PhaseSpec, ...] = ()
 
 
 def parse_int_range(text: str) -> tuple[int, int]:

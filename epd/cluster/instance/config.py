@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S
 from epd.cluster.layout import InstanceSpec, Role
 from epd.config import EngineConfig
+from epd.transfer.base import DEFAULT_RETRIES
+
+TRANSFER_TIMEOUT_S = 30.0  # what one attempt of a send waits for its receiver (the backends' default)
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,10 @@ class InstanceConfig:
     max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch
     num_threads: int = 1
     kv_streaming: str = "request"  # "layer": P sends each layer's KV as prefill writes it (see cluster)
+    # A failed send goes out again this often on the same pair before the router hears of it
+    # (epd.transfer.retry); each attempt waits this long for its receiver.
+    transfer_retries: int = DEFAULT_RETRIES
+    transfer_timeout_s: float = TRANSFER_TIMEOUT_S
     # Exits when nothing came from the router for this long (epd.cluster.heartbeat).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
 

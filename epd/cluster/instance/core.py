@@ -63,7 +63,9 @@ from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache
 from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.patches import PatchPool
 from epd.transfer.base import Connector, Received, SendResult
+from epd.transfer.retry import connector_stats
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +99,14 @@ class InstanceCore:
         self.roles: frozenset[Role] = frozenset(cfg.spec.roles)
         self.device = torch.device(cfg.engine.device)
         processor_config = ImageProcessorConfig.from_pretrained(cfg.engine.model.model)
-        self.decode_pixels = PixelDecoder(processor_config, self.device)
+        # Image files are decoded where they are encoded: here, on threads of our own.
+        self.patch_pool = PatchPool() if cfg.has(Role.ENCODE) else None
+        self.decode_pixels = PixelDecoder(processor_config, self.device, self.patch_pool)
         self.kv_sender = KVSender(connector)  # P side of KV hand-offs
         self.encode = self._build_encode_stage()
         self.mm_cache: MMCache | None = None  # embeddings from encoder instances (P without E)
         if cfg.has(Role.PREFILL) and not cfg.has(Role.ENCODE):
-            self.mm_cache = self._new_mm_cache(cfg.engine.model.hf.text.hidden_size)
+            self.mm_cache = self._new_mm_cache(cfg.engine.model.hf.mm_embed_width)
         self.llm: EngineHost | None = None  # the language model, shared by the P and D stages
         if cfg.has(Role.PREFILL) or cfg.has(Role.DECODE):
             engine = build_engine(cfg, self._wiring(self.roles), clock, compute.parts)
@@ -122,7 +126,7 @@ class InstanceCore:
         cfg = self.cfg
         if not cfg.has(Role.ENCODE) or cfg.has(Role.PREFILL):
             return None
-        cache = self._new_mm_cache(cfg.engine.model.hf.vision.out_hidden_size)
+        cache = self._new_mm_cache(cfg.engine.model.hf.mm_embed_width)
         worker = build_encoder_worker(
             cfg, cache, self.connector, self.decode_pixels, self.clock, self.compute.vision
         )
@@ -182,6 +186,14 @@ class InstanceCore:
     def engine(self) -> LLMEngine | None:
         return self.llm.engine if self.llm is not None else None
 
+    def pollables(self) -> list[int]:
+        """File descriptors besides the inbox and the connector that mean "work is ready"."""
+        return [self.patch_pool.fileno()] if self.patch_pool is not None else []
+
+    def close(self) -> None:
+        if self.patch_pool is not None:
+            self.patch_pool.close()
+
     def stages(self) -> list[StageManager]:
         """The stage managers held now; decode before prefill (see `_abort`)."""
         return [s for s in (self.encode, self.decode, self.prefill) if s is not None]
@@ -239,6 +251,9 @@ class InstanceCore:
         self.transfer_totals["transfer_seconds_total"] += result.seconds
         if not result.ok:
             logger.error("transfer %s to %s failed: %s", result.key, result.dest, result.error)
+            if result.key.startswith("mm:") and self.encode is not None:
+                self.encode.not_sent(result)  # P asks again, through the router
+                return
             rid = request_of_key(result.key)
             if rid is not None:
                 self.outbox.send(RequestError(self.instance_id, rid, f"KV transfer failed: {result.error}"))
@@ -255,8 +270,12 @@ class InstanceCore:
 
     def step(self) -> None:
         """One turn: encode a batch, step the engine (reporting what advanced), stats when due."""
+        if self.patch_pool is not None:
+            self.patch_pool.clear()  # before looking at the patches: a job ending now wakes us again
         if self.encode is not None:
             self.encode.step()
+        if self.prefill is not None:
+            self.prefill.step()  # admits EP tasks whose patches are made
         if self.llm is not None:
             for request in self.llm.step():
                 if self.prefill is not None:
@@ -269,7 +288,7 @@ class InstanceCore:
         )
 
     def stats(self) -> dict[str, float]:
-        stats = dict(self.transfer_totals)
+        stats = {**self.transfer_totals, **connector_stats(self.connector)}
         if self.llm is not None:
             stats.update(self.llm.engine.stats())
         for stage in (self.prefill, self.decode, self.encode):
@@ -307,7 +326,7 @@ class InstanceCore:
     def _switch_language_roles(self, wanted: frozenset[Role]) -> None:
         """P and D around the same engine: only its hand-off and embedding source change."""
         if Role.PREFILL in wanted and Role.ENCODE not in wanted and self.mm_cache is None:
-            self.mm_cache = self._new_mm_cache(self.cfg.engine.model.hf.text.hidden_size)
+            self.mm_cache = self._new_mm_cache(self.cfg.engine.model.hf.mm_embed_width)
         self.roles = wanted
         self.llm.rewire(self._wiring(wanted))
         self._build_language_stages()

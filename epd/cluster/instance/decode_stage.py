@@ -2,9 +2,10 @@
 
 What arrives through the connector, per request (order and formats: epd.cluster.kv_handoff):
 `kvl:` layer parts (layer-wise streaming) held in `LayerParts`, then one `kv:` message that
-completes the KV (or discards it) and starts the request in the shared engine. An abort can
-overtake the KV (different paths), so the stage remembers aborts of requests it has not seen
-(`AbortedBeforeKV`) and drops their KV on arrival instead of decoding for nobody.
+completes the KV (or discards it) and starts the request in the shared engine. A part sent again
+after a failed send can come after its `kv:` message, which then waits for it (`awaiting_layers`).
+An abort can overtake the KV (different paths), so the stage remembers aborts of requests it has
+not seen (`AbortedBeforeKV`) and drops their KV on arrival instead of decoding for nobody.
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ class DecodeStage(StageManager):
         self.waiting_elsewhere = waiting_elsewhere
         self.kv_parts = LayerParts()  # streamed layers waiting for their hand-off
         self.aborted_before_kv = AbortedBeforeKV()  # their late KV is dropped
+        self.awaiting_layers: dict[str, Received] = {}  # request id -> its `kv:`, parts still due
 
     def on_transfer(self, received: Received) -> None:
         """A `kvl:` layer part or the `kv:` hand-off of a request."""
         if received.key.startswith(LAYER_KEY):
-            if received.meta["request_id"] not in self.aborted_before_kv:
+            rid = received.meta["request_id"]
+            if rid not in self.aborted_before_kv:
                 self.kv_parts.add(received)
+            held = self.awaiting_layers.get(rid)
+            if held is not None and not self.kv_parts.missing(held):
+                self._kv_arrived(self.awaiting_layers.pop(rid))
         else:
             self._kv_arrived(received)
 
@@ -56,12 +62,14 @@ class DecodeStage(StageManager):
         if self._may_still_receive_kv(request_id):
             self.aborted_before_kv.remember(request_id)
         self.kv_parts.drop(request_id)
+        self.awaiting_layers.pop(request_id, None)
 
     def busy_requests(self) -> int:
-        return len(self.kv_parts.parts)
+        return len(set(self.kv_parts.parts) | set(self.awaiting_layers))
 
     def stats(self) -> dict[str, float]:
-        return {**self.kv_parts.stats(), **self.aborted_before_kv.stats()}
+        awaiting = {"kv_handoffs_awaiting_layers": len(self.awaiting_layers)}
+        return {**self.kv_parts.stats(), **self.aborted_before_kv.stats(), **awaiting}
 
     def _may_still_receive_kv(self, request_id: str) -> bool:
         """A decode instance that does not run the request yet may still get its KV from P: the
@@ -73,6 +81,9 @@ class DecodeStage(StageManager):
         if self.aborted_before_kv.drop_handoff(rid):
             self.kv_parts.drop(rid)
             return  # the router finished it as aborted already: nothing to report
+        if self.kv_parts.missing(received):
+            self.awaiting_layers[rid] = received  # a retried part is on its way
+            return
         try:
             kv = self.kv_parts.complete(received)
         except ValueError as err:
@@ -103,7 +114,7 @@ class DecodeStage(StageManager):
             meta["first_token"],
             logprobs,
             kv,
-            received.tensors.get("generator_state"),
+            None,  # no generator state: a seeded request's draws follow from its token count
             task.arrival_time,
             meta.get("earlier_token_ids", ()),
         )

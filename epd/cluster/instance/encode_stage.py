@@ -14,13 +14,13 @@ from epd.clock import Clock
 from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.stage import Outbox, StageManager
-from epd.cluster.messages import DestinationGone, EncodeTask, ReleaseEmbedding
+from epd.cluster.messages import DestinationGone, EmbeddingNotSent, EncodeTask, ReleaseEmbedding
 from epd.cluster.stats import mm_cache_stats
 from epd.config import ModelConfig
 from epd.engine.mm_cache import MMCache
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import VISION
-from epd.transfer.base import Connector
+from epd.transfer.base import Connector, SendResult
 
 
 class EncodeStage(StageManager):
@@ -34,6 +34,14 @@ class EncodeStage(StageManager):
             self.worker.release(msg.content_hash, msg.dest)
         elif isinstance(msg, DestinationGone):
             self.worker.dest_gone(msg.dest)
+
+    def not_sent(self, result: SendResult) -> None:
+        """An embedding send (`mm:<hash>`) failed for good: no receipt will unpin that copy, so it
+        is unpinned now, and the router has P ask again (a later send finds it cached here)."""
+        content_hash = result.key.removeprefix("mm:")
+        self.worker.release(content_hash, result.dest)
+        error = result.error or "send failed"
+        self.outbox.send(EmbeddingNotSent(self.worker.instance, content_hash, result.dest, error))
 
     def step(self) -> None:
         for done in self.worker.step():

@@ -22,14 +22,19 @@ Then per image of a task, the least it can do:
 Evictions are reported (`EmbeddingsEvicted`) so that the router's view catches up.
 A request is admitted to the engine once every image is pinned for it, and unpins them at its
 first token (the request holds its own copies then). Without an MM cache (EP) the engine encodes
-the task's pixels itself and the task is admitted at once. Where the KV goes after the first
-token is the engine's wiring (engine_host); this stage tells the `KVSender` each request's D.
+the task's images itself: the task is admitted once the instance's `PatchPool` has made their
+patches from the files (in arrival order among those ready; a bad file fails the request, a 400).
+Where the KV goes after the first token is the engine's wiring (engine_host); this stage tells the
+`KVSender` each request's D.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
+
+import torch
 
 from epd.clock import Clock
 from epd.cluster.encoder_worker import PixelDecoder
@@ -48,11 +53,24 @@ from epd.cluster.messages import (
 from epd.cluster.stats import mm_cache_stats
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
+from epd.inputs.errors import InvalidInputError
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Received
+from epd.transfer.retry import connector_stats
 
 MM_CACHE_FULL = "the MM cache of this prefill instance is full (raise mm_cache_bytes)"
+
+
+@dataclass
+class _MakingPatches:
+    """An EP task whose images' patches are being made from their files."""
+
+    task: PrefillTask
+    patches: list[Future[torch.Tensor]]
+
+    def ready(self) -> bool:
+        return all(f.done() for f in self.patches)
 
 
 @dataclass
@@ -78,6 +96,7 @@ class PrefillStage(StageManager):
         self.instance_id, self.llm, self.mm_cache, self.kv_sender = instance_id, llm, mm_cache, kv_sender
         self.decode_pixels, self.outbox, self.clock = decode_pixels, outbox, clock
         self.pending: dict[str, _Pending] = {}
+        self.making: dict[str, _MakingPatches] = {}  # EP: request id -> its images being decoded
         self.waiting_on: dict[str, list[str]] = {}  # content hash -> request ids
         self.announced: Counter[str] = Counter()  # hash -> transfers on their way (module docstring)
         self.unannounced: Counter[str] = Counter()  # hash -> arrivals before the task that lists them
@@ -107,10 +126,17 @@ class PrefillStage(StageManager):
             self.kv_sender.forget(request.request_id)
 
     def is_waiting(self, request_id: str) -> bool:
-        """Whether the request waits here for embeddings (the engine has not seen it yet)."""
-        return request_id in self.pending
+        """Whether the request waits here for embeddings or patches (the engine has not seen it yet)."""
+        return request_id in self.pending or request_id in self.making
+
+    def step(self) -> None:
+        self._admit_made()
+
+    def has_work(self) -> bool:
+        return any(making.ready() for making in self.making.values())
 
     def abort(self, request_id: str) -> None:
+        self.making.pop(request_id, None)
         pending = self.pending.pop(request_id, None)
         if pending is not None:
             for h in pending.missing:
@@ -124,17 +150,18 @@ class PrefillStage(StageManager):
         # A transfer on its way that no request here waits for (its request was aborted) counts
         # too: the stage must be here to take it, or the counts of the next one would be off.
         in_flight = len([h for h in self.announced if h not in self.waiting_on]) + len(self.unannounced)
-        return len(set(self.pending) | set(self.held) | set(self.kv_sender.dest)) + in_flight
+        held = set(self.pending) | set(self.making) | set(self.held) | set(self.kv_sender.dest)
+        return len(held) + in_flight
 
     def stats(self) -> dict[str, float]:
-        return mm_cache_stats(self.mm_cache)
+        # With the retries of the connector its KV goes out through (epd.transfer.retry).
+        return {**mm_cache_stats(self.mm_cache), **connector_stats(self.kv_sender.connector)}
 
     # ---- tasks and embeddings ------------------------------------------------------------------
 
     def _prefill_task(self, task: PrefillTask) -> None:
         for index in task.encoding:  # first: their transfers come whatever happens to the task
             self._announce(task.image_hashes[index])
-        prompt = prompt_from_task(task, self.decode_pixels)
         try:
             self.llm.engine.check_fits(len(task.prompt_token_ids))
         except ValueError as err:
@@ -142,9 +169,12 @@ class PrefillStage(StageManager):
             return
         if task.decode_dest is not None:
             self.kv_sender.route(task.request_id, task.decode_dest)
-        if self.mm_cache is None:  # encodes in-process
-            self._admit(task, prompt)
+        if self.mm_cache is None:  # encodes in-process, once the patches are made
+            patches = [self.decode_pixels.patches(item) for item in task.pixels or []]
+            self.making[task.request_id] = _MakingPatches(task, patches)
+            self._admit_made()
             return
+        prompt = prompt_from_task(task)
         missing = self._pin_or_wait(task)
         if missing:
             self.pending[task.request_id] = _Pending(task, prompt, missing)
@@ -230,14 +260,33 @@ class PrefillStage(StageManager):
         if earlier:
             self.llm.continues_at(task.request_id, len(earlier))  # reported by an earlier attempt
 
+    def _admit_made(self) -> None:
+        """Admit the EP tasks whose patches are all made; fail those with a bad image file."""
+        for request_id, making in list(self.making.items()):
+            if not making.ready():
+                continue
+            del self.making[request_id]
+            errors = [f.exception() for f in making.patches if f.exception() is not None]
+            if errors:
+                self._fail(request_id, _input_error(errors[0]), invalid_input=True)
+                continue
+            pixels = [self.decode_pixels.expand(f.result()) for f in making.patches]
+            self._admit(making.task, prompt_from_task(making.task, pixels))
+
     def _unpin_images(self, request_id: str) -> None:
         for h in self.held.pop(request_id, ()):
             self.mm_cache.unpin(h)
 
-    def _fail(self, request_id: str, error: str) -> None:
+    def _fail(self, request_id: str, error: str, invalid_input: bool = False) -> None:
         self.abort(request_id)
         self.llm.abort(request_id)
-        self.outbox.send(RequestError(self.instance_id, request_id, error))
+        self.outbox.send(RequestError(self.instance_id, request_id, error, invalid_input))
+
+
+def _input_error(error: BaseException) -> str:
+    if not isinstance(error, InvalidInputError):
+        raise error  # a bug, not a bad file: let the instance fail loudly
+    return str(error)
 
 
 def _decrement(counts: Counter[str], key: str) -> None:

@@ -66,5 +66,15 @@ def refusal(
     holding = {part: n for part, n in busy.items() if n}
     if holding:
         held = ", ".join(f"{part} holds {n}" for part, n in holding.items())
-        return f"{change}: it still holds requests ({held}); retry when they are done"
+        return f"{change}: {STILL_HOLDS} ({held}); retry when they are done"
     return None
+
+
+# The one refusal that passes by itself: what a drained instance still finishes (a KV send not yet
+# confirmed, an embedding on its way). The router's switch (epd.cluster.router.role_switch) retries it.
+STILL_HOLDS = "it still holds requests"
+
+
+def only_busy(error: str | None) -> bool:
+    """Whether a `SetRolesReply` error refused only because requests are still held: retry later."""
+    return error is not None and f": {STILL_HOLDS} (" in error

@@ -31,8 +31,8 @@ from epd.cluster.instance.core import InstanceCore
 from epd.cluster.layout import Role
 from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
 from epd.engine.llm_engine import LLMEngine
-from epd.transfer.base import Connector
-from epd.transfer.base import create_connector as make_connector
+from epd.transfer.base import Connector, create_backend
+from epd.transfer.retry import RetryingConnector
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,16 @@ def instance_main(cfg: InstanceConfig) -> None:
         ctx.destroy(linger=0)
 
 
+def make_connector(cfg: InstanceConfig, name: str) -> Connector:
+    """The backend `name` under `cfg.transfer_retries` retries (epd.transfer.retry), also under none:
+    a failed send then still reads "gave up after 1 attempt", so the router places its request anew
+    rather than failing it. Each attempt waits `cfg.transfer_timeout_s` for its receiver (the local
+    backend moves nothing between instances: it takes no timeout)."""
+    options = {} if name == "local" else {"send_timeout_s": cfg.transfer_timeout_s}
+    backend = create_backend(name, device=cfg.engine.device, host=cfg.host, **options)
+    return RetryingConnector(backend, cfg.transfer_retries)
+
+
 class SocketOutbox:
     """The core's outbox in a process: a PUSH socket to the router."""
 
@@ -88,9 +98,7 @@ class Instance:
         self.control_address = f"tcp://{cfg.host}:{port}"
         # An instance that does everything moves nothing between instances.
         all_roles = all(cfg.has(role) for role in (Role.ENCODE, Role.PREFILL, Role.DECODE))
-        connector = make_connector(
-            "local" if all_roles else cfg.transfer, device=cfg.engine.device, host=cfg.host
-        )
+        connector = make_connector(cfg, "local" if all_roles else cfg.transfer)
         self.core = InstanceCore(cfg, connector, SocketOutbox(outbox), clock)
 
     @property
@@ -109,7 +117,7 @@ class Instance:
         self.last_heard = self.clock.monotonic()
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
-        for handle in self.connector.pollables():
+        for handle in [*self.connector.pollables(), *self.core.pollables()]:
             poller.register(handle, zmq.POLLIN)
         while not self.core.stopping:
             poller.poll(0 if self.core.has_work() else IDLE_POLL_MS)
@@ -146,6 +154,7 @@ class Instance:
                 self.core.on_message(message)
 
     def close(self) -> None:
+        self.core.close()
         self.connector.close()
         self.inbox.close(linger=0)
         self.outbox.close(linger=1000)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from epd.cluster.encoder_worker import PixelDecoder
 from epd.cluster.messages import PrefillTask
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
 
 
-def prompt_from_task(task: PrefillTask, decode_pixels: PixelDecoder | None = None) -> ProcessedPrompt:
-    """The prompt as the language model needs it; without `task.pixels` (the images are
-    encoded on another instance) the pixel tensors stay empty."""
-    if task.pixels:
-        pixels = [decode_pixels(item) for item in task.pixels]
-    else:
+def prompt_from_task(task: PrefillTask, pixels: list[torch.Tensor] | None = None) -> ProcessedPrompt:
+    """The prompt as the language model needs it. `pixels`: each image's float patches, for an
+    instance that encodes in-process (EP); without them (the images are encoded on another
+    instance) the pixel tensors stay empty."""
+    if pixels is None:
         pixels = [torch.empty(0)] * len(task.grids)
     images = [ImageInput(px, tuple(g), h) for px, g, h in zip(pixels, task.grids, task.image_hashes)]
     placeholders = [PlaceholderRange(o, n) for o, n in task.placeholders]

@@ -36,9 +36,11 @@ from epd.cluster.messages import (
     AbortRequest,
     DestinationGone,
     EmbeddingArrived,
+    EmbeddingNotSent,
     EmbeddingsEvicted,
     EmbeddingsLost,
     EncodeDone,
+    EncodeFailed,
     EncodeItem,
     EncodeTask,
     InstanceFailed,
@@ -56,7 +58,13 @@ from epd.cluster.router.held_embeddings import HeldEmbeddings
 from epd.cluster.router.ledger import LoadLedger, Work
 from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
 from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement
-from epd.cluster.router.recovery import MAX_ATTEMPTS, Recovery, recovery_for
+from epd.cluster.router.recovery import (
+    MAX_ATTEMPTS,
+    Recovery,
+    recovery_after_transfer,
+    recovery_for,
+    transfer_gave_up,
+)
 from epd.inputs.types import ImageInput, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import RequestMetrics, RequestOutput
@@ -122,7 +130,9 @@ class RouterCore:
         self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0}
         self.max_attempts = MAX_ATTEMPTS
         self.recoveries: dict[str, dict[str, int]] = {}  # dead instance -> recovery -> requests
+        self.embeddings_not_sent: dict[str, int] = {}  # request id -> its images' sends given up
         self.instance_stats: dict[str, dict[str, float]] = {}
+        self.draining: set[str] = set()  # switching roles (role_switch.py): nothing new placed there
         self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
         self._outbox: list[Outgoing] = []
@@ -130,10 +140,12 @@ class RouterCore:
             NeedEmbeddings: self._need_embeddings,
             EncodeDone: self._encode_done,
             EmbeddingArrived: self._embedding_arrived,
+            EmbeddingNotSent: self._embedding_not_sent,
             EmbeddingsEvicted: self._embeddings_evicted,
             SetRolesReply: self._roles_set,
             RequestUpdate: self._update,
             RequestError: self._error,
+            EncodeFailed: self._encode_failed,
             InstanceFailed: self._instance_failed,
             InstanceReady: self._instance_ready,
             InstanceStats: self._stats,
@@ -242,7 +254,7 @@ class RouterCore:
     # ---- placing ------------------------------------------------------------------------------
 
     def _place(self) -> tuple[InstanceHandle, InstanceHandle]:
-        live = [h.spec for h in self.instances.values() if h.alive]
+        live = [h.spec for h in self.instances.values() if h.alive and h.name not in self.draining]
         prefill = self.placement.prefill.choose(live, self.ledger, {})
         decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
         return self.instances[prefill.name], self.instances[decode.name]
@@ -309,6 +321,23 @@ class RouterCore:
         )
         record.advance(Trigger.IMAGE_ENCODED if images_out else Trigger.LAST_IMAGE_ENCODED)
 
+    def _encode_failed(self, msg: EncodeFailed) -> None:
+        """An encoder found images it cannot decode. The request fails (a 400: its input is bad);
+        then its P hears that those transfers will not come, so that another request there
+        waiting for the same image asks again (and fails the same way) instead of waiting."""
+        record = self._record_of(msg.request_id)
+        if record is None:
+            return
+        hashes = sorted({record.prompt.images[index].content_hash for index in msg.items})
+        for index in msg.items:
+            self.ledger.release(Work(record.request_id, Role.ENCODE, index))
+        for content_hash in hashes:
+            self.affinity.failed(content_hash)
+            self.held.not_coming(record.prefill, content_hash, msg.instance)
+        record.invalid_input = True
+        self._fail(record, msg.error)  # first: P drops the request before it hears of the loss
+        self._send(record.prefill, EmbeddingsLost(hashes))
+
     def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
         source = self.by_data_address.get(msg.source)
         self.held.arrived(msg.instance, msg.content_hash, source.name if source is not None else None)
@@ -319,6 +348,27 @@ class RouterCore:
             record = self._record_of(request_id)
             if record is not None:
                 record.metrics.events.append(event)
+
+    def _embedding_not_sent(self, msg: EmbeddingNotSent) -> None:
+        """An encoder gave up sending an image to a P (its retries failed): P hears that it will not
+        come and its requests waiting for it ask again (`NeedEmbeddings`), as after an encoder's
+        death. Each request whose prefill P holds counts the loss; at `max_attempts` it fails."""
+        prefill = self.by_data_address.get(msg.dest)
+        if prefill is None or not prefill.alive or prefill.ready.data_address != msg.dest:
+            return  # P died since (its death told the encoders: DestinationGone)
+        self.held.not_coming(prefill.name, msg.content_hash, msg.instance)
+        for record in list(self.requests.values()):
+            hashes = {image.content_hash for image in record.prompt.images}
+            if msg.content_hash not in hashes:
+                continue
+            if self.ledger.holder(Work(record.request_id, Role.PREFILL)) != prefill.name:
+                continue
+            lost = self.embeddings_not_sent.get(record.request_id, 0) + 1
+            self.embeddings_not_sent[record.request_id] = lost
+            if lost >= self.max_attempts:
+                error = f"{msg.instance}: embeddings not sent to {prefill.name} {lost} times: {msg.error}"
+                self._fail(record, error)  # first: P drops the request before it hears of the loss
+        self._send(prefill.name, EmbeddingsLost([msg.content_hash]))
 
     def _update(self, msg: RequestUpdate) -> None:
         record = self._record_of(msg.request_id)
@@ -375,8 +425,11 @@ class RouterCore:
 
     def _error(self, msg: RequestError) -> None:
         record = self._record_of(msg.request_id)
-        if record is not None:
-            self._fail(record, f"{msg.instance}: {msg.error}")
+        if record is not None and transfer_gave_up(msg.error):
+            self._transfer_failed(record, f"{msg.instance}: {msg.error}")
+        elif record is not None:
+            record.invalid_input = msg.invalid_input
+            self._fail(record, msg.error if msg.invalid_input else f"{msg.instance}: {msg.error}")
 
     def _instance_ready(self, msg: InstanceReady) -> None:
         """An instance that was down is back (restarted): its first roles, new addresses, empty
@@ -431,6 +484,14 @@ class RouterCore:
         else:
             self._fail(record, error)
 
+    def _transfer_failed(self, record: RequestRecord, error: str) -> None:
+        """A transfer between two live instances failed after its retries: the pair is taken
+        for broken, and the request placed anew (recovery.py, second table)."""
+        if recovery_after_transfer(record, self.max_attempts) is Recovery.FAIL:
+            self._fail(record, error)
+        else:
+            self._start_over(record, error)
+
     def _start_over(self, record: RequestRecord, error: str) -> None:
         """A new attempt on live instances: from the start, or (it has tokens) from its prompt and
         tokens prefilled again, its next token sampled after them."""
@@ -469,6 +530,7 @@ class RouterCore:
         record.finish_reason = finish_reason
         record.metrics.finished_time = self.clock.now()
         self.ledger.release_request(record.request_id)
+        self.embeddings_not_sent.pop(record.request_id, None)
         del self.requests[record.request_id]
         del self.wire_ids[record.wire_id]
         self._outputs[record.request_id] = record.output()
@@ -510,8 +572,11 @@ def _prefill_task(
 
 
 def encode_item(index: int, image: ImageInput) -> EncodeItem:
-    """One image as it travels to an encoder: uint8, one frame, 8x fewer bytes than the tower's input."""
+    """One image as it travels to an encoder: its file (the encoder decodes it), or its uint8
+    patches where it came processed (8x fewer bytes than the tower's float input)."""
+    if image.encoded is not None:
+        return EncodeItem(index, image.content_hash, image.grid_thw, b"", 0, image.encoded)
     if image.raw_patches is None:
-        raise ValueError("images sent to another instance need their raw_patches (process_image keeps them)")
+        raise ValueError("images sent to another instance need their file bytes or raw_patches")
     raw = image.raw_patches.contiguous()
     return EncodeItem(index, image.content_hash, image.grid_thw, raw.numpy().tobytes(), raw.shape[1])

@@ -38,6 +38,12 @@ class HeldEmbeddings:
         self.incoming.setdefault(instance, {}).setdefault(content_hash, Counter())[encoder] += 1
 
     def arrived(self, instance: str, content_hash: str, encoder: str | None) -> None:
+        if encoder is not None:
+            self.not_coming(instance, content_hash, encoder)  # it came: no longer on its way
+        self.cached.setdefault(instance, set()).add(content_hash)
+
+    def not_coming(self, instance: str, content_hash: str, encoder: str) -> None:
+        """One transfer from `encoder` will not come (it could not encode the image)."""
         senders = self.incoming.get(instance, {}).get(content_hash)
         if senders is not None and senders[encoder] > 0:
             senders[encoder] -= 1
@@ -45,7 +51,6 @@ class HeldEmbeddings:
                 del senders[encoder]
             if not senders:
                 del self.incoming[instance][content_hash]
-        self.cached.setdefault(instance, set()).add(content_hash)
 
     def evicted(self, instance: str, content_hashes: list[str]) -> None:
         self.cached.get(instance, set()).difference_update(content_hashes)

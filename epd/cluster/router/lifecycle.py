@@ -144,6 +144,7 @@ class RequestRecord:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    invalid_input: bool = False  # the error is the request's own (a corrupt image): a 400
     early: list[RequestUpdate] = field(default_factory=list)  # updates that arrived out of order
     attempt: int = 0  # 0 first; each start-over (recovery.py) adds one
     wire_id: str = ""  # the id its instances know it by, this attempt (the request id at first)
@@ -190,4 +191,5 @@ class RequestRecord:
             self.metrics,
             self.num_cached_tokens,
             self.error,
+            self.invalid_input,
         )

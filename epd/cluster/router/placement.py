@@ -109,6 +109,10 @@ class EncodeAffinity:
         self.inflight.pop(content_hash, None)
         self.encoded_at[content_hash] = encoder
 
+    def failed(self, content_hash: str) -> None:
+        """The encode could not be done (a bad file): nothing of it is anywhere."""
+        self.inflight.pop(content_hash, None)
+
     def encoder_died(self, encoder: str) -> None:
         # Its encodes will never finish; what it encoded before is skipped as long as it is dead.
         for content_hash in [h for h, e in self.inflight.items() if e == encoder]:

@@ -17,8 +17,21 @@ and on how far the request got:
 |                               |                                | D goes on from there                   |
 | prefill or decode             | `max_attempts` used            | FAIL                                   |
 
-A continuation's tokens are those an undisturbed run gives for greedy and unseeded sampling; a
-seeded request continues with a generator started again from its seed (its state died with D).
+A transfer that failed between two live instances is first sent again on the same pair by their
+connector (epd.transfer.retry). Once its retries are used up the sender reports the request's
+error (its text names it: `transfer_gave_up`), and the router treats it as the loss of that pair:
+
+| the request                   | recovery                                                         |
+|-------------------------------|------------------------------------------------------------------|
+| no token yet                  | START_OVER, on instances placed anew                             |
+| has tokens (P's KV never      | CONTINUE: a live P prefills prompt and tokens again              |
+| reached D)                    |                                                                  |
+| `max_attempts` used           | FAIL, with the transfer's error                                  |
+
+A continuation's tokens are those an undisturbed run gives, for greedy and for seeded sampling:
+a seeded request's draw of its n-th token depends only on (seed, n) (epd.engine.sampler.draw_seed),
+so no generator state has to survive the dead instance. Unseeded sampling draws from the
+instance's shared generator, as any unseeded request does.
 
 An attempt has its own id on the wire (`RequestRecord.wire_id`: the request id, then
 `<id>~<attempt>`), so whatever an instance still says about an earlier attempt (a first token
@@ -34,6 +47,7 @@ from collections.abc import Iterable
 from epd.cluster.layout import Role
 from epd.cluster.router.ledger import Work
 from epd.cluster.router.lifecycle import RequestRecord
+from epd.transfer.retry import GAVE_UP
 
 MAX_ATTEMPTS = 3  # a request that lost two instances before its first token has bad luck; a third,
 # a cause that follows it (an input that kills instances): it fails then
@@ -50,6 +64,18 @@ def recovery_for(record: RequestRecord, held: Iterable[Work], max_attempts: int)
     stages = {work.stage for work in held}
     if stages <= {Role.ENCODE}:
         return Recovery.RELEASE_IMAGES
+    if record.attempt + 1 >= max_attempts:
+        return Recovery.FAIL
+    return Recovery.CONTINUE if record.has_first_token else Recovery.START_OVER
+
+
+def transfer_gave_up(error: str) -> bool:
+    """Whether an instance's error for a request is a transfer its connector gave up on."""
+    return GAVE_UP in error
+
+
+def recovery_after_transfer(record: RequestRecord, max_attempts: int) -> Recovery:
+    """A transfer of the request's current attempt failed for good (second table above)."""
     if record.attempt + 1 >= max_attempts:
         return Recovery.FAIL
     return Recovery.CONTINUE if record.has_first_token else Recovery.START_OVER

@@ -2,19 +2,21 @@
 
 The core decides and returns messages; the shell sends them and feeds the core what arrives, so
 the same core runs behind ZMQ in production and behind in-memory queues in tests and the simulator.
+Role switches (role_switch.py) sit next to the core the same way: fed the replies, ticked each poll.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from epd.clock import WALL_CLOCK, Clock
-from epd.cluster.messages import InstanceReady, ToInstance
+from epd.cluster.messages import InstanceReady, SetRolesReply, ToInstance
 from epd.cluster.router.control_plane import ControlPlane
 from epd.cluster.router.core import InstanceHandle, Outgoing, RouterCore
 from epd.cluster.router.ledger import LoadLedger
 from epd.cluster.router.lifecycle import RequestRecord
 from epd.cluster.router.placement import Placement
+from epd.cluster.router.role_switch import RoleSwitch, RoleSwitches
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
@@ -30,6 +32,7 @@ class Router:
         silence_timeout_s: float | None = None,
     ) -> None:
         self.core = RouterCore(instances, clock, placement, silence_timeout_s)
+        self.switches = RoleSwitches(self.core)
         self.control = control
 
     # ---- requests in ----------------------------------------------------------------------------
@@ -46,6 +49,14 @@ class Router:
     def abort(self, request_id: str) -> None:
         self._deliver(self.core.abort(request_id))
 
+    def set_roles(
+        self, instance: str, roles: str, on_done: Callable[[dict], None] | None = None
+    ) -> RoleSwitch:
+        """Start switching `instance` to `roles` (role_switch.py); SwitchError if it cannot start."""
+        switch, outgoing = self.switches.request(instance, roles, on_done)
+        self._deliver(outgoing)
+        return switch
+
     # ---- messages in ----------------------------------------------------------------------------
 
     def poll(self, timeout_ms: int = 100) -> list[RequestOutput]:
@@ -55,7 +66,10 @@ class Router:
             if isinstance(message, InstanceReady):  # a restarted instance, at its new address
                 self.control.connect(message.instance, message.control_address)
             self._deliver(self.core.handle(message))
+            if isinstance(message, SetRolesReply):
+                self.switches.on_reply(message)
         self._deliver(self.core.tick())
+        self._deliver(self.switches.tick())
         return self.core.take_outputs()
 
     def wake(self) -> None:

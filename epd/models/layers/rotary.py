@@ -22,27 +22,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class MRotaryEmbedding(nn.Module):
-    """Qwen2-VL's multimodal RoPE.
+    """Qwen2-VL's multimodal RoPE, and Qwen3-VL's interleaved one.
 
-    Positions are [3, tokens] (temporal, height, width). The head's frequency bands are
-    split by `mrope_section`; band i takes its angle from position row i. For text all
-    three rows are equal, which makes this plain 1-D RoPE.
+    Positions are [3, tokens] (temporal, height, width). Each frequency band of the head takes
+    its angle from one position row; for text all three rows are equal, which makes this plain
+    1-D RoPE. Which row each of the head_dim/2 bands reads (mrope_section = (t, h, w)):
+
+        sectioned (Qwen2-VL):   t t t ... | h h h ... | w w w ...    (t, h, w bands in a run)
+        interleaved (Qwen3-VL): t h w t h w ... t h w | t t t ...    (h and w bands at 3i+1,
+                                                                      3i+2 while they last)
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, mrope_section: tuple[int, int, int], interleaved: bool = False
+    ) -> None:
         super().__init__()
         if sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.mrope_section = list(mrope_section)
+        rows = mrope_band_rows(mrope_section, interleaved)
+        self.register_buffer("band_rows", rows, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # [3, tokens, head_dim/2]
-        bands = freqs.split(self.mrope_section, dim=-1)
-        freqs = torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)
+        # Each band's position times its frequency: the products transformers computes for all
+        # three rows and then picks from, computed for the picked row only.
+        freqs = positions[self.band_rows].t().float() * self.inv_freq  # [tokens, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def mrope_band_rows(mrope_section: tuple[int, int, int], interleaved: bool) -> torch.Tensor:
+    """The position row (0 = t, 1 = h, 2 = w) each frequency band reads: [sum(mrope_section)]."""
+    if not interleaved:
+        return torch.cat([torch.full((n,), row) for row, n in enumerate(mrope_section)])
+    rows = torch.zeros(sum(mrope_section), dtype=torch.long)
+    for row in (1, 2):  # as transformers' Qwen3-VL: h at 1, 4, 7, ..., w at 2, 5, 8, ...
+        rows[row : 3 * mrope_section[row] : 3] = row
+    return rows
 
 
 class VisionRotaryEmbedding(nn.Module):

@@ -1,0 +1,127 @@
+"""CPU time the API process spends per image: what limits how many images one front end admits.
+
+    python -m epd.bench.front_end_cpu --model DIR --layout 1E+1P+1D [--images 3 --size 1280x960]
+        [--requests 24 --concurrency 4] [--server-pythonpath OLD_TREE] [--out results.json]
+
+Starts `epd serve`, sends chat requests whose images are distinct noise PNGs (incompressible:
+the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token each, and reads
+the API process's own CPU time (utime + stime of its pid in /proc, its instance processes not
+included) before and after. Prints CPU ms per image and per request, and the server's mean
+`preprocess` (epd_timings). `--server-pythonpath` runs the server from another tree (e.g. a
+worktree of an older commit), for a before/after in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from epd.bench.serve.launcher import LocalServer
+
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def chat_body(model: str, pngs: list[bytes]) -> bytes:
+    parts = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(p).decode()}}
+        for p in pngs
+    ]
+    parts.append({"type": "text", "text": "describe"})
+    body = {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+    body["epd_timings"] = True
+    return json.dumps(body).encode()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process itself (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[dict]:
+    def post(body: bytes) -> dict:
+        resp = httpx.post(
+            url + "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=600,
+        )
+        resp.raise_for_status()
+        return resp.json()
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(post, bodies))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    width, height = (int(x) for x in args.size.lower().split("x"))
+    n_images = args.images * (args.requests + args.warmup)
+    pngs = [noise_png(width, height, seed) for seed in range(n_images)]
+    groups = [pngs[i : i + args.images] for i in range(0, n_images, args.images)]
+    if args.server_pythonpath:
+        os.environ["PYTHONPATH"] = args.server_pythonpath
+    server_args = ["--model", args.model, "--layout", args.layout, "--served-model-name", "m"]
+    server_args += args.serve_arg
+    with tempfile.TemporaryDirectory() as tmp, LocalServer(server_args, Path(tmp) / "server.log") as server:
+        bodies = [chat_body("m", g) for g in groups]
+        send_all(server.url, bodies[: args.warmup], args.concurrency)
+        before, started = process_cpu_seconds(server.proc.pid), time.perf_counter()
+        replies = send_all(server.url, bodies[args.warmup :], args.concurrency)
+        cpu, wall = process_cpu_seconds(server.proc.pid) - before, time.perf_counter() - started
+    preprocess = [r["epd_timings"]["preprocess"] for r in replies if r.get("epd_timings")]
+    images = args.images * args.requests
+    return {
+        "layout": args.layout,
+        "server_pythonpath": args.server_pythonpath or "",
+        "image_bytes": len(pngs[0]),
+        "requests": args.requests,
+        "images": images,
+        "api_cpu_ms_per_image": 1000 * cpu / images,
+        "api_cpu_ms_per_request": 1000 * cpu / args.requests,
+        "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--layout", default="1E+1P+1D")
+    p.add_argument("--images", type=int, default=3, help="images per request")
+    p.add_argument("--size", default="1280x960")
+    p.add_argument("--requests", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--server-pythonpath", default=None, help="run the server from this tree")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra `epd serve` argument (repeat)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    result = measure(args)
+    print(
+        f"{args.layout:>12}  {result['api_cpu_ms_per_image']:7.2f} ms CPU/image  "
+        f"{result['api_cpu_ms_per_request']:7.2f} ms CPU/request  "
+        f"preprocess {result['preprocess_ms_mean']:.2f} ms  ({result['images']} images of "
+        f"{result['image_bytes'] / 1e6:.1f} MB)  {args.server_pythonpath or 'this tree'}"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Base64 images lifted out of a request body before it is parsed: the parsers see kilobytes.
+
+A chat request with three 1280x960 PNGs is ~15 MB of JSON, nearly all base64. Walking those
+bytes for the shape check and then with pydantic cost 17 ms of CPU per image on one core, more
+than everything else the front end does with an image. So each large data URL that is the
+value of a `"url"` key is cut out of the body first (`bytes.find`: memchr speed) and replaced
+by a short reference; the parsers validate the rest, and the image keeps its base64 text as a
+slice of the body, decoded later in a preprocessing thread (epd.inputs.image.DataURL).
+
+    ..."image_url": {"url": "data:image/png;base64,iVBORw0KG...(5 MB)..."}...
+    ..."image_url": {"url": "epd-blob:0"}...          blobs[0] = DataURL("image/png", <slice>)
+
+Only what cannot change the request's meaning is lifted: a JSON string that starts a raw
+(unescaped) quote, is the value of a `"url"` key, reads `data:<type>;base64,` and holds no
+escape. Anything else stays in the body and takes the ordinary path, errors included. A client
+that writes `epd-blob:N` itself can only name its own request's images.
+"""
+
+from __future__ import annotations
+
+from epd.inputs.image import DataURL
+
+BLOB_SCHEME = "epd-blob:"
+MIN_LIFTED_CHARS = 4096  # smaller payloads cost the parsers nothing worth a second path
+_HEADER_MAX = 256  # "data:<media type>;<params>;base64," is short
+_WHITESPACE = b" \t\r\n"
+
+
+def lift_data_urls(body: bytes | bytearray) -> tuple[bytes | bytearray, list[DataURL]]:
+    """(the body with each liftable data URL replaced by `"epd-blob:<i>"`, the lifted URLs)."""
+    view = memoryview(body)
+    pieces: list[bytes | memoryview] = []
+    blobs: list[DataURL] = []
+    start = kept = 0
+    while (quote := body.find(b'"data:', start)) >= 0:
+        start = quote + 1
+        lifted = _liftable(body, quote)
+        if lifted is None:
+            continue
+        end, media_type, payload_start = lifted
+        pieces += [view[kept : quote + 1], f"{BLOB_SCHEME}{len(blobs)}".encode()]
+        blobs.append(DataURL(media_type, view[payload_start:end]))
+        kept = start = end
+    if not blobs:
+        return body, []
+    pieces.append(view[kept:])
+    return b"".join(pieces), blobs
+
+
+def _liftable(body: bytes | bytearray, quote: int) -> tuple[int, str, int] | None:
+    """(index of the closing quote, media type, payload start) of the data URL string opening
+    at `quote`, if it may be lifted (module docstring)."""
+    if _escaped(body, quote) or not _is_url_value(body, quote):
+        return None
+    comma = body.find(b",", quote, quote + _HEADER_MAX)
+    if comma < 0:
+        return None
+    header = bytes(body[quote + 6 : comma]).decode("ascii", "replace")  # after '"data:'
+    media_type, *params = header.split(";")
+    if "base64" not in (p.strip().lower() for p in params) or '"' in header or "\\" in header:
+        return None
+    end = body.find(b'"', comma)
+    if end < 0 or end - comma < MIN_LIFTED_CHARS or body.find(b"\\", comma, end) >= 0:
+        return None
+    return end, media_type.strip().lower(), comma + 1
+
+
+def _escaped(body: bytes | bytearray, index: int) -> bool:
+    """Whether the character at `index` is escaped: an odd run of backslashes before it."""
+    run = 0
+    while index - run - 1 >= 0 and body[index - run - 1] == 0x5C:
+        run += 1
+    return run % 2 == 1
+
+
+def _is_url_value(body: bytes | bytearray, quote: int) -> bool:
+    """Whether the string opening at `quote` is the value of a `"url"` key."""
+    i = _skip_back_whitespace(body, quote - 1)
+    if i < 0 or body[i] != ord(":"):
+        return False
+    i = _skip_back_whitespace(body, i - 1)
+    return i >= 4 and body[i - 4 : i + 1] == b'"url"' and not _escaped(body, i - 4)
+
+
+def _skip_back_whitespace(body: bytes | bytearray, i: int) -> int:
+    while i >= 0 and body[i] in _WHITESPACE:
+        i -= 1
+    return i
+
+
+def blob_index(url: str) -> int | None:
+    """N of an `epd-blob:N` reference, else None."""
+    if not url.startswith(BLOB_SCHEME):
+        return None
+    digits = url[len(BLOB_SCHEME) :]
+    return int(digits) if digits.isdigit() and len(digits) < 9 else -1

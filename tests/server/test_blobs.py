@@ -1,0 +1,89 @@
+"""Large base64 image URLs are lifted out of a body before parsing (epd.server.blobs), and only
+where that cannot change what the request means."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+from epd.server.blobs import MIN_LIFTED_CHARS, blob_index, lift_data_urls
+
+
+def b64(n: int, seed: int = 0) -> str:
+    return base64.b64encode(os.urandom(n) if seed == 0 else bytes([seed % 256]) * n).decode()
+
+
+def chat(*parts: dict) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": list(parts)}]}
+
+
+def image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def restored(body: bytes, blobs) -> dict:
+    """The body as the client sent it: each reference replaced by its data URL again."""
+
+    def put_back(value):
+        if isinstance(value, dict):
+            return {k: put_back(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [put_back(v) for v in value]
+        index = blob_index(value) if isinstance(value, str) else None
+        if index is not None:
+            blob = blobs[index]
+            return f"data:{blob.media_type};base64,{bytes(blob.payload).decode()}"
+        return value
+
+    return put_back(json.loads(body))
+
+
+def test_image_urls_are_lifted_and_nothing_else_changes() -> None:
+    big = [b64(3 * MIN_LIFTED_CHARS, seed=0) for _ in range(3)]
+    sent = chat(
+        image(f"data:image/png;base64,{big[0]}"),
+        {"type": "text", "text": "compare"},
+        image(f"data:image/jpeg;base64,{big[1]}"),
+        image(f"data:IMAGE/WEBP;base64,{big[2]}"),
+    )
+    body = json.dumps(sent).encode()
+    rest, blobs = lift_data_urls(bytearray(body))
+    assert len(rest) < 1000 and len(blobs) == 3
+    assert [b.media_type for b in blobs] == ["image/png", "image/jpeg", "image/webp"]
+    assert restored(rest, blobs) == {**sent, "messages": [{"role": "user", "content": [
+        image(f"data:image/png;base64,{big[0]}"),
+        {"type": "text", "text": "compare"},
+        image(f"data:image/jpeg;base64,{big[1]}"),
+        image(f"data:image/webp;base64,{big[2]}"),  # media types are case-insensitive
+    ]}]}  # fmt: skip
+
+
+def test_what_could_change_the_meaning_stays_in_the_body() -> None:
+    big = b64(3 * MIN_LIFTED_CHARS)
+    keep = [
+        chat({"type": "text", "text": f"data:image/png;base64,{big}"}),  # text that reads as a URL
+        chat({"type": "text", "text": f'"url": "data:image/png;base64,{big}"'}),  # escaped quotes
+        chat(image(f"data:image/png,{big}")),  # not base64: percent-encoded bytes
+        chat(image("data:image/png;base64,iVBORw0KGgo=")),  # small: nothing to gain
+        chat(image(f"data:image/png;base64,{big[:100]}\\n{big[100:]}")),  # an escape inside
+    ]
+    for sent in keep:
+        body = json.dumps(sent).encode()
+        rest, blobs = lift_data_urls(bytearray(body))
+        assert blobs == [] and bytes(rest) == body
+
+
+def test_formatting_of_the_json_does_not_matter() -> None:
+    big = b64(2 * MIN_LIFTED_CHARS)
+    head = '{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{ "url" :\n\t'
+    body = (head + f'"data:image/png;base64,{big}"' + '}}]}],"model":"m"}').encode()
+    rest, blobs = lift_data_urls(body)
+    assert len(blobs) == 1 and bytes(blobs[0].payload).decode() == big
+    assert json.loads(rest)["messages"][0]["content"][0]["image_url"]["url"] == "epd-blob:0"
+
+
+def test_blob_references() -> None:
+    assert blob_index("epd-blob:0") == 0 and blob_index("epd-blob:12") == 12
+    assert blob_index("epd-blob:x") == -1 and blob_index("epd-blob:") == -1
+    assert blob_index("data:image/png;base64,xx") is None
