@@ -62,7 +62,8 @@ def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[dict]:
             headers={"content-type": "application/json"},
             timeout=600,
         )
-        resp.raise_for_status()
+        if resp.status_code != 200:
+            raise RuntimeError(f"the server answered {resp.status_code}: {resp.text[:1000]}")
         return resp.json()
 
     with ThreadPoolExecutor(concurrency) as pool:

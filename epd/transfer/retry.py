@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from epd.transfer.base import DEFAULT_RETRIES, Connector, SendResult
+from epd.transfer.staging import RegionTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class RetryingConnector(Connector):
             if not sends:
                 return result  # abandoned at close()
             pending = sends[0]
-            done = result.ok or pending.attempts > self.retries
+            done = result.ok or pending.attempts > self.retries or _permanent(result.error)
             if done:
                 self._forget(pending)
             else:
@@ -170,3 +171,12 @@ class RetryingConnector(Connector):
 def connector_stats(connector: Connector) -> dict[str, float]:
     """The retry counters of `connector` ({} for one without retries)."""
     return connector.stats() if isinstance(connector, RetryingConnector) else {}
+
+
+# Failures that another attempt cannot cure: the payload itself does not fit (reported at once,
+# so the caller learns it in the order it sent, as without retries).
+_PERMANENT = (f"{RegionTooLargeError.__name__}:",)
+
+
+def _permanent(error: str | None) -> bool:
+    return error is not None and error.startswith(_PERMANENT)
