@@ -77,6 +77,7 @@ def measure(args: argparse.Namespace) -> dict:
     groups = [pngs[i : i + args.images] for i in range(0, n_images, args.images)]
     if args.server_pythonpath:
         os.environ["PYTHONPATH"] = args.server_pythonpath
+        os.chdir(tempfile.gettempdir())  # `python -m` puts the working directory first on the path
     server_args = ["--model", args.model, "--layout", args.layout, "--served-model-name", "m"]
     server_args += args.serve_arg
     with tempfile.TemporaryDirectory() as tmp, LocalServer(server_args, Path(tmp) / "server.log") as server:
@@ -85,7 +86,12 @@ def measure(args: argparse.Namespace) -> dict:
         before, started = process_cpu_seconds(server.proc.pid), time.perf_counter()
         replies = send_all(server.url, bodies[args.warmup :], args.concurrency)
         cpu, wall = process_cpu_seconds(server.proc.pid) - before, time.perf_counter() - started
-    preprocess = [r["epd_timings"]["preprocess"] for r in replies if r.get("epd_timings")]
+    timings = [r["epd_timings"] for r in replies if r.get("epd_timings")]
+    preprocess = [t["preprocess"] for t in timings]
+    stages = sorted({name for t in timings for name in (t.get("stages") or {})})
+    stage_means = {
+        name: float(np.mean([(t.get("stages") or {}).get(name) or 0.0 for t in timings])) for name in stages
+    }
     images = args.images * args.requests
     return {
         "layout": args.layout,
@@ -97,6 +103,8 @@ def measure(args: argparse.Namespace) -> dict:
         "api_cpu_ms_per_request": 1000 * cpu / args.requests,
         "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
         "wall_s": wall,
+        "ttft_s_mean": float(np.mean([t["ttft"] for t in timings])) if timings else None,
+        "stage_s_mean": stage_means,
     }
 
 

@@ -3,7 +3,12 @@
 Per image (content hash) the worker does the least work it can:
   cached here      -> pin and send again, no encoding (an image seen before);
   being encoded    -> add the destination to that job (two requests, one encoding);
-  otherwise        -> queue a job; encode when the MM cache can reserve room for it.
+  otherwise        -> queue a job, and start making its patches: an image that came as a file is
+                      decoded, resized and patchified on the instance's PatchPool threads;
+                      encode it once they are made and the MM cache can reserve room for it.
+A batch takes queued jobs in arrival order whose patches are made, up to the patch budget; one
+still decoding is passed over, not waited for. A file that cannot be decoded fails the requests
+that wait for it (`EncodeFailed`: the router answers 400).
 Each sent copy holds one pin on the cache entry until the consumer confirms receipt
 (`release`): the cache is the transfer buffer, and a full cache stops admission
 (back-pressure) instead of growing. A consumer that dies confirms nothing: `dest_gone` drops what

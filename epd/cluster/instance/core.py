@@ -16,6 +16,9 @@ Messages and transfers go to the stage that handles them:
 | `kv:`, `kvl:` transfers       | decode stage                                              |
 | AbortRequest                  | every stage (decode first), then the engine               |
 | SetRoles, Shutdown            | the core itself                                           |
+| a send's result: `mm:` failed | encode stage (unpins; the router hears `EmbeddingNotSent`)|
+| a send's result: `kv:` failed | the router, as a RequestError (it re-places the request)  |
+| a PatchPool job ended         | wakes the shell's poller; the next step picks it up       |
 
 What it computes with is injected (`Compute`): the checkpoint's model by default; tests and the
 simulator give scripted or cost-model compute (epd.engine.scripted_runner, epd.sim).

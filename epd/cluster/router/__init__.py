@@ -7,6 +7,8 @@
 | `placement.py`     | which instance takes each part of a request (policies)                       |
 | `ledger.py`        | the work each instance holds (reservations), which loads and failures read   |
 | `held_embeddings.py` | which images each P holds or is about to get: what need not be encoded  |
+| `recovery.py`      | what happens to a request when an instance dies or a transfer gives up       |
+| `role_switch.py`   | moving an instance between P and D: drain, reconfigure, rejoin (timed)       |
 | `control_plane.py` | how messages travel: `ZmqControlPlane` (production), `InMemoryControlPlane`  |
 | `shell.py`         | `Router` = core + control plane: what `Cluster` and the entrypoints drive    |
 """
