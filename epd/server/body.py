@@ -101,26 +101,57 @@ async def _parse(body: bytes | bytearray, model: type[M], shape: ObjectShape, st
 async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytearray]:
     """The whole body, its bytes counted in the budget until the block ends."""
     config, budget = state.config, state.body_budget
-    _check_declared_length(request, config.max_request_bytes)
-    body = bytearray()  # grows as chunks come: no copy of the whole body in one go at the end
+    body = _Body(_check_declared_length(request, config.max_request_bytes))
     drained = asyncio.ensure_future(state.drain.wait())
     try:
         more = True
         while more:
             message = await _next_message(request, config.body_read_timeout_s, drained)
             chunk = message.get("body", b"")
-            if len(body) + len(chunk) > config.max_request_bytes:  # chunked uploads declare no length
+            if body.size + len(chunk) > config.max_request_bytes:  # chunked uploads declare no length
                 raise _too_large(config.max_request_bytes)
             budget.take(len(chunk))
-            body += chunk
+            body.add(chunk)
             more = message.get("more_body", False)
-        yield body
+        yield body.value()
     except ShuttingDown:
         state.drain.ended_requests += 1
         raise
     finally:
         drained.cancel()
-        budget.give_back(len(body))
+        budget.give_back(body.size)
+
+
+class _Body:
+    """A body's bytes as they come, each copied once: into a buffer of the declared length
+    (`bytearray(n)` takes zeroed pages the system commits only as they are written), or, without
+    a Content-Length, kept as chunks and joined at the end. Not `bytearray +=`: it grows by an
+    eighth at a time, so a 15 MB body was copied ~8 times, 21 ms of the API process's CPU per
+    request of three 3.7 MB images."""
+
+    def __init__(self, declared: int | None) -> None:
+        self.buffer = bytearray(declared) if declared else None
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        end = self.size + len(chunk)
+        if self.buffer is not None and end <= len(self.buffer) and not self.chunks:
+            self.buffer[self.size : end] = chunk
+        else:  # more than declared (the HTTP layer refuses that first): keep it all the same
+            if self.buffer is not None and not self.chunks:
+                self.chunks.append(bytes(self.buffer[: self.size]))
+            self.chunks.append(chunk)
+        self.size = end
+
+    def value(self) -> bytearray:
+        if self.chunks:
+            return bytearray(b"".join(self.chunks))
+        if self.buffer is None:
+            return bytearray()
+        if self.size < len(self.buffer):
+            del self.buffer[self.size :]
+        return self.buffer
 
 
 async def _yield_if_large(body: bytes | bytearray) -> None:
@@ -151,10 +182,14 @@ async def _next_message(request: Request, timeout_s: float, drained: asyncio.Fut
     )
 
 
-def _check_declared_length(request: Request, max_bytes: int) -> None:
+def _check_declared_length(request: Request, max_bytes: int) -> int | None:
+    """The declared Content-Length (None if absent or malformed); 413 over `max_bytes`."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
+    if length is None or not length.isdigit():
+        return None
+    if int(length) > max_bytes:
         raise _too_large(max_bytes)
+    return int(length)
 
 
 def _too_large(max_bytes: int) -> APIError:
