@@ -25,6 +25,7 @@ from epd.sampling_params import SamplingParams
 from epd.testing.tokenizer import build_qwen_tokenizer, special_token_ids
 
 SHARED_CONFIGS = Path("/work/shared/model-configs")
+BENCH_CONFIGS = Path(__file__).parent / "configs"  # full-size configs epd ships (Qwen3-VL-8B)
 
 
 # --dry-run: the same config shrunk to run on a CPU in seconds (checks the script, not the chip).

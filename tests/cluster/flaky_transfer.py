@@ -2,24 +2,23 @@
 
 `FlakyLauncher` starts instances as the local launcher does, in spawned processes, each running
 `flaky_instance_main`: it registers a backend, "flaky", that wraps the cluster's real one (shm,
-tcp) in `DropSends`, and runs the instance with it. `create_connector` then puts the retries
-(epd.transfer.retry) on top, as for any backend, so what is under test is the retry logic and what
-the instance and the router make of its outcome; the bytes move through the real connector.
+tcp) in `FlakyBackend` (a `DropSends`, epd.testing.faults), and runs the instance with it.
+`create_connector` then puts the retries (epd.transfer.retry) on top, as for any backend, so what
+is under test is the retry logic and what the instance and the router make of its outcome; the
+bytes move through the real connector.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
-
-import torch
 
 from epd.cluster.instance import InstanceConfig, instance_main
 from epd.cluster.kv_handoff import request_of_key
 from epd.cluster.launcher import LocalProcess, LocalProcessLauncher
 from epd.cluster.spawn import children_report_to, start_process
-from epd.transfer.base import Connector, SendResult, create_backend, register_connector
+from epd.testing.faults import DropSends
+from epd.transfer.base import create_backend, register_connector
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,8 @@ class Drop:
         return wire_id.split("~")[0] == self.request and not (self.first_attempt_only and "~" in wire_id)
 
 
-class DropSends(Connector):
-    """The real backend, with the sends the drops pick failed at once (nothing sent)."""
+class FlakyBackend(DropSends):
+    """The real backend of the cluster, with the sends the drops pick failed at once."""
 
     name = "flaky"
     real: ClassVar[str] = "shm"
@@ -52,41 +51,18 @@ class DropSends(Connector):
     drops: ClassVar[list[Drop]] = []
 
     def __init__(self, **options: Any) -> None:
-        self.inner = create_backend(self.real, **options)
-        self.name = self.inner.name
+        super().__init__(create_backend(self.real, **options), self._picks)
         self.seen: dict[str, int] = {}  # key -> sends so far
-        self._failed: deque[SendResult] = deque()
 
-    @property
-    def address(self) -> str:
-        return self.inner.address
-
-    def send(self, dest: str, key: str, tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
+    def _picks(self, key: str, dest: str) -> bool:
         self.seen[key] = n = self.seen.get(key, 0) + 1
         drop = next((d for d in self.drops if d.picks(self.instance, key)), None)
-        if drop is not None and (drop.times is None or n <= drop.times):
-            self._failed.append(SendResult(key, dest, False, 0, 0.0, "dropped by the test"))
-        else:
-            self.inner.send(dest, key, tensors, meta)
-
-    def poll_sent(self) -> list[SendResult]:
-        failed = list(self._failed)
-        self._failed.clear()
-        return failed + self.inner.poll_sent()
-
-    def poll_received(self) -> list:
-        return self.inner.poll_received()
-
-    def pollables(self) -> list:
-        return self.inner.pollables()
-
-    def close(self) -> None:
-        self.inner.close()
+        return drop is not None and (drop.times is None or n <= drop.times)
 
 
 def flaky_instance_main(cfg: InstanceConfig, drops: list[Drop]) -> None:
-    DropSends.real, DropSends.instance, DropSends.drops = cfg.transfer, cfg.name, drops
-    register_connector("flaky", f"{__name__}:DropSends")
+    FlakyBackend.real, FlakyBackend.instance, FlakyBackend.drops = cfg.transfer, cfg.name, drops
+    register_connector("flaky", f"{__name__}:FlakyBackend")
     instance_main(replace(cfg, transfer="flaky"))
 
 

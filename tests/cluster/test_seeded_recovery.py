@@ -1,8 +1,10 @@
 """A seeded request whose decode instance dies mid-decode ends with the text of an undisturbed run.
 
-Instance processes, SIGKILL: the request is prefilled again (prompt and tokens so far) on a live
-instance and goes on; no generator state survives the death, and none is needed (its draws depend
-on its seed and its token count only: epd.engine.sampler.draw_seed).
+Instance processes, 1E+1P+2D, SIGKILL of D1 mid-decode: each of its requests is prefilled again
+(prompt and tokens so far) on P0, which samples the next token and hands the request to D0, the
+decode instance the router placed it on (P0 used to decode it itself, D0's reservation unused). No
+generator state survives the death, and none is needed: a request's draws depend on its seed and
+its token count only (epd.engine.sampler.draw_seed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import time
 
 from epd import LLM, SamplingParams
+from epd.lifetime import Event
 
 WAIT_S = 120.0  # a bound on each wait for a state, never a guess at how long work takes
 
@@ -48,5 +51,13 @@ def test_seeded_requests_on_a_killed_decode_instance_end_with_the_undisturbed_te
             assert out.error is None, (i, out.error)
             assert out.outputs[0].token_ids == expected[i].token_ids, i
             assert out.outputs[0].text == expected[i].text, i
+            # Every request ends on D0: the continuations too, handed off by P0 after one token.
+            [finished] = [e for e in out.metrics.events if e.event is Event.FINISHED]
+            assert finished.instance == "D0", (i, finished)
+        for rid in on_victim:
+            events = outputs[rid].metrics.events
+            handed = [e for e in events if e.event is Event.KV_TRANSFER_START and e.instance == "P0"]
+            assert len(handed) == 2, "P0 handed it off twice: to D1, then its continuation to D0"
+            assert {e.instance for e in events if e.event is Event.DECODE_START} == {"D1", "D0"}
         assert cluster.router.stats["retries"] == len(on_victim)
         assert cluster.instance_stats()["D1"]["requests_continue_total"] == len(on_victim)

@@ -1,6 +1,6 @@
 """Failed transfers between live instances: retried on the same pair, then re-placed, never a hang.
 
-Instance processes with real shm connectors, under which `DropSends` (flaky_transfer.py) fails the
+Instance processes with real shm connectors, under which `FlakyBackend` (flaky_transfer.py) fails the
 sends its rules pick; the retries above it (epd.transfer.retry) are the production ones.
 
 | request  | what is dropped                               | outcome                                 |

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_runs import run_to_end
 
 from epd import SamplingParams
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.request import Request
-from epd.entrypoints.async_engine import EngineArgs
-from epd.inputs.processor import InputProcessor
 from epd.lifetime import Event
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -24,26 +23,11 @@ PROMPT = {"prompt_token_ids": list(range(10, 40))}
 
 
 @pytest.fixture(scope="module")
-def setup(checkpoints):
-    model = str(checkpoints["qwen2_5_vl"])
-    processor = InputProcessor.from_pretrained(model)
-    config = EngineArgs(model=model, block_size=4, num_kv_blocks=256).engine_config()
-    return config, processor
-
-
-def run(engine: LLMEngine) -> dict[str, list[int]]:
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-    return done
-
-
-@pytest.fixture(scope="module")
 def expected(setup) -> list[int]:
     config, processor = setup
     engine = LLMEngine(config, processor.tokenizer)
     engine.add_request("r", processor.process_prompt(PROMPT), PARAMS)
-    return run(engine)["r"]
+    return run_to_end(engine)["r"]
 
 
 def events_of(req: Request) -> list[Event]:
@@ -69,7 +53,7 @@ def test_a_prefill_engine_hands_a_continuation_off_at_its_first_sampled_token(se
     decode = LLMEngine(config, processor.tokenizer, encode_locally=False)
     first, before = req.output_token_ids[-1], req.output_token_ids[:-1]
     handoff = decode.add_handoff("r", req.prompt, PARAMS, first, None, kv, None, None, before)
-    assert run(decode)["r"] == expected
+    assert run_to_end(decode)["r"] == expected
     assert Event.PREFILL_END not in events_of(handoff), "D samples no first token: P did"
     assert handoff.metrics.first_token_time is None
 
@@ -80,7 +64,7 @@ def test_an_engine_that_decodes_marks_a_continuations_first_token_once(setup, ex
     config, processor = setup
     engine = LLMEngine(config, processor.tokenizer)
     req = engine.add_request("r", processor.process_prompt(PROMPT), PARAMS, None, expected[:4])
-    assert run(engine)["r"] == expected
+    assert run_to_end(engine)["r"] == expected
     assert events_of(req).count(Event.PREFILL_END) == 1
     assert events_of(req).count(Event.DECODE_START) == 1
     assert req.metrics.first_token_time is not None

@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_runs import run_to_end
 
 from epd import SamplingParams
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.request import Request
 from epd.engine.sampler import draw_seed
-from epd.entrypoints.async_engine import EngineArgs
-from epd.inputs.processor import InputProcessor
 
 PARAMS = SamplingParams(temperature=0.8, seed=1234, max_tokens=24, ignore_eos=True)
 PROMPT = {"prompt_token_ids": list(range(10, 40))}
-
-
-@pytest.fixture(scope="module")
-def setup(checkpoints):
-    model = str(checkpoints["qwen2_5_vl"])
-    processor = InputProcessor.from_pretrained(model)
-    config = EngineArgs(model=model, block_size=4, num_kv_blocks=256).engine_config()
-    return config, processor
-
-
-def run(engine: LLMEngine) -> dict[str, list[int]]:
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-    return done
 
 
 def undisturbed(setup, params: SamplingParams = PARAMS) -> list[int]:
     config, processor = setup
     engine = LLMEngine(config, processor.tokenizer)
     engine.add_request("r", processor.process_prompt(PROMPT), params)
-    return run(engine)["r"]
+    return run_to_end(engine)["r"]
 
 
 def test_the_undisturbed_run_samples_and_repeats(setup):
@@ -60,7 +44,7 @@ def test_a_continuation_with_earlier_tokens_draws_the_undisturbed_tokens(setup, 
     engine.add_request("busy", processor.process_prompt({"prompt_token_ids": [5] * 9}), PARAMS)
     prompt = processor.process_prompt(PROMPT)
     engine.add_request("r", prompt, PARAMS, None, expected[:earlier])
-    assert run(engine)["r"] == expected
+    assert run_to_end(engine)["r"] == expected
 
 
 def test_a_continuation_handed_off_without_generator_state_draws_the_undisturbed_tokens(setup):
@@ -72,12 +56,12 @@ def test_a_continuation_handed_off_without_generator_state_draws_the_undisturbed
     prefill = LLMEngine(config, processor.tokenizer, handoff=lambda req, kv: handed.append((req, kv)))
     prompt = processor.process_prompt(PROMPT)
     prefill.add_request("r", prompt, PARAMS)  # a first attempt: P samples token 0, hands off
-    run(prefill)
+    run_to_end(prefill)
     [(req, kv)] = handed
     assert req.output_token_ids == expected[:1]
     decode = LLMEngine(config, processor.tokenizer, encode_locally=False)
     decode.add_handoff("r", req.prompt, PARAMS, req.output_token_ids[0], None, kv)
-    assert run(decode)["r"] == expected
+    assert run_to_end(decode)["r"] == expected
 
 
 def test_draw_seeds_differ_by_seed_and_position_and_accept_every_torch_seed():

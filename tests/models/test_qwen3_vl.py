@@ -4,12 +4,12 @@ levels, the interleaved M-RoPE, image preprocessing, and the full-size config's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoImageProcessor
 
+from epd.bench.roofline_setup import BENCH_CONFIGS
 from epd.inputs.image_processor import ImageProcessorConfig, process_image
 from epd.models.config import VLModelConfig
 from epd.models.loader import build_model
@@ -20,8 +20,8 @@ from epd.testing.reference import load_hf_model
 
 # Smaller and larger than the tiny checkpoint's 8 x 8 learned position grid, non-square both ways.
 GRIDS = [(1, 8, 12), (1, 4, 4), (1, 14, 6), (1, 2, 20), (1, 16, 16)]
-FULL_SIZE_CONFIG = Path("/work/shared/model-configs/qwen3_vl_8b.json")
-# Qwen/Qwen3-VL-8B-Instruct's preprocessor_config.json (also in shared/model-configs).
+FULL_SIZE_CONFIG = BENCH_CONFIGS / "qwen3_vl_8b.json"
+# Qwen/Qwen3-VL-8B-Instruct's preprocessor_config.json (also in epd/bench/configs).
 REAL_PREPROCESSOR = {
     "size": {"longest_edge": 16777216, "shortest_edge": 65536},
     "patch_size": 16,
@@ -101,7 +101,6 @@ def test_image_processing_is_bit_identical_to_transformers(tmp_path, qwen3_check
         assert torch.equal(got.pixel_values, expected["pixel_values"])
 
 
-@pytest.mark.skipif(not FULL_SIZE_CONFIG.exists(), reason="no shared/model-configs")
 def test_full_size_config_has_transformers_shapes():
     """Qwen3-VL-8B's config builds the same parameters as transformers' (meta device: no memory)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration

@@ -1,58 +1,21 @@
 """Bounded retries on the same pair (epd.transfer.retry), over real backends that drop sends.
 
-`DropSends` sits between the retries and a real connector: it fails the sends its rule picks
-without passing them on (as a backend reports a send that never left), and passes on the rest.
+`DropSends` (epd.testing.faults) sits between the retries and a real connector: it fails the
+sends its rule picks without passing them on, and passes on the rest.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import pytest
-import torch
 
-from epd.transfer import Connector, SendResult, create_connector
+from epd.testing.faults import DropSends
+from epd.transfer import create_connector
 from epd.transfer.base import create_backend
 from epd.transfer.retry import GAVE_UP, RetryingConnector
 
 from .helpers import BACKENDS, collect_received, collect_sent, digest, payload
-
-
-class DropSends(Connector):
-    """`inner` with the sends `drop(key, dest)` picks failed (nothing sent), the rest passed on."""
-
-    def __init__(self, inner: Connector, drop: Callable[[str, str], bool]) -> None:
-        self.inner, self.drop = inner, drop
-        self.name = inner.name
-        self.dropped: list[str] = []
-        self._failed: deque[SendResult] = deque()
-
-    @property
-    def address(self) -> str:
-        return self.inner.address
-
-    def send(self, dest: str, key: str, tensors: dict[str, torch.Tensor], meta: Any = None) -> None:
-        if self.drop(key, dest):
-            self.dropped.append(key)
-            self._failed.append(SendResult(key, dest, False, 0, 0.0, "dropped by the test"))
-        else:
-            self.inner.send(dest, key, tensors, meta)
-
-    def poll_sent(self) -> list[SendResult]:
-        failed = list(self._failed)
-        self._failed.clear()
-        return failed + self.inner.poll_sent()
-
-    def poll_received(self) -> list:
-        return self.inner.poll_received()
-
-    def pollables(self) -> list:
-        return self.inner.pollables()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def first_sends_of_each_key(n: int) -> Callable[[str, str], bool]:
