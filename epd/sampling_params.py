@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Temperatures below this count as greedy: dividing logits by a near-zero value overflows to inf
@@ -17,7 +18,10 @@ class SamplingParams:
     After construction `stop` and `stop_token_ids` are always lists. top_k of 0 or -1 means no
     top-k limit. `seed` makes a request's samples reproducible whatever else is in the batch.
     `logprobs` asks for the sampled token's logprob plus that many top alternatives (0: only the
-    sampled token). Invalid values raise ValueError.
+    sampled token). Scheduling, not sampling, but carried with the request to every stage:
+    `slo_ttft` (seconds from arrival to the first token; None: the server's --slo-ttft) and
+    `priority` (lower: sooner, as vLLM's), read by the queue policy (epd.engine.queue_policy).
+    Invalid values raise ValueError.
     """
 
     n: int = 1
@@ -33,6 +37,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    slo_ttft: float | None = None
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -66,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        if self.slo_ttft is not None and not 0 < self.slo_ttft < math.inf:
+            raise ValueError(f"slo_ttft must be a positive number of seconds, got {self.slo_ttft}")
 
     @property
     def greedy(self) -> bool:

@@ -6,9 +6,10 @@ Per image (content hash) the worker does the least work it can:
   otherwise        -> queue a job, and start making its patches: an image that came as a file is
                       decoded, resized and patchified on the instance's PatchPool threads;
                       encode it once they are made and the MM cache can reserve room for it.
-A batch takes queued jobs in arrival order whose patches are made, up to the patch budget; one
-still decoding is passed over, not waited for. A file that cannot be decoded fails the requests
-that wait for it (`EncodeFailed`: the router answers 400).
+A batch takes queued jobs whose patches are made, in the order of the queue policy (arrival by
+default; epd.engine.queue_policy: a job is as urgent as its most urgent waiting request), up to the
+patch budget; one still decoding is passed over, not waited for. A file that cannot be decoded
+fails the requests that wait for it (`EncodeFailed`: the router answers 400).
 Each sent copy holds one pin on the cache entry until the consumer confirms receipt
 (`release`): the cache is the transfer buffer, and a full cache stops admission
 (back-pressure) instead of growing. A consumer that dies confirms nothing: `dest_gone` drops what
@@ -27,6 +28,7 @@ import torch
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.messages import EncodeDone, EncodeFailed, EncodeItem, EncodeTask
 from epd.engine.mm_cache import MMCache
+from epd.engine.queue_policy import FCFS, QueuePolicy, Urgency
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
 from epd.inputs.patches import PatchPool, done_future, patches_from_file
@@ -40,6 +42,7 @@ class _Waiter:
     index: int
     dest: str
     joined: bool = False  # rode along on another request's encoding of the same image
+    urgency: Urgency | None = None  # None: an old router's task, served in arrival order
 
 
 @dataclass
@@ -62,8 +65,9 @@ class EncoderWorker:
         decode_pixels: PixelDecoder,
         max_batch_patches: int = 16384,
         clock: Clock = WALL_CLOCK,
+        queue_policy: QueuePolicy = FCFS,
     ) -> None:
-        self.clock = clock
+        self.clock, self.queue_policy = clock, queue_policy
         self.model, self.cache, self.connector, self.decode_pixels = model, cache, connector, decode_pixels
         self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
         self.merge = model.config.vision.spatial_merge_size**2
@@ -83,7 +87,7 @@ class EncoderWorker:
     def add(self, task: EncodeTask) -> None:
         hits = []
         for item in task.items:
-            waiter = _Waiter(task.request_id, item.index, task.dest)
+            waiter = _Waiter(task.request_id, item.index, task.dest, urgency=task.urgency)
             if self.cache.lookup(item.content_hash):
                 self.cache.pin(item.content_hash)
                 self._send(item.content_hash, [waiter])
@@ -108,10 +112,10 @@ class EncoderWorker:
         return done
 
     def _take_batch(self) -> list[_Job]:
-        """Jobs in arrival order whose patches are made, within the patch budget and cache room.
-        One still decoding is passed over, not waited for; one that failed is reported."""
+        """Jobs in the policy's order whose patches are made, within the patch budget and cache
+        room. One still decoding is passed over, not waited for; one that failed is reported."""
         batch, patches = [], 0
-        for content_hash, job in list(self.queue.items()):
+        for content_hash, job in self._in_order():
             if not job.patches.done():
                 continue
             if job.patches.exception() is not None:
@@ -127,6 +131,19 @@ class EncoderWorker:
             batch.append(job)
             patches += job_patches
         return batch
+
+    def _in_order(self) -> list[tuple[str, _Job]]:
+        """The queue in the order the policy serves it (a stable sort: ties keep arrival order)."""
+        jobs = list(self.queue.items())
+        if not self.queue_policy.reorders:
+            return jobs
+        now = self.clock.now()
+        return sorted(jobs, key=lambda entry: self._job_key(entry[1], now))
+
+    def _job_key(self, job: _Job, now: float) -> tuple[float, ...]:
+        patches = job.num_tokens * self.merge
+        keys = [self.queue_policy.key(w.urgency or Urgency(now), now, patches=patches) for w in job.waiters]
+        return min(keys)
 
     def _encode(self, batch: list[_Job]) -> None:
         start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
+from epd.engine.queue_policy import Urgency
 from epd.lifetime import LifetimeEvent
 from epd.outputs import PositionLogprobs
 from epd.sampling_params import SamplingParams
@@ -36,6 +37,7 @@ class EncodeTask(msgspec.Struct, tag=True):
     request_id: str
     items: list[EncodeItem]
     dest: str  # the consumer's connector address
+    urgency: Urgency | None = None  # the request's deadline and priority (None: FCFS by arrival here)
 
 
 class PrefillTask(msgspec.Struct, tag=True):

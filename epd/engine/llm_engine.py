@@ -93,7 +93,13 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         chunked, budget = self._prefill_policy(handoff)
         self.scheduler = Scheduler(
-            self.block_manager, config.scheduler.max_num_seqs, budget, self._swap_out, chunked
+            self.block_manager,
+            config.scheduler.max_num_seqs,
+            budget,
+            self._swap_out,
+            chunked,
+            config.scheduler.queue_policy(),  # --scheduling-policy: the waiting queue's order
+            clock,
         )
         self.streamer = self._streamer(handoff, layer_sink)
         self.sampler = Sampler()

@@ -3,7 +3,8 @@
 Every step computes at most `max_num_batched_tokens` tokens (the budget), handed out in this order:
   1. running requests with one token to compute (decodes), oldest first;
   2. running requests whose prompt is partly computed: the next chunk of each, oldest first;
-  3. waiting requests, first come, first served, while the step has room.
+  3. waiting requests, while the step has room, in the queue policy's order (epd.engine.queue_policy:
+     first come first served by default; by deadline slack or priority; preempted requests first).
 Admission limits, in order:
   1. at most `max_num_seqs` requests run at once;
   2. the step computes at most the budget (the one exception is in the table below);
@@ -40,7 +41,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from epd.clock import WALL_CLOCK, Clock
 from epd.engine.block_manager import BlockManager
+from epd.engine.queue_policy import FCFS, QueuePolicy, Urgency
 from epd.engine.request import Request, RequestStatus
 
 
@@ -84,6 +87,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         swap_out: Callable[[Request], bool] | None = None,
         chunked_prefill: bool = False,
+        queue_policy: QueuePolicy = FCFS,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         """`swap_out(request)` is called before a preempted request's blocks are freed; it
         returns True if it saved the request's KV in `kv_payload` (then no recompute).
@@ -93,6 +98,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
+        self.queue_policy, self.clock = queue_policy, clock  # the clock of request arrival times
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest last
         self.num_preemptions = 0  # cumulative, for metrics and tests
@@ -143,12 +149,15 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        if self.queue_policy.reorders:
+            now = self.clock.now()
+            self.waiting = deque(sorted(self.waiting, key=lambda r: self._waiting_key(r, now)))
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting[0]
             if not self.chunked_prefill and request.num_tokens > budget and batch:
                 break  # may not fit even with prefix hits; it leads the next step
             if not self._allocate(request, batch):
-                break  # FCFS: nobody overtakes the head of the queue
+                break  # nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -157,6 +166,13 @@ class Scheduler:
                 num_tokens = min(num_tokens, budget)
             batch.add(request, num_tokens)
             budget -= num_tokens
+
+    def _waiting_key(self, request: Request, now: float) -> tuple[float, ...]:
+        if request.num_preemptions:  # it ran already: back first, as under FCFS
+            return (-1,)
+        params = request.params
+        urgency = Urgency(request.arrival_time, params.slo_ttft, params.priority)
+        return self.queue_policy.key(urgency, now, tokens=request.num_tokens_to_compute)
 
     def _allocate(self, request: Request, batch: ScheduledBatch) -> bool:
         """Blocks for all the request's tokens; its computed tokens are then its prefix-cache hits,

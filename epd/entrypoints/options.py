@@ -153,6 +153,19 @@ class EngineArgs:
         "step's token budget (prefill-only instances never chunk)",
         flag="--disable-chunked-prefill",
     )
+    scheduling_policy: str = option(
+        "fcfs",
+        "order of the encode and prefill queues: first come first served, least TTFT slack first "
+        "(deadline - now - predicted time), or lowest priority value first; under slo and priority "
+        "a request that waited max-queue-wait seconds is served next",
+        choices=("fcfs", "slo", "priority"),
+    )
+    slo_ttft: float | None = option(
+        None, "TTFT deadline in seconds of a request that sets no slo_ttft (default: none)"
+    )
+    max_queue_wait: float = option(
+        10.0, "seconds a request may wait in a queue before it is served next, whatever its slack"
+    )
     seed: int = option(0, "seed of weights (dummy) and unseeded sampling")
     attention_backend: str = option(
         "auto", "torch_sdpa or triton (auto: triton on CUDA where installed, else torch_sdpa)"
@@ -197,7 +210,12 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(
-                self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill
+                self.max_num_seqs,
+                self.max_num_batched_tokens,
+                self.enable_chunked_prefill,
+                scheduling_policy=self.scheduling_policy,
+                slo_ttft=self.slo_ttft,
+                max_queue_wait_s=self.max_queue_wait,
             ),
             device=self.device,
             attention_backend=self.attention_backend,

@@ -10,7 +10,9 @@ Decisions (the fuzz tests hold us to them):
   400 that names the field.
 - Integers that travel to instance processes are bounded here (msgpack carries 64 bits).
 - vLLM extensions: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-  `include_stop_str_in_output`, `return_token_ids`; epd's own: `epd_timings`.
+  `include_stop_str_in_output`, `return_token_ids`, `priority` (lower: sooner, with
+  --scheduling-policy priority); epd's own: `epd_timings`, `slo_ttft` (seconds to the first token,
+  with --scheduling-policy slo; default --slo-ttft).
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class SamplingRequest(StrictModel):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
     epd_timings: bool = False
+    slo_ttft: Annotated[float, Field(gt=0)] | None = None
+    priority: Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)] = 0
     user: str | None = None  # accepted, ignored
     # OpenAI fields accepted only at their neutral value (see _NEUTRAL).
     n: int | None = None

@@ -52,6 +52,8 @@ def build_sampling_params(
             logprobs=num_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            slo_ttft=req.slo_ttft,
+            priority=req.priority,
         )
     except ValueError as e:
         raise bad_request(str(e)) from None

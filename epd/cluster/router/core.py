@@ -65,6 +65,7 @@ from epd.cluster.router.recovery import (
     recovery_for,
     transfer_gave_up,
 )
+from epd.engine.queue_policy import Urgency
 from epd.inputs.types import ImageInput, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import RequestMetrics, RequestOutput
@@ -301,7 +302,7 @@ class RouterCore:
             record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[record.prefill].ready.data_address
         for name, items in tasks.items():
-            self._send(name, EncodeTask(record.wire_id, items, dest))
+            self._send(name, EncodeTask(record.wire_id, items, dest, _urgency(record)))
         self.stats["encode_items"] += len(items)
 
     # ---- progress -----------------------------------------------------------------------------
@@ -569,6 +570,12 @@ def _prefill_task(
         encoding,
         list(record.token_ids),  # empty unless it continues after a dead decode instance
     )
+
+
+def _urgency(record: RequestRecord) -> Urgency:
+    """What an encoder's queue policy orders the request's images by."""
+    params = record.params
+    return Urgency(record.metrics.arrival_time, params.slo_ttft, params.priority)
 
 
 def encode_item(index: int, image: ImageInput) -> EncodeItem:

@@ -1,0 +1,117 @@
+"""The order a stage serves its queue in: first come first served, by deadline slack, or by priority.
+
+The encoder worker's job queue and the engine scheduler's waiting queue both ask a `QueuePolicy`
+for each entry's `key` (smaller: served sooner) and serve the smallest first. What a key says:
+
+| tier | who                                                        | then ordered by           |
+|------|------------------------------------------------------------|---------------------------|
+| 0    | waited longer than `max_wait_s` since arrival (starving)   | arrival                   |
+| 1    | slo: has a deadline / priority: every request              | slo: slack / (priority,   |
+|      |                                                            | arrival)                  |
+| 2    | slo: no deadline (no --slo-ttft, no per-request slo_ttft)  | arrival                   |
+
+slack = deadline - now - predicted time still to spend here (`token_s` per prompt token still to
+compute, `patch_s` per image patch still to encode): the request that will miss soonest goes first.
+
+No starvation: a request that has waited `max_wait_s` is served before anything that has not,
+whatever its deadline or priority, so under a steady stream of more urgent work it waits at most
+`max_wait_s` plus the time the starving ones ahead of it take (FCFS among them).
+
+`fcfs` keeps every stage exactly as it was (the scheduler never asks it for keys: `reorders`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import msgspec
+
+POLICIES = ("fcfs", "slo", "priority")
+DEFAULT_MAX_WAIT_S = 10.0
+# What the slack estimate charges, until a fitted profile (epd.plan.profile) is wired in: the
+# linear model's defaults (epd.sim.costs.LinearCosts).
+DEFAULT_TOKEN_S = 20e-6
+DEFAULT_PATCH_S = 2e-6
+
+
+class Urgency(msgspec.Struct, frozen=True):
+    """What a queue knows of a request's hurry (it travels in `EncodeTask`). `slo_ttft` None: the
+    policy's default (maybe none). `arrival_time`: at the router, on its clock."""
+
+    arrival_time: float
+    slo_ttft: float | None = None
+    priority: int = 0  # lower: sooner (vLLM's convention)
+
+
+class QueuePolicy(ABC):
+    """Orders a queue. `key(urgency, work_tokens, work_patches, now)`: smaller is served sooner;
+    equal keys keep arrival order (callers sort stably, in arrival order)."""
+
+    name = "fcfs"
+    reorders = True
+
+    def __init__(
+        self,
+        default_slo_ttft: float | None = None,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        token_s: float = DEFAULT_TOKEN_S,
+        patch_s: float = DEFAULT_PATCH_S,
+    ) -> None:
+        self.default_slo_ttft, self.max_wait_s = default_slo_ttft, max_wait_s
+        self.token_s, self.patch_s = token_s, patch_s
+
+    def deadline(self, urgency: Urgency) -> float | None:
+        slo = urgency.slo_ttft if urgency.slo_ttft is not None else self.default_slo_ttft
+        return None if slo is None else urgency.arrival_time + slo
+
+    def key(self, urgency: Urgency, now: float, tokens: int = 0, patches: int = 0) -> tuple[float, ...]:
+        if now - urgency.arrival_time >= self.max_wait_s:
+            return (0, urgency.arrival_time)
+        return self._key(urgency, now, tokens * self.token_s + patches * self.patch_s)
+
+    @abstractmethod
+    def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]: ...
+
+    def slack(self, urgency: Urgency, now: float, remaining_s: float) -> float:
+        """Seconds to spare if served now; inf without a deadline."""
+        deadline = self.deadline(urgency)
+        return math.inf if deadline is None else deadline - now - remaining_s
+
+
+class Fcfs(QueuePolicy):
+    name = "fcfs"
+    reorders = False
+
+    def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]:
+        return (1, urgency.arrival_time)
+
+
+class SlackFirst(QueuePolicy):
+    name = "slo"
+
+    def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]:
+        if self.deadline(urgency) is None:
+            return (2, urgency.arrival_time)
+        return (1, self.slack(urgency, now, remaining_s), urgency.arrival_time)
+
+
+class PriorityFirst(QueuePolicy):
+    name = "priority"
+
+    def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]:
+        return (1, urgency.priority, urgency.arrival_time)
+
+
+_BY_NAME: dict[str, type[QueuePolicy]] = {"fcfs": Fcfs, "slo": SlackFirst, "priority": PriorityFirst}
+
+
+def make_queue_policy(
+    name: str = "fcfs", default_slo_ttft: float | None = None, max_wait_s: float = DEFAULT_MAX_WAIT_S
+) -> QueuePolicy:
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown scheduling policy {name!r}; choose from {', '.join(POLICIES)}")
+    return _BY_NAME[name](default_slo_ttft, max_wait_s)
+
+
+FCFS = Fcfs()
