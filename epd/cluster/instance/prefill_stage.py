@@ -21,11 +21,15 @@ Then per image of a task, the least it can do:
                                       router thought it was here, but it was evicted meanwhile.
 Evictions are reported (`EmbeddingsEvicted`) so that the router's view catches up.
 A request is admitted to the engine once every image is pinned for it, and unpins them at its
-first token (the request holds its own copies then). Without an MM cache (EP) the engine encodes
-the task's images itself: the task is admitted once the instance's `PatchPool` has made their
-patches from the files (in arrival order among those ready; a bad file fails the request, a 400).
-Where the KV goes after the first token is the engine's wiring (engine_host); this stage tells the
-`KVSender` each request's D.
+first token (the request holds its own copies then). A full cache pushes back instead of failing:
+an image that arrives with every block pinned is dropped and asked for again at the next unpin of
+an admitted request; if no admitted request holds pins (all belong to requests still waiting
+here), the newest waiting request gives its images back, so the oldest complete first and the
+cache cannot deadlock. Only a request whose images exceed the whole cache is refused (a 400).
+Without an MM cache (EP) the engine encodes the task's images itself: the task is admitted once
+the instance's `PatchPool` has made their patches from the files (in arrival order among those
+ready; a bad file fails the request, a 400). Where the KV goes after the first token is the
+engine's wiring (engine_host); this stage tells the `KVSender` each request's D.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ class PrefillStage(StageManager):
         # of unpinning is the MM cache's LRU order, which must not hang on string hashing)
         self.held: dict[str, dict[str, None]] = {}
         self.evicted: list[str] = []
+        # Images that found no room (module docstring): asked for again at the next unpin.
+        self.parked: dict[str, None] = {}
         if mm_cache is not None:
             mm_cache.on_evict = self.evicted.append
 
@@ -174,12 +180,27 @@ class PrefillStage(StageManager):
             self.making[task.request_id] = _MakingPatches(task, patches)
             self._admit_made()
             return
+        too_many = self._blocks_beyond_cache(task)
+        if too_many:
+            self.outbox.send(RequestError(self.instance_id, task.request_id, too_many, invalid_input=True))
+            return
         prompt = prompt_from_task(task)
         missing = self._pin_or_wait(task)
         if missing:
             self.pending[task.request_id] = _Pending(task, prompt, missing)
         else:
             self._admit(task, prompt)
+
+    def _blocks_beyond_cache(self, task: PrefillTask) -> str | None:
+        """Why the task's images cannot all be in the MM cache at once, even empty; else None."""
+        lengths = {h: n for h, (_, n) in zip(task.image_hashes, task.placeholders)}
+        need = sum(self.mm_cache.blocks_needed(n) for n in lengths.values())
+        if need <= self.mm_cache.num_blocks:
+            return None
+        return (
+            f"the request's images need {need} blocks of this prefill instance's MM cache, which "
+            f"holds {self.mm_cache.num_blocks} (fewer or smaller images, or a larger --mm-cache-bytes)"
+        )
 
     def _announce(self, content_hash: str) -> None:
         if self.unannounced[content_hash] > 0:
@@ -218,23 +239,78 @@ class PrefillStage(StageManager):
         end = Event.MM_TRANSFER_END
         events = [(rid, LifetimeEvent.now(self.clock, end, self.instance_id)) for rid in waiters]
         self.outbox.send(EmbeddingArrived(self.instance_id, h, source, events))
-        stored = self.mm_cache.put(h, received.tensors["embeds"])
+        embeds = received.tensors["embeds"]
+        stored = self.mm_cache.put(h, embeds)
         self._report_evictions([] if stored else [h])
         if not stored:
-            for rid in waiters:
-                self._fail(rid, MM_CACHE_FULL)
+            self._no_room(h, embeds.shape[0], waiters)
             return
+        self._give_to_waiters(h, waiters)
+        self.mm_cache.unpin(h)  # the arrival's own pin: the waiters hold theirs
+
+    def _give_to_waiters(self, h: str, waiters: list[str]) -> None:
+        """Pin cached image `h` for each waiting request; admit those that now have every image."""
         for rid in waiters:
             pending = self.pending.get(rid)
-            if pending is None:
-                continue  # aborted meanwhile
+            if pending is None or h in self.held.get(rid, {}):
+                continue  # aborted meanwhile, or listed twice
             self.mm_cache.pin(h)
             self.held.setdefault(rid, {})[h] = None
             pending.missing.discard(h)
             if not pending.missing:
                 del self.pending[rid]
                 self._admit(pending.task, pending.prompt)
-        self.mm_cache.unpin(h)  # the arrival's own pin: the waiters hold theirs
+
+    def _no_room(self, content_hash: str, num_tokens: int, waiters: list[str]) -> None:
+        """An image arrived with every block of the cache pinned. Its requests wait (back-pressure):
+        it is asked for again when a request admitted to the engine passes its first token and
+        unpins its images. If none holds pins (all belong to requests still waiting here), the
+        newest of those gives its images back (asked for again later) and the image is asked for
+        again at once: the oldest requests complete first, so the cache cannot deadlock."""
+        waiters = [rid for rid in waiters if rid in self.pending]
+        if self.mm_cache.blocks_needed(num_tokens) > self.mm_cache.num_blocks:
+            for rid in waiters:  # it would not fit an empty cache
+                self._fail(rid, MM_CACHE_FULL)
+            return
+        if not waiters:
+            return
+        self.waiting_on.setdefault(content_hash, []).extend(waiters)
+        if any(rid not in self.pending for rid, pins in self.held.items() if pins):
+            self.parked[content_hash] = None  # an admitted request will unpin
+            return
+        victim = next((rid for rid in reversed(self.pending) if self.held.get(rid)), None)
+        if victim is not None:
+            self._give_back_images(victim)
+        self._ask_again(content_hash)
+
+    def _give_back_images(self, request_id: str) -> None:
+        """A waiting request unpins what it holds; those images are asked for again later."""
+        pending = self.pending[request_id]
+        for h in self.held.pop(request_id, {}):
+            self.mm_cache.unpin(h)
+            pending.missing.add(h)
+            self.waiting_on.setdefault(h, []).append(request_id)
+            self.parked[h] = None
+
+    def _ask_parked(self) -> None:
+        for content_hash in list(self.parked):
+            del self.parked[content_hash]
+            self._ask_again(content_hash)
+
+    def _ask_again(self, content_hash: str) -> None:
+        """Give the waiters an image that found no room before: from the cache if it is still
+        there, else asked of the router (one request for all of them)."""
+        waiters = [rid for rid in self.waiting_on.get(content_hash, []) if rid in self.pending]
+        if not waiters or self.announced[content_hash] > 0:
+            return  # nobody waits any more, or a transfer of it is on its way
+        if self.mm_cache.lookup(content_hash):
+            del self.waiting_on[content_hash]
+            self._give_to_waiters(content_hash, waiters)
+            return
+        self.announced[content_hash] += 1
+        first = self.pending[waiters[0]].task
+        index = first.image_hashes.index(content_hash)
+        self.outbox.send(NeedEmbeddings(self.instance_id, first.request_id, [index]))
 
     def _lost(self, content_hash: str) -> None:
         if self.announced[content_hash] > 0:
@@ -274,8 +350,11 @@ class PrefillStage(StageManager):
             self._admit(making.task, prompt_from_task(making.task, pixels))
 
     def _unpin_images(self, request_id: str) -> None:
-        for h in self.held.pop(request_id, ()):
+        held = self.held.pop(request_id, ())
+        for h in held:
             self.mm_cache.unpin(h)
+        if held and self.parked:
+            self._ask_parked()  # room, maybe, for images that found none
 
     def _fail(self, request_id: str, error: str, invalid_input: bool = False) -> None:
         self.abort(request_id)

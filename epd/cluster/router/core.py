@@ -26,6 +26,7 @@ What it leaves to others, and what it keeps:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -133,6 +134,7 @@ class RouterCore:
         self.recoveries: dict[str, dict[str, int]] = {}  # dead instance -> recovery -> requests
         self.embeddings_not_sent: dict[str, int] = {}  # request id -> its images' sends given up
         self.instance_stats: dict[str, dict[str, float]] = {}
+        self.superseded: Counter[Work] = Counter()  # encodes asked for again before reported done
         self.draining: set[str] = set()  # switching roles (role_switch.py): nothing new placed there
         self.max_model_len = min((h.ready.max_model_len for h in instances if h.has(Role.PREFILL)), default=0)
         self._outputs: dict[str, RequestOutput] = {}  # advanced since the last take_outputs
@@ -295,7 +297,13 @@ class RouterCore:
         tasks: dict[str, list[EncodeItem]] = {}
         for index, encoder in assignment.items():
             image = images[index]
-            self.ledger.reserve(Work(record.request_id, Role.ENCODE, index), encoder, image.num_patches)
+            work = Work(record.request_id, Role.ENCODE, index)
+            if self.ledger.holder(work) is not None:
+                # Asked for again before the last encode of it was reported done (P had no room
+                # for what arrived): this one supersedes it, and its report will be no news.
+                self.ledger.release(work)
+                self.superseded[work] += 1
+            self.ledger.reserve(work, encoder, image.num_patches)
             self.affinity.started(image.content_hash, encoder)
             self.held.dispatched(record.prefill, image.content_hash, encoder)
             tasks.setdefault(encoder, []).append(encode_item(index, image))
@@ -313,8 +321,13 @@ class RouterCore:
         if record is None:
             return
         record.metrics.events.extend(msg.events)
-        for index in msg.items:
-            self.ledger.release(Work(record.request_id, Role.ENCODE, index))
+        works = [Work(record.request_id, Role.ENCODE, index) for index in msg.items]
+        if all(self.ledger.holder(w) is None and self.superseded[w] > 0 for w in works):
+            for w in works:  # the late report of encodes asked for again since: no news
+                self._decrement_superseded(w)
+            return
+        for work, index in zip(works, msg.items):
+            self.ledger.release(work)
             self.affinity.finished(record.prompt.images[index].content_hash, msg.instance)
         images_out = any(
             self.ledger.holder(Work(record.request_id, Role.ENCODE, i)) is not None
@@ -338,6 +351,11 @@ class RouterCore:
         record.invalid_input = True
         self._fail(record, msg.error)  # first: P drops the request before it hears of the loss
         self._send(record.prefill, EmbeddingsLost(hashes))
+
+    def _decrement_superseded(self, work: Work) -> None:
+        self.superseded[work] -= 1
+        if self.superseded[work] <= 0:
+            del self.superseded[work]
 
     def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
         source = self.by_data_address.get(msg.source)
@@ -532,6 +550,8 @@ class RouterCore:
         record.metrics.finished_time = self.clock.now()
         self.ledger.release_request(record.request_id)
         self.embeddings_not_sent.pop(record.request_id, None)
+        for work in [w for w in self.superseded if w.request_id == record.request_id]:
+            del self.superseded[work]
         del self.requests[record.request_id]
         del self.wire_ids[record.wire_id]
         self._outputs[record.request_id] = record.output()
