@@ -46,7 +46,7 @@ API_KEY_ENV = "EPD_API_KEY"
 SIMULATED_OPTIONS = (
     "layout", "device", "devices", "transfer", "kv_streaming", "dtype", "max_model_len", "block_size",
     "num_kv_blocks", "kv_cache_memory_bytes", "mm_cache_bytes", "enable_prefix_caching", "max_num_seqs",
-    "max_num_batched_tokens", "enable_chunked_prefill",
+    "max_num_batched_tokens", "enable_chunked_prefill", "scheduling_policy", "slo_ttft", "max_queue_wait",
 )  # fmt: skip
 
 

@@ -330,6 +330,24 @@ def test_images_without_a_live_encoder_fail_the_request():
     assert out.error == "no live encoder instance to encode this request's images" and core.ledger.is_empty()
 
 
+def test_without_an_encoder_a_request_starts_over_where_the_vision_tower_is():
+    core, fake, _ = make_core("1E+1P+1EP+1D")
+    core.handle(arrived("P0", "a", "E0", []))
+    core.ledger.reserve(Work("other", Role.PREFILL), "EP0", 1000)  # EP0 busy: "r" goes to P0
+    [(to, _)] = core.add_request("r", prompt(8, [image("a")]), PARAMS)  # P0 holds "a"
+    assert to == "P0"
+    fake.kill("E0")
+    core.tick()
+    # P0 evicted "a" meanwhile and asks for it: no encoder is left, but EP0 encodes in-process.
+    out = core.handle(need("P0", "r", [0]))
+    tasks = [(to, m) for to, m in out if isinstance(m, PrefillTask)]
+    assert [to for to, _ in tasks] == ["EP0"] and tasks[0][1].pixels, "the pixels go with the task"
+    assert core.requests["r"].attempt == 1 and core.stats["retries"] == 1
+    # New requests with images go there too; text-only ones anywhere.
+    [(to, task)] = core.add_request("s", prompt(8, [image("b")]), PARAMS)
+    assert to == "EP0" and task.pixels
+
+
 # ---- what is a bug -----------------------------------------------------------------------------
 
 

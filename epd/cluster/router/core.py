@@ -170,7 +170,7 @@ class RouterCore:
             raise ValueError(
                 f"prompt has {len(prompt.prompt_token_ids)} tokens; the maximum is {self.max_model_len - 1}"
             )
-        prefill, decode = self._place()
+        prefill, decode = self._place(prompt)
         metrics = RequestMetrics(arrival_time=arrival_time or self.clock.now())
         metrics.events.append(LifetimeEvent(Event.ARRIVED, metrics.arrival_time))
         record = RequestRecord(request_id, prompt, params, metrics, prefill.name, decode.name)
@@ -256,9 +256,14 @@ class RouterCore:
 
     # ---- placing ------------------------------------------------------------------------------
 
-    def _place(self) -> tuple[InstanceHandle, InstanceHandle]:
+    def _place(self, prompt: ProcessedPrompt) -> tuple[InstanceHandle, InstanceHandle]:
         live = [h.spec for h in self.instances.values() if h.alive and h.name not in self.draining]
-        prefill = self.placement.prefill.choose(live, self.ledger, {})
+        prefills = live
+        if prompt.images and not self._encoders():
+            # No encoder instance is left: an instance that prefills with the vision tower at hand
+            # (EP, EPD) encodes the images itself, where the layout has one.
+            prefills = self._prefills_with_vision() or live
+        prefill = self.placement.prefill.choose(prefills, self.ledger, {})
         decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
         return self.instances[prefill.name], self.instances[decode.name]
 
@@ -278,6 +283,10 @@ class RouterCore:
         live = [h for h in self.instances.values() if h.alive]
         return [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
 
+    def _prefills_with_vision(self) -> list[InstanceSpec]:
+        live = [h for h in self.instances.values() if h.alive and h.name not in self.draining]
+        return [h.spec for h in live if h.has(Role.ENCODE) and h.has(Role.PREFILL)]
+
     def _need_embeddings(self, msg: NeedEmbeddings) -> None:
         """P lacks images the router thought it held (evicted meanwhile, or lost with a dead
         encoder): send them now."""
@@ -285,7 +294,12 @@ class RouterCore:
         if record is None:
             return
         if not self._encoders():
-            self._fail(record, "no live encoder instance to encode this request's images")
+            if self._prefills_with_vision():
+                self._start_over(
+                    record, "no live encoder instance: the images go to one with the vision tower"
+                )
+            else:
+                self._fail(record, "no live encoder instance to encode this request's images")
             return
         self._dispatch_encodes(record, msg.items)
 
@@ -515,7 +529,7 @@ class RouterCore:
         """A new attempt on live instances: from the start, or (it has tokens) from its prompt and
         tokens prefilled again, its next token sampled after them."""
         try:
-            prefill, decode = self._place()
+            prefill, decode = self._place(record.prompt)
         except RuntimeError as err:
             self._fail(record, f"{error}; no instance left to retry on ({err})")
             return
