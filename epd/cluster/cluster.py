@@ -270,10 +270,12 @@ def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance]) ->
 
 
 def _check_encoders(layout: Layout, specs: list[InstanceSpec]) -> None:
-    """A prefill instance without E needs an encoder-only instance to encode its images."""
+    """Images need somewhere to be encoded: an encoder-only instance, or (for a layout whose
+    prefill instances lack E) one that prefills with the vision tower, which the router then
+    gives every request with images (text-only ones go anywhere)."""
     needs = any(s.has(Role.PREFILL) and not s.has(Role.ENCODE) for s in specs)
-    has = any(s.has(Role.ENCODE) and not s.has(Role.PREFILL) for s in specs)
+    has = any(s.has(Role.ENCODE) for s in specs)
     if needs and not has:
         raise ValueError(
-            f"layout {layout.text}: prefill instances without E need an encoder-only instance (E)"
+            f"layout {layout.text}: prefill instances without E need an instance that encodes (E, EP or EPD)"
         )

@@ -50,3 +50,20 @@ def test_without_encoders_images_are_encoded_where_the_vision_tower_is(checkpoin
     for out in outputs[:4]:
         [prefilled] = [e for e in out.metrics.events if e.event is Event.PREFILL_START]
         assert prefilled.instance == "EP0", prefilled
+
+
+def test_a_layout_whose_only_encoder_also_prefills_serves_images_there(checkpoints):
+    """1EP+1PD: no encoder-only instance at all. Requests with images are prefilled on EP0, which
+    encodes them; text-only ones may go to PD0 too."""
+    model = str(checkpoints["qwen2_5_vl"])
+    requests = prompts()
+    with LLM(model) as reference:
+        expected = [o.outputs[0].token_ids for o in reference.generate(requests, PARAMS, use_tqdm=False)]
+    with LLM(model, layout="1EP+1PD") as llm:
+        outputs = llm.generate(requests, PARAMS, use_tqdm=False)
+    for i, out in enumerate(outputs):
+        assert out.error is None, (i, out.error)
+        assert out.outputs[0].token_ids == expected[i], i
+    for out in outputs[:4]:
+        [prefilled] = [e for e in out.metrics.events if e.event is Event.PREFILL_START]
+        assert prefilled.instance == "EP0", prefilled

@@ -93,6 +93,11 @@ def test_a_cluster_without_retries_sends_nothing_again_and_still_recovers(model)
         stats = cluster.instance_stats
         counts = {"transfer_retries_total": 0.0, "transfer_gave_up_total": 1.0}
         both = ("E0", "P0")
-        run_until(cluster, lambda: all(counts.items() <= stats()[n].items() for n in both), "counts", outputs)
+        run_until(
+            cluster,
+            lambda: all(counts.items() <= stats().get(n, {}).items() for n in both),
+            "counts",
+            outputs,
+        )
     finally:
         cluster.shutdown()

@@ -94,8 +94,10 @@ def test_failed_transfers_are_retried_then_placed_anew_and_never_hang(model, exp
         keys = layers if kv_streaming == "layer" else 1
         stats = cluster.instance_stats
         counts = {"transfer_retries_total": 4 * keys, "transfer_gave_up_total": keys}
-        run_until(cluster, lambda: counts.items() <= stats()["P0"].items(), "P0's counts")
-        run_until(cluster, lambda: stats()["D0"].get("kv_handoffs_awaiting_layers") == 0, "D0's report")
+        run_until(cluster, lambda: counts.items() <= stats().get("P0", {}).items(), "P0's counts")
+        run_until(
+            cluster, lambda: stats().get("D0", {}).get("kv_handoffs_awaiting_layers") == 0, "D0's report"
+        )
         assert stats()["D0"]["kv_parts_buffered"] == 0
         metrics = ServerMetrics(stats, cluster.instances_up, lambda: 0).render().decode()
         assert f'epd_instance_transfer_retries_total{{instance="P0"}} {4.0 * keys}' in metrics

@@ -74,13 +74,16 @@ def test_the_busiest_stage_gets_the_extra_gpu(tmp_path: Path, bound: str, best: 
 
 def test_a_tight_tpot_keeps_decode_apart_from_prefill(tmp_path: Path):
     """DistServe's case among all 9 layouts of 2 GPUs: with prefills far longer than the TPOT SLO,
-    any instance that both prefills and decodes misses it; 1EP+1D does not."""
+    any instance that both prefills and decodes misses it; 1EP+1D does not. Nor does 1EP+1PD on
+    this workload: every request has an image, and images are prefilled where the vision tower is
+    (the router, with no encoder-only instance), so its PD instance only ever decodes."""
     flags = ["--gpus", "2", "--slo-ttft", "2", "--slo-tpot", "0.02", "--knob-trials", "0"]
     doc = plan(tmp_path, INTERFERING, *flags)
-    assert doc["winner"]["layout"] == "1EP+1D"
+    apart = {"1EP+1D", "1EP+1PD"}
+    assert doc["winner"]["layout"] in apart
     looked_at = {row["layout"] for row in doc["ranked"] + doc["unranked"]}
     assert len(looked_at) == 9
-    runner_up = [row for row in doc["ranked"] if row["layout"] != "1EP+1D"]
+    runner_up = [row for row in doc["ranked"] if row["layout"] not in apart]
     assert runner_up and all(row["goodput"] < 0.85 * doc["winner"]["goodput"] for row in runner_up)
 
 
