@@ -27,7 +27,7 @@ from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S, HeartbeatSender, heartbea
 from epd.cluster.instance import InstanceConfig
 from epd.cluster.instance.config import TRANSFER_TIMEOUT_S
 from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
-from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout, Role
+from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
 from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
@@ -95,7 +95,6 @@ class Cluster:
         waiting `transfer_timeout_s` for its receiver, before the router places its request anew."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
-        _check_encoders(layout, specs)
         transfer = resolve_transfer(transfer, [s.device for s in specs])
         kv_streaming = resolve_kv_streaming(kv_streaming, transfer)
         self.launcher = launcher or LocalProcessLauncher(host)
@@ -267,15 +266,3 @@ class Cluster:
 def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance]) -> None:
     heartbeats.stop()
     kill_all(launched.values())
-
-
-def _check_encoders(layout: Layout, specs: list[InstanceSpec]) -> None:
-    """Images need somewhere to be encoded: an encoder-only instance, or (for a layout whose
-    prefill instances lack E) one that prefills with the vision tower, which the router then
-    gives every request with images (text-only ones go anywhere)."""
-    needs = any(s.has(Role.PREFILL) and not s.has(Role.ENCODE) for s in specs)
-    has = any(s.has(Role.ENCODE) for s in specs)
-    if needs and not has:
-        raise ValueError(
-            f"layout {layout.text}: prefill instances without E need an instance that encodes (E, EP or EPD)"
-        )
