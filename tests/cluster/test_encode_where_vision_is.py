@@ -31,6 +31,15 @@ def prompts() -> list:
     return [*(image_prompt(i) for i in range(4)), "just text, please", "more text"]
 
 
+def assert_reference_tokens_with_images_on_ep0(outputs: list, expected: list[list[int]]) -> None:
+    for i, out in enumerate(outputs):
+        assert out.error is None, (i, out.error)
+        assert out.outputs[0].token_ids == expected[i], i
+    for out in outputs[:4]:  # the requests with images
+        [prefilled] = [e for e in out.metrics.events if e.event is Event.PREFILL_START]
+        assert prefilled.instance == "EP0", prefilled
+
+
 def test_without_encoders_images_are_encoded_where_the_vision_tower_is(checkpoints):
     model = str(checkpoints["qwen2_5_vl"])
     requests = prompts()
@@ -44,12 +53,7 @@ def test_without_encoders_images_are_encoded_where_the_vision_tower_is(checkpoin
             assert time.monotonic() < deadline, "the router never noticed E0's death"
             cluster.step()
         outputs = llm.generate(requests, PARAMS, use_tqdm=False)
-    for i, out in enumerate(outputs):
-        assert out.error is None, (i, out.error)
-        assert out.outputs[0].token_ids == expected[i], i
-    for out in outputs[:4]:
-        [prefilled] = [e for e in out.metrics.events if e.event is Event.PREFILL_START]
-        assert prefilled.instance == "EP0", prefilled
+    assert_reference_tokens_with_images_on_ep0(outputs, expected)
 
 
 def test_a_layout_whose_only_encoder_also_prefills_serves_images_there(checkpoints):
@@ -61,9 +65,4 @@ def test_a_layout_whose_only_encoder_also_prefills_serves_images_there(checkpoin
         expected = [o.outputs[0].token_ids for o in reference.generate(requests, PARAMS, use_tqdm=False)]
     with LLM(model, layout="1EP+1PD") as llm:
         outputs = llm.generate(requests, PARAMS, use_tqdm=False)
-    for i, out in enumerate(outputs):
-        assert out.error is None, (i, out.error)
-        assert out.outputs[0].token_ids == expected[i], i
-    for out in outputs[:4]:
-        [prefilled] = [e for e in out.metrics.events if e.event is Event.PREFILL_START]
-        assert prefilled.instance == "EP0", prefilled
+    assert_reference_tokens_with_images_on_ep0(outputs, expected)
