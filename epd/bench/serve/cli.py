@@ -51,9 +51,10 @@ def add_bench_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
     g.add_argument("--api-key", default=None, help=f"bearer token (default: ${' or $'.join(API_KEY_ENVS)})")
     _common_options(p)
     p.set_defaults(func=run_bench_command, parser=p)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{sweep,plot}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{sweep,plot,compare}")
     _add_sweep_parser(bench_sub, formatter)
     _add_plot_parser(bench_sub, formatter)
+    _add_compare_parser(bench_sub, formatter)
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
@@ -70,8 +71,28 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, formatter: type[argparse.
     g.add_argument("--devices", default="cpu", help="device(s) of every server (cpu, cuda:0,cuda:1,...)")
     g.add_argument("--serve-args", default="", help='more `epd serve` options, e.g. "--dtype bfloat16"')
     g.add_argument("--server-start-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    g.add_argument(
+        "--compare-sim",
+        default=None,
+        metavar="PROFILE",
+        help="also run `epd simulate` of each layout with this profile (epd profile's JSON) and print "
+        "measured vs predicted TTFT, TPOT and throughput per rate; simulated results in OUT/<layout>/sim/",
+    )
     _common_options(p)
     p.set_defaults(func=run_sweep_command, parser=p)
+
+
+def _add_compare_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="measured vs simulated: a results file next to `epd simulate`'s",
+        description="Per rate both ran: throughput, TTFT p50/p90 and TPOT p50/p90 measured, predicted "
+        "and the relative error (predicted - measured) / measured.",
+        formatter_class=formatter,
+    )
+    p.add_argument("real", help="epd bench's results.json (or its folder)")
+    p.add_argument("simulated", help="epd simulate's results.json (or its folder)")
+    p.set_defaults(func=run_compare_command, parser=p)
 
 
 def _add_plot_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
@@ -291,8 +312,16 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         args.model, layouts, args.devices, tuple(shlex.split(args.serve_args)), args.server_start_timeout
     )
     console = Console()
+    out_dir = out_dir_of(args)
+    simulate = None
+    if args.compare_sim is not None:
+        from epd.bench.serve.sim_compare import simulate_layout
+
+        def simulate(argv: list[str], sim_dir: Path) -> dict:
+            return simulate_layout(args, argv, args.compare_sim, sim_dir, console)
+
     try:
-        run_sweep(sweep, spec_from_args(args, "", None), out_dir_of(args), console)
+        run_sweep(sweep, spec_from_args(args, "", None), out_dir, console, simulate)
     except (BenchError, ServerFailed, ValueError, OSError) as e:
         console.print(f"[red]epd bench sweep: {e}[/red]")
         return 1
@@ -318,4 +347,22 @@ def run_plot_command(args: argparse.Namespace) -> int:
     console.print(comparison_table(docs))
     for path in write_plots(docs, out):
         console.print(f"wrote {path}")
+    return 0
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from epd.bench.serve.results import load
+    from epd.bench.serve.sim_compare import comparison_rows, comparison_table
+
+    try:
+        rows = comparison_rows(load(args.real), load(args.simulated))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"epd bench compare: cannot read the results: {e}")
+        return 1
+    if not rows:
+        print("epd bench compare: the two files share no rate")
+        return 1
+    Console().print(comparison_table(rows))
     return 0
