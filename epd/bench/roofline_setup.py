@@ -21,11 +21,15 @@ from epd.engine.request import Request
 from epd.engine.scheduler import ScheduledBatch
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
 from epd.models.config import TextConfig, VisionConfig
+from epd.models.registry import INTERNVL
 from epd.sampling_params import SamplingParams
+from epd.testing.checkpoints import build_internvl_tokenizer
 from epd.testing.tokenizer import build_qwen_tokenizer, special_token_ids
 
 SHARED_CONFIGS = Path("/work/shared/model-configs")
-BENCH_CONFIGS = Path(__file__).parent / "configs"  # full-size configs epd ships (Qwen3-VL-8B)
+# Full-size configs epd ships, each NAME.json with its NAME_preprocessor_config.json: Qwen3-VL-8B,
+# InternVL3-8B, and an InternVL2-26B-like shape (InternViT-6B's tower, a 20B Qwen2 LLM).
+BENCH_CONFIGS = Path(__file__).parent / "configs"
 
 
 # --dry-run: the same config shrunk to run on a CPU in seconds (checks the script, not the chip).
@@ -40,9 +44,13 @@ def build_model_dir(
 ) -> Path:
     """A loadable model directory (config, preprocessor config, tokenizer; no weights)."""
     out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / config_name).read_text())
+    if config.get("architectures") == [INTERNVL]:
+        if tiny:
+            raise ValueError("the shrunk (tiny) config is Qwen2.5-VL's only")
+        return _internvl_model_dir(out, src, config_name, config)
     build_qwen_tokenizer(out)
     ids = special_token_ids(out)
-    config = json.loads((src / config_name).read_text())
     if tiny:
         config.update(TINY)
         config["rope_scaling"]["mrope_section"] = [4, 6, 6]
@@ -50,6 +58,20 @@ def build_model_dir(
     config.update({k: v for k, v in ids.items() if k != "pad_token_id"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(src / "qwen2_5_vl_preprocessor_config.json", out / "preprocessor_config.json")
+    generation = {"eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation))
+    return out
+
+
+def _internvl_model_dir(out: Path, src: Path, config_name: str, config: dict) -> Path:
+    """InternVL: the tiny tokenizer with its image tokens, their ids in the config, and the
+    config's own NAME_preprocessor_config.json (the tiles)."""
+    ids = build_internvl_tokenizer(out)
+    config["image_token_id"] = ids["image_token_id"]
+    config["text_config"].update(eos_token_id=ids["eos_token_id"], bos_token_id=ids["bos_token_id"])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    preprocessor = src / config_name.replace(".json", "_preprocessor_config.json")
+    shutil.copy(preprocessor, out / "preprocessor_config.json")
     generation = {"eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation))
     return out

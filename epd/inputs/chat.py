@@ -148,7 +148,11 @@ def _parse_message(msg: Any, index: int, images: list[ImageSource]) -> dict:
             _check_part(part, f"{where}.content[{j}]", images)
     elif not isinstance(content, str):
         raise InvalidInputError(f"{where}.content must be a string or a list of parts")
-    return _plain(msg)
+    plain = _plain(msg)
+    if isinstance(content, list):  # as vLLM: templates testing `type == 'image'` (InternVL's) see URLs
+        parts = plain["content"]
+        plain["content"] = [{**p, "type": "image"} if p["type"] == "image_url" else p for p in parts]
+    return plain
 
 
 def _check_part(part: Any, where: str, images: list[ImageSource]) -> None:

@@ -10,6 +10,9 @@ and the same patch order. Layout of one image's `pixel_values` rows:
 
 so the m*m patches merged into one LLM token are contiguous rows, and the T frames of a
 still image are copies of the same pixels.
+
+InternVL's processor tiles instead of resizing (`ImageProcessorConfig.tiling`; the tiles, their
+patch order and grids: epd.inputs.internvl_tiles); rescale and normalisation are the same.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from PIL import Image
 
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import image_content_hash, to_rgb
+from epd.inputs.internvl_tiles import TilingConfig, is_tiling_preprocessor, tile_count, tile_images
 from epd.inputs.types import ImageInput
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -46,6 +50,7 @@ class ImageProcessorConfig:
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BICUBIC
+    tiling: TilingConfig | None = None  # InternVL: square tiles + thumbnail instead of smart_resize
 
     @property
     def factor(self) -> int:
@@ -59,7 +64,12 @@ class ImageProcessorConfig:
         if not os.path.exists(path):
             return cls()
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            d = json.load(f)
+        if is_tiling_preprocessor(d):
+            # InternVL's preprocessor config has no patch or merge size: the model config has them.
+            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+                return cls.from_tiling_dict(d, json.load(f))
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> ImageProcessorConfig:
@@ -80,6 +90,37 @@ class ImageProcessorConfig:
         if max_pixels is not None:
             kwargs["max_pixels"] = int(max_pixels)
         return cls(**kwargs)
+
+    @classmethod
+    def from_tiling_dict(cls, d: dict, model_config: dict) -> ImageProcessorConfig:
+        """InternVL: tiling from its preprocessor config, patch size and pixel shuffle (the merge
+        size, 1 / downsample_ratio) from its config.json; one frame per patch."""
+        tiling = TilingConfig.from_dict(d)
+        vision = model_config.get("vision_config", {})
+        trained, patch = _side(vision.get("image_size", 448)), _side(vision.get("patch_size", 14))
+        merge = round(1 / model_config.get("downsample_ratio", 0.5))
+        if trained != tiling.tile_size:
+            raise ValueError(f"InternVL: {tiling.tile_size} px tiles for a tower trained on {trained} px")
+        if tiling.tile_size % (patch * merge):
+            raise ValueError(
+                f"InternVL tiles of {tiling.tile_size} px are not whole {patch * merge} px groups"
+            )
+        pixel_keys = ("image_mean", "image_std", "rescale_factor", "resample")
+        base = cls.from_dict({k: d[k] for k in pixel_keys if k in d})
+        return replace(
+            base,
+            patch_size=patch,
+            temporal_patch_size=1,
+            merge_size=merge,
+            min_pixels=1,
+            max_pixels=tiling.max_pixels,
+            tiling=tiling,
+        )
+
+
+def _side(size: int | list[int]) -> int:
+    """A square size given as an int or as [height, width] (InternVL's vision config)."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def smart_resize(
@@ -114,7 +155,13 @@ def smart_resize(
 
 
 def image_grid_thw(height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
-    """(grid_t, grid_h, grid_w) in patches for an image of this size, without touching pixels."""
+    """(grid_t, grid_h, grid_w) in patches for an image of this size, without touching pixels.
+
+    A tiled (InternVL) image's grid is a one-row strip of its tokens (epd.inputs.internvl_tiles)."""
+    if cfg.tiling is not None:
+        tiles = tile_count(height, width, cfg.tiling)
+        tokens = tiles * (cfg.tiling.tile_size // cfg.patch_size // cfg.merge_size) ** 2
+        return 1, cfg.merge_size, cfg.merge_size * tokens
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     return 1, h // cfg.patch_size, w // cfg.patch_size
 
@@ -138,10 +185,19 @@ def process_image(
 def raw_patches(image: Image.Image, cfg: ImageProcessorConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """An RGB image resized and cut into uint8 patches, one frame ([N, C * P * P]), and its grid:
     what `process_image` computes before rescaling and normalising."""
+    if cfg.tiling is not None:
+        return _tiled_patches(image, cfg)
     h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
     pixels = np.asarray(image.resize((w, h), resample=cfg.resample))  # [H, W, C] uint8
     raw = torch.from_numpy(patchify(pixels, cfg.patch_size, cfg.merge_size, 1, dtype=np.uint8))
     return raw, (1, h // cfg.patch_size, w // cfg.patch_size)
+
+
+def _tiled_patches(image: Image.Image, cfg: ImageProcessorConfig) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """InternVL: each tile's patches, row-major, tile after tile (the thumbnail last)."""
+    tiles = tile_images(image, cfg.tiling, cfg.resample)
+    per_tile = [patchify(np.asarray(t), cfg.patch_size, 1, 1, dtype=np.uint8) for t in tiles]
+    return torch.from_numpy(np.concatenate(per_tile)), image_grid_thw(image.height, image.width, cfg)
 
 
 def normalization_table(cfg: ImageProcessorConfig) -> torch.Tensor:

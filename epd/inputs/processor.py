@@ -14,6 +14,12 @@ text before tokenising: pads are special tokens, so both give the same ids.
 
     ids:       [ s  V  I  E  t ]              V/E = vision start/end, I = image pad
     expanded:  [ s  V  I  I  I  I  E  t ]     placeholders = [PlaceholderRange(offset=2, length=4)]
+
+InternVL's prompts hold one `<IMG_CONTEXT>` per image, and InternVLProcessor also writes the
+image's start and end tokens around its copies (`VisionTokenIds.image_wrap`):
+
+    ids:       [ s  C  t ]                    C = <IMG_CONTEXT>, < and > = <img> and </img>
+    expanded:  [ s  <  C  C  C  C  >  t ]     placeholders = [PlaceholderRange(offset=2, length=4)]
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class VisionTokenIds:
     image_token_id: int
     vision_start_token_id: int | None = None
     video_token_id: int | None = None
+    # Written around each image's expanded tokens (InternVL's <img>, </img>); None: nothing.
+    image_wrap: tuple[int, int] | None = None
 
 
 class InputProcessor:
@@ -188,7 +196,8 @@ class InputProcessor:
         self._check_image_count(ids, len(sources))
         images = self.load_images(sources)
         counts = [img.num_tokens(self.merge_size) for img in images]
-        expanded, placeholders = expand_image_tokens(ids, self.token_ids.image_token_id, counts)
+        tokens = self.token_ids
+        expanded, placeholders = expand_image_tokens(ids, tokens.image_token_id, counts, tokens.image_wrap)
         return ProcessedPrompt(
             prompt_token_ids=expanded, images=images, placeholders=placeholders, prompt=text
         )
@@ -202,9 +211,12 @@ class InputProcessor:
             raise InvalidInputError("video input is not supported")
         num_pads = ids.count(self.token_ids.image_token_id)
         if num_pads != num_images:
+            placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+            if self.token_ids.image_wrap is not None:
+                placeholder = self.tokenizer.id_to_token(self.token_ids.image_token_id)
             raise InvalidInputError(
                 f"the prompt has {num_pads} image placeholders but {num_images} images were given "
-                "(write one <|vision_start|><|image_pad|><|vision_end|> per image)"
+                f"(write one {placeholder} per image)"
             )
 
     def _check_token_ids(self, ids: list[int]) -> None:
@@ -215,9 +227,10 @@ class InputProcessor:
 
 
 def expand_image_tokens(
-    ids: list[int], image_token_id: int, num_tokens: Sequence[int]
+    ids: list[int], image_token_id: int, num_tokens: Sequence[int], wrap: tuple[int, int] | None = None
 ) -> tuple[list[int], list[PlaceholderRange]]:
-    """Replace the i-th `image_token_id` by `num_tokens[i]` copies; return new ids and each image's range."""
+    """Replace the i-th `image_token_id` by `num_tokens[i]` copies (between `wrap`'s start and
+    end tokens, when given); return new ids and each image's range (the copies only)."""
     positions = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(positions) != len(num_tokens):
         raise InvalidInputError(
@@ -228,8 +241,12 @@ def expand_image_tokens(
     prev = 0
     for pos, n in zip(positions, num_tokens, strict=True):
         out.extend(ids[prev:pos])
+        if wrap is not None:
+            out.append(wrap[0])
         ranges.append(PlaceholderRange(offset=len(out), length=n))
         out.extend([image_token_id] * n)
+        if wrap is not None:
+            out.append(wrap[1])
         prev = pos + 1
     out.extend(ids[prev:])
     return out, ranges
@@ -293,4 +310,23 @@ def _read_token_ids(
         image_token_id=image_id,
         vision_start_token_id=pick("vision_start_token_id", "<|vision_start|>"),
         video_token_id=pick("video_token_id", "<|video_pad|>"),
+        image_wrap=_image_wrap(model_dir, tokenizer),
     )
+
+
+def _image_wrap(model_dir: str | os.PathLike, tokenizer: Tokenizer) -> tuple[int, int] | None:
+    """The ids of the tokens around each image, where tokenizer_config.json names them
+    (`start_image_token`, `end_image_token`: what InternVLProcessor reads), else None."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    names = {**config, **(config.get("extra_special_tokens") or {})}
+    start, end = names.get("start_image_token"), names.get("end_image_token")
+    if not isinstance(start, str) or not isinstance(end, str):
+        return None
+    ids = tokenizer.token_to_id(start), tokenizer.token_to_id(end)
+    if None in ids:
+        raise ValueError(f"tokenizer_config.json names image tokens {start!r}, {end!r} the tokenizer lacks")
+    return ids

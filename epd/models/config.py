@@ -13,6 +13,12 @@ model code never looks at raw JSON.
 | text `mrope_interleaved`  | False: t, h, w sections   | True: t/h/w bands interleaved            |
 | vision `variant`          | "qwen2_vl", "qwen2_5_vl"  | "qwen3_vl"                               |
 | vision `deepstack_...`    | ()                        | blocks whose outputs also feed the LLM   |
+
+InternVL (transformers' format: `vision_config` of InternViT, a Qwen2 `text_config`, the pixel
+shuffle's `downsample_ratio` at the top level) reads into the same objects: a Qwen2 `TextConfig`
+whose M-RoPE bands all read the width row (`mrope_section` (0, 0, head_dim / 2): plain 1-D RoPE,
+see epd.models.internvl), and a `VisionConfig` of variant "internvl" whose `internvl` field holds
+what only InternViT has; `spatial_merge_size` is 1 / downsample_ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epd.models.registry import QWEN2_VL, QWEN3_VL, check_architecture
+from epd.models.registry import INTERNVL, QWEN2_VL, QWEN3_VL, check_architecture
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,19 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class InternVisionOptions:
+    """What InternViT and InternVL's projector have that the Qwen towers do not."""
+
+    image_size: int  # a tile's side in pixels: the position embedding covers exactly one tile
+    norm_type: str  # "layer_norm" (InternViT-300M) or "rms_norm" (InternViT-6B)
+    layer_norm_eps: float
+    attention_bias: bool
+    qk_norm: bool  # RMSNorm over all heads of q and of k (InternViT-6B)
+    final_norm: bool  # a LayerNorm after the last block (`use_mean_pooling` False)
+    projector_hidden_act: str
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     """Vision tower shape. `variant` is "qwen2_vl" (LayerNorm + GELU MLP, full attention in
     every block), "qwen2_5_vl" (RMSNorm + gated MLP, window attention except in
@@ -72,6 +91,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     num_position_embeddings: int = 0  # Qwen3-VL's learned (square) position grid, side**2
     deepstack_visual_indexes: tuple[int, ...] = ()
+    internvl: InternVisionOptions | None = None
 
     @property
     def head_dim(self) -> int:
@@ -111,7 +131,7 @@ class VLModelConfig:
         return cls(
             architecture=architecture,
             text=_text_config(architecture, text_raw, raw),
-            vision=_vision_config(architecture, raw.get("vision_config", {})),
+            vision=_vision_config(architecture, raw.get("vision_config", {}), raw),
             image_token_id=_first_int(raw, text_raw, "image_token_id"),
             video_token_id=_optional_int(raw, text_raw, "video_token_id"),
             vision_start_token_id=_optional_int(raw, text_raw, "vision_start_token_id"),
@@ -124,6 +144,8 @@ def _text_config(architecture: str, text: dict[str, Any], top: dict[str, Any]) -
     theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
     qwen3 = architecture == QWEN3_VL
     section = rope.get("mrope_section", [24, 20, 20] if qwen3 else [16, 24, 24])
+    if architecture == INTERNVL:
+        section = _plain_rope_section(text, rope)
     tie = text.get("tie_word_embeddings", top.get("tie_word_embeddings", False))
     return TextConfig(
         vocab_size=text["vocab_size"],
@@ -146,7 +168,19 @@ def _text_config(architecture: str, text: dict[str, Any], top: dict[str, Any]) -
     )
 
 
-def _vision_config(architecture: str, v: dict[str, Any]) -> VisionConfig:
+def _plain_rope_section(text: dict[str, Any], rope: dict[str, Any]) -> list[int]:
+    """A 1-D RoPE LLM as M-RoPE whose bands all read the width row (InternVL's images are strips
+    of one row, their tokens numbered along it like text). "dynamic" (NTK) scaling changes
+    nothing below `max_position_embeddings`, which bounds the context."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "dynamic"):
+        raise ValueError(f"InternVL's language model: unsupported rope_type {kind!r}")
+    return [0, 0, text["hidden_size"] // text["num_attention_heads"] // 2]
+
+
+def _vision_config(architecture: str, v: dict[str, Any], top: dict[str, Any]) -> VisionConfig:
+    if architecture == INTERNVL:
+        return _internvl_vision_config(v, top)
     common = dict(
         depth=v["depth"],
         num_heads=v["num_heads"],
@@ -188,6 +222,55 @@ def _vision_config(architecture: str, v: dict[str, Any]) -> VisionConfig:
         fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", ())),
         **common,
     )
+
+
+def _internvl_vision_config(v: dict[str, Any], top: dict[str, Any]) -> VisionConfig:
+    """InternViT's fields; refuses the feature choices epd does not implement (no released
+    "-hf" checkpoint uses them)."""
+    layer = top.get("vision_feature_layer", -1)
+    strategy = top.get("vision_feature_select_strategy", "default")
+    if layer != -1 or strategy != "default":
+        raise ValueError(
+            f"InternVL: only vision_feature_layer -1 and select strategy 'default' are supported, "
+            f"got {layer!r}, {strategy!r}"
+        )
+    norm_type = v.get("norm_type", "layer_norm")
+    if norm_type not in ("layer_norm", "rms_norm"):
+        raise ValueError(f"InternVL: unknown vision norm_type {norm_type!r}")
+    image_size, patch_size = _side(v.get("image_size", 448)), _side(v.get("patch_size", 14))
+    options = InternVisionOptions(
+        image_size=image_size,
+        norm_type=norm_type,
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+        attention_bias=bool(v.get("attention_bias", False)),
+        qk_norm=bool(v.get("use_qk_norm", False)),
+        final_norm=not v.get("use_mean_pooling", True),
+        projector_hidden_act=top.get("projector_hidden_act", "gelu"),
+    )
+    text = top.get("text_config", {})
+    return VisionConfig(
+        variant="internvl",
+        depth=v.get("num_hidden_layers", 24),
+        hidden_size=v.get("hidden_size", 1024),
+        intermediate_size=v.get("intermediate_size", 4096),
+        num_heads=v.get("num_attention_heads", 16),
+        out_hidden_size=text.get("hidden_size", top.get("hidden_size")),
+        hidden_act=v.get("hidden_act", "gelu"),
+        patch_size=patch_size,
+        temporal_patch_size=1,
+        spatial_merge_size=round(1 / top.get("downsample_ratio", 0.5)),
+        in_channels=v.get("num_channels", 3),
+        internvl=options,
+    )
+
+
+def _side(value: int | list[int]) -> int:
+    """One side of a square size given as an int or [height, width]."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"InternVL: square image and patch sizes only, got {value}")
+        return int(value[0])
+    return int(value)
 
 
 def _first_int(*dicts_and_key: Any) -> int:

@@ -5,6 +5,9 @@ Text tokens advance all three position rows together. An image's tokens take
 starts; the text after the image resumes at one past the largest position used. The
 difference between the next position and the next token index (`delta`) is what decode
 adds to every later token's index, so it must travel with the request's KV.
+
+Plain 1-D RoPE (InternVL) needs nothing else here: its images' grids are strips one row tall,
+whose width row numbers their tokens like text, and its LLM reads that row (epd.models.internvl).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ from torch import nn
 QWEN2_VL = "Qwen2VLForConditionalGeneration"
 QWEN2_5_VL = "Qwen2_5_VLForConditionalGeneration"
 QWEN3_VL = "Qwen3VLForConditionalGeneration"  # dense only (Qwen3-VL-MoE is another architecture)
+INTERNVL = "InternVLForConditionalGeneration"  # transformers' format ("-hf" checkpoints), Qwen2 LLM
 
-SUPPORTED_ARCHITECTURES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
+SUPPORTED_ARCHITECTURES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, INTERNVL)
 
 
 def check_architecture(architectures: Sequence[str]) -> str:
@@ -30,6 +31,10 @@ def get_model_class(architecture: str) -> type[nn.Module]:
         from epd.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
+    if architecture == INTERNVL:
+        from epd.models.internvl import InternVLForConditionalGeneration
+
+        return InternVLForConditionalGeneration
     # Qwen2-VL and Qwen2.5-VL share one implementation; the vision variant comes from the config.
     from epd.models.qwen2_vl import Qwen2VLForConditionalGeneration
 

@@ -1,9 +1,11 @@
-"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, saved as real Hugging Face directories.
+"""Tiny random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL checkpoints, saved as real Hugging
+Face directories.
 
 Built with transformers' own classes and `save_pretrained`, so epd's loader is tested
 against the format transformers writes, and transformers can serve as the reference on
 exactly the same weights. All families get the same tiny tokenizer and (Qwen2-VL) chat
 template: Qwen3-VL's vision tokens are the same ones, and the tests write prompts directly.
+InternVL's tokenizer adds its image tokens (<img>, </img>, <IMG_CONTEXT>) and has its own template.
 """
 
 from __future__ import annotations
@@ -150,3 +152,161 @@ def _hf_model(family: str, ids: dict[str, int], seed: int, tie: bool, std: float
     config.vision_config.initializer_range = std
     torch.manual_seed(seed)
     return cls(config).eval()
+
+
+# ---- InternVL (transformers' format) --------------------------------------------------------
+
+# Tokens InternVL's "-hf" tokenizers add after Qwen2's, in their order.
+INTERNVL_EXTRA_TOKENS = (
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+)
+# The chat template of the InternVL "-hf" checkpoints (one <IMG_CONTEXT> per image part).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+# 64 px tiles of 8 px patches: 8 x 8 patches, 4 x 4 = 16 tokens a tile after the pixel shuffle;
+# at most 6 tiles (+ thumbnail), so images have 1, 3, 4, 5, 7... tiles at small pixel counts.
+INTERNVL_PREPROCESSOR = {
+    "crop_to_patches": False,  # as the real ones: InternVLProcessor asks for tiles anyway
+    "min_patches": 1,
+    "max_patches": 6,
+    "size": {"height": 64, "width": 64},
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "do_convert_rgb": True,
+    "image_processor_type": "GotOcr2ImageProcessor",
+    "processor_class": "InternVLProcessor",
+}
+INTERNVL_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=8,
+    attention_bias=True,
+)
+# InternViT-6B's switches (InternVL2-26B's tower): RMSNorm, q/k norm, no q/k/v bias, final norm.
+INTERNVL_HEAVY_VISION = dict(
+    INTERNVL_VISION, norm_type="rms_norm", use_qk_norm=True, attention_bias=False, use_mean_pooling=False
+)
+
+
+def build_tiny_internvl_checkpoint(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    heavy_vision: bool = False,
+    tie_word_embeddings: bool = False,
+    weight_std: float = 0.1,
+) -> Path:
+    """A complete InternVL "-hf" directory (transformers' `InternVLForConditionalGeneration`):
+    config, safetensors, a Qwen2 tokenizer with InternVL's image tokens and chat template, the
+    tiling preprocessor config. `heavy_vision`: InternViT-6B's layer types instead of 300M's."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = build_internvl_tokenizer(out)
+    vocab = json.loads((out / "tokenizer.json").read_text())["added_tokens"][-1]["id"] + 1
+    model = _hf_internvl(ids, vocab, seed, heavy_vision, tie_word_embeddings, weight_std)
+    model.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(INTERNVL_PREPROCESSOR, indent=2))
+    tokens = (64 // 8 // 2) ** 2
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": tokens}, indent=2))
+    generation = {"eos_token_id": [ids["eos_token_id"], ids["pad_token_id"]], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out
+
+
+def build_internvl_tokenizer(out: Path) -> dict[str, int]:
+    """The tiny Qwen2 tokenizer plus InternVL's tokens, named in tokenizer_config.json as
+    transformers' InternVL tokenizers name them; returns the ids a config needs."""
+    from tokenizers import AddedToken, Tokenizer
+
+    build_qwen_tokenizer(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in INTERNVL_EXTRA_TOKENS]
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for token in INTERNVL_EXTRA_TOKENS:
+        config["added_tokens_decoder"][str(tokenizer.token_to_id(token))] = {
+            **next(iter(config["added_tokens_decoder"].values())),
+            "content": token,
+        }
+    config["extra_special_tokens"] = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    config["chat_template"] = INTERNVL_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {**special_token_ids(out), "image_token_id": tokenizer.token_to_id("<IMG_CONTEXT>")}
+
+
+def _hf_internvl(
+    ids: dict[str, int], vocab: int, seed: int, heavy: bool, tie: bool, std: float
+) -> torch.nn.Module:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    text = dict(
+        TEXT,
+        model_type="qwen2",
+        vocab_size=vocab,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=tie,
+        eos_token_id=ids["eos_token_id"],
+        bos_token_id=ids["bos_token_id"],
+        pad_token_id=None,
+        initializer_range=std,
+    )
+    vision = dict(INTERNVL_HEAVY_VISION if heavy else INTERNVL_VISION, initializer_range=std)
+    config = InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_token_id"],
+        image_seq_length=(64 // 8 // 2) ** 2,
+        tie_word_embeddings=tie,
+    )
+    config.architectures = ["InternVLForConditionalGeneration"]
+    config.initializer_range = std
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # transformers starts these at zero / a constant: random values make a test see them.
+        for name, param in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings", "lambda_1", "lambda_2")):
+                param.normal_(0.0, 1.0 if "lambda" in name else std)
+    return model
+
+
+def hf_internvl_processor(model_dir: str | Path) -> object:
+    """transformers' InternVLProcessor of a tiny InternVL directory, the reference for prompt ids
+    and tiles. Built without its video processor, which needs torchvision (not installed)."""
+    from transformers import AutoTokenizer, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    class ImagesOnlyInternVLProcessor(InternVLProcessor):
+        def __init__(self, image_processor, tokenizer, image_seq_length=256, chat_template=None):
+            super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template)
+
+    seq_length = json.loads((Path(model_dir) / "processor_config.json").read_text())["image_seq_length"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    images = GotOcr2ImageProcessorPil.from_pretrained(model_dir)
+    return ImagesOnlyInternVLProcessor(images, tokenizer, image_seq_length=seq_length)

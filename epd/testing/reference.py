@@ -39,3 +39,13 @@ def hf_greedy(
     new = out.sequences[0, len(input_ids) :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
     return new, logprobs
+
+
+def assert_logprobs_match(got: list, expected: list[int], reference: list[torch.Tensor]) -> None:
+    """Each position's logprobs (epd's) against transformers' log-softmax at that step: the chosen
+    token's within 1e-4, and the top-k it returned are transformers' top-k (the chosen token is
+    added when it is not among them, as vLLM returns it)."""
+    for position, token, ref in zip(got, expected, reference, strict=True):
+        assert abs(position[token].logprob - ref[token].item()) < 1e-4
+        top = torch.topk(ref, len(position) - (token not in torch.topk(ref, 3).indices)).indices
+        assert set(top.tolist()) <= set(position)

@@ -14,7 +14,7 @@ import torch
 from epd import LLM, SamplingParams
 from epd.inputs.types import ProcessedPrompt
 from epd.testing.images import noise_image
-from epd.testing.reference import hf_greedy, load_hf_model
+from epd.testing.reference import assert_logprobs_match, hf_greedy, load_hf_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 GREEDY = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
@@ -43,10 +43,7 @@ def assert_matches_hf(llm: LLM, hf, prompts: list, outputs: list, max_tokens: in
         got = out.outputs[0]
         assert got.token_ids == expected
         if got.logprobs is not None:
-            for position, token, ref in zip(got.logprobs, expected, logprobs):
-                assert abs(position[token].logprob - ref[token].item()) < 1e-4
-                top = torch.topk(ref, len(position) - (token not in torch.topk(ref, 3).indices)).indices
-                assert set(top.tolist()) <= set(position)
+            assert_logprobs_match(got.logprobs, expected, logprobs)
 
 
 @pytest.fixture
