@@ -86,6 +86,7 @@ class Cluster:
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         silence_timeout_s: float | None = SILENCE_TIMEOUT_S,
         max_restarts: int = MAX_RESTARTS,
+        switchable_roles: bool = False,
     ) -> None:
         """`host`: where the router's inbox binds, and every instance with the default launcher
         (local processes); another launcher picks each instance's host itself. Instances exit when
@@ -115,6 +116,7 @@ class Cluster:
                 transfer_retries=transfer_retries,
                 transfer_timeout_s=transfer_timeout_s,
                 heartbeat_timeout_s=heartbeat_timeout_s,
+                switchable_roles=switchable_roles,
             )
             for spec in specs
         ]

@@ -91,6 +91,14 @@ class SetRoles(msgspec.Struct, tag=True):
     roles: str  # role letters, any order
 
 
+class MigrateRequest(msgspec.Struct, tag=True):
+    """Move this running decode to the decode instance at `dest` (a role switch drains by it): its
+    KV goes there through the connector, as a prefill's hand-off, and it continues there."""
+
+    request_id: str
+    dest: str  # the new decode instance's connector address
+
+
 class EmbeddingsLost(msgspec.Struct, tag=True):
     """Images on their way to this prefill instance that will not come: their encoder died. Requests
     waiting for them ask again (`NeedEmbeddings`)."""
@@ -112,6 +120,7 @@ ToInstance = (
     | AbortRequest
     | Shutdown
     | SetRoles
+    | MigrateRequest
     | Heartbeat
 )
 
@@ -126,6 +135,7 @@ class InstanceReady(msgspec.Struct, tag=True):
     vision_parameters: int
     language_parameters: int
     max_model_len: int  # 0 for an instance without the language model
+    switchable: bool = False  # both parts in host memory: it may add or drop E (instance.roles)
 
 
 class InstanceFailed(msgspec.Struct, tag=True):
@@ -218,6 +228,16 @@ class SetRolesReply(msgspec.Struct, tag=True):
     instance: str
     roles: str  # canonical letters ("PD"): the new roles, or the unchanged ones when refused
     error: str | None = None
+    timings: dict[str, float] = {}  # seconds the instance spent: "weights", "memory"
+
+
+class MigrationRefused(msgspec.Struct, tag=True):
+    """A `MigrateRequest` this instance could not follow (the request has no KV here to send: it
+    waits to be recomputed); it keeps decoding the request."""
+
+    instance: str
+    request_id: str
+    error: str
 
 
 ToRouter = (
@@ -233,6 +253,7 @@ ToRouter = (
     | RequestError
     | InstanceStats
     | SetRolesReply
+    | MigrationRefused
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -35,6 +35,7 @@ STAT_HELP = {
     "kv_handoffs_awaiting_layers": "KV hand-offs held on a decode instance until their retried layers arrive",
     "kv_aborts_remembered": "aborted requests a decode instance remembers until their late KV arrives",
     "kv_late_handoffs_dropped_total": "KV hand-offs dropped by a decode instance: their request was aborted",
+    "requests_migrated_total": "running decodes sent with their KV to another decode instance (a switch)",
     # Kept by the router and the cluster, about an instance that died (epd.cluster.router.recovery):
     "requests_release_images_total": "requests whose images it was encoding when it died: encoded elsewhere",
     "requests_start_over_total": "requests without a token that started over on live instances",

@@ -179,6 +179,9 @@ class EngineArgs:
         "router takes it for dead (stopped, hung) and redoes its work elsewhere",
     )
     instance_restarts: int = option(5, "times a dead instance is started again (0: never)")
+    switchable_roles: bool = option(
+        False, "keep both model parts in host memory so that E can be switched at run time (admin API)"
+    )
     limits: InputLimits = field(default_factory=_no_limits)
 
     def resolved(self) -> EngineArgs:
@@ -243,6 +246,7 @@ class EngineArgs:
             mm_cache_bytes=self.mm_cache_bytes,
             silence_timeout_s=self.instance_silence_timeout,
             max_restarts=self.instance_restarts,
+            switchable_roles=self.switchable_roles,
         )
 
 

@@ -6,16 +6,22 @@
 |                                    | roles as letters ("PD"); state up, draining, switching or down   |
 | POST /admin/instances/{id}/roles   | body {"roles": "P"}: switches the instance (drain, reconfigure,  |
 |                                    | rejoin: epd.cluster.router.role_switch) and answers once it has  |
-|                                    | rejoined: {"id", "from", "to", "state", "attempts", "timings":   |
-|                                    | {"drain", "reconfigure", "rejoin", "total"} in seconds}          |
+|                                    | rejoined: {"id", "from", "to", "state", "attempts", "migrated",  |
+|                                    | "timings": {"drain", "reconfigure", "weights", "memory",         |
+|                                    | "rejoin", "total"} in seconds}; "migrated": running requests     |
+|                                    | moved (with their KV) to other decode instances while it drained|
+
+Any pair of roles may be asked for; E moves (its weights come from host memory) only on instances
+started with --switchable-roles, P and D on any instance that holds the language model.
 
 | status | code                | when                                                          |
 |--------|---------------------|---------------------------------------------------------------|
 | 400    | invalid_roles       | the roles name no role, or a letter that is not E, P or D     |
 | 404    | instance_not_found  | no instance has that id                                       |
 | 409    | switch_in_progress  | the instance is switching already                             |
-| 409    | switch_refused      | the switch cannot be done (E moves with weights; no other     |
-|        |                     | instance would take P or D while it drains; it is down)       |
+| 409    | switch_refused      | the switch cannot be done (E on an instance started without   |
+|        |                     | --switchable-roles; no other instance would take P, D or E    |
+|        |                     | while it drains; it is down; a local connector: 1EPD)         |
 | 503    | switch_failed       | it started but did not finish (the instance died, its drain   |
 |        |                     | timed out): the instance kept its roles                       |
 """

@@ -15,7 +15,8 @@
 | epd_role_switches_total                  | counter   | from_roles,        | AsyncEngine.role_switches()   |
 |                                          |           | to_roles, outcome  | (done or failed)              |
 | epd_role_switch_phase_seconds            | histogram | phase              | switches done: drain,         |
-|                                          |           |                    | reconfigure, rejoin, total    |
+|                                          |           |                    | reconfigure (weights, memory),|
+|                                          |           |                    | rejoin, total                 |
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
@@ -201,7 +202,7 @@ class _SwitchCollector:
             "epd_role_switch_phase_seconds", "seconds per phase of the role switches done", labels=["phase"]
         )
         done = [r["timings"] for r in records if not r["error"]]
-        for phase in ("drain", "reconfigure", "rejoin", "total"):
+        for phase in ("drain", "reconfigure", "weights", "memory", "rejoin", "total"):
             values = [t[phase] for t in done if t.get(phase) is not None]
             buckets = [(str(b), float(sum(v <= b for v in values))) for b in SWITCH_BUCKETS]
             buckets.append(("+Inf", float(len(values))))

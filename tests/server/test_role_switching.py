@@ -186,7 +186,7 @@ def first_text(lines) -> None:
     raise AssertionError("the stream ended before any text")
 
 
-def test_a_second_switch_while_one_drains_is_refused(srv):
+def test_a_switch_moves_the_stream_it_held_and_one_leaving_no_decoder_is_refused(srv):
     arrange(srv, {"P1": "D", "D0": "D"})
     wait_until_idle(srv.url)
     opened = [stream(srv, 600) for _ in range(2)]  # one decodes on P1, the other on D0 (least loaded)
@@ -194,16 +194,10 @@ def test_a_second_switch_while_one_drains_is_refused(srv):
     lines = [r.iter_lines() for r in responses]
     for it in lines:
         first_text(it)
-    first: dict = {}
-    worker = threading.Thread(target=lambda: first.update(switch(srv, "D0", "P")))
-    worker.start()
-    deadline = time.monotonic() + WAIT_S
-    while roles_now(srv)["D0"][1] != "draining":
-        assert time.monotonic() < deadline and worker.is_alive(), "D0 never showed draining"
-
-    again = admin(srv, "POST", "/admin/instances/D0/roles", json={"roles": "PD"})
-    assert again.status_code == 409 and again.json()["error"]["code"] == "switch_in_progress"
-    assert "D0 is already switching from D to P" in again.json()["error"]["message"]
+    # D0's stream moves to P1 with its KV (issue 16): the drain no longer waits for it, so a second
+    # switch can no longer be caught mid-drain here (tests/cluster/test_role_switch_pairs.py does).
+    first = switch(srv, "D0", "P")
+    assert first["migrated"] == 1 and roles_now(srv)["D0"] == ("P", "up")
     other = admin(srv, "POST", "/admin/instances/P1/roles", json={"roles": "P"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "switch_refused"
     assert "no other live instance takes D while it drains" in other.json()["error"]["message"]
@@ -213,8 +207,6 @@ def test_a_second_switch_while_one_drains_is_refused(srv):
         r.close()
     for client, _ in opened:
         client.close()
-    worker.join(WAIT_S)
-    assert first["to"] == "P" and first["timings"]["drain"] > 0, "it waited for D0's stream"
     arrange(srv, {"D0": "D", "P1": "P"})
 
 

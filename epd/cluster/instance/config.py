@@ -30,6 +30,10 @@ class InstanceConfig:
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S
     # Exits when nothing came from the router for this long (epd.cluster.heartbeat).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+    # Both parts of the model (vision tower, language model) stay in host memory (pinned on a GPU
+    # host) from the start, so that E can be added or dropped at run time by a host-to-device copy
+    # (epd.cluster.instance.host_weights); costs the host memory of the whole model.
+    switchable_roles: bool = False
 
     @property
     def name(self) -> str:

@@ -6,6 +6,19 @@ completes the KV (or discards it) and starts the request in the shared engine. A
 after a failed send can come after its `kv:` message, which then waits for it (`awaiting_layers`).
 An abort can overtake the KV (different paths), so the stage remembers aborts of requests it has
 not seen (`AbortedBeforeKV`) and drops their KV on arrival instead of decoding for nobody.
+
+The same path runs the other way when a role switch drains this instance (`MigrateRequest`,
+epd.cluster.router.role_switch): a running request leaves the engine between two steps and its
+KV (prompt and every output but the last, whose KV the next step would write) goes to another
+decode instance as a prefill's hand-off would, the last output standing for the "first token".
+It continues there from its token count: no gap, no repeat, the same draws for a seeded request.
+
+| the request here                               | migration                                  |
+|------------------------------------------------|--------------------------------------------|
+| running, every token but the last computed     | its KV gathered from the blocks, sent      |
+| waiting with its KV held (`kv_payload`: not yet| that KV, sent                              |
+| admitted, or swapped out by a preemption)      |                                            |
+| waiting to be recomputed, or not here          | refused (`MigrationRefused`): it stays     |
 """
 
 from __future__ import annotations
@@ -19,9 +32,10 @@ from epd.clock import Clock
 from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
-from epd.cluster.kv_handoff import LAYER_KEY, AbortedBeforeKV, LayerParts
-from epd.cluster.messages import PrefillTask, RequestError
-from epd.engine.request import Request
+from epd.cluster.kv_handoff import LAYER_KEY, AbortedBeforeKV, KVSender, LayerParts
+from epd.cluster.messages import MigrationRefused, PrefillTask, RequestError
+from epd.engine.llm_engine import LLMEngine
+from epd.engine.request import Request, RequestStatus
 from epd.lifetime import Event
 from epd.outputs import PositionLogprobs
 from epd.sampling_params import SamplingParams
@@ -36,11 +50,14 @@ class DecodeStage(StageManager):
         outbox: Outbox,
         clock: Clock,
         waiting_elsewhere: Callable[[str], bool] = lambda request_id: False,
+        kv_sender: KVSender | None = None,
     ) -> None:
         """`waiting_elsewhere`: whether another stage of this instance holds the request before the
-        engine does (a PD instance's prefill waiting for embeddings): no KV will come for it then."""
+        engine does (a PD instance's prefill waiting for embeddings): no KV will come for it then.
+        `kv_sender`: where migrated requests' KV leaves (None: migrations are refused)."""
         self.instance_id, self.llm, self.outbox, self.clock = instance_id, llm, outbox, clock
         self.waiting_elsewhere = waiting_elsewhere
+        self.kv_sender = kv_sender
         self.kv_parts = LayerParts()  # streamed layers waiting for their hand-off
         self.aborted_before_kv = AbortedBeforeKV()  # their late KV is dropped
         self.awaiting_layers: dict[str, Received] = {}  # request id -> its `kv:`, parts still due
@@ -63,6 +80,21 @@ class DecodeStage(StageManager):
             self.aborted_before_kv.remember(request_id)
         self.kv_parts.drop(request_id)
         self.awaiting_layers.pop(request_id, None)
+
+    def migrate(self, request_id: str, dest: str) -> bool:
+        """Send a running request to the decode instance at `dest` (module docstring); False if it
+        cannot (the router hears why)."""
+        request = self.llm.engine.requests.get(request_id)
+        kv = None if request is None else _kv_to_send(self.llm.engine, request)
+        if kv is None or self.kv_sender is None:
+            why = "it does not run here" if request is None else "its KV is not here (to be recomputed)"
+            self.outbox.send(MigrationRefused(self.instance_id, request_id, f"cannot migrate: {why}"))
+            return False
+        request.record(Event.KV_TRANSFER_START, self.clock.now(), self.instance_id)
+        self.kv_sender.route(request_id, dest)
+        self.kv_sender.handoff(request, kv)
+        self.llm.hand_over(request)
+        return True
 
     def busy_requests(self) -> int:
         return len(set(self.kv_parts.parts) | set(self.awaiting_layers))
@@ -118,6 +150,17 @@ class DecodeStage(StageManager):
             task.arrival_time,
             meta.get("earlier_token_ids", ()),
         )
+
+
+def _kv_to_send(engine: LLMEngine, request: Request) -> torch.Tensor | None:
+    """The KV of every token of `request` but its last output, if this engine holds it; else None."""
+    computed = request.num_tokens - 1
+    if request.kv_payload is not None:
+        return request.kv_payload if request.kv_payload.shape[2] == computed else None
+    if request.status is RequestStatus.RUNNING and request.num_computed_tokens == computed:
+        table = engine.block_manager.block_table(request.request_id)
+        return engine.runner.gather_kv(table, computed)
+    return None
 
 
 def _task_of(meta: dict) -> PrefillTask:

@@ -51,7 +51,7 @@ class EncodeStage(StageManager):
         return bool(self.worker.has_work() or self.worker.done)
 
     def busy_requests(self) -> int:
-        return len(self.worker.queue)
+        return len(self.worker.queue) + len(self.worker.done)  # done: reports not yet sent
 
     def stats(self) -> dict[str, float]:
         return {

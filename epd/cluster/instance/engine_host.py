@@ -49,13 +49,18 @@ def wiring_for(
 
 
 def build_engine(
-    cfg: InstanceConfig, wiring: EngineWiring, clock: Clock, parts: PartsFactory = load_model_parts
+    cfg: InstanceConfig,
+    wiring: EngineWiring,
+    clock: Clock,
+    parts: PartsFactory = load_model_parts,
+    encode_locally: bool | None = None,
 ) -> LLMEngine:
-    """The instance's engine, computing with what `parts` builds (by default the checkpoint's model)."""
+    """The instance's engine, computing with what `parts` builds (by default the checkpoint's model).
+    `encode_locally`: it holds the vision tower too (default: it was started with E)."""
     return LLMEngine(
         cfg.engine,
         Tokenizer.from_pretrained(cfg.engine.model.model),
-        encode_locally=cfg.has(Role.ENCODE),
+        encode_locally=cfg.has(Role.ENCODE) if encode_locally is None else encode_locally,
         mm_cache=wiring.mm_cache,
         handoff=wiring.handoff,
         layer_sink=wiring.layer_sink,
@@ -85,6 +90,13 @@ class EngineHost:
     def continues_at(self, request_id: str, num_tokens: int) -> None:
         """The request arrived with `num_tokens` outputs that another instance reported already."""
         self.reported_tokens[request_id] = num_tokens
+
+    def hand_over(self, request: Request) -> None:
+        """The request leaves this engine unfinished (migrated elsewhere): its blocks are freed and
+        its last update says so (`handed_off`)."""
+        self.engine.scheduler.finish(request)
+        self.engine.requests.pop(request.request_id, None)
+        self._report(request)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)

@@ -29,7 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.layout import InstanceSpec, Role
@@ -73,6 +73,10 @@ from epd.outputs import RequestMetrics, RequestOutput
 from epd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# The ledger's item of a decode a role switch moves off its instance (role_switch.py): held there,
+# next to the decode reserved on the new D, until the new D reports a token (the KV has landed).
+MIGRATION_SOURCE = 1
 
 
 @dataclass
@@ -246,6 +250,10 @@ class RouterCore:
                 self._instance_down(handle.name, f"it sent nothing for {silent:.1f} s")
         return self._take_outbox()
 
+    def on(self, message_type: type, handler: Callable[[Any], None]) -> None:
+        """Let another part of the router take messages of this type (role_switch.py)."""
+        self._handlers[message_type] = handler
+
     def take_outputs(self) -> list[RequestOutput]:
         """The outputs (cumulative) of every request that advanced or ended since the last call."""
         outputs, self._outputs = list(self._outputs.values()), {}
@@ -279,8 +287,9 @@ class RouterCore:
         return wanted
 
     def _encoders(self) -> list[InstanceSpec]:
-        # An instance that also prefills encodes only its own requests' images (in-process).
-        live = [h for h in self.instances.values() if h.alive]
+        # An instance that also prefills encodes only its own requests' images (in-process); one
+        # that drains (a role switch) takes no new image.
+        live = [h for h in self.instances.values() if h.alive and h.name not in self.draining]
         return [h.spec for h in live if h.has(Role.ENCODE) and not h.has(Role.PREFILL)]
 
     def _prefills_with_vision(self) -> list[InstanceSpec]:
@@ -432,6 +441,7 @@ class RouterCore:
             # D produces tokens, so it has the KV: P's part is done. (Until then P's death could
             # leave D waiting for a hand-off that never comes: recovery.py redoes the request.)
             self.ledger.release(Work(record.request_id, Role.PREFILL))
+            self.ledger.release(Work(record.request_id, Role.DECODE, MIGRATION_SOURCE))
         if msg.finish_reason is not None:
             record.text, record.stop_reason = msg.text or "", msg.stop_reason
             self._end(record, Trigger.FINISH, msg.finish_reason)
@@ -502,8 +512,9 @@ class RouterCore:
         # Encoders hold a pin per copy they sent until its receipt, which a dead P never sends.
         dead = self.instances[name]
         if dead.has(Role.PREFILL) and not dead.has(Role.ENCODE):
-            for encoder in self._encoders():
-                self._send(encoder.name, DestinationGone(dead.ready.data_address))
+            for encoder in self.instances.values():  # draining ones too: they hold pins as well
+                if encoder.alive and encoder.has(Role.ENCODE) and not encoder.has(Role.PREFILL):
+                    self._send(encoder.name, DestinationGone(dead.ready.data_address))
 
     def _recover(self, record: RequestRecord, held: list[Work], dead: str, error: str) -> None:
         action = recovery_for(record, held, self.max_attempts)

@@ -1,6 +1,7 @@
-"""Moving an instance between P and D while serving: drain, reconfigure, rejoin, each timed.
+"""Moving an instance between roles while serving: drain, reconfigure, rejoin, each timed.
 
-    request(name, "D") -- checks (below) --> DRAINING: placement skips the instance
+    request(name, "D") -- checks (below) --> DRAINING: placement skips the instance; its running
+                                             decodes migrate to other D instances (below)
     DRAINING      -- the ledger holds nothing on it --> SetRoles sent ----------> RECONFIGURING
     RECONFIGURING -- SetRolesReply with the new roles: back in placement -----> DONE
     RECONFIGURING -- refused, still finishing (a KV send not yet confirmed) --> DRAINING (retry)
@@ -10,20 +11,42 @@
 |-------------|-------------------------------------------|--------------------------------------------|
 | drain       | the request                               | the SetRoles that the instance accepted    |
 |             |                                           | goes out (retries after "still holds" too) |
-| reconfigure | that SetRoles goes out                    | its reply arrives: the instance rebuilt its|
-|             |                                           | P and D stages around the same engine and  |
-|             |                                           | KV cache (plus one control hop each way)   |
+| reconfigure | that SetRoles goes out                    | its reply arrives: the instance rebuilt    |
+|             |                                           | what its new roles need (plus one control  |
+|             |                                           | hop each way); of which, as it reports:    |
+|   weights   |                                           | copying a part's weights from host memory  |
+|             |                                           | to the device (E <-> P/D; 0 for P <-> D)   |
+|   memory    |                                           | freeing the old parts, making the caches   |
+|             |                                           | (MM cache, KV cache) and stages of the new |
 | rejoin      | the reply arrives                         | the router's view follows (roles, held     |
 |             |                                           | embeddings) and placement takes it again   |
 
-Why the whole instance leaves placement, not only the role it loses: its P and D stages share one
-engine, whose wiring (hand the KV off, or decode here) changes only while it is idle
-(epd.cluster.instance.roles). The roles it keeps are placed again at rejoin.
+Why the whole instance leaves placement, not only the role it loses: its stages share one engine,
+whose wiring (hand the KV off, or decode here) changes only while it is idle, and a switch that
+adds or drops E rebuilds it (epd.cluster.instance.core). The roles it keeps are placed again at
+rejoin. E moves only on an instance started with `switchable_roles` (both parts of the model in
+host memory): elsewhere the instance's own rule refuses it (roles.refusal).
+
+A draining instance does not wait for its decodes to end (a long generation would hold the switch
+for as long): each request that decodes there and whose KV is there (it sent a token) is moved to
+the least-loaded other D. The router sends `MigrateRequest`; the instance sends the request's KV
+through its connector, as a prefill hands off, and the new D goes on from its token count, so the
+client's stream has no gap and no repeat. The ledger holds the move on both ends until the new D
+reports a token, so the drain ends only once every moved request runs on its new D, and either
+instance's death is a death with the request's work (recovery.py continues it elsewhere):
+
+| ledger item                          | on               | released when                         |
+|--------------------------------------|------------------|---------------------------------------|
+| the decode (`Work(rid, D)`)          | the new D        | the request ends                      |
+| the move's source (`Work(rid, D, 1)`)| the draining one | the new D's first token, or the end   |
+
+An instance that cannot send a request's KV (it waits there to be recomputed) refuses
+(`MigrationRefused`): the move is undone and the request finishes where it is.
 
 Checked before anything changes (`SwitchError`s, nothing sent): the instance exists and lives; the
-letters name roles; no other switch of it is under way; the switch moves only P and D (E comes with
-its weights: refused with the instance's own rule, roles.refusal); and while it drains some other
-live instance, not itself switching, still takes P and one takes D, so no request finds no place.
+letters name roles; no other switch of it is under way; E moves only where the instance allows it;
+and while it drains some other live instance, not itself switching, still takes P and one takes D
+(and, for an encoder, one still encodes), so no request finds no place.
 
 A pure state machine like the router core: it returns the messages to send (`Outgoing`); the shell
 (shell.Router) delivers them, feeds it the replies and calls `tick`.
@@ -38,14 +61,18 @@ from dataclasses import dataclass, field
 
 from epd.cluster.instance.roles import Loaded, only_busy, parse_roles, refusal
 from epd.cluster.layout import Role, role_letters
-from epd.cluster.messages import SetRoles, SetRolesReply
-from epd.cluster.router.core import InstanceHandle, Outgoing, RouterCore
+from epd.cluster.messages import MigrateRequest, MigrationRefused, SetRoles, SetRolesReply
+from epd.cluster.router.core import MIGRATION_SOURCE, InstanceHandle, Outgoing, RouterCore
+from epd.cluster.router.ledger import Work
+from epd.cluster.router.lifecycle import RequestRecord
+from epd.cluster.router.placement import least_loaded
 
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 600.0  # a switch whose instance still holds work after this gives up
 RETRY_S = 0.005  # after a "still holds" refusal: what is left is a confirmation on its way
-PHASES = ("drain", "reconfigure", "rejoin", "total")
+PHASES = ("drain", "reconfigure", "weights", "memory", "rejoin", "total")
+INSIDE = ("weights", "memory")  # parts of reconfigure the instance times itself
 
 
 class SwitchError(Exception):
@@ -90,14 +117,22 @@ class RoleSwitch:
     error: str | None = None
     attempts: int = 0  # SetRoles sent (more than one: refusals while it finished its last work)
     retry_at: float = 0.0
+    instance_timings: dict[str, float] = field(default_factory=dict)  # "weights", "memory"
+    migrated: int = 0  # running requests moved to other decode instances while it drained
+    unmovable: set[str] = field(default_factory=set, repr=False)  # refused a move: they end here
     listeners: list[Callable[[dict], None]] = field(default_factory=list, repr=False)
 
     def timings(self) -> dict[str, float | None]:
         """Seconds per phase (None: not reached); they add up to `total`."""
         end = self.rejoined
+        reconfigure = _span(self.sent, self.replied)
+        # Within reconfigure, as the instance measured them (None until it replied).
+        inside = {k: None if reconfigure is None else self.instance_timings.get(k, 0.0) for k in INSIDE}
         return {
             "drain": _span(self.requested, self.sent if self.replied is not None else None),
-            "reconfigure": _span(self.sent, self.replied),
+            "reconfigure": reconfigure,
+            "weights": inside["weights"],
+            "memory": inside["memory"],
             "rejoin": _span(self.replied, self.rejoined),
             "total": _span(self.requested, end if end is not None else None),
         }
@@ -110,6 +145,7 @@ class RoleSwitch:
             "state": self.state.value,
             "error": self.error,
             "attempts": self.attempts,
+            "migrated": self.migrated,
             "timings": self.timings(),
         }
 
@@ -126,6 +162,7 @@ class RoleSwitches:
         self.active: dict[str, RoleSwitch] = {}
         self.history: list[RoleSwitch] = []  # finished, in order: what metrics count
         self._ready: dict[str, object] = {}  # the InstanceReady each switch began with (a restart ends it)
+        core.on(MigrationRefused, self._migration_refused)
 
     # ---- the interface ------------------------------------------------------------------------
 
@@ -157,7 +194,7 @@ class RoleSwitches:
             return
         now = self.core.clock.monotonic()
         if msg.error is None and msg.roles == switch.after:
-            switch.replied = now
+            switch.replied, switch.instance_timings = now, dict(msg.timings)
             self._end(switch, SwitchState.DONE)
         elif only_busy(msg.error):
             switch.state, switch.retry_at = SwitchState.DRAINING, now + RETRY_S
@@ -180,6 +217,8 @@ class RoleSwitches:
             elif now - switch.requested > self.drain_timeout_s:
                 held = f"it still held work after {self.drain_timeout_s:g} s of draining"
                 self._end(switch, SwitchState.FAILED, held)
+            else:
+                outgoing.extend(self._migrate_decodes(switch))
         return outgoing
 
     def busy(self) -> bool:
@@ -236,7 +275,7 @@ class RoleSwitches:
             raise SwitchRefused(f"{change}: it is down")
         if wanted == current:
             return handle
-        if Role.ENCODE in current | wanted:
+        if Role.ENCODE in current | wanted and not handle.ready.switchable:
             raise SwitchRefused(self._encode_refusal(handle, wanted, change))
         self._check_others_serve(handle, change)
         return handle
@@ -251,17 +290,81 @@ class RoleSwitches:
 
     def _check_others_serve(self, handle: InstanceHandle, change: str) -> None:
         """While it drains, placement skips it: some other instance must take P, and one D."""
-        for role in (Role.PREFILL, Role.DECODE):
+        needed = [Role.PREFILL, Role.DECODE]
+        if _encodes(handle):
+            needed.append(Role.ENCODE)
+        for role in needed:
             others = [
                 h.name
                 for h in self.core.instances.values()
-                if h.alive and h.name != handle.name and h.name not in self.core.draining and h.has(role)
+                if h.alive
+                and h.name != handle.name
+                and h.name not in self.core.draining
+                and (_encodes(h) if role is Role.ENCODE else h.has(role))
             ]
             if not others:
                 raise SwitchRefused(
                     f"{change}: no other live instance takes {role.value} while it drains; "
                     f"switch another instance to {role.value} first"
                 )
+
+    # ---- migrating decodes off a draining instance ---------------------------------------------
+
+    def _migrate_decodes(self, switch: RoleSwitch) -> list[Outgoing]:
+        """Move every request that decodes on the draining instance, with its KV there, to another D."""
+        ledger, name = self.core.ledger, switch.instance
+        outgoing = []
+        for record in list(self.core.requests.values()):
+            rid = record.request_id
+            if ledger.holder(Work(rid, Role.DECODE)) != name or rid in switch.unmovable:
+                continue
+            if ledger.holder(Work(rid, Role.PREFILL)) is not None:
+                continue  # no token from it yet: its KV is on its way here, or being computed
+            if ledger.holder(Work(rid, Role.DECODE, MIGRATION_SOURCE)) is not None:
+                continue  # moved here by another switch, not landed yet
+            dest = self._decode_target(name)
+            if dest is None:
+                break
+            self._move(record, name, dest.name)
+            switch.migrated += 1
+            outgoing.append(Outgoing(name, MigrateRequest(record.wire_id, dest.ready.data_address)))
+        return outgoing
+
+    def _decode_target(self, leaving: str) -> InstanceHandle | None:
+        candidates = [
+            h.spec
+            for h in self.core.instances.values()
+            if h.alive and h.name != leaving and h.name not in self.core.draining and h.has(Role.DECODE)
+        ]
+        if not candidates:
+            return None
+        return self.core.instances[least_loaded(Role.DECODE, candidates, self.core.ledger).name]
+
+    def _move(self, record: RequestRecord, source: str, dest: str) -> None:
+        ledger, rid = self.core.ledger, record.request_id
+        ledger.release(Work(rid, Role.DECODE))
+        ledger.reserve(Work(rid, Role.DECODE), dest, 1)
+        ledger.reserve(Work(rid, Role.DECODE, MIGRATION_SOURCE), source, 1)
+        record.decode = dest
+        logger.info("request %s: moving its decode from %s to %s", rid, source, dest)
+
+    def _migration_refused(self, msg: MigrationRefused) -> None:
+        """The draining instance keeps the request (module docstring): the move is undone."""
+        rid = self.core.wire_ids.get(msg.request_id)
+        record = self.core.requests.get(rid) if rid is not None else None
+        source = Work(rid or "", Role.DECODE, MIGRATION_SOURCE)
+        if record is None or self.core.ledger.holder(source) != msg.instance:
+            return
+        ledger = self.core.ledger
+        ledger.release(source)
+        ledger.release(Work(rid, Role.DECODE))
+        ledger.reserve(Work(rid, Role.DECODE), msg.instance, 1)
+        record.decode = msg.instance
+        switch = self.active.get(msg.instance)
+        if switch is not None:
+            switch.migrated -= 1
+            switch.unmovable.add(rid)
+        logger.info("request %s stays on %s: %s", rid, msg.instance, msg.error)
 
     def _same_life(self, switch: RoleSwitch) -> bool:
         handle = self.core.instances[switch.instance]
@@ -270,6 +373,8 @@ class RoleSwitches:
     def _end(self, switch: RoleSwitch, state: SwitchState, error: str | None = None) -> None:
         switch.state, switch.error = state, error
         self.core.draining.discard(switch.instance)  # placed again: new roles, or the old ones
+        if error is None and "E" in switch.before and "E" not in switch.after:
+            self.core.affinity.encoder_died(switch.instance)  # its encoder cache is gone
         switch.rejoined = self.core.clock.monotonic()
         del self.active[switch.instance]
         self._ready.pop(switch.instance, None)
@@ -277,9 +382,10 @@ class RoleSwitches:
         if error is None:
             t = switch.timings()
             logger.info(
-                "%s: %s -> %s in %.4f s (drain %.4f, reconfigure %.4f, rejoin %.6f)",
-                *(switch.instance, switch.before, switch.after),
-                *(t["total"], t["drain"], t["reconfigure"], t["rejoin"]),
+                "%s: %s -> %s in %.4f s (drain %.4f, %d moved; reconfigure %.4f: weights %.4f, "
+                "memory %.4f; rejoin %.6f)",
+                *(switch.instance, switch.before, switch.after, t["total"], t["drain"], switch.migrated),
+                *(t["reconfigure"], t["weights"], t["memory"], t["rejoin"]),
             )
         else:
             logger.warning(
@@ -295,3 +401,8 @@ class RoleSwitches:
                 listener(result)
             except Exception:  # one listener's bug must not stop the router
                 logger.exception("a listener of %s's switch failed", switch.instance)
+
+
+def _encodes(handle: InstanceHandle) -> bool:
+    """An encoder instance (E without P: one with P encodes only its own requests' images)."""
+    return handle.has(Role.ENCODE) and not handle.has(Role.PREFILL)
