@@ -38,23 +38,27 @@ def request_results(run: BenchRun, result: SimResult) -> list[RequestResult]:
         elif rid not in result.outputs:
             r.error = UNFINISHED
         else:
-            _finished(r, result.outputs[rid], result.token_times.get(rid, []))
+            _finished(r, result.outputs[rid], result.token_times.get(rid, []), r.sent_s)
         results.append(r)
     return results
 
 
-def _finished(r: RequestResult, out: RequestOutput, token_times: list[tuple[float, int]]) -> None:
+def _finished(
+    r: RequestResult, out: RequestOutput, token_times: list[tuple[float, int]], sent: float
+) -> None:
+    """`sent`: when the client sent it; the router saw it after the front end's work (`preprocess`)."""
     if out.error is not None:
         r.error = out.error
         return
-    metrics, sent = out.metrics, out.metrics.arrival_time  # the router's arrival is the send
+    metrics = out.metrics
     r.ok = True
     r.e2e = metrics.finished_time - sent
     r.ttft = r.e2e if metrics.first_token_time is None else metrics.first_token_time - sent
     r.itl = [later - earlier for (earlier, _), (later, _) in zip(token_times, token_times[1:])]
     r.output_tokens = len(out.outputs[0].token_ids)
     r.prompt_tokens = len(out.prompt_token_ids)
-    r.epd_timings = {"ttft": r.ttft, "e2e": r.e2e, "preprocess": 0.0, "stages": out.metrics.breakdown()}
+    preprocess = metrics.arrival_time - sent
+    r.epd_timings = {"ttft": r.ttft, "e2e": r.e2e, "preprocess": preprocess, "stages": metrics.breakdown()}
 
 
 def run_duration(run: BenchRun, result: SimResult) -> float:

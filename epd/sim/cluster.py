@@ -24,6 +24,7 @@ from epd.cluster.router import InstanceHandle, RouterCore
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
 from epd.sim.costs import LinearCosts
+from epd.sim.host_costs import HostCosts
 from epd.sim.node import SimInstance, StampedOutbox
 from epd.transfer.memory import MemoryNetwork, WireBytes, tensor_bytes
 
@@ -43,6 +44,7 @@ class ClusterSpec:
     mm_cache_bytes: int = 16 << 20  # per E and P instance
     max_encode_batch_patches: int = 49152
     kv_streaming: str = "request"
+    host_costs: HostCosts | None = None  # the CPU's work around the model (None: free)
 
 
 def engine_config(

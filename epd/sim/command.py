@@ -7,7 +7,8 @@ here on the CPU, whatever `--device` says; the devices only decide the connector
 in `epd serve` (cuda_ipc between GPUs of this host, else shm), and so the profile's link costs and
 whether KV streams by layer.
 
-Costs: `--profile` (epd.plan.profile: fitted compute costs and per-connector links); without it
+Costs: `--profile` (epd.plan.profile: fitted compute costs, per-connector links and, when measured,
+the host CPU's front end and image decoding, epd.sim.host_costs); without it
 `LinearCosts` with `--costs` overrides and free links. `--transfer-latency` and
 `--transfer-bandwidth` override the links either way.
 """
@@ -34,6 +35,7 @@ from epd.engine.scripted_runner import ComputeCosts
 from epd.entrypoints.options import EngineArgs
 from epd.sim.cluster import ClusterSpec
 from epd.sim.costs import parse_costs
+from epd.sim.host_costs import HostCosts
 from epd.sim.model_shape import narrow_mm_cache_bytes, narrow_model
 from epd.sim.simulation import SimulateSpec, run_simulation
 from epd.sim.wire import ModelWireBytes
@@ -70,6 +72,7 @@ def simulate_spec(args: argparse.Namespace, engine_args: EngineArgs) -> Simulate
         wire_bytes=ModelWireBytes.of(real.model),
         mm_cache_bytes=narrow_mm_cache_bytes(real.model, engine_args.mm_cache_bytes, MM_BLOCK_SIZE),
         kv_streaming=resolve_kv_streaming(engine_args.kv_streaming, connector),
+        host_costs=costs.host,
     )
     tokenizer = args.tokenizer or engine_args.model
     options = {
@@ -118,6 +121,7 @@ class CostSource:
     compute: ComputeCosts
     link: tuple[float, float]  # (latency s, bytes per second) of each pair of instances
     profile: dict | None = None  # its path, sha256 and own meta; None: linear costs
+    host: HostCosts | None = None  # the CPU's work around the model, if the profile measured it
 
 
 def cost_source(profile: str | None, overrides: str | None, connector: str) -> CostSource:
@@ -135,7 +139,7 @@ def cost_source(profile: str | None, overrides: str | None, connector: str) -> C
         link = fitted.transfer(connector)
     except KeyError as e:  # not profiled: say which were
         raise ValueError(f"{profile}: {e.args[0]}") from None
-    return CostSource(fitted.compute_costs(), link, _profile_record(profile, fitted))
+    return CostSource(fitted.compute_costs(), link, _profile_record(profile, fitted), fitted.host_costs())
 
 
 def _profile_record(path: str, fitted: object) -> dict:

@@ -30,6 +30,7 @@ from epd.cluster.router import Outgoing
 from epd.outputs import RequestOutput
 from epd.sim.cluster import ROUTER, SimCluster
 from epd.sim.events import EventLog, EventQueue, LogEntry
+from epd.sim.host_costs import front_end_delay, patches_delay
 from epd.sim.node import SimInstance, Stamped
 from epd.sim.workload import SimRequest
 
@@ -42,7 +43,7 @@ class SimResult:
     leftovers: list[str]  # what anything still held at the end ([]: all clean)
     busy_s: dict[str, float]  # virtual compute time per instance
     turns: dict[str, int]
-    sent_at: dict[str, float] = field(default_factory=dict)  # when each request reached the router
+    sent_at: dict[str, float] = field(default_factory=dict)  # when each request was sent (front end starts)
     # Per request, (virtual time, tokens so far) each time the router had more of its tokens.
     token_times: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
 
@@ -51,6 +52,7 @@ class Harness:
     def __init__(self, cluster: SimCluster, max_in_flight: int | None = None) -> None:
         self.cluster, self.router, self.clock = cluster, cluster.router, cluster.clock
         self.latency = cluster.spec.control_latency_s
+        self.host_costs = cluster.spec.host_costs
         self.queue = EventQueue()
         self.log = EventLog()
         self.outputs: dict[str, RequestOutput] = {}
@@ -108,7 +110,12 @@ class Harness:
             self.log.record(LogEntry(now, "arrival", "client", ROUTER, rid))
             self.sent_at[rid] = now
             self.in_flight += 1
-            self._send(self.router.add_request(rid, request.prompt, request.params, now))
+            delay = front_end_delay(self.host_costs, request.prompt)  # the API process's work
+            self.queue.push(now + delay, self._admit, request)
+
+    def _admit(self, request: SimRequest) -> None:
+        now = self.clock.now()
+        self._send(self.router.add_request(request.request_id, request.prompt, request.params, now))
 
     def _to_router(self, source: str, message: msgspec.Struct) -> None:
         self._record_message(source, ROUTER, message)
@@ -118,7 +125,9 @@ class Harness:
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         for instance, message in outgoing:
-            self.queue.push(self.clock.now() + self.latency, self._to_instance, instance, message)
+            # Images are usable patches only once their files are decoded there.
+            arrives = self.clock.now() + self.latency + patches_delay(self.host_costs, message)
+            self.queue.push(arrives, self._to_instance, instance, message)
         for output in self.router.take_outputs():
             self._note_tokens(output)
             if output.finished:

@@ -62,7 +62,18 @@ def _standin(source: str, cfg: ImageProcessorConfig) -> ImageInput:
     width, height = image_size(source)
     grid = image_grid_thw(height, width, cfg)
     content_hash = hashlib.sha256(source.encode()).hexdigest()
+    _SOURCE_PIXELS[content_hash] = width * height
     return ImageInput(torch.empty(0), grid, content_hash, raw_patches=_payload(content_hash, grid))
+
+
+# Each stand-in's size in pixels as sent (before the processor's resize), by content hash: what
+# decoding its file costs scales with (epd.sim.host_costs).
+_SOURCE_PIXELS: dict[str, int] = {}
+
+
+def source_pixels(content_hash: str) -> int:
+    """The pixels of the image a stand-in stands for (0 if it was never drawn here)."""
+    return _SOURCE_PIXELS.get(content_hash, 0)
 
 
 def image_size(source: str) -> tuple[int, int]:
@@ -76,6 +87,11 @@ def image_size(source: str) -> tuple[int, int]:
             return image.size  # the header only: nothing is decoded
     except (UnidentifiedImageError, OSError) as e:
         raise InvalidInputError(f"cannot read an image size from {source[:40]!r}: {e}") from None
+
+
+def standin_patches(content_hash: str, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The stand-in pixels of an image with this (hex) hash and grid: 3 bytes per patch."""
+    return _payload(content_hash, grid)
 
 
 def _payload(content_hash: str, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGE_NAMES = ("encode", "prefill", "decode", "transfer")
+STAGE_NAMES = ("encode", "prefill", "decode", "transfer", "front_end", "patches")
 GRID_OPTIONS = {  # option -> (Grids field, element type, what it sets)
     "--decode-batches": ("decode_batches", int, "sequences per decode step"),
     "--decode-contexts": ("decode_contexts", int, "context tokens of each decoding sequence"),
@@ -81,7 +81,12 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
         help="torch threads while timing (default: 1 on a CPU, as each instance of a several-instance "
         "layout gets on a small host; as they are on CUDA)",
     )
-    g.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated stages to measure")
+    g.add_argument(
+        "--stages",
+        default=",".join(STAGE_NAMES),
+        help="comma-separated stages to measure (front_end, patches: this host's CPU around the model, "
+        "the API process's request handling and the encoding side's image decoding; no device used)",
+    )
     g.add_argument("--out", default="profile.json", help="where to write the profile (JSON)")
     _shape_options(p.add_argument_group("shapes (comma-separated lists; defaults depend on the device)"))
 

@@ -44,6 +44,24 @@ class ProfileCosts:
         return self.encode.predict(encode_terms(grids))
 
 
+@dataclass(frozen=True)
+class ProfileHostCosts:
+    """The host CPU's work around the model (epd.sim.host_costs.HostCosts), from fits of
+    epd.plan.profile.measure_host's timings."""
+
+    front_end: StageFit
+    patches: StageFit
+
+    def front_end_seconds(self, image_pixels: Sequence[int]) -> float:
+        """The API process's work on a request whose images have these pixel counts."""
+        return self.front_end.predict([1.0, float(len(image_pixels)), float(sum(image_pixels))])
+
+    def patches_seconds(self, pixels: int, grid: tuple[int, int, int]) -> float:
+        """One image file of `pixels` pixels -> its uint8 patches of `grid`."""
+        t, h, w = grid
+        return self.patches.predict([1.0, float(pixels), float(t * h * w)])
+
+
 def _is_pure_decode(batch: ScheduledBatch) -> bool:
     """The runner's test for a graph step: one new token per request, past its prompt."""
     return len(batch) > 0 and all(

@@ -33,12 +33,18 @@ PREFILL_TERMS = ("step", "token", "attention_pair", "sequence")
 DECODE_TERMS = ("step", "sequence", "context_token")
 ENCODE_TERMS = ("batch", "image", "patch", "patch_pair")
 TRANSFER_TERMS = ("latency", "byte")
+# The host CPU (epd.plan.profile.measure_host): decoding scales with the file's pixels, resizing and
+# patchifying with the patches made.
+FRONT_END_TERMS = ("request", "image", "pixel")
+PATCHES_TERMS = ("image", "pixel", "patch")
 
 TERMS: dict[str, tuple[str, ...]] = {
     "prefill": PREFILL_TERMS,
     "decode": DECODE_TERMS,
     "encode": ENCODE_TERMS,
     "transfer": TRANSFER_TERMS,
+    "front_end": FRONT_END_TERMS,
+    "patches": PATCHES_TERMS,
 }
 
 
@@ -99,4 +105,10 @@ def terms_of(stage: str, shape: object, graph_sizes: Sequence[int] = ()) -> list
         return encode_terms(from_runs(shape))
     if stage == "transfer":
         return transfer_terms(int(shape))
+    if stage == "front_end":  # [images, pixels of each]: one size per request
+        count, pixels = shape
+        return [1.0, float(count), float(count * pixels)]
+    if stage == "patches":  # [pixels, t, h, w]
+        pixels, t, h, w = shape
+        return [1.0, float(pixels), float(t * h * w)]
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(TERMS)}")

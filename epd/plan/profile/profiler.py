@@ -24,9 +24,16 @@ from epd.plan.profile.fit import fit_stage
 from epd.plan.profile.grids import Grids
 from epd.plan.profile.measure import ModelBench, Target
 from epd.plan.profile.measure_transfer import default_connectors, time_transfers
-from epd.plan.profile.store import COMPUTE_STAGES, Measurement, Profile, ProfileMeta, StageProfile
+from epd.plan.profile.store import (
+    COMPUTE_STAGES,
+    HOST_STAGES,
+    Measurement,
+    Profile,
+    ProfileMeta,
+    StageProfile,
+)
 
-STAGES = (*COMPUTE_STAGES, "transfer")
+STAGES = (*COMPUTE_STAGES, "transfer", *HOST_STAGES)
 Log = Callable[[str], None]
 
 
@@ -52,6 +59,7 @@ def profile_device(options: ProfileOptions, log: Log = print) -> Profile:
     try:
         stages, compute_info = _profile_compute(options, log)
         transfers = _profile_transfers(options, log) if "transfer" in options.stages else {}
+        stages |= _profile_host(options, log)
     finally:
         torch.set_num_threads(threads)
     meta = ProfileMeta(
@@ -103,6 +111,17 @@ def _profile_transfers(options: ProfileOptions, log: Log) -> dict[str, StageProf
     return out
 
 
+def _profile_host(options: ProfileOptions, log: Log) -> dict[str, StageProfile]:
+    """The host CPU's work around the model (front end, patches): no device needed."""
+    from epd.plan.profile.measure_host import time_host
+
+    g, out = options.grids, {}
+    for stage in (s for s in HOST_STAGES if s in options.stages):
+        measured = time_host(stage, options.target.model, g.encode_sides, g.warmup, g.repeats, log)
+        out[stage] = fit_measurements(stage, measured)
+    return out
+
+
 def fit_measurements(
     stage: str, measurements: Sequence[Measurement], graph_sizes: Sequence[int] = (), devices: tuple = ()
 ) -> StageProfile:
@@ -110,7 +129,7 @@ def fit_measurements(
     rows = [terms_of(stage, m.shape, graph_sizes) for m in measurements]
     # Compute may be bound by launching it (see epd.plan.profile.fit); a transfer's fixed cost
     # is its latency term.
-    fit = fit_stage(TERMS[stage], rows, [m.seconds for m in measurements], floor=stage != "transfer")
+    fit = fit_stage(TERMS[stage], rows, [m.seconds for m in measurements], floor=stage in COMPUTE_STAGES)
     return StageProfile(fit, tuple(measurements), tuple(devices))
 
 

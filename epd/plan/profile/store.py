@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 from epd.plan.profile.fit import StageFit
 
 if TYPE_CHECKING:
-    from epd.plan.profile.costs import ProfileCosts
+    from epd.plan.profile.costs import ProfileCosts, ProfileHostCosts
 
 FORMAT = 1
 COMPUTE_STAGES = ("prefill", "decode", "encode")
+HOST_STAGES = ("front_end", "patches")  # the host's CPU, around the model (measure_host.py)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ProfileMeta:
 @dataclass(frozen=True)
 class Profile:
     meta: ProfileMeta
-    stages: dict[str, StageProfile]  # "prefill", "decode", "encode" (those measured)
+    stages: dict[str, StageProfile]  # "prefill", "decode", "encode", "front_end", "patches" (those measured)
     transfers: dict[str, StageProfile] = field(default_factory=dict)  # by connector name
 
     def compute_costs(self) -> ProfileCosts:
@@ -89,6 +90,14 @@ class Profile:
             raise ValueError(f"this profile measured no {', '.join(missing)}: no compute cost model")
         fits = {name: self.stages[name].fit for name in COMPUTE_STAGES}
         return ProfileCosts(fits["prefill"], fits["decode"], fits["encode"], self.meta.graph_sizes)
+
+    def host_costs(self) -> ProfileHostCosts | None:
+        """The host CPU's costs around the model (front end, patches), if this profile measured them."""
+        from epd.plan.profile.costs import ProfileHostCosts
+
+        if not all(name in self.stages for name in HOST_STAGES):
+            return None
+        return ProfileHostCosts(self.stages["front_end"].fit, self.stages["patches"].fit)
 
     def transfer(self, connector: str) -> tuple[float, float]:
         """(latency in seconds, bandwidth in bytes per second) of `connector` on this device."""
