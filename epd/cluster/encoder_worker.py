@@ -19,6 +19,7 @@ for ever, one more with each prefill instance that died).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, nor
 from epd.inputs.patches import PatchPool, done_future, patches_from_file
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Connector
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,8 @@ class _Job:
     num_tokens: int
     patches: Future[torch.Tensor]  # uint8, made in the instance's PatchPool
     waiters: list[_Waiter] = field(default_factory=list)
+    received: float = 0.0  # when its task arrived here (the clock's now)
+    ready: float | None = None  # when its patches were made (set from the pool's thread)
 
 
 class EncoderWorker:
@@ -98,7 +103,9 @@ class EncoderWorker:
             else:
                 grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
                 patches = self.decode_pixels.patches(item)  # decoding starts now, off this thread
-                self.queue[item.content_hash] = _Job(item.content_hash, item, grid_tokens, patches, [waiter])
+                job = _Job(item.content_hash, item, grid_tokens, patches, [waiter], self.clock.now())
+                patches.add_done_callback(lambda _, job=job: setattr(job, "ready", self.clock.now()))
+                self.queue[item.content_hash] = job
         if hits:
             events = [LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, i) for i in hits]
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events))
@@ -148,14 +155,18 @@ class EncoderWorker:
     def _encode(self, batch: list[_Job]) -> None:
         start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)
         pixels = torch.cat([self.decode_pixels.expand(job.patches.result()) for job in batch])
+        expanded = self.clock.now()
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
+        launched = self.clock.now()
         if self.device.type == "cuda":
             # The launch returns long before the GPU is done; without this wait the encode's GPU
             # time showed up as "mm_transfer" (a 4-image 1344 px request: 23 ms encode, 130 ms
             # transfer). The E instance has nothing else to run meanwhile, so waiting costs nothing.
             torch.cuda.synchronize(self.device)
         end = LifetimeEvent.now(self.clock, Event.ENCODE_END, self.instance)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_batch(batch, start.time, expanded, launched, end.time)
         self.num_encoded += len(batch)
         for job, emb in zip(batch, embeds):
             self.cache.write(job.content_hash, emb)
@@ -245,3 +256,20 @@ class PixelDecoder:
 
     def expand(self, raw: torch.Tensor) -> torch.Tensor:
         return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size)
+
+
+def _log_batch(batch: list[_Job], start: float, expanded: float, launched: float, end: float) -> None:
+    """Where an encode's time went (EPD_LOG_LEVEL=debug): per image, from its task's arrival to
+    its patches and to the batch's start; then the batch's upload and expansion, launch and wait."""
+    ms = [
+        f"{job.content_hash[:10]} patches {_ms(job.received, job.ready)} queued {_ms(job.received, start)}"
+        for job in batch
+    ]
+    logger.debug(
+        "encode batch of %d: %s; expand %s, launch %s, gpu wait %s",
+        len(batch), "; ".join(ms), _ms(start, expanded), _ms(expanded, launched), _ms(launched, end),
+    )  # fmt: skip
+
+
+def _ms(since: float, until: float | None) -> str:
+    return "-" if until is None else f"{(until - since) * 1e3:.1f} ms"

@@ -19,6 +19,7 @@ instance is never taken for an orphan; only a router that stopped sending is.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 
 import msgspec
@@ -41,7 +42,9 @@ IDLE_POLL_MS = 200  # only bounds how late a silent router is noticed; work wake
 
 def instance_main(cfg: InstanceConfig) -> None:
     """Process entry point: build, report ready, serve until shutdown."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s")
+    # EPD_LOG_LEVEL=debug: an instance's own detail (the encoder's time per batch), inherited from the server.
+    level = os.environ.get("EPD_LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level, format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s")
     torch.set_num_threads(cfg.num_threads)
     if torch.device(cfg.engine.device).type == "cuda":
         # Triton launches on the current device, whatever its pointers say: make it this instance's.
