@@ -50,10 +50,11 @@ SHUTDOWN_GRACE_S = 10.0
 DEATH_REPORT_GRACE_S = 5.0
 
 
-def resolve_transfer(transfer: str, devices: list[str]) -> str:
+def resolve_transfer(transfer: str, devices: list[str], multi_host: bool = False) -> str:
     """`auto`: GPU to GPU through CUDA IPC when every instance is on a CUDA device of this host (as the
-    local launcher starts them), else shared memory. Instances on other hosts need `tcp`."""
-    if transfer != "auto":
+    local launcher starts them), else shared memory. With a launcher that may use several hosts
+    (`multi_host`, Ray), `auto` stays: each pair then picks its own (epd.transfer.auto)."""
+    if transfer != "auto" or multi_host:
         return transfer
     return "cuda_ipc" if all(str(d).startswith("cuda") for d in devices) else "shm"
 
@@ -96,7 +97,8 @@ class Cluster:
         waiting `transfer_timeout_s` for its receiver, before the router places its request anew."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
-        transfer = resolve_transfer(transfer, [s.device for s in specs])
+        multi_host = getattr(launcher, "multi_host", False)
+        transfer = resolve_transfer(transfer, [s.device for s in specs], multi_host)
         kv_streaming = resolve_kv_streaming(kv_streaming, transfer)
         self.launcher = launcher or LocalProcessLauncher(host)
         self.ctx = zmq.Context()

@@ -3,7 +3,8 @@
 | launcher               | host_for(spec)             | start(cfg)                   | is_alive, kill, join |
 |------------------------|----------------------------|------------------------------|----------------------|
 | `LocalProcessLauncher` | the cluster's host         | a spawned process, this host | the process's        |
-| a Ray launcher (later) | the node it places spec on | an actor on that node        | the actor's          |
+| `RayLauncher`          | provisional: the actor's   | an actor, on a node Ray (or  | the actor's          |
+|                        | node IP, found once there  | a group's `@label`) picks    | (ray_launcher.py)    |
 
 The launcher decides the interface each instance binds (`InstanceConfig.host`); the instance binds
 its control inbox and its connector there and advertises both in `InstanceReady`, so the router
@@ -103,6 +104,21 @@ class LocalProcessLauncher:
         # A child that dies re-running an unguarded main module reports there (epd.cluster.spawn).
         with children_report_to(cfg.router_address):
             return LocalProcess(cfg.name, start_process(cfg.name, instance_main, cfg))
+
+
+LAUNCHERS = ("local", "ray")
+
+
+def make_launcher(name: str, ray_address: str | None = None, host: str = "127.0.0.1") -> Launcher:
+    """The launcher called `name`: local processes on `host`, or Ray actors on the cluster at
+    `ray_address` (None: Ray's default; epd.cluster.ray_launcher, which needs `epd[ray]`)."""
+    if name == "local":
+        return LocalProcessLauncher(host)
+    if name == "ray":
+        from epd.cluster.ray_launcher import RayLauncher
+
+        return RayLauncher(ray_address)
+    raise ValueError(f"unknown launcher {name!r}; expected one of {', '.join(LAUNCHERS)}")
 
 
 def kill_all(instances: Iterable[LaunchedInstance]) -> None:

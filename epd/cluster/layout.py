@@ -15,6 +15,8 @@ Parsing rules (decided here, so every entry point agrees):
 - Groups are kept as written, in order: `1E+1E+1PD` is valid and distinct from `2E+1PD` (the text
   round-trips), though both start the same instances.
 - Every role must appear somewhere, no role twice in one group, counts >= 1.
+- A group may end in `@label` (`2E@encoders+2P+2D`): with the Ray launcher its instances run only
+  on nodes started with `--labels epd-group=<label>`; the local launcher runs everything here.
 
 Devices (`--devices`): a single name (`cpu`, `cuda`, `cuda:1`, ...) is shared by every instance; a
 comma-separated list of two or more names gives one device per instance in layout order, and must
@@ -41,7 +43,7 @@ class Role(str, enum.Enum):
 
 ROLE_ORDER: tuple[Role, ...] = (Role.ENCODE, Role.PREFILL, Role.DECODE)
 _ROLE_VERBS = {Role.ENCODE: "encodes", Role.PREFILL: "prefills", Role.DECODE: "decodes"}
-_GROUP_RE = re.compile(r"(?P<count>-?\d+)?(?P<roles>[A-Za-z]+)")
+_GROUP_RE = re.compile(r"(?P<count>-?\d+)?(?P<roles>[A-Za-z]+)(?:@(?P<label>[A-Za-z0-9_.-]+))?")
 _DEVICE_RE = re.compile(r"(?P<type>cpu|mps|cuda|xpu)(?::(?P<index>\d+))?")
 _INDEXED_TYPES = ("cuda", "xpu")  # a bare name means device 0 of that type
 
@@ -67,6 +69,7 @@ class InstanceSpec:
     device: str
     role_index: int = 0
     fixed_name: str | None = None  # set once the roles no longer match the name
+    node_label: str | None = None  # `@label` of its group: which nodes may run it (Ray launcher)
 
     @property
     def name(self) -> str:
@@ -90,13 +93,15 @@ class Layout:
 
     text: str
     groups: tuple[Group, ...]
+    labels: tuple[str | None, ...] = ()  # per group, its `@label` (or None); () when none has one
 
     def __post_init__(self) -> None:
         _check_groups(self.groups, self.text)
-        if self.text != _canonical_text(self.groups):
-            raise ValueError(
-                f"layout text {self.text!r} is not the canonical {_canonical_text(self.groups)!r}"
-            )
+        if self.labels and len(self.labels) != len(self.groups):
+            raise ValueError(f"layout {self.text!r}: {len(self.labels)} labels for {len(self.groups)} groups")
+        canonical = _canonical_text(self.groups, self.labels)
+        if self.text != canonical:
+            raise ValueError(f"layout text {self.text!r} is not the canonical {canonical!r}")
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -106,9 +111,11 @@ class Layout:
         """
         if not text or not text.strip():
             raise ValueError("empty layout: expected groups like '1EPD', '2EP+2D' or '1E+1P+1D'")
-        groups = tuple(_parse_group(part, i, text) for i, part in enumerate(text.split("+")))
+        parsed = [_parse_group(part, i, text) for i, part in enumerate(text.split("+"))]
+        groups = tuple(group for group, _ in parsed)
+        labels = tuple(label for _, label in parsed) if any(label for _, label in parsed) else ()
         _check_groups(groups, text)
-        return cls(_canonical_text(groups), groups)
+        return cls(_canonical_text(groups, labels), groups, labels)
 
     @property
     def num_instances(self) -> int:
@@ -128,11 +135,13 @@ class Layout:
         device_of = _assign_devices(parse_devices(devices), self.num_instances, self.text)
         specs: list[InstanceSpec] = []
         per_role_set: dict[frozenset[Role], int] = {}
-        for count, roles in self.groups:
+        labels = self.labels or (None,) * len(self.groups)
+        for (count, roles), label in zip(self.groups, labels):
             for _ in range(count):
                 role_index = per_role_set.get(roles, 0)
                 per_role_set[roles] = role_index + 1
-                specs.append(InstanceSpec(len(specs), roles, device_of[len(specs)], role_index))
+                device = device_of[len(specs)]
+                specs.append(InstanceSpec(len(specs), roles, device, role_index, node_label=label))
         return specs
 
     def instances_with(self, role: Role, devices: str | Sequence[str] = "cpu") -> list[InstanceSpec]:
@@ -156,7 +165,7 @@ def parse_devices(devices: str | Sequence[str]) -> list[str]:
 
 
 # ---- internals ----------------------------------------------------------------------------------
-def _parse_group(part: str, position: int, text: str) -> Group:
+def _parse_group(part: str, position: int, text: str) -> tuple[Group, str | None]:
     group = part.strip()
     if not group:
         raise ValueError(
@@ -172,7 +181,7 @@ def _parse_group(part: str, position: int, text: str) -> Group:
     count = int(match["count"]) if match["count"] is not None else 1
     if count < 1:
         raise ValueError(f"layout {text!r}: group {group!r} has count {count}; counts must be at least 1")
-    return count, _parse_roles(match["roles"], group, text)
+    return (count, _parse_roles(match["roles"], group, text)), match["label"]
 
 
 def _parse_roles(letters: str, group: str, text: str) -> frozenset[Role]:
@@ -203,8 +212,12 @@ def _check_groups(groups: tuple[Group, ...], text: str) -> None:
             raise ValueError(f"layout {text!r}: no instance {_ROLE_VERBS[role]}: add {role.value} to a group")
 
 
-def _canonical_text(groups: tuple[Group, ...]) -> str:
-    return "+".join(f"{count}{role_letters(roles)}" for count, roles in groups)
+def _canonical_text(groups: tuple[Group, ...], labels: tuple[str | None, ...] = ()) -> str:
+    labels = labels or (None,) * len(groups)
+    return "+".join(
+        f"{count}{role_letters(roles)}" + (f"@{label}" if label else "")
+        for (count, roles), label in zip(groups, labels)
+    )
 
 
 def _normalise_device(name: str) -> str:

@@ -102,7 +102,20 @@ class EngineArgs:
     device: str = option("cpu", "device of every instance (cpu, cuda, cuda:1, ...)")
     devices: str | None = option(None, "one device per instance in layout order, comma-separated")
     transfer: str = option(
-        "auto", "connector between instances: cuda_ipc, shm, tcp (auto: cuda_ipc between GPUs, else shm)"
+        "auto",
+        "connector between instances: cuda_ipc, nccl, shm, tcp (auto: cuda_ipc between GPUs, else shm; "
+        "with --launcher ray, per pair: cuda_ipc between GPUs of one host, nccl between GPUs of two, "
+        "shm within a host, else tcp)",
+    )
+    launcher: str = option(
+        "local",
+        "where instances run: local processes, or Ray actors on any node of a Ray cluster (needs "
+        "epd[ray]; a layout group ending in @NAME runs only on nodes labelled epd-group=NAME, "
+        "e.g. 2E@encoders+1P+1D; see docs/deploy.md)",
+        choices=("local", "ray"),
+    )
+    ray_address: str | None = option(
+        None, "the Ray cluster to join with --launcher ray (default: RAY_ADDRESS, or the local one)"
     )
     kv_streaming: str = option(
         "auto",
@@ -228,16 +241,21 @@ class EngineArgs:
     def build(self, processor: InputProcessor) -> EngineBackend:
         """In this process for a single aggregated instance; else one process per instance."""
         from epd.cluster.cluster import Cluster
+        from epd.cluster.launcher import make_launcher
         from epd.cluster.layout import Layout
         from epd.engine.llm_engine import LLMEngine
 
         layout = Layout.parse(self.layout)
         config = self.engine_config()
-        if layout.num_instances == 1 and layout.is_aggregated and self.devices is None:
+        in_process = layout.num_instances == 1 and layout.is_aggregated and self.devices is None
+        if in_process and self.launcher == "local":
             return LLMEngine(config, processor.tokenizer)
+        launcher = make_launcher(self.launcher, self.ray_address)
         return Cluster(
             layout,
             config,
+            launcher=launcher,
+            host=launcher.host,
             devices=self.devices or self.device,
             transfer=self.transfer,
             kv_streaming=self.kv_streaming,

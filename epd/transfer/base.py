@@ -140,6 +140,9 @@ _BACKENDS: dict[str, str] = {
     "shm": "epd.transfer.shm:ShmConnector",
     "tcp": "epd.transfer.tcp:TcpConnector",
     "cuda_ipc": "epd.transfer.cuda_ipc:CudaIpcConnector",
+    "nccl": "epd.transfer.nccl:NcclConnector",
+    "gloo": "epd.transfer.nccl:GlooConnector",  # nccl's logic over host memory
+    "auto": "epd.transfer.auto:AutoConnector",  # per pair, from the ends: one of the above
 }
 
 

@@ -1,0 +1,257 @@
+"""The producer half of the nccl connector: one thread that owns every pair's notice socket and ops.
+
+Life of a pair (one per dest; a broken one is dropped and the next send to that dest makes a new one,
+under a new id, so the consumer never mixes the ops of two generations):
+
+    new --Hello pushed--> connecting --set-up thread: group built, warm-up byte moved--> ready
+     |                        |                                                          |
+     +------------------------+-- set-up failed, or the first job's deadline passed -----+-- an op not
+                                                                                           done by its
+                                                  broken: every job queued or in flight    deadline:
+                                                  fails now; the group is aborted  <-------- broken
+
+Life of a job on a ready pair: its Notice is pushed, then its sends are posted on the pair's side
+stream (after the caller's stream reached send(); the notice goes first, so that the consumer
+posts the matching recvs even while a first op to a new peer connects), then it waits in the pair's
+in-flight queue until its ops completed on the device: then it is reported ok, in send order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from epd.transfer.base import SendResult
+from epd.transfer.nccl_channel import (
+    PRODUCER_RANK,
+    Channel,
+    Completion,
+    Hello,
+    Notice,
+    open_store,
+    parse_address,
+)
+from epd.transfer.sender import SendJob
+from epd.transfer.serialization import Header, encode, spec_of
+
+logger = logging.getLogger(__name__)
+
+_POLL_MIN_S, _POLL_MAX_S = 20e-6, 2e-3  # completions have no fd: look often while ops flow, then less
+
+
+@dataclass(eq=False)
+class _Flight:
+    job: SendJob
+    completion: Completion
+
+
+@dataclass(eq=False)
+class _Pair:
+    dest: str
+    pair: str  # this generation's id
+    socket: zmq.Socket
+    pending: deque[SendJob] = field(default_factory=deque)
+    in_flight: deque[_Flight] = field(default_factory=deque)
+    hello_sent: bool = False
+    channel: Channel | None = None  # set by the set-up thread once the pair is connected
+    setup_error: str | None = None
+    abandoned: bool = False  # the loop gave up on it: a late set-up aborts what it built
+
+
+class NcclSendLoop:
+    """Runs the sends of one connector (module docstring); submit() and results() from any thread."""
+
+    def __init__(self, backend: str, device: torch.device, timeout_s: float) -> None:
+        self._backend, self._device, self._timeout = backend, device, timeout_s
+        self._jobs: queue.SimpleQueue[SendJob] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[SendResult] = queue.SimpleQueue()
+        self._pairs: dict[str, _Pair] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epd-nccl-send", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: SendJob) -> None:
+        self._jobs.put(job)
+        self._wake()
+
+    def results(self) -> list[SendResult]:
+        out = []
+        while not self._results.empty():
+            out.append(self._results.get_nowait())
+        return out
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("nccl send thread did not stop within %.1fs", timeout_s)
+            return
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: shutting down
+            pass
+
+    # ---- everything below runs in the thread ----
+    def _run(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        pause = _POLL_MIN_S
+        try:
+            while not self._stop.is_set():
+                self._take_jobs()
+                progressed = False
+                for dest, pair in list(self._pairs.items()):
+                    before = (len(pair.pending), len(pair.in_flight), pair.channel is None)
+                    if not self._advance(pair):
+                        self._break(pair, pair.setup_error or "the pair broke")
+                        del self._pairs[dest]
+                    progressed |= before != (len(pair.pending), len(pair.in_flight), pair.channel is None)
+                busy = any(p.pending or p.in_flight for p in self._pairs.values())
+                pause = _POLL_MIN_S if progressed else min(2 * pause, _POLL_MAX_S)
+                select.select([self._wake_r], [], [], pause if busy else None)
+                self._drain_wakeups()
+        finally:
+            for pair in self._pairs.values():
+                self._close_pair(pair)
+
+    def _take_jobs(self) -> None:
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            pair = self._pairs.get(job.dest)
+            if pair is None:
+                try:
+                    pair = self._pairs[job.dest] = self._new_pair(job.dest)
+                except (ValueError, zmq.ZMQError) as exc:
+                    self._fail(job, f"cannot reach {job.dest!r}: {exc}")
+                    continue
+            pair.pending.append(job)
+
+    def _new_pair(self, dest: str) -> _Pair:
+        parse_address(dest)  # ValueError for an address that is not an nccl connector's
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue notices only to a consumer that is there
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(parse_address(dest).notice_endpoint)
+        return _Pair(dest, uuid.uuid4().hex, sock)
+
+    def _advance(self, pair: _Pair) -> bool:
+        """Move `pair` along (module docstring); False when it broke."""
+        if not pair.hello_sent:
+            if not self._push(pair, Hello(pair.pair)):
+                return not self._overdue(pair)
+            pair.hello_sent = True
+            threading.Thread(target=self._connect, args=(pair,), name="epd-nccl-connect", daemon=True).start()
+        if pair.channel is None:
+            return pair.setup_error is None and not self._overdue(pair)
+        posted = self._post_pending(pair)
+        return self._reap(pair) and posted
+
+    def _post_pending(self, pair: _Pair) -> bool:
+        """Notice, then sends, for each queued job in order; False once one's notice is overdue."""
+        while pair.pending:
+            job = pair.pending[0]
+            if not self._push(pair, Notice(pair.pair, _header(job))):
+                return not self._overdue(pair)
+            try:
+                completion = pair.channel.post_send(list(job.tensors.values()), job.state)
+            except Exception as exc:  # e.g. the communicator was aborted (its peer died)
+                pair.setup_error = f"posting the sends of {job.key!r}: {type(exc).__name__}: {exc}"
+                return False
+            pair.in_flight.append(_Flight(pair.pending.popleft(), completion))
+        return True
+
+    def _reap(self, pair: _Pair) -> bool:
+        while pair.in_flight and pair.in_flight[0].completion.done():
+            flight = pair.in_flight.popleft()
+            if flight.completion.error is not None:
+                pair.in_flight.appendleft(flight)
+                pair.setup_error = flight.completion.error
+                return False
+            flight.job.tensors = {}
+            self._results.put(flight.job.result())
+        if pair.in_flight and self._overdue(pair, pair.in_flight[0].job):
+            pair.setup_error = f"the consumer at {pair.dest} did not take the payload within {self._timeout}s"
+            return False
+        return True
+
+    def _overdue(self, pair: _Pair, job: SendJob | None = None) -> bool:
+        job = job or (pair.pending[0] if pair.pending else None)
+        if job is None or time.perf_counter() < job.started + self._timeout:
+            return False
+        if pair.setup_error is None:
+            pair.setup_error = f"no nccl pair with {pair.dest} within {self._timeout}s"
+        return True
+
+    def _push(self, pair: _Pair, message: Hello | Notice) -> bool:
+        try:
+            pair.socket.send(encode(message), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # the consumer is not there (yet)
+            return False
+
+    def _connect(self, pair: _Pair) -> None:
+        """Set-up thread: the group and the warm-up (blocking until the consumer joins)."""
+        try:
+            peer = parse_address(pair.dest)
+            store = open_store(peer.host, peer.store_port, self._timeout)
+            channel = Channel.connect(
+                self._backend, store, pair.pair, PRODUCER_RANK, self._device, self._timeout
+            )
+        except Exception as exc:
+            pair.setup_error = f"nccl set-up with {pair.dest} failed: {type(exc).__name__}: {exc}"
+        else:
+            if pair.abandoned:
+                channel.abort()
+            else:
+                pair.channel = channel
+        self._wake()
+
+    def _break(self, pair: _Pair, error: str) -> None:
+        for flight in pair.in_flight:
+            self._fail(flight.job, error)
+        for job in pair.pending:
+            self._fail(job, error)
+        pair.in_flight.clear()
+        pair.pending.clear()
+        self._close_pair(pair)
+
+    def _close_pair(self, pair: _Pair) -> None:
+        pair.abandoned = True
+        if pair.channel is not None:
+            pair.channel.abort()
+        pair.socket.close(linger=0)
+
+    def _fail(self, job: SendJob, error: str) -> None:
+        logger.warning("nccl transfer of %r to %s failed: %s", job.key, job.dest, error)
+        job.tensors = {}
+        self._results.put(job.result(error))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _header(job: SendJob) -> Header:
+    specs = tuple(spec_of(name, tensor) for name, tensor in job.tensors.items())
+    return Header(job.key, job.sent_at, job.meta, specs)
