@@ -51,3 +51,11 @@ def test_engine_timestamps_come_from_its_clock(checkpoints):
     assert times[Event.ENCODE_START] == times[Event.ENCODE_END] == times[Event.PREFILL_START] == step_times[0]
     assert times[Event.FINISHED] == step_times[-1]
     assert engine.step_seconds == 0.0  # no virtual time passes inside a step
+
+
+def test_a_virtual_clock_advanced_to_a_time_reads_exactly_that_time():
+    clock = VirtualClock(0.10244964654520394)
+    clock.advance_to(1.193242358568683)  # now + (when - now) is one rounding step above it
+    assert clock.now() == 1.193242358568683
+    with pytest.raises(ValueError, match="cannot go back"):
+        clock.advance_to(1.0)
