@@ -47,6 +47,7 @@ SIMULATED_OPTIONS = (
     "layout", "device", "devices", "transfer", "kv_streaming", "dtype", "max_model_len", "block_size",
     "num_kv_blocks", "kv_cache_memory_bytes", "mm_cache_bytes", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "enable_chunked_prefill", "scheduling_policy", "max_queue_wait",
+    "role_switching", "role_switching_margin", "role_switching_dwell", "role_switching_window",
 )  # fmt: skip
 
 

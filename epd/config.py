@@ -87,6 +87,11 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"
     slo_ttft: float | None = None  # seconds to the first token of a request that names none
     max_queue_wait_s: float = DEFAULT_MAX_WAIT_S  # a request waiting this long is served next
+    # SLO scheduling (epd.engine.scheduler): TPOT target of requests that name none, refusing
+    # requests that cannot meet their TTFT deadline, and the profile that predicts step times.
+    slo_tpot: float | None = None
+    reject_late: bool = False
+    slo_profile: str | None = None  # None: predicted from the instance's own recent steps
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -95,6 +100,8 @@ class SchedulerConfig:
             raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}")
         if self.slo_ttft is not None and not self.slo_ttft > 0:
             raise ValueError("slo_ttft must be > 0")
+        if self.slo_tpot is not None and not self.slo_tpot > 0:
+            raise ValueError("slo_tpot must be > 0")
         if not self.max_queue_wait_s > 0:
             raise ValueError("max_queue_wait_s must be > 0")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -60,3 +60,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed (finish_reason "error")
     invalid_input: bool = False  # the failure is the request's own input's fault (a 400, not a 503)
+    # Set when the request was refused because it cannot meet its TTFT deadline (--reject-late):
+    # seconds after which a retry may be served in time (a 429 with Retry-After).
+    retry_after: float | None = None

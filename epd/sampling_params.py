@@ -19,7 +19,8 @@ class SamplingParams:
     top-k limit. `seed` makes a request's samples reproducible whatever else is in the batch.
     `logprobs` asks for the sampled token's logprob plus that many top alternatives (0: only the
     sampled token). Scheduling, not sampling, but carried with the request to every stage:
-    `slo_ttft` (seconds from arrival to the first token; None: the server's --slo-ttft) and
+    `slo_ttft` (seconds from arrival to the first token; None: the server's --slo-ttft),
+    `slo_tpot` (seconds per output token after the first; None: the server's --slo-tpot) and
     `priority` (lower: sooner, as vLLM's), read by the queue policy (epd.engine.queue_policy).
     Invalid values raise ValueError.
     """
@@ -38,6 +39,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     slo_ttft: float | None = None
+    slo_tpot: float | None = None
     priority: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         if self.slo_ttft is not None and not 0 < self.slo_ttft < math.inf:
             raise ValueError(f"slo_ttft must be a positive number of seconds, got {self.slo_ttft}")
+        if self.slo_tpot is not None and not 0 < self.slo_tpot < math.inf:
+            raise ValueError(f"slo_tpot must be a positive number of seconds, got {self.slo_tpot}")
 
     @property
     def greedy(self) -> bool:

@@ -31,6 +31,7 @@ from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
 from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
+from epd.cluster.router.auto_roles import RoleSwitchingOptions
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
 from epd.inputs.types import ProcessedPrompt
@@ -88,18 +89,27 @@ class Cluster:
         silence_timeout_s: float | None = SILENCE_TIMEOUT_S,
         max_restarts: int = MAX_RESTARTS,
         switchable_roles: bool = False,
+        role_switching: RoleSwitchingOptions | None = None,
     ) -> None:
         """`host`: where the router's inbox binds, and every instance with the default launcher
         (local processes); another launcher picks each instance's host itself. Instances exit when
         they hear nothing from this process for `heartbeat_timeout_s`; the router takes an instance
         that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work.
         A failed transfer is sent again `transfer_retries` times on the same pair, each attempt
-        waiting `transfer_timeout_s` for its receiver, before the router places its request anew."""
+        waiting `transfer_timeout_s` for its receiver, before the router places its request anew.
+        `role_switching`: switch roles automatically (epd.cluster.router.auto_roles); None: by hand only."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         multi_host = getattr(launcher, "multi_host", False)
         transfer = resolve_transfer(transfer, [s.device for s in specs], multi_host)
         kv_streaming = resolve_kv_streaming(kv_streaming, transfer)
+        # Before anything starts: a bad profile is refused with nothing to stop.
+        self._auto = None
+        if role_switching is not None:
+            from epd.cluster.router.auto_roles_sim import auto_policy  # the simulator: only when asked
+
+            options = {"layout": layout.text, "transfer": transfer, "kv_streaming": kv_streaming}
+            self._auto = auto_policy(role_switching, engine, mm_cache_bytes=mm_cache_bytes, **options)
         self.launcher = launcher or LocalProcessLauncher(host)
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
@@ -135,7 +145,7 @@ class Cluster:
             raise
         addresses = {h.name: h.ready.control_address for h in handles}
         control = ZmqControlPlane(self.ctx, self.inbox, addresses)
-        self.router = Router(handles, control, silence_timeout_s=silence_timeout_s)
+        self.router = Router(handles, control, silence_timeout_s=silence_timeout_s, auto_policy=self._auto)
         by_name = {cfg.name: cfg for cfg in configs}
         self.restarter = Restarter(
             self.launcher, by_name, self.launched, self.heartbeats, max_restarts=max_restarts
@@ -263,6 +273,7 @@ class Cluster:
                 launched.join(max(0.0, deadline - WALL_CLOCK.monotonic()))
         self._finalizer()  # stops the heartbeats; kills whatever did not stop in time
         if router is not None:
+            router.close()
             router.control.close()
         self.ctx.destroy(linger=0)
 

@@ -220,6 +220,7 @@ class RequestError(msgspec.Struct, tag=True):
     request_id: str
     error: str
     invalid_input: bool = False  # the request's own input is at fault (a corrupt image): a 400
+    retry_after: float | None = None  # refused: it cannot meet its TTFT deadline (--reject-late), a 429
 
 
 class SetRolesReply(msgspec.Struct, tag=True):

@@ -30,6 +30,8 @@ STAT_HELP = {
     "transfer_retries_total": "failed sends sent again on the same pair (--transfer-retries each at most)",
     "transfer_gave_up_total": "sends still failing after their last retry, reported to the router",
     "preemptions_total": "requests preempted for lack of KV blocks",
+    "late_requests_total": "requests found unable to meet their TTFT deadline (best-effort or refused)",
+    "rejected_late_total": "late requests refused (--reject-late: a 429)",
     "kv_parts_buffered": "streamed KV layers held on a decode instance until their request's hand-off",
     "kv_parts_received_total": "streamed KV layers received by a decode instance",
     "kv_handoffs_awaiting_layers": "KV hand-offs held on a decode instance until their retried layers arrive",

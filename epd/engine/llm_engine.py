@@ -39,6 +39,7 @@ from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
 from epd.engine.sampler import Sampler
 from epd.engine.scheduler import ScheduledBatch, Scheduler
+from epd.engine.step_estimator import StepEstimator, make_step_estimator
 from epd.engine.stop import refresh_text, update_text_and_check_stop
 from epd.inputs.image_processor import ImageProcessorConfig
 from epd.inputs.patches import PatchPool
@@ -68,11 +69,14 @@ class LLMEngine:
         instance: str | None = None,
         clock: Clock = WALL_CLOCK,
         model_parts: PartsFactory = load_model_parts,
+        step_estimator: StepEstimator | None = None,
     ) -> None:
         """`encode_locally`: this process holds the vision tower; else embeddings come from
         `mm_cache` (filled by encoder instances), or, with no cache, never (decode-only).
         `layer_sink` (with `handoff` only): stream each prefilled layer's KV to it.
-        `model_parts`: what computes (epd.engine.factory): the model by default."""
+        `model_parts`: what computes (epd.engine.factory): the model by default.
+        `step_estimator`: predicts step times for SLO scheduling (epd.engine.step_estimator);
+        default: --slo-profile's cost model, else fitted to this engine's own steps."""
         self.config, self.tokenizer, self.handoff, self.instance = config, tokenizer, handoff, instance
         self.clock = clock
         self._patch_pool: PatchPool | None = None  # made on the first image file (prepare_images)
@@ -92,14 +96,18 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         chunked, budget = self._prefill_policy(handoff)
+        sc = config.scheduler
         self.scheduler = Scheduler(
             self.block_manager,
-            config.scheduler.max_num_seqs,
+            sc.max_num_seqs,
             budget,
             self._swap_out,
             chunked,
-            config.scheduler.queue_policy(),  # --scheduling-policy: the waiting queue's order
+            sc.queue_policy(),  # --scheduling-policy: the waiting queue's order
             clock,
+            step_estimator or make_step_estimator(sc.slo_profile),
+            sc.slo_tpot,
+            sc.reject_late,
         )
         self.streamer = self._streamer(handoff, layer_sink)
         self.sampler = Sampler()
@@ -305,6 +313,8 @@ class LLMEngine:
             "steps_total": self.num_steps,
             "step_seconds_total": self.step_seconds,
             "preemptions_total": self.scheduler.num_preemptions,
+            "late_requests_total": self.scheduler.num_late,
+            "rejected_late_total": self.scheduler.num_rejected,
         }
 
     # ---- the step -----------------------------------------------------------------------------
@@ -314,7 +324,22 @@ class LLMEngine:
         advanced = self.step_requests()
         for req in advanced:
             refresh_text(req, self.tokenizer.decode)  # step_requests leaves the text to its readers
-        return [request_output(r) for r in advanced]
+        return [request_output(r) for r in advanced] + self.take_rejected()
+
+    def take_rejected(self) -> list[RequestOutput]:
+        """The requests the scheduler refused since the last call (--reject-late: they cannot meet
+        their TTFT deadline), as finished outputs with an error and a retry-after."""
+        outputs = []
+        for req, retry_after in self.scheduler.rejected:
+            self.requests.pop(req.request_id, None)
+            req.finish_reason = "error"  # finished_time: when the scheduler refused it
+            req.record(Event.FINISHED, req.metrics.finished_time or self.clock.now(), self.instance)
+            out = request_output(req)
+            out.error = "it cannot meet its TTFT deadline (slo_ttft) even if served next"
+            out.retry_after = retry_after
+            outputs.append(out)
+        self.scheduler.rejected.clear()
+        return outputs
 
     def step_requests(self) -> list[Request]:
         """Like `step`, returning the advanced requests themselves (for instance loops).
@@ -335,7 +360,10 @@ class LLMEngine:
         self._advance_computed(batch)  # needs no sampled token: runs while the device works
         advanced = self._sample(batch, logits)
         self.num_steps += 1
-        self.step_seconds += self.clock.monotonic() - started
+        seconds = self.clock.monotonic() - started
+        self.step_seconds += seconds
+        if self.scheduler.estimator is not None:
+            self.scheduler.estimator.observe_counts(batch.total_tokens, len(batch), seconds)
         self.last_batch_tokens = batch.total_tokens
         return advanced
 

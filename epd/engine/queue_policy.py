@@ -1,4 +1,4 @@
-"""The order a stage serves its queue in: first come first served, by deadline slack, or by priority.
+"""The order a stage serves its queue in: first come first served, by deadline, or by priority.
 
 The encoder worker's job queue and the engine scheduler's waiting queue both ask a `QueuePolicy`
 for each entry's `key` (smaller: served sooner) and serve the smallest first. What a key says:
@@ -6,12 +6,22 @@ for each entry's `key` (smaller: served sooner) and serve the smallest first. Wh
 | tier | who                                                        | then ordered by           |
 |------|------------------------------------------------------------|---------------------------|
 | 0    | waited longer than `max_wait_s` since arrival (starving)   | arrival                   |
-| 1    | slo: has a deadline / priority: every request              | slo: slack / (priority,   |
-|      |                                                            | arrival)                  |
+| 1    | slo: can still meet its deadline / priority: every request | slo: (deadline, arrival)  |
+|      |                                                            | / (priority, arrival)     |
 | 2    | slo: no deadline (no --slo-ttft, no per-request slo_ttft)  | arrival                   |
+| 3    | slo: late: misses its deadline even if served next         | (deadline, arrival)       |
 
-slack = deadline - now - predicted time still to spend here (`token_s` per prompt token still to
-compute, `patch_s` per image patch still to encode): the request that will miss soonest goes first.
+Late: slack = deadline - now - predicted time still to spend here < 0. The prediction is the
+caller's (`remaining_s`: the scheduler's step estimator, epd.engine.step_estimator), else
+`token_s` per prompt token and `patch_s` per image patch still to compute. A late request is
+served best-effort after every request that can still make it (or, with --reject-late, refused
+by the scheduler before it asks for keys), so that it does not make others late too.
+
+Why the earliest deadline and not the least slack among those that can make it: on one server
+whose queue is all there, serving by deadline meets every deadline whenever any order does
+(Jackson's rule); least slack does not: A needs 4 s by 6 s (slack 2), B 1 s by 4 s (slack 3):
+least slack serves A first and B misses, by deadline both make it. tests/engine/test_slo_exhaustive.py
+checks that against every order on the engine.
 
 No starvation: a request that has waited `max_wait_s` is served before anything that has not,
 whatever its deadline or priority, so under a steady stream of more urgent work it waits at most
@@ -65,10 +75,21 @@ class QueuePolicy(ABC):
         slo = urgency.slo_ttft if urgency.slo_ttft is not None else self.default_slo_ttft
         return None if slo is None else urgency.arrival_time + slo
 
-    def key(self, urgency: Urgency, now: float, tokens: int = 0, patches: int = 0) -> tuple[float, ...]:
+    def key(
+        self,
+        urgency: Urgency,
+        now: float,
+        tokens: int = 0,
+        patches: int = 0,
+        remaining_s: float | None = None,
+    ) -> tuple[float, ...]:
+        """`remaining_s`: predicted seconds still to spend here if served next; None: `tokens` and
+        `patches` at the default prices."""
         if now - urgency.arrival_time >= self.max_wait_s:
             return (0, urgency.arrival_time)
-        return self._key(urgency, now, tokens * self.token_s + patches * self.patch_s)
+        if remaining_s is None:
+            remaining_s = tokens * self.token_s + patches * self.patch_s
+        return self._key(urgency, now, remaining_s)
 
     @abstractmethod
     def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]: ...
@@ -77,6 +98,10 @@ class QueuePolicy(ABC):
         """Seconds to spare if served now; inf without a deadline."""
         deadline = self.deadline(urgency)
         return math.inf if deadline is None else deadline - now - remaining_s
+
+    def is_late(self, urgency: Urgency, now: float, remaining_s: float) -> bool:
+        """It misses its deadline even if served next (never, without a deadline)."""
+        return self.slack(urgency, now, remaining_s) < 0
 
 
 class Fcfs(QueuePolicy):
@@ -87,13 +112,17 @@ class Fcfs(QueuePolicy):
         return (1, urgency.arrival_time)
 
 
-class SlackFirst(QueuePolicy):
+class EarliestDeadlineFirst(QueuePolicy):
+    """Earliest deadline first among the requests that can still meet theirs; see the module docstring."""
+
     name = "slo"
 
     def _key(self, urgency: Urgency, now: float, remaining_s: float) -> tuple[float, ...]:
-        if self.deadline(urgency) is None:
+        deadline = self.deadline(urgency)
+        if deadline is None:
             return (2, urgency.arrival_time)
-        return (1, self.slack(urgency, now, remaining_s), urgency.arrival_time)
+        tier = 3 if self.is_late(urgency, now, remaining_s) else 1
+        return (tier, deadline, urgency.arrival_time)
 
 
 class PriorityFirst(QueuePolicy):
@@ -103,7 +132,11 @@ class PriorityFirst(QueuePolicy):
         return (1, urgency.priority, urgency.arrival_time)
 
 
-_BY_NAME: dict[str, type[QueuePolicy]] = {"fcfs": Fcfs, "slo": SlackFirst, "priority": PriorityFirst}
+_BY_NAME: dict[str, type[QueuePolicy]] = {
+    "fcfs": Fcfs,
+    "slo": EarliestDeadlineFirst,
+    "priority": PriorityFirst,
+}
 
 
 def make_queue_policy(

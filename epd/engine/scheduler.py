@@ -29,6 +29,16 @@ back to the front of the queue, to be recomputed later, or, where its prompt can
 recomputed here (a decode instance holds no image embeddings), its KV is swapped out to host
 memory first. A request is never failed for lack of blocks once admitted.
 
+SLOs (epd.engine.step_estimator predicts step times; nothing changes while it has no estimate):
+  - TPOT budget: while requests decode here, the prefill tokens of a step (chunks, admissions,
+    KV hand-offs that join the decodes) stop where the step's predicted time would pass the
+    tightest TPOT target among them. Decodes are never cut (that would only slow them more); a
+    prefill the budget leaves no room for waits until some decodes end.
+  - Late requests: a waiting request that misses its TTFT deadline even if its prefill started now
+    (predicted alone, a lower bound) is served best-effort after the others (queue_policy, slo), or,
+    with `reject_late`, refused: taken out of the queue into `rejected`, with a retry-after (the
+    predicted seconds of the work queued here, at least 1). Only requests without a token yet.
+
 A request that arrives with KV computed elsewhere (`kv_payload`: a prefill instance's
 hand-off, or its own swapped-out KV) is admitted like a prefill; the batch lists it in
 `injections` and the runner writes that KV into its blocks before the forward, so only
@@ -37,14 +47,16 @@ the tokens after it are computed.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.engine.block_manager import BlockManager
 from epd.engine.queue_policy import FCFS, QueuePolicy, Urgency
 from epd.engine.request import Request, RequestStatus
+from epd.engine.step_estimator import Queue, Seq, StepEstimator, batch_seqs, served_next_seconds
 
 
 @dataclass
@@ -89,10 +101,14 @@ class Scheduler:
         chunked_prefill: bool = False,
         queue_policy: QueuePolicy = FCFS,
         clock: Clock = WALL_CLOCK,
+        estimator: StepEstimator | None = None,
+        default_slo_tpot: float | None = None,
+        reject_late: bool = False,
     ) -> None:
         """`swap_out(request)` is called before a preempted request's blocks are freed; it
         returns True if it saved the request's KV in `kv_payload` (then no recompute).
-        `chunked_prefill`: see the module docstring (the engine turns it on where it decodes)."""
+        `chunked_prefill`: see the module docstring (the engine turns it on where it decodes).
+        `estimator`, `default_slo_tpot` (of requests that set no slo_tpot), `reject_late`: SLOs, above."""
         self.blocks = block_manager
         self.swap_out = swap_out
         self.max_num_seqs = max_num_seqs
@@ -102,6 +118,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the newest last
         self.num_preemptions = 0  # cumulative, for metrics and tests
+        self.estimator, self.default_slo_tpot, self.reject_late = estimator, default_slo_tpot, reject_late
+        self.rejected: list[tuple[Request, float]] = []  # (request, retry after s): the engine reports them
+        self.num_late = self.num_rejected = 0  # cumulative: found late (served best-effort), refused
+        self._late: set[str] = set()  # ids of waiting requests already counted late
+        self._tpot_target: float | None = None  # of the step being formed (_tightest_tpot)
 
     def set_prefill_policy(self, chunked_prefill: bool, max_num_batched_tokens: int) -> None:
         """Change how prompts are prefilled (an engine's role switch); only while it is idle."""
@@ -117,6 +138,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._tpot_target = self._tightest_tpot()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:  # blocks are short: admitting now would only thrash
             self._admit_waiting(batch, budget)
@@ -130,6 +152,10 @@ class Scheduler:
         while queue and budget > 0:
             request = queue.popleft()
             num_tokens = min(request.num_tokens_to_compute, budget)
+            if request.num_tokens_to_compute > 1:  # a chunk: within the TPOT budget
+                num_tokens = self._tpot_room(batch, request, num_tokens)
+                if num_tokens == 0:
+                    continue
             if self._make_room(request, num_tokens, queue, batch):
                 batch.add(request, num_tokens)
                 budget -= num_tokens
@@ -149,30 +175,139 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        now = self.clock.now()
+        remaining = self._remaining_seconds(now)
         if self.queue_policy.reorders:
-            now = self.clock.now()
-            self.waiting = deque(sorted(self.waiting, key=lambda r: self._waiting_key(r, now)))
+            self.waiting = deque(sorted(self.waiting, key=lambda r: self._waiting_key(r, now, remaining)))
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting[0]
             if not self.chunked_prefill and request.num_tokens > budget and batch:
                 break  # may not fit even with prefix hits; it leads the next step
+            if not self._tpot_admits(batch, request, budget):
+                break  # the decodes' TPOT budget has no room for it this step
             if not self._allocate(request, batch):
                 break  # nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_tokens = request.num_tokens_to_compute
-            if self.chunked_prefill:
-                num_tokens = min(num_tokens, budget)
+            if self.chunked_prefill:  # at least the token _tpot_admits found room for
+                num_tokens = max(1, self._tpot_room(batch, request, min(num_tokens, budget)))
             batch.add(request, num_tokens)
             budget -= num_tokens
 
-    def _waiting_key(self, request: Request, now: float) -> tuple[float, ...]:
+    def _waiting_key(self, request: Request, now: float, remaining: dict[str, float]) -> tuple[float, ...]:
         if request.num_preemptions:  # it ran already: back first, as under FCFS
             return (-1,)
-        params = request.params
-        urgency = Urgency(request.arrival_time, params.slo_ttft, params.priority)
-        return self.queue_policy.key(urgency, now, tokens=request.num_tokens_to_compute)
+        return self.queue_policy.key(
+            _urgency(request),
+            now,
+            tokens=request.num_tokens_to_compute,
+            remaining_s=remaining.get(request.request_id),
+        )
+
+    # ---- SLOs: late requests, the TPOT budget (see the module docstring) ------------------------
+
+    def _remaining_seconds(self, now: float) -> dict[str, float]:
+        """Predicted seconds to the first token of each waiting request if served next (those the
+        estimator can predict); counts the late ones and, with `reject_late`, refuses them."""
+        if self.estimator is None or not (self.reject_late or self.queue_policy.name == "slo"):
+            return {}
+        queue = self._queue_now()
+        waiting_tokens = sum(r.num_tokens_to_compute for r in self.waiting)
+        remaining: dict[str, float] = {}
+        for request in self.waiting:
+            seconds = self._served_next(queue, request, waiting_tokens - request.num_tokens_to_compute)
+            if seconds is not None:
+                remaining[request.request_id] = seconds
+        late = [r for r in self.waiting if self._is_late(r, now, remaining)]
+        for request in late:
+            if request.request_id not in self._late:
+                self._late.add(request.request_id)
+                self.num_late += 1
+        if self.reject_late and late:
+            self._reject(late, queue, now)
+        return remaining
+
+    def _queue_now(self) -> Queue:
+        decodes = tuple(
+            Seq(1, r.num_computed_tokens, r.num_prompt_tokens)
+            for r in self.running
+            if r.num_tokens_to_compute == 1
+        )
+        ahead = sum(r.num_tokens_to_compute for r in self.running if r.num_tokens_to_compute > 1)
+        return Queue(decodes, ahead, 0, self.max_num_batched_tokens, self.chunked_prefill)
+
+    def _served_next(self, queue: Queue, request: Request, behind: int) -> float | None:
+        assert self.estimator is not None
+        own = Seq(request.num_tokens_to_compute, request.num_computed_tokens, request.num_prompt_tokens)
+        return served_next_seconds(self.estimator, replace(queue, behind=behind), own)
+
+    def _is_late(self, request: Request, now: float, remaining: dict[str, float]) -> bool:
+        """Late, and still before its first token (what a TTFT deadline is about). Without an
+        estimate only a deadline already past is late."""
+        if request.output_token_ids or request.num_preemptions:
+            return False
+        return self.queue_policy.is_late(_urgency(request), now, remaining.get(request.request_id, 0.0))
+
+    def _reject(self, late: list[Request], queue: Queue, now: float) -> None:
+        """Refuse the late requests; retry after the predicted time of all the work queued here
+        (at least 1 s): what a retry would wait behind."""
+        refused = {id(r) for r in late}
+        self.waiting = deque(r for r in self.waiting if id(r) not in refused)
+        assert self.estimator is not None
+        queued = queue.ahead + sum(r.num_tokens_to_compute for r in self.waiting)
+        backlog = served_next_seconds(self.estimator, replace(queue, ahead=0), Seq(queued, 0, queued))
+        retry_after = max(1.0, math.ceil(backlog or 0.0))
+        for request in late:
+            self._late.discard(request.request_id)
+            request.status = RequestStatus.FINISHED
+            request.metrics.finished_time = now
+            self.rejected.append((request, retry_after))
+        self.num_rejected += len(late)
+
+    def _tightest_tpot(self) -> float | None:
+        """The tightest TPOT target of the requests decoding here (None: none has one, or no estimator)."""
+        if self.estimator is None:
+            return None
+        targets = [
+            r.params.slo_tpot if r.params.slo_tpot is not None else self.default_slo_tpot
+            for r in self.running
+            if r.output_token_ids
+        ]
+        return min((t for t in targets if t is not None), default=None)
+
+    def _tpot_admits(self, batch: ScheduledBatch, request: Request, budget: int) -> bool:
+        """Whether a waiting request fits the TPOT budget before its blocks are taken: one token
+        of it when chunked, else all (a hand-off: the tokens after the KV it brings, joining the
+        decodes). Without prefix hits counted: a hit only makes the step cheaper."""
+        computed = request.kv_payload.shape[2] if request.kv_payload is not None else 0
+        tokens = request.num_tokens - computed
+        needed = 1 if self.chunked_prefill else tokens
+        return self._tpot_room(batch, request, min(needed, budget), computed) >= min(needed, budget)
+
+    def _tpot_room(
+        self, batch: ScheduledBatch, request: Request, num_tokens: int, computed: int | None = None
+    ) -> int:
+        """How many of the request's next `num_tokens` the step can take within the TPOT target:
+        the largest count whose predicted step time stays within it (predicted time grows with it).
+        `computed`: its tokens computed before them (default: as it stands)."""
+        target, estimator = self._tpot_target, self.estimator
+        if target is None or estimator is None or num_tokens <= 0:
+            return num_tokens
+        seqs = batch_seqs(batch)
+        prompt = request.num_prompt_tokens
+        computed = request.num_computed_tokens if computed is None else computed
+
+        def fits(n: int) -> bool:
+            seconds = estimator.step_seconds([*seqs, Seq(n, computed, prompt)])
+            return seconds is None or seconds <= target
+
+        low, high = 0, num_tokens  # fits(low) is assumed; find the largest n that fits
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low
 
     def _allocate(self, request: Request, batch: ScheduledBatch) -> bool:
         """Blocks for all the request's tokens; its computed tokens are then its prefix-cache hits,
@@ -203,6 +338,7 @@ class Scheduler:
 
     def finish(self, request: Request) -> None:
         """Release a finished (or aborted) request's blocks and forget it."""
+        self._late.discard(request.request_id)
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
@@ -210,3 +346,8 @@ class Scheduler:
         if self.blocks.has(request.request_id):
             self.blocks.free(request.request_id)
         request.status = RequestStatus.FINISHED
+
+
+def _urgency(request: Request) -> Urgency:
+    params = request.params
+    return Urgency(request.arrival_time, params.slo_ttft, params.priority)

@@ -19,6 +19,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from epd.cluster.router.auto_roles import RoleSwitchingOptions
     from epd.config import EngineConfig
     from epd.entrypoints.backend import EngineBackend
     from epd.inputs.processor import InputLimits, InputProcessor
@@ -168,8 +169,9 @@ class EngineArgs:
     )
     scheduling_policy: str = option(
         "fcfs",
-        "order of the encode and prefill queues: first come first served, least TTFT slack first "
-        "(deadline - now - predicted time), or lowest priority value first; under slo and priority "
+        "order of the encode and prefill queues: first come first served, earliest TTFT deadline "
+        "first (those that can no longer meet theirs after the others), or lowest priority value "
+        "first; under slo and priority "
         "a request that waited max-queue-wait seconds is served next",
         choices=("fcfs", "slo", "priority"),
     )
@@ -178,6 +180,22 @@ class EngineArgs:
     )
     max_queue_wait: float = option(
         10.0, "seconds a request may wait in a queue before it is served next, whatever its slack"
+    )
+    # SLO scheduling, parts 3 and 4 (epd.engine.scheduler, epd.engine.step_estimator).
+    slo_tpot: float | None = option(
+        None,
+        "TPOT target in seconds of a request that sets no slo_tpot: an instance that decodes keeps "
+        "each step's predicted time within the tightest target it holds (default: none)",
+    )
+    reject_late: bool = option(
+        False,
+        "refuse at once (429 with Retry-After) a request that cannot meet its TTFT deadline even if "
+        "served next, instead of serving it best-effort after the others",
+    )
+    slo_profile: str | None = option(
+        None,
+        "an `epd profile` file that predicts step times for SLO scheduling (default: each instance "
+        "fits its own recent steps)",
     )
     seed: int = option(0, "seed of weights (dummy) and unseeded sampling")
     attention_backend: str = option(
@@ -194,6 +212,31 @@ class EngineArgs:
     instance_restarts: int = option(5, "times a dead instance is started again (0: never)")
     switchable_roles: bool = option(
         False, "keep both model parts in host memory so that E can be switched at run time (admin API)"
+    )
+    # Automatic role switching (epd.cluster.router.auto_roles): its mode and knobs.
+    role_switching: str = option(
+        "off",
+        "auto: the router moves instances between roles by itself when the planner's simulator "
+        "predicts that another layout serves the recent requests better (off: only by hand, admin API)",
+        choices=("auto", "off"),
+    )
+    role_switching_profile: str | None = option(
+        None,
+        "profile (epd profile) whose cost model the automatic switching simulates with "
+        "(default: linear costs, calibrated from the instances' step times)",
+    )
+    role_switching_margin: float = option(
+        0.1,
+        "SLO attainment (a share) a new layout must be predicted to add before an automatic switch; "
+        "or, attainment no worse, twice this share off the mean latency",
+    )
+    role_switching_dwell: float = option(
+        30.0, "seconds an instance keeps its roles after a switch before it may be switched automatically"
+    )
+    role_switching_window: float = option(
+        30.0,
+        "seconds of recent requests the automatic switching predicts from (their attainment of "
+        "--slo-ttft and --slo-tpot; without either, their mean latency)",
     )
     limits: InputLimits = field(default_factory=_no_limits)
 
@@ -232,6 +275,9 @@ class EngineArgs:
                 scheduling_policy=self.scheduling_policy,
                 slo_ttft=self.slo_ttft,
                 max_queue_wait_s=self.max_queue_wait,
+                slo_tpot=self.slo_tpot,
+                reject_late=self.reject_late,
+                slo_profile=self.slo_profile,
             ),
             device=self.device,
             attention_backend=self.attention_backend,
@@ -249,6 +295,10 @@ class EngineArgs:
         config = self.engine_config()
         in_process = layout.num_instances == 1 and layout.is_aggregated and self.devices is None
         if in_process and self.launcher == "local":
+            if self.role_switching == "auto":
+                raise ValueError(
+                    f"role_switching auto needs instances to switch; layout {self.layout} has one"
+                )
             return LLMEngine(config, processor.tokenizer)
         launcher = make_launcher(self.launcher, self.ray_address)
         return Cluster(
@@ -265,7 +315,24 @@ class EngineArgs:
             silence_timeout_s=self.instance_silence_timeout,
             max_restarts=self.instance_restarts,
             switchable_roles=self.switchable_roles,
+            role_switching=self.role_switching_options(),
         )
+
+    def role_switching_options(self) -> RoleSwitchingOptions | None:
+        """The automatic role switching these options ask for; None when off. ValueError if bad."""
+        from epd.cluster.router.auto_roles import AutoRolesConfig, RoleSwitchingOptions
+
+        if self.role_switching not in ("auto", "off"):
+            raise ValueError(f"role_switching must be auto or off, not {self.role_switching!r}")
+        if self.role_switching == "off":
+            return None
+        config = AutoRolesConfig(
+            margin=self.role_switching_margin,
+            latency_margin=2 * self.role_switching_margin,
+            dwell_s=self.role_switching_dwell,
+            window_s=self.role_switching_window,
+        )
+        return RoleSwitchingOptions(config, self.role_switching_profile, self.slo_ttft, self.slo_tpot)
 
 
 def engine_options() -> list[Field]:

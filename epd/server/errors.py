@@ -9,7 +9,8 @@
 | 404    | invalid_request_error  | unknown model (code model_not_found) or route          |
 | 408    | invalid_request_error  | headers or body not received in time (request_timeout) |
 | 413    | invalid_request_error  | body over --max-request-bytes                          |
-| 429    | rate_limit_error       | admission full (with Retry-After)                      |
+| 429    | rate_limit_error       | admission full, or a request that cannot meet its TTFT |
+|        |                        | deadline with --reject-late (both with Retry-After)    |
 | 503    | service_unavailable    | an instance is down, the engine stopped, the server is |
 |        |                        | shutting down, or too many bodies are being received   |
 |        |                        | at once (with Retry-After)                             |
@@ -21,6 +22,7 @@ A 503 that ends a stream at shutdown arrives as an SSE error event, then `data: 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -79,6 +81,14 @@ class ShuttingDown(APIError):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def too_late(reason: str, retry_after: float) -> APIError:
+    """A 429 for a request refused because it cannot meet its TTFT deadline (--reject-late)."""
+    seconds = str(max(1, math.ceil(retry_after)))
+    return APIError(
+        429, f"request refused: {reason}", code="deadline_unmeetable", headers={"Retry-After": seconds}
+    )
 
 
 def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:

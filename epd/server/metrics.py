@@ -10,6 +10,7 @@
 | epd_e2e_request_latency_seconds          | histogram |                    | arrival -> last token         |
 | epd_request_stage_seconds                | histogram | stage              | RequestMetrics.breakdown()    |
 | epd_requests_admitted                    | gauge     |                    | admission count now           |
+| epd_requests_rejected_late_total         | counter   |                    | 429s of --reject-late         |
 | epd_instance_<stat>[_total]              | gauge/ctr | instance           | AsyncEngine.instance_stats()  |
 | epd_instance_up                          | gauge     | instance           | AsyncEngine.instances_up()    |
 | epd_role_switches_total                  | counter   | from_roles,        | AsyncEngine.role_switches()   |
@@ -17,6 +18,9 @@
 | epd_role_switch_phase_seconds            | histogram | phase              | switches done: drain,         |
 |                                          |           |                    | reconfigure (weights, memory),|
 |                                          |           |                    | rejoin, total                 |
+| epd_role_switches_auto_total             | counter   | from_roles,        | those of them started by      |
+|                                          |           | to_roles, reason,  | --role-switching auto; reason:|
+|                                          |           | outcome            | the stage relieved            |
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
@@ -81,6 +85,11 @@ class ServerMetrics:
             "seconds per stage of the request lifetime (and preprocess)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.rejected_late = Counter(
+            "epd_requests_rejected_late",
+            "requests refused with 429: they cannot meet their TTFT deadline (--reject-late)",
             registry=reg,
         )
         reg.register(_EngineCollector(instance_stats, instances_up, admitted))
@@ -198,6 +207,7 @@ class _SwitchCollector:
         for labels, count in sorted(counts.items()):
             switches.add_metric(list(labels), float(count))
         yield switches
+        yield _auto_switches(records)
         phases = HistogramMetricFamily(
             "epd_role_switch_phase_seconds", "seconds per phase of the role switches done", labels=["phase"]
         )
@@ -208,6 +218,24 @@ class _SwitchCollector:
             buckets.append(("+Inf", float(len(values))))
             phases.add_metric([phase], buckets, sum_value=float(sum(values)))
         yield phases
+
+
+def _auto_switches(records: list[dict]) -> CounterMetricFamily:
+    """The switches the automatic policy started (epd.cluster.router.auto_roles), by the stage each
+    relieved: a subset of epd_role_switches_total."""
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for r in records:
+        if r.get("trigger") == "auto":
+            key = (r["from"], r["to"], r.get("reason") or "", "failed" if r["error"] else "done")
+            counts[key] = counts.get(key, 0) + 1
+    family = CounterMetricFamily(
+        "epd_role_switches_auto",
+        "role switches the automatic policy started and that finished",
+        labels=["from_roles", "to_roles", "reason", "outcome"],
+    )
+    for labels, count in sorted(counts.items()):
+        family.add_metric(list(labels), float(count))
+    return family
 
 
 class StatusCounter:

@@ -12,7 +12,8 @@ Decisions (the fuzz tests hold us to them):
 - vLLM extensions: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
   `include_stop_str_in_output`, `return_token_ids`, `priority` (lower: sooner, with
   --scheduling-policy priority); epd's own: `epd_timings`, `slo_ttft` (seconds to the first token,
-  with --scheduling-policy slo; default --slo-ttft).
+  with --scheduling-policy slo; default --slo-ttft) and `slo_tpot` (seconds per output token after
+  the first: a decoding instance keeps its steps within it; default --slo-tpot).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class SamplingRequest(StrictModel):
     return_token_ids: bool = False
     epd_timings: bool = False
     slo_ttft: Annotated[float, Field(gt=0)] | None = None
+    slo_tpot: Annotated[float, Field(gt=0)] | None = None
     priority: Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)] = 0
     user: str | None = None  # accepted, ignored
     # OpenAI fields accepted only at their neutral value (see _NEUTRAL).

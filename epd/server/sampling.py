@@ -53,6 +53,7 @@ def build_sampling_params(
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             slo_ttft=req.slo_ttft,
+            slo_tpot=req.slo_tpot,
             priority=req.priority,
         )
     except ValueError as e:

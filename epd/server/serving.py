@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
-from epd.server.errors import APIError, ClientGone, ShuttingDown, bad_request
+from epd.server.errors import APIError, ClientGone, ShuttingDown, bad_request, too_late
 from epd.server.formatting import DeltaTracker, ResponseFormatter
 from epd.server.metrics import RequestTiming
 from epd.server.state import Drain, ServerState, Slot
@@ -99,6 +99,9 @@ async def _tracked(
         async for out in outputs:
             if out.error is not None and out.invalid_input:
                 raise bad_request(out.error)  # found where the image was decoded
+            if out.error is not None and out.retry_after is not None:
+                state.metrics.rejected_late.inc()
+                raise too_late(out.error, out.retry_after)
             if out.error is not None:
                 raise APIError(503, f"the request failed in the engine: {out.error}")
             if timing.first_token is None and out.outputs[0].token_ids:

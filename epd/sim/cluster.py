@@ -6,6 +6,9 @@
 | instance     | `InstanceCore` with scripted (or cost-model)| `SimInstance` (epd.sim.node): own clock,    |
 |              | compute: no weights are loaded              | inbox, stamped outbox                       |
 | connectors   | `MemoryConnector`s of one `MemoryNetwork`   | the harness lands transfers when due        |
+| role switches| `RoleSwitches` (by hand: `switches.request`)| the harness feeds it replies and ticks it;  |
+|              | and, with `role_switching`, the automatic   | the policy looks every `SWITCH_TICK_S` of   |
+|              | policy (epd.cluster.router.auto_driver)     | virtual time while requests are in flight   |
 
 The checkpoint directory is still read for its config, tokenizer and image processor files.
 """
@@ -21,6 +24,9 @@ from epd.cluster.instance import InstanceConfig, InstanceCore
 from epd.cluster.instance.core import Compute
 from epd.cluster.layout import InstanceSpec, Layout
 from epd.cluster.router import InstanceHandle, RouterCore
+from epd.cluster.router.auto_driver import AutoRoleSwitching
+from epd.cluster.router.auto_roles import RoleSwitchingOptions
+from epd.cluster.router.role_switch import RoleSwitches
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
 from epd.sim.costs import LinearCosts
@@ -44,6 +50,8 @@ class ClusterSpec:
     mm_cache_bytes: int = 16 << 20  # per E and P instance
     max_encode_batch_patches: int = 49152
     kv_streaming: str = "request"
+    # Automatic role switching (epd.cluster.router.auto_roles); None: the layout stays as it is.
+    role_switching: RoleSwitchingOptions | None = None
     host_costs: HostCosts | None = None  # the CPU's work around the model (None: free)
 
 
@@ -76,6 +84,17 @@ class SimCluster:
         self.by_name = {node.name: node for node in self.nodes}
         self.by_address = {node.connector.address: node for node in self.nodes}
         self.router = RouterCore([self._handle(node) for node in self.nodes], self.clock)
+        self.switches = RoleSwitches(self.router)
+        self.auto = self._auto_switching()
+
+    def _auto_switching(self) -> AutoRoleSwitching | None:
+        """Inline, not on a thread: virtual time, not the machine's speed, decides when it acts."""
+        if self.spec.role_switching is None:
+            return None
+        from epd.cluster.router.auto_roles_sim import simulated_policy  # it builds SimClusters
+
+        policy = simulated_policy(self.spec.role_switching, self.spec)
+        return AutoRoleSwitching(self.router, self.switches, policy, background=False)
 
     def _node(self, instance: InstanceSpec, compute: Compute) -> SimInstance:
         spec = self.spec

@@ -72,6 +72,7 @@ def simulate_spec(args: argparse.Namespace, engine_args: EngineArgs) -> Simulate
         wire_bytes=ModelWireBytes.of(real.model),
         mm_cache_bytes=narrow_mm_cache_bytes(real.model, engine_args.mm_cache_bytes, MM_BLOCK_SIZE),
         kv_streaming=resolve_kv_streaming(engine_args.kv_streaming, connector),
+        role_switching=engine_args.role_switching_options(),  # predicts with this simulation's costs
         host_costs=costs.host,
     )
     tokenizer = args.tokenizer or engine_args.model

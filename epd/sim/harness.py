@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
-from epd.cluster.messages import encode
+from epd.cluster.messages import SetRolesReply, encode
 from epd.cluster.router import Outgoing
 from epd.outputs import RequestOutput
 from epd.sim.cluster import ROUTER, SimCluster
@@ -33,6 +33,8 @@ from epd.sim.events import EventLog, EventQueue, LogEntry
 from epd.sim.host_costs import front_end_delay, patches_delay
 from epd.sim.node import SimInstance, Stamped
 from epd.sim.workload import SimRequest
+
+SWITCH_TICK_S = 0.1  # virtual seconds between the automatic role-switching policy's looks
 
 
 @dataclass
@@ -46,6 +48,7 @@ class SimResult:
     sent_at: dict[str, float] = field(default_factory=dict)  # when each request was sent (front end starts)
     # Per request, (virtual time, tokens so far) each time the router had more of its tokens.
     token_times: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    switches: list[dict] = field(default_factory=list)  # role switches finished (RoleSwitch.to_dict)
 
 
 class Harness:
@@ -65,6 +68,8 @@ class Harness:
         # were last asked. Any other is busy, asleep or idle, and asking it would change nothing.
         self.position = {node.name: i for i, node in enumerate(cluster.nodes)}
         self.to_ask: set[str] = set(self.position)
+        self.switches, self.auto = cluster.switches, cluster.auto
+        self.to_arrive = 0  # requests not yet at the router (the policy looks until none is)
 
     def run(self, requests: list[SimRequest]) -> SimResult:
         """Serve `requests` (each at its arrival time, at most `max_in_flight` at once) until nothing
@@ -81,6 +86,9 @@ class Harness:
     def _run(self, requests: list[SimRequest]) -> SimResult:
         for request in requests:
             self.queue.push(request.arrival_time, self._arrive, request)
+        self.to_arrive = len(requests)
+        if self.auto is not None:
+            self.queue.push(0.0, self._look)
         while True:
             if self._turn_free_instances():
                 continue  # a turn that cost no time left more to do now
@@ -115,11 +123,17 @@ class Harness:
 
     def _admit(self, request: SimRequest) -> None:
         now = self.clock.now()
+        self.to_arrive -= 1
         self._send(self.router.add_request(request.request_id, request.prompt, request.params, now))
+        if self.auto is not None:
+            self.auto.note_request(request.prompt, request.params)
 
     def _to_router(self, source: str, message: msgspec.Struct) -> None:
         self._record_message(source, ROUTER, message)
         self._send(self.router.handle(message))
+        if isinstance(message, SetRolesReply):
+            self.switches.on_reply(message)
+        self._send(self.switches.tick())  # a drain may have ended: [] when nothing switches
         if self.held:
             self._send_held()
 
@@ -139,6 +153,15 @@ class Harness:
         times = self.token_times.setdefault(output.request_id, [])
         if count > (times[-1][1] if times else 0):
             times.append((self.clock.now(), count))
+
+    def _look(self) -> None:
+        """The automatic policy's periodic look (the production router's poll), while anything is
+        left to serve."""
+        assert self.auto is not None
+        self._send(self.switches.tick())
+        self._send(self.auto.tick())
+        if self.to_arrive or self.router.has_unfinished() or self.switches.busy():
+            self.queue.push(self.clock.now() + SWITCH_TICK_S, self._look)
 
     # ---- the instances' side ------------------------------------------------------------------
 
@@ -196,6 +219,7 @@ class Harness:
             {n.name: n.num_turns for n in nodes},
             self.sent_at,
             self.token_times,
+            self.switches.records(),
         )
 
 

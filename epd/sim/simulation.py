@@ -75,6 +75,7 @@ def simulate_rate(spec: SimulateSpec, index: int, processor: InputProcessor) -> 
         "log_digest": result.log.digest(),
         "leftovers": result.leftovers,
         "busy_s": result.busy_s,
+        "role_switches": result.switches,  # with --role-switching auto: what it switched, when
     }
     return record, figure
 

@@ -20,7 +20,7 @@ from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.stage import Outbox
 from epd.cluster.kv_handoff import KVSender
 from epd.cluster.layout import Role
-from epd.cluster.messages import RequestUpdate
+from epd.cluster.messages import RequestError, RequestUpdate
 from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import HandOff, LLMEngine
 from epd.engine.mm_cache import MMCache
@@ -85,6 +85,11 @@ class EngineHost:
         advanced = self.engine.step_requests()
         for request in advanced:
             self._report(request)
+        for out in self.engine.take_rejected():  # --reject-late: the router answers 429
+            self.outbox.send(
+                RequestError(self.instance_id, out.request_id, out.error or "", retry_after=out.retry_after)
+            )
+            self._forget(out.request_id)
         return advanced
 
     def continues_at(self, request_id: str, num_tokens: int) -> None:

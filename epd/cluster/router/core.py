@@ -471,7 +471,7 @@ class RouterCore:
         if record is not None and transfer_gave_up(msg.error):
             self._transfer_failed(record, f"{msg.instance}: {msg.error}")
         elif record is not None:
-            record.invalid_input = msg.invalid_input
+            record.invalid_input, record.retry_after = msg.invalid_input, msg.retry_after
             self._fail(record, msg.error if msg.invalid_input else f"{msg.instance}: {msg.error}")
 
     def _instance_ready(self, msg: InstanceReady) -> None:

@@ -145,6 +145,7 @@ class RequestRecord:
     num_cached_tokens: int = 0
     error: str | None = None
     invalid_input: bool = False  # the error is the request's own (a corrupt image): a 400
+    retry_after: float | None = None  # refused as late (--reject-late): a 429 with Retry-After
     early: list[RequestUpdate] = field(default_factory=list)  # updates that arrived out of order
     attempt: int = 0  # 0 first; each start-over (recovery.py) adds one
     wire_id: str = ""  # the id its instances know it by, this attempt (the request id at first)
@@ -192,4 +193,5 @@ class RequestRecord:
             self.num_cached_tokens,
             self.error,
             self.invalid_input,
+            self.retry_after,
         )

@@ -120,6 +120,8 @@ class RoleSwitch:
     instance_timings: dict[str, float] = field(default_factory=dict)  # "weights", "memory"
     migrated: int = 0  # running requests moved to other decode instances while it drained
     unmovable: set[str] = field(default_factory=set, repr=False)  # refused a move: they end here
+    trigger: str = "admin"  # who asked: "admin" (the API, by hand) or "auto" (auto_roles.py)
+    reason: str | None = None  # an automatic switch's: the stage it relieves (encode, prefill, decode)
     listeners: list[Callable[[dict], None]] = field(default_factory=list, repr=False)
 
     def timings(self) -> dict[str, float | None]:
@@ -147,6 +149,8 @@ class RoleSwitch:
             "attempts": self.attempts,
             "migrated": self.migrated,
             "timings": self.timings(),
+            "trigger": self.trigger,
+            "reason": self.reason,
         }
 
 
@@ -167,15 +171,21 @@ class RoleSwitches:
     # ---- the interface ------------------------------------------------------------------------
 
     def request(
-        self, name: str, letters: str, on_done: Callable[[dict], None] | None = None
+        self,
+        name: str,
+        letters: str,
+        on_done: Callable[[dict], None] | None = None,
+        trigger: str = "admin",
+        reason: str | None = None,
     ) -> tuple[RoleSwitch, list[Outgoing]]:
         """Start switching `name` to the roles `letters` names; SwitchError if it cannot start.
         `on_done` hears the switch's `to_dict()` once it is done or failed. The same roles again
-        is a switch done at once (nothing drains)."""
+        is a switch done at once (nothing drains). `trigger`, `reason`: who asked, and why."""
         handle = self._check(name, letters)
         before, after = role_letters(handle.spec.roles), role_letters(parse_roles(letters))
         now = self.core.clock.monotonic()
-        switch = RoleSwitch(name, before, after, now, listeners=[on_done] if on_done else [])
+        listeners = [on_done] if on_done else []
+        switch = RoleSwitch(name, before, after, now, listeners=listeners, trigger=trigger, reason=reason)
         if before == after:
             switch.state, switch.sent = SwitchState.DONE, now
             switch.replied = switch.rejoined = now

@@ -2,7 +2,9 @@
 
 The core decides and returns messages; the shell sends them and feeds the core what arrives, so
 the same core runs behind ZMQ in production and behind in-memory queues in tests and the simulator.
-Role switches (role_switch.py) sit next to the core the same way: fed the replies, ticked each poll.
+Role switches (role_switch.py) sit next to the core the same way: fed the replies, ticked each poll;
+and so does the automatic policy (`auto_policy`: auto_driver.py), which sees every request arrive and
+may start a switch on any poll.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable, Iterable
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.messages import InstanceReady, SetRolesReply, ToInstance
+from epd.cluster.router.auto_driver import AutoRoleSwitching
+from epd.cluster.router.auto_roles import AutoRoles
 from epd.cluster.router.control_plane import ControlPlane
 from epd.cluster.router.core import InstanceHandle, Outgoing, RouterCore
 from epd.cluster.router.ledger import LoadLedger
@@ -30,10 +34,12 @@ class Router:
         clock: Clock = WALL_CLOCK,
         placement: Placement | None = None,
         silence_timeout_s: float | None = None,
+        auto_policy: AutoRoles | None = None,
     ) -> None:
         self.core = RouterCore(instances, clock, placement, silence_timeout_s)
         self.switches = RoleSwitches(self.core)
         self.control = control
+        self.auto = None if auto_policy is None else AutoRoleSwitching(self.core, self.switches, auto_policy)
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -45,6 +51,8 @@ class Router:
         arrival_time: float | None = None,
     ) -> None:
         self._deliver(self.core.add_request(request_id, prompt, params, arrival_time))
+        if self.auto is not None:
+            self.auto.note_request(prompt, params)
 
     def abort(self, request_id: str) -> None:
         self._deliver(self.core.abort(request_id))
@@ -70,6 +78,8 @@ class Router:
                 self.switches.on_reply(message)
         self._deliver(self.core.tick())
         self._deliver(self.switches.tick())
+        if self.auto is not None:
+            self._deliver(self.auto.tick())
         return self.core.take_outputs()
 
     def wake(self) -> None:
@@ -81,6 +91,11 @@ class Router:
         for handle in self.instances.values():
             if handle.alive:
                 self.control.send(handle.name, message)
+
+    def close(self) -> None:
+        """Stop the automatic policy's thread (the control plane is closed by its owner)."""
+        if self.auto is not None:
+            self.auto.close()
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
