@@ -36,7 +36,7 @@ def test_the_json_says_what_was_measured_where(tiny_profile):
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     assert meta["model_config_sha256"] == hashlib.sha256(canonical).hexdigest()
     assert meta["epd_version"] and meta["torch_version"] and meta["graph_sizes"] == []
-    assert set(data["stages"]) == {"prefill", "decode", "encode"}
+    assert set(data["stages"]) == {"prefill", "decode", "encode", "front_end", "patches"}
     assert set(data["transfers"]) == {"shm", "tcp"}
     for stage in [*data["stages"].values(), *data["transfers"].values()]:
         assert stage["measurements"] and all(m["seconds"] > 0 for m in stage["measurements"])
