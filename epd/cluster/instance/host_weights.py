@@ -41,15 +41,21 @@ class HostWeights:
 
     def __init__(self, model: ModelConfig, device: torch.device) -> None:
         self.model_config, self.device = model, device
+        # Dummy weights are drawn on the GPU and copied down: drawing 16 GB of them on the host
+        # took minutes (epd.models.loader.init_dummy_weights), real ones are read on the host.
+        on_gpu = device.type == "cuda" and model.load_format == "dummy"
         full = build_model(
             model.model,
             parts=ALL_PARTS,
             dtype=model.torch_dtype,
-            device="cpu",
+            device=device if on_gpu else "cpu",
             load_format=model.load_format,
             seed=model.seed,
         )
         self.tensors = _pinned(full.state_dict()) if device.type == "cuda" else full.state_dict()
+        del full  # on a GPU: its memory goes back before the instance sizes its caches
+        if on_gpu:
+            torch.cuda.empty_cache()
         self.copy_seconds = 0.0  # of the last part built: the "weights" phase of a switch
 
     @property
@@ -118,7 +124,7 @@ def _pinned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in tensors.items():
         key = tensor.untyped_storage().data_ptr()
-        if key not in by_storage:
-            by_storage[key] = tensor.pin_memory()
+        if key not in by_storage:  # from the host or from the GPU it was drawn on
+            by_storage[key] = torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
         out[name] = by_storage[key]
     return out
