@@ -61,12 +61,33 @@ def load_model_parts(
     instance: str | None,
 ) -> ModelParts:
     """The model from its checkpoint (only the parts this engine needs), its KV cache and runner."""
-    mc, cc = config.model, config.cache
-    device = torch.device(config.device)
+    mc = config.model
     parts = ALL_PARTS if encode_locally else frozenset({LANGUAGE})
     model = build_model(
-        mc.model, parts=parts, dtype=mc.torch_dtype, device=device, load_format=mc.load_format, seed=mc.seed
+        mc.model,
+        parts=parts,
+        dtype=mc.torch_dtype,
+        device=torch.device(config.device),
+        load_format=mc.load_format,
+        seed=mc.seed,
     )
+    return parts_around(
+        model, config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
+    )
+
+
+def parts_around(
+    model: torch.nn.Module,
+    config: EngineConfig,
+    *,
+    encode_locally: bool,
+    mm_cache: MMCache | None,
+    clock: Clock,
+    instance: str | None,
+) -> ModelParts:
+    """A loaded `model`'s KV cache (sized from what it leaves of the device) and runner."""
+    mc, cc = config.model, config.cache
+    device = torch.device(config.device)
     num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
         mc.hf.text, cc.block_size, mc.torch_dtype, resolve_kv_cache_bytes(config, model)
     )

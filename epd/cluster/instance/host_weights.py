@@ -25,11 +25,8 @@ from torch import nn
 
 from epd.clock import Clock
 from epd.config import EngineConfig, ModelConfig
-from epd.engine.factory import ModelParts, choose_embedder
-from epd.engine.kv_cache import num_blocks_for_memory
-from epd.engine.memory import resolve_kv_cache_bytes
+from epd.engine.factory import ModelParts, parts_around
 from epd.engine.mm_cache import MMCache
-from epd.engine.model_runner import ModelRunner
 from epd.models.config import VLModelConfig
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE, VISION
@@ -97,24 +94,10 @@ class HostWeights:
     ) -> ModelParts:
         """A `PartsFactory` (epd.engine.factory) over the host copy: as `load_model_parts`, with the
         model built from host memory instead of read from the checkpoint."""
-        mc, cc = config.model, config.cache
         model = self.build(ALL_PARTS if encode_locally else frozenset({LANGUAGE}))
-        num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
-            mc.hf.text, cc.block_size, mc.torch_dtype, resolve_kv_cache_bytes(config, model)
+        return parts_around(
+            model, config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
         )
-        embedder = choose_embedder(model if encode_locally else None, mm_cache, self.device, clock, instance)
-        runner = ModelRunner(
-            model,
-            num_blocks,
-            cc.block_size,
-            self.device,
-            mc.torch_dtype,
-            embedder,
-            config.attention_backend,
-            config.cuda_graphs,
-            config.scheduler.max_num_seqs,
-        )
-        return ModelParts(runner, num_blocks, model)
 
 
 def _pinned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
