@@ -27,7 +27,10 @@ from epd.sim.workload import SimRequest
 # Body fields of a request that become its sampling params (as the server reads them), besides
 # max_tokens. Dataset lines may carry more; the server would take those too, the simulation has
 # nothing to do with them.
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos")
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+    "slo_ttft", "slo_tpot", "priority",  # what the server's extension fields set (epd.server.sampling)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

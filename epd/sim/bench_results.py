@@ -17,7 +17,7 @@ not scored (the scripted model's text means nothing), so `expected` is left out.
 
 from __future__ import annotations
 
-from epd.bench.serve.client import RequestResult
+from epd.bench.serve.client import RequestResult, own_slo
 from epd.outputs import RequestOutput
 from epd.sim.bench_requests import BenchRun, request_id
 from epd.sim.harness import SimResult
@@ -31,6 +31,7 @@ def request_results(run: BenchRun, result: SimResult) -> list[RequestResult]:
     for i, drawn in enumerate(run.drawn):
         r = RequestResult(i, run.offsets[i], num_images=drawn.num_images)
         r.prompt_text_tokens = drawn.prompt_text_tokens
+        own_slo(r, drawn)
         rid = request_id(i)
         r.sent_s = result.sent_at.get(rid, run.offsets[i])
         if i in run.refused:

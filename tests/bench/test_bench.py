@@ -44,6 +44,9 @@ REQUEST_KEYS |= {
     "expected",
     "correct",
     "epd_timings",
+    "request_class",  # a --classes workload's; with its own SLO
+    "slo_ttft",
+    "slo_tpot",
 }
 
 

@@ -159,6 +159,15 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
         help="image sizes: one, a list (equally likely) or with probabilities",
     )
     g.add_argument("--image-reuse", type=share, default=0.0, help="share of images repeating an earlier one")
+    g.add_argument(
+        "--classes",
+        type=_classes,
+        default=(),
+        metavar="FILE|JSON",
+        help="a mix of request classes (synthetic): a JSON list (inline or a .json file) of {name, share, "
+        "images_per_request, image_size, output_tokens, slo_ttft, slo_tpot}; each request is of one, "
+        "carries its SLO to the server and is judged by it (see epd/bench/serve/classes.py)",
+    )
     g.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt (synthetic)")
     g.add_argument(
         "--output-tokens",
@@ -248,6 +257,7 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
         temperature=args.temperature,
         ignore_eos=not args.no_ignore_eos,
         tokenizer=args.tokenizer,
+        classes=getattr(args, "classes", ()),
     )
 
 
@@ -267,6 +277,8 @@ def check_workload_args(args: argparse.Namespace) -> None:
         args.parser.error("--num-requests must be >= 1 and --warmup >= 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         args.parser.error("--max-concurrency must be >= 1")
+    if getattr(args, "classes", ()) and args.workload != "synthetic":
+        args.parser.error("--classes mixes synthetic requests: use it with --workload synthetic")
     if args.workload == "jsonl" and not args.dataset_path:
         args.parser.error("--workload jsonl needs --dataset-path FILE")
     if args.arrival == "gamma" and args.burstiness <= 0:
@@ -366,3 +378,12 @@ def run_compare_command(args: argparse.Namespace) -> int:
         return 1
     Console().print(comparison_table(rows))
     return 0
+
+
+def _classes(text: str) -> tuple:
+    from epd.bench.serve.classes import parse_classes
+
+    try:
+        return parse_classes(text)
+    except (ValueError, OSError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

@@ -60,6 +60,9 @@ class RequestResult:
     expected: str | None = None
     correct: bool | None = None
     epd_timings: dict | None = None
+    request_class: str | None = None  # a mixed workload's class (--classes)
+    slo_ttft: float | None = None  # its class's SLO, judged instead of the run's
+    slo_tpot: float | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -126,6 +129,7 @@ async def send(
     result.num_images = prepared.request.num_images
     result.prompt_text_tokens = prepared.request.prompt_text_tokens
     result.expected = prepared.request.expected
+    own_slo(result, prepared.request)
     stream = _Stream(result, start)
     try:
         async with client.stream("POST", url, content=prepared.payload) as resp:
@@ -153,3 +157,11 @@ async def _read_events(resp: httpx.Response, stream: _Stream) -> None:
             return
         stream.absorb(json.loads(data), time.perf_counter())
     raise _StreamError("the stream ended without [DONE]")
+
+
+def own_slo(result: RequestResult, request: BenchRequest) -> None:
+    """A mixed workload's request: its class and the SLO that judges it."""
+    if request.request_class is not None:
+        result.request_class = request.request_class
+        slo = request.slo
+        result.slo_ttft, result.slo_tpot = (slo.ttft, slo.tpot) if slo is not None else (None, None)

@@ -5,7 +5,8 @@
 | percentiles      | numpy's linear interpolation between order statistics (as vLLM's bench)          |
 | throughput       | completed requests (or tokens) / run duration (first send to last answer)        |
 | SLO attainment   | share of ALL requests with TTFT <= slo_ttft and TPOT <= slo_tpot (failures miss; |
-|                  | a one-token answer has no TPOT and meets that half)                              |
+|                  | a one-token answer has no TPOT and meets that half); a request of a --classes    |
+|                  | class is judged by its class's SLO, and "classes" gives each class's figures     |
 | goodput (run)    | requests meeting the SLO per second of the run (vLLM's "request goodput")        |
 | goodput (sweep)  | highest offered rate with attainment >= 90%, interpolated linearly between the   |
 |                  | highest passing rate and the next one (DistServe's definition)                   |
@@ -38,18 +39,27 @@ def distribution(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
 
 
+def slo_of(r: RequestResult, slo: SLO) -> SLO:
+    """What judges `r`: its class's SLO where it has one (--classes), else the run's."""
+    return SLO(
+        r.slo_ttft if r.slo_ttft is not None else slo.ttft,
+        r.slo_tpot if r.slo_tpot is not None else slo.tpot,
+    )
+
+
 def meets_slo(r: RequestResult, slo: SLO) -> bool:
     if not r.ok:
         return False
-    if slo.ttft is not None and (r.ttft is None or r.ttft > slo.ttft):
+    own = slo_of(r, slo)
+    if own.ttft is not None and (r.ttft is None or r.ttft > own.ttft):
         return False
     tpot = r.tpot
-    return slo.tpot is None or tpot is None or tpot <= slo.tpot
+    return own.tpot is None or tpot is None or tpot <= own.tpot
 
 
 def attainment(results: Sequence[RequestResult], slo: SLO) -> float | None:
-    """Share of requests meeting the SLO; None when no SLO is given."""
-    if not slo.given or not results:
+    """Share of requests meeting their SLO; None when none has one."""
+    if not results or not any(slo_of(r, slo).given for r in results):
         return None
     return sum(meets_slo(r, slo) for r in results) / len(results)
 
@@ -99,6 +109,24 @@ def summarize(results: Sequence[RequestResult], duration: float, slo: SLO) -> di
         "slo_attainment": reach,
         "goodput": None if reach is None else sum(meets_slo(r, slo) for r in results) / duration,
         "accuracy": sum(bool(r.correct) for r in scored) / len(scored) if scored else None,
+        **({"classes": by_class(results, slo)} if any(r.request_class for r in results) else {}),
+    }
+
+
+def by_class(results: Sequence[RequestResult], slo: SLO) -> dict[str, dict]:
+    """Per class of a mixed workload: requests, completed, attainment of its own SLO, TTFT and TPOT."""
+    classes: dict[str, list[RequestResult]] = {}
+    for r in results:
+        classes.setdefault(r.request_class or "-", []).append(r)
+    return {
+        name: {
+            "requests": len(rs),
+            "completed": sum(r.ok for r in rs),
+            "slo_attainment": attainment(rs, slo),
+            "ttft": distribution([r.ttft for r in rs if r.ok and r.ttft is not None]),
+            "tpot": distribution([t for r in rs if r.ok and (t := r.tpot) is not None]),
+        }
+        for name, rs in sorted(classes.items())
     }
 
 

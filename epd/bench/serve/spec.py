@@ -4,6 +4,7 @@
 |---------------|--------------------------------------------------------------------------------|
 | WorkloadSpec  | --workload --images-per-request --image-size --image-reuse --prompt-tokens     |
 |               | --output-tokens --text-only-share --dataset-path --temperature --ignore-eos    |
+|               | --classes (RequestClass: a mix, each class its own images, output and SLO)     |
 | ArrivalSpec   | --rate / --rates --arrival --burstiness --max-concurrency                      |
 | SLO           | --slo-ttft --slo-tpot                                                          |
 | PhaseSpec     | --phases: each phase's workload and arrivals (epd.bench.serve.phases)          |
@@ -31,6 +32,29 @@ class SizeBucket:
 
 
 @dataclass(frozen=True)
+class SLO:
+    ttft: float | None = None  # seconds
+    tpot: float | None = None  # seconds
+
+    @property
+    def given(self) -> bool:
+        return self.ttft is not None or self.tpot is not None
+
+
+@dataclass(frozen=True)
+class RequestClass:
+    """One class of a mixed workload (--classes, epd.bench.serve.classes): its share of the
+    requests, their images and output length, and the SLO its requests carry and are judged by."""
+
+    name: str
+    share: float
+    images_per_request: tuple[int, int] = (1, 1)
+    image_sizes: tuple[SizeBucket, ...] = (SizeBucket(512, 512),)
+    output_tokens: int = 128
+    slo: SLO = SLO()
+
+
+@dataclass(frozen=True)
 class WorkloadSpec:
     kind: str = "synthetic"
     images_per_request: tuple[int, int] = (1, 1)  # inclusive range, drawn uniformly
@@ -43,6 +67,9 @@ class WorkloadSpec:
     temperature: float = 0.0
     ignore_eos: bool = True  # synthetic only: every request then generates exactly output_tokens
     tokenizer: str | None = None  # for exact prompt lengths; None: from the model directory if local
+    # A mix of classes (synthetic only): each request is of one, drawn by share; its images, output
+    # length and SLO are the class's (the flags above then set only the prompt and reuse).
+    classes: tuple[RequestClass, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,16 +90,6 @@ class ArrivalSpec:
         if math.isinf(self.rate):
             return f"closed, {self.max_concurrency} at once" if self.max_concurrency else "all at once"
         return f"{self.rate:g} req/s"
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft: float | None = None  # seconds
-    tpot: float | None = None  # seconds
-
-    @property
-    def given(self) -> bool:
-        return self.ttft is not None or self.tpot is not None
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ class _ImagePool:
         self.spec, self.seed, self.namespace, self.image_url = spec, seed, namespace, image_url
         self.urls: list[str] = []
 
-    def draw(self, rng: random.Random) -> str:
+    def draw(self, rng: random.Random, sizes: tuple[SizeBucket, ...] | None = None) -> str:
         if self.urls and rng.random() < self.spec.image_reuse:
             return rng.choice(self.urls)
-        bucket = _pick_size(self.spec.image_sizes, rng)
+        bucket = _pick_size(sizes or self.spec.image_sizes, rng)
         image_seed = derive_seed(self.seed, self.namespace, "image", len(self.urls))
         url = self.image_url(bucket.width, bucket.height, image_seed)
         self.urls.append(url)
@@ -83,6 +83,9 @@ def synthetic_requests(
         extra["ignore_eos"] = True
     requests = []
     for _ in range(n):
+        if spec.classes:
+            requests.append(_class_request(spec, rng, pool, text, extra))
+            continue
         text_only = rng.random() < spec.text_only_share
         num_images = 0 if text_only else rng.randint(*spec.images_per_request)
         urls = [pool.draw(rng) for _ in range(num_images)]
@@ -93,3 +96,21 @@ def synthetic_requests(
             )
         )
     return requests
+
+
+def _class_request(
+    spec: WorkloadSpec, rng: random.Random, pool: _ImagePool, text: PromptText, extra: dict
+) -> BenchRequest:
+    """One request of a class drawn by share (epd.bench.serve.classes): its images, output length,
+    and its SLO sent along (the server's slo_ttft / slo_tpot fields)."""
+    cls = rng.choices(spec.classes, weights=[c.share for c in spec.classes])[0]
+    num_images = rng.randint(*cls.images_per_request)
+    urls = [pool.draw(rng, cls.image_sizes) for _ in range(num_images)]
+    prompt, counted = text.make(spec.prompt_tokens, rng)
+    fields = dict(extra)
+    if cls.slo.ttft is not None:
+        fields["slo_ttft"] = cls.slo.ttft
+    if cls.slo.tpot is not None:
+        fields["slo_tpot"] = cls.slo.tpot
+    message = user_message(urls, prompt)
+    return BenchRequest(message, cls.output_tokens, num_images, fields, None, counted, cls.name, cls.slo)

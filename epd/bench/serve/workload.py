@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from epd.bench.serve.spec import WorkloadSpec
+from epd.bench.serve.spec import SLO, WorkloadSpec
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class BenchRequest:
     extra: dict = field(default_factory=dict)  # temperature, ignore_eos, a dataset's own fields
     expected: str | None = None  # reference answer: scored with the demo task's exact match
     prompt_text_tokens: int | None = None  # text tokens of the prompt, when a tokenizer was at hand
+    request_class: str | None = None  # its class in a mixed workload (--classes)
+    slo: SLO | None = None  # its class's SLO, which judges it instead of the command's
 
 
 def build_requests(
