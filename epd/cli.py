@@ -198,6 +198,12 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-images-per-request", type=int, default=16, help="images in one request")
     g.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=4096,
+        help="frames per video file, checked from its header (sampling decodes up to the last one)",
+    )
+    g.add_argument(
         "--max-image-pixels",
         type=int,
         default=None,
@@ -317,6 +323,7 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
         max_image_pixels=max_image_pixels_of(args, model),
         max_image_bytes=args.max_image_bytes,
         remote_fetcher=fetcher,
+        max_video_frames=args.max_video_frames,
     )
     options = {f.name: engine_option_value(args, f) for f in engine_options()}
     return EngineArgs(model, **options, limits=limits)

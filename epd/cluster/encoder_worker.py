@@ -255,7 +255,7 @@ class PixelDecoder:
         return self.pool.submit(patches_from_file, item.file, self.cfg, tuple(item.grid))
 
     def expand(self, raw: torch.Tensor) -> torch.Tensor:
-        return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size)
+        return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size, self.cfg.patch_size)
 
 
 def _log_batch(batch: list[_Job], start: float, expanded: float, launched: float, end: float) -> None:

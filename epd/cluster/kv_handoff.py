@@ -95,6 +95,7 @@ def handoff_meta(request: Request) -> dict[str, Any]:
         "placeholders": [(p.offset, p.length) for p in request.prompt.placeholders],
         "image_hashes": [img.content_hash for img in request.prompt.images],
         "grids": [img.grid_thw for img in request.prompt.images],
+        "time_intervals": [img.time_interval for img in request.prompt.images],
         "params": msgspec.to_builtins(request.params),
         "first_token": request.output_token_ids[-1],
         "earlier_token_ids": request.output_token_ids[:-1],

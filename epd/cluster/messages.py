@@ -57,6 +57,8 @@ class PrefillTask(msgspec.Struct, tag=True):
     # The tokens the request produced already (a continuation: its decode instance died). They are
     # prefilled after the prompt, and the token sampled after them is the next one it outputs.
     output_token_ids: list[int] = []
+    # Each item's M-RoPE time step per temporal patch (a Qwen2.5-VL video's); empty: all 1.
+    time_intervals: list[float] = []
 
 
 class ReleaseEmbedding(msgspec.Struct, tag=True):

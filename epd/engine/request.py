@@ -71,8 +71,9 @@ class Request:
         self.image_embeds = [None] * len(self.prompt.images)
         grids = [img.grid_thw for img in self.prompt.images]
         spans = [(p.offset, p.length) for p in self.prompt.placeholders]
+        intervals = [img.time_interval for img in self.prompt.images]
         self.prompt_positions, self.mrope_delta = mrope_positions(
-            len(self.prompt.prompt_token_ids), spans, grids, self.merge_size
+            len(self.prompt.prompt_token_ids), spans, grids, self.merge_size, intervals
         )
 
     def record(self, event: Event, at: float, instance: str | None = None, item: int | None = None) -> None:

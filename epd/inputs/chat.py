@@ -21,6 +21,11 @@ Accepted message shape (anything else raises `InvalidInputError`):
     part = {"type": "text", "text": str}
          | {"type": "image_url", "image_url": {"url": str} | str}   # data:/file: URL or local path
          | {"type": "image", "image": PIL image | str | bytes}
+         | {"type": "video_url", "video_url": {"url": str} | str}   # a video file: data: URL or path
+         | {"type": "video", "video": [PIL frames] | str | bytes}  # offline: frames or a file
+
+Image and video parts reach the template as {"type": "image"} / {"type": "video"} parts (as vLLM
+hands them over), and their sources come back in order, images and videos apart.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -56,6 +61,7 @@ class RenderedChat:
     # template rewrote message text so that its place in `text` is unknown.
     message_spans: tuple[tuple[int, int], ...] | None = ()
     message_texts: tuple[str, ...] = ()  # the non-empty message texts, in message order
+    videos: list = field(default_factory=list)  # video sources, in order (epd.inputs.video)
 
 
 class ChatTemplate:
@@ -80,13 +86,13 @@ class ChatTemplate:
         `template_kwargs` (e.g. `add_vision_id=True`) reach the template as variables.
         Raises `InvalidInputError` for malformed messages or when the template rejects them.
         """
-        template_messages, images = parse_messages(messages)
+        template_messages, images, videos = parse_messages_media(messages)
         variables = {**self.special_tokens, **_plain(template_kwargs)}
         text = self._render(template_messages, add_generation_prompt, variables)
         marker = _TextMarker()
         marked_messages, texts = marker.mark(template_messages)
         marked = self._render(marked_messages, add_generation_prompt, variables)
-        return RenderedChat(text, images, marker.spans(marked, texts, text), tuple(texts))
+        return RenderedChat(text, images, marker.spans(marked, texts, text), tuple(texts), videos)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
         try:
@@ -123,13 +129,28 @@ def load_chat_template(model_dir: str | os.PathLike) -> str:
 
 def parse_messages(messages: Any) -> tuple[list[dict], list[ImageSource]]:
     """Validate messages; return their plain-data copy for the template and the image sources in order."""
+    plain, images, _ = parse_messages_media(messages)
+    return plain, images
+
+
+def parse_messages_media(messages: Any) -> tuple[list[dict], list[ImageSource], list]:
+    """`parse_messages`, with the video sources in order too."""
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages must be a non-empty list")
-    images: list[ImageSource] = []
-    return [_parse_message(msg, i, images) for i, msg in enumerate(messages)], images
+    media = _Media([], [])
+    return [_parse_message(msg, i, media) for i, msg in enumerate(messages)], media.images, media.videos
 
 
-def _parse_message(msg: Any, index: int, images: list[ImageSource]) -> dict:
+@dataclass
+class _Media:
+    images: list[ImageSource]
+    videos: list
+
+
+_TEMPLATE_TYPES = {"image_url": "image", "video_url": "video"}
+
+
+def _parse_message(msg: Any, index: int, media: _Media) -> dict:
     where = f"messages[{index}]"
     if not isinstance(msg, dict):
         raise InvalidInputError(f"{where} must be an object")
@@ -145,17 +166,17 @@ def _parse_message(msg: Any, index: int, images: list[ImageSource]) -> dict:
     content = msg["content"]
     if isinstance(content, list):
         for j, part in enumerate(content):
-            _check_part(part, f"{where}.content[{j}]", images)
+            _check_part(part, f"{where}.content[{j}]", media)
     elif not isinstance(content, str):
         raise InvalidInputError(f"{where}.content must be a string or a list of parts")
     plain = _plain(msg)
     if isinstance(content, list):  # as vLLM: templates testing `type == 'image'` (InternVL's) see URLs
         parts = plain["content"]
-        plain["content"] = [{**p, "type": "image"} if p["type"] == "image_url" else p for p in parts]
+        plain["content"] = [{**p, "type": _TEMPLATE_TYPES.get(p["type"], p["type"])} for p in parts]
     return plain
 
 
-def _check_part(part: Any, where: str, images: list[ImageSource]) -> None:
+def _check_part(part: Any, where: str, media: _Media) -> None:
     if not isinstance(part, dict):
         raise InvalidInputError(f"{where} must be an object")
     kind = part.get("type")
@@ -163,27 +184,30 @@ def _check_part(part: Any, where: str, images: list[ImageSource]) -> None:
         if not isinstance(part.get("text"), str):
             raise InvalidInputError(f"{where} of type 'text' needs a string 'text'")
     elif kind == "image_url":
-        images.append(_image_url(part.get("image_url"), where))
-    elif kind == "image":
-        if part.get("image") is None:
-            raise InvalidInputError(f"{where} of type 'image' needs an 'image'")
-        images.append(part["image"])
+        media.images.append(_image_url(part.get("image_url"), where))
+    elif kind == "video_url":
+        media.videos.append(_image_url(part.get("video_url"), where, kind))
+    elif kind in ("image", "video"):
+        if part.get(kind) is None:
+            raise InvalidInputError(f"{where} of type {kind!r} needs an {kind!r}")
+        (media.images if kind == "image" else media.videos).append(part[kind])
     elif kind is None:
         raise InvalidInputError(f"{where} has no 'type'")
     else:
         raise InvalidInputError(
-            f"{where} has unknown type {kind!r} (expected 'text', 'image_url' or 'image')"
+            f"{where} has unknown type {kind!r} "
+            "(expected 'text', 'image_url', 'image', 'video_url' or 'video')"
         )
 
 
-def _image_url(value: Any, where: str) -> str | DataURL:
+def _image_url(value: Any, where: str, kind: str = "image_url") -> str | DataURL:
     # OpenAI sends {"url": ..., "detail": ...}; some clients send the URL string itself. The
     # server hands over base64 data URLs already split (DataURL: lifted out of the body).
     url = value.get("url") if isinstance(value, dict) else value
     if isinstance(url, DataURL):
         return url
     if not isinstance(url, str) or not url:
-        raise InvalidInputError(f"{where} of type 'image_url' needs 'image_url': {{'url': <string>}}")
+        raise InvalidInputError(f"{where} of type {kind!r} needs {kind!r}: {{'url': <string>}}")
     return url
 
 

@@ -217,13 +217,20 @@ def _table(factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> to
     return torch.from_numpy(normalize(rescale(values, factor), mean, std))
 
 
-def expand_patches(raw: torch.Tensor, table: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:
+def expand_patches(
+    raw: torch.Tensor, table: torch.Tensor, temporal_patch_size: int, patch_size: int | None = None
+) -> torch.Tensor:
     """uint8 patches [N, C * P * P] (patchify with T = 1) -> the tower's float32 [N, C * T * P * P].
 
-    Runs wherever `raw` is (table moved along): the encoding instance expands on its GPU.
+    A video's patches hold their T frames already ([N, C * T * P * P]): given `patch_size`, rows
+    that wide are only normalised, not repeated. Runs wherever `raw` is (table moved along): the
+    encoding instance expands on its GPU.
     """
     channels = table.shape[1]
     per_channel = raw.shape[1] // channels
+    frames_included = patch_size is not None and per_channel == temporal_patch_size * patch_size**2
+    if frames_included and temporal_patch_size > 1:
+        temporal_patch_size = 1  # a video's frames: already there
     table = table.to(raw.device)
     channel_of_col = torch.arange(channels, device=raw.device).repeat_interleave(per_channel)
     values = table[raw.long(), channel_of_col]  # [N, C * P * P]

@@ -36,6 +36,7 @@ from epd.inputs.image_processor import (
     raw_patches,
 )
 from epd.inputs.types import ImageInput, ProcessedPrompt
+from epd.inputs.video_file import is_video_file, video_patches_from_file
 
 T = TypeVar("T")
 CANCEL_CHECK_S = 0.05  # how soon a cancelled request stops waiting for its images
@@ -48,7 +49,11 @@ def patches_from_file(data: bytes, cfg: ImageProcessorConfig, grid: tuple[int, i
     The limits were checked on the header by the front end; a file whose pixels disagree with
     its header (a truncated or corrupt body, an orientation tag after the pixel data) raises
     `InvalidInputError`: its prompt was built for `grid`, so another size would misplace tokens.
+    A video file (its container named by its first bytes) gives its sampled frames' patches
+    (epd.inputs.video_file).
     """
+    if is_video_file(data):
+        return video_patches_from_file(data, cfg, grid)
     image = to_rgb(decode_image_bytes(data))
     raw, decoded_grid = raw_patches(image, cfg)
     if tuple(decoded_grid) != tuple(grid):
@@ -68,7 +73,7 @@ def with_pixels(image: ImageInput, cfg: ImageProcessorConfig) -> ImageInput:
         if image.encoded is None:
             raise ValueError("an image needs file bytes or patches")
         raw = patches_from_file(image.encoded, cfg, image.grid_thw)
-    pixels = expand_patches(raw, normalization_table(cfg), cfg.temporal_patch_size)
+    pixels = expand_patches(raw, normalization_table(cfg), cfg.temporal_patch_size, cfg.patch_size)
     return replace(image, pixel_values=pixels, raw_patches=raw, encoded=None)
 
 

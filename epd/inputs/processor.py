@@ -5,10 +5,14 @@ Prompt shapes accepted by `process_prompt` (vLLM's offline format):
     "text"                                   # no images
     [token ids]                              # no images
     {"prompt": "text", "multi_modal_data": {"image": img | [img, ...]}}
-    {"prompt_token_ids": [...], "multi_modal_data": {"image": ...}}
+    {"prompt_token_ids": [...], "multi_modal_data": {"image": ..., "video": video | [video, ...]}}
 
 where the prompt holds one `<|image_pad|>` per image (normally inside
-`<|vision_start|><|image_pad|><|vision_end|>`), in image order. Each pad becomes
+`<|vision_start|><|image_pad|><|vision_end|>`), in image order, and one `<|video_pad|>` per
+video (Qwen2-VL / Qwen2.5-VL; a video: a list of PIL frames, a uint8 array [F, H, W, 3], as
+vLLM a (frames, {"fps": ...}) pair, or a video file: epd.inputs.video_sources). Images and
+videos become one list of items in prompt order; a video is an item whose grid has t > 1
+(epd.inputs.video). Each pad becomes
 `image.num_tokens(merge_size)` copies, as Qwen2VLProcessor does by repeating the pad in the
 text before tokenising: pads are special tokens, so both give the same ids.
 
@@ -46,6 +50,8 @@ from epd.inputs.image import (
 from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, process_image
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
+from epd.inputs.video import NO_VIDEO, VideoOptions
+from epd.inputs.video_sources import load_video, video_options, video_sources
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
 
@@ -60,6 +66,7 @@ class InputLimits:
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
     remote_fetcher: RemoteFetcher | None = None
+    max_video_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,14 @@ class InputProcessor:
         token_ids: VisionTokenIds,
         chat_template: ChatTemplate | None = None,
         limits: InputLimits = InputLimits(),
+        video: VideoOptions = NO_VIDEO,
     ):
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.token_ids = token_ids
         self.chat_template = chat_template
         self.limits = limits
+        self.video = video
 
     @classmethod
     def from_pretrained(
@@ -114,7 +123,9 @@ class InputProcessor:
             template = ChatTemplate(load_chat_template(model_dir), tokenizer.special_tokens)
         except FileNotFoundError:
             template = None
-        return cls(tokenizer, ImageProcessorConfig.from_pretrained(model_dir), token_ids, template, limits)
+        image_config = ImageProcessorConfig.from_pretrained(model_dir)
+        video = video_options(model_dir, limits.max_video_frames)
+        return cls(tokenizer, image_config, token_ids, template, limits, video)
 
     @property
     def merge_size(self) -> int:
@@ -126,12 +137,12 @@ class InputProcessor:
         The caller writes the whole prompt, markup included (as with vLLM's completions): special
         tokens in the text, `<|im_start|>` or `<|image_pad|>`, are read as control tokens.
         """
-        text, ids, sources = _split_prompt(prompt)
+        text, ids, sources, videos = _split_prompt(prompt)
         if ids is None:
             ids = self.tokenizer.encode(text)
         else:
             self._check_token_ids(ids)
-        return self._build(ids, sources, text)
+        return self._build(ids, sources, text, videos)
 
     def process_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs: Any
@@ -144,7 +155,7 @@ class InputProcessor:
         if self.chat_template is None:
             raise InvalidInputError("this model has no chat template; send a plain prompt instead")
         chat = self.chat_template.render(messages, add_generation_prompt, **template_kwargs)
-        return self._build(self._encode_chat(chat), chat.images, chat.text)
+        return self._build(self._encode_chat(chat), chat.images, chat.text, chat.videos)
 
     def _encode_chat(self, chat: RenderedChat) -> list[int]:
         """Token ids of a rendered chat, special tokens counted only where the template wrote them."""
@@ -189,26 +200,52 @@ class InputProcessor:
             images.append(ImageInput(None, grid, image_key(data), encoded=data))
         return images
 
-    def _build(self, ids: list[int], sources: Sequence[ImageSource], text: str | None) -> ProcessedPrompt:
+    def load_videos(self, videos: Sequence[Any]) -> list[ImageInput]:
+        """Each video as one item (grid t > 1), in order. Frames are processed now; a file is
+        checked, keyed and sized from its header only, and decoded where it is encoded."""
+        items = []
+        cancel = image_loading_cancel_event()
+        for video in videos:
+            stop_if_cancelled(cancel)
+            items.append(load_video(video, self.image_config, self.video, self.limits))
+        return items
+
+    def _build(
+        self, ids: list[int], sources: Sequence[ImageSource], text: str | None, videos: Sequence[Any] = ()
+    ) -> ProcessedPrompt:
         # Cheap checks first: refuse before decoding any image.
         if not ids:
             raise InvalidInputError("the prompt is empty")
         self._check_image_count(ids, len(sources))
+        self._check_video_count(ids, len(videos))
         images = self.load_images(sources)
-        counts = [img.num_tokens(self.merge_size) for img in images]
         tokens = self.token_ids
-        expanded, placeholders = expand_image_tokens(ids, tokens.image_token_id, counts, tokens.image_wrap)
-        return ProcessedPrompt(
-            prompt_token_ids=expanded, images=images, placeholders=placeholders, prompt=text
-        )
+        if not videos:
+            counts = [img.num_tokens(self.merge_size) for img in images]
+            expanded, placeholders = expand_image_tokens(
+                ids, tokens.image_token_id, counts, tokens.image_wrap
+            )
+            return ProcessedPrompt(expanded, images, placeholders, prompt=text)
+        clips = self.load_videos(videos)
+        pads = {tokens.image_token_id: images, tokens.video_token_id: clips}
+        expanded, placeholders, items = expand_item_tokens(ids, pads, self.merge_size)
+        return ProcessedPrompt(expanded, items, placeholders, prompt=text)
+
+    def _check_video_count(self, ids: list[int], num_videos: int) -> None:
+        video = self.token_ids.video_token_id
+        num_pads = 0 if video is None else ids.count(video)
+        if (num_pads or num_videos) and not self.video.supported:
+            raise InvalidInputError("this model does not take video input")
+        if num_pads != num_videos:
+            raise InvalidInputError(
+                f"the prompt has {num_pads} video placeholders but {num_videos} videos were given "
+                "(write one <|vision_start|><|video_pad|><|vision_end|> per video)"
+            )
 
     def _check_image_count(self, ids: list[int], num_images: int) -> None:
         limit = self.limits.max_images_per_request
         if limit is not None and num_images > limit:
             raise InvalidInputError(f"too many images: {num_images} > limit {limit} per request")
-        video = self.token_ids.video_token_id
-        if video is not None and video in ids:
-            raise InvalidInputError("video input is not supported")
         num_pads = ids.count(self.token_ids.image_token_id)
         if num_pads != num_images:
             placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -252,12 +289,36 @@ def expand_image_tokens(
     return out, ranges
 
 
-def _split_prompt(prompt: Any) -> tuple[str | None, list[int] | None, list[ImageSource]]:
-    """(text, token ids, image sources) of a prompt; exactly one of text and ids is set."""
+def expand_item_tokens(
+    ids: list[int], pads: dict[int, Sequence[ImageInput]], merge_size: int
+) -> tuple[list[int], list[PlaceholderRange], list[ImageInput]]:
+    """Images and videos together: the k-th pad of each token id in `pads` becomes the k-th item
+    of its list's tokens. Returns the new ids, the ranges and the items, all in prompt order."""
+    queues = {token: list(items)[::-1] for token, items in pads.items()}
+    out: list[int] = []
+    ranges, items = [], []
+    for token in ids:
+        if token not in queues:
+            out.append(token)
+            continue
+        if not queues[token]:
+            raise InvalidInputError("the prompt has more placeholders than items")
+        item = queues[token].pop()
+        n = item.num_tokens(merge_size)
+        ranges.append(PlaceholderRange(offset=len(out), length=n))
+        items.append(item)
+        out.extend([token] * n)
+    if any(queues.values()):
+        raise InvalidInputError("the prompt has fewer placeholders than items")
+    return out, ranges, items
+
+
+def _split_prompt(prompt: Any) -> tuple[str | None, list[int] | None, list[ImageSource], list[Any]]:
+    """(text, token ids, image sources, videos) of a prompt; exactly one of text and ids is set."""
     if isinstance(prompt, str):
-        return prompt, None, []
+        return prompt, None, [], []
     if isinstance(prompt, (list, tuple)):
-        return None, list(prompt), []
+        return None, list(prompt), [], []
     if not isinstance(prompt, dict):
         raise InvalidInputError(
             f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}"
@@ -272,7 +333,8 @@ def _split_prompt(prompt: Any) -> tuple[str | None, list[int] | None, list[Image
         raise InvalidInputError("'prompt' must be a string")
     if ids is not None and not isinstance(ids, (list, tuple)):
         raise InvalidInputError("'prompt_token_ids' must be a list of integers")
-    return text, None if ids is None else list(ids), _image_sources(prompt.get("multi_modal_data"))
+    mm_data = prompt.get("multi_modal_data")
+    return text, None if ids is None else list(ids), _image_sources(mm_data), video_sources(mm_data)
 
 
 def _image_sources(mm_data: Any) -> list[ImageSource]:
@@ -280,9 +342,11 @@ def _image_sources(mm_data: Any) -> list[ImageSource]:
         return []
     if not isinstance(mm_data, dict):
         raise InvalidInputError("'multi_modal_data' must be a dict like {'image': [...]}")
-    other = sorted(str(k) for k in mm_data if k != "image")
+    other = sorted(str(k) for k in mm_data if k not in ("image", "video"))
     if other:
-        raise InvalidInputError(f"unsupported multi_modal_data modalities {other}; only 'image' is supported")
+        raise InvalidInputError(
+            f"unsupported multi_modal_data modalities {other}; only 'image' and 'video' are supported"
+        )
     images = mm_data.get("image")
     if images is None:
         return []

@@ -26,6 +26,11 @@ class ImageInput:
     `pixel_values` rows are in the patch order the Qwen2-VL vision tower expects (merge groups
     contiguous). `content_hash` keys every cache (router, encoder and prefill MM caches, the KV
     prefix cache): see `epd.inputs.image.image_key`.
+
+    A video is one item too, with grid t > 1 (one step per `temporal_patch_size` frames): its
+    uint8 patches already hold their T distinct frames ([N, C * T * P * P]), and `time_interval`
+    is how far its M-RoPE time index moves per temporal patch (Qwen2.5-VL: tokens_per_second *
+    seconds per temporal patch; 1 for Qwen2-VL and for images). See epd.inputs.video.
     """
 
     pixel_values: torch.Tensor | None
@@ -33,6 +38,12 @@ class ImageInput:
     content_hash: str
     raw_patches: torch.Tensor | None = None
     encoded: bytes | None = None
+    modality: str = "image"  # or "video"
+    time_interval: float = 1.0
+
+    @property
+    def is_video(self) -> bool:
+        return self.modality == "video"
 
     @property
     def num_patches(self) -> int:

@@ -72,7 +72,7 @@ async def create_chat_completion(request: Request) -> Response:
 
 def _has_images(messages: list[dict]) -> bool:
     return any(
-        part["type"] == "image_url"
+        part["type"] in ("image_url", "video_url")
         for message in messages
         if not isinstance(message["content"], str)
         for part in message["content"]

@@ -41,7 +41,8 @@ _TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "service_u
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Location parts pydantic adds for union branches and validators, which name no field of ours.
 _BRANCH_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
-_PART_TAGS = {"text", "image_url"}  # discriminator values of chat content parts (epd.server.protocol)
+# Discriminator values of chat content parts (epd.server.protocol).
+_PART_TAGS = {"text", "image_url", "video_url"}
 
 
 class APIError(Exception):

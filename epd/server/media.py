@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from epd.inputs.image import DataURL
 from epd.server.blobs import blob_index
 from epd.server.errors import bad_request
-from epd.server.protocol import ChatMessage, ImagePart
+from epd.server.protocol import ChatMessage, ImagePart, VideoPart
 
 _REMOTE = ("http", "https")
 
@@ -78,16 +78,17 @@ def engine_messages(
 
 
 def _part(part: object, param: str, policy: MediaPolicy, blobs: Sequence[DataURL]) -> dict:
-    if not isinstance(part, ImagePart):
+    if not isinstance(part, (ImagePart, VideoPart)):
         return {"type": "text", "text": part.text}
-    url = part.image_url.url
+    kind = part.type  # image_url or video_url: the same URL rules
+    url = getattr(part, kind).url
     index = blob_index(url)
     if index is None:
-        policy.check(url, f"{param}.image_url.url")
-        return {"type": "image_url", "image_url": {"url": url}}
+        policy.check(url, f"{param}.{kind}.url")
+        return {"type": kind, kind: {"url": url}}
     if not 0 <= index < len(blobs):
-        raise bad_request(f"{url!r} names no image of this request", f"{param}.image_url.url")
-    return {"type": "image_url", "image_url": {"url": blobs[index]}}
+        raise bad_request(f"{url!r} names no media of this request", f"{param}.{kind}.url")
+    return {"type": kind, kind: {"url": blobs[index]}}
 
 
 def _scheme(url: str) -> str:

@@ -62,7 +62,19 @@ class ImagePart(StrictModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(StrictModel):
+    url: Annotated[str, Field(min_length=1)]
+
+
+class VideoPart(StrictModel):
+    """A video file as a data URL (`data:video/mp4;base64,...`) or an allowed local file, as vLLM
+    takes it; decoded on the encoding side (epd.inputs.video_file)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(StrictModel):

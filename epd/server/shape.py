@@ -39,6 +39,8 @@ from epd.server.protocol import (
     ResponseFormat,
     StreamOptions,
     TextPart,
+    VideoPart,
+    VideoURL,
 )
 
 MAX_MESSAGES = 2048
@@ -64,7 +66,10 @@ def _keys(*models: type[BaseModel]) -> frozenset[str]:
     return frozenset(name for model in models for name in model.model_fields)
 
 
-PART = ObjectShape(_keys(TextPart, ImagePart), objects={"image_url": ObjectShape(_keys(ImageURL))})
+PART = ObjectShape(
+    _keys(TextPart, ImagePart, VideoPart),
+    objects={"image_url": ObjectShape(_keys(ImageURL)), "video_url": ObjectShape(_keys(VideoURL))},
+)
 MESSAGE = ObjectShape(_keys(ChatMessage), arrays=frozenset({"content"}))
 _STREAM_OPTIONS = ObjectShape(_keys(StreamOptions))
 CHAT = ObjectShape(

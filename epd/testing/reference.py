@@ -24,8 +24,10 @@ def hf_greedy(
     """Greedy generation of one prompt; returns new token ids and the log-softmax at each step."""
     ids = torch.tensor([input_ids])
     kwargs = dict(mm)
-    if "image_grid_thw" in kwargs:
+    if "image_grid_thw" in kwargs or "video_grid_thw" in kwargs:
         kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+        if "video_grid_thw" in kwargs:  # transformers: text 0, image 1, video 2
+            kwargs["mm_token_type_ids"] += 2 * (ids == model.config.video_token_id).int()
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),

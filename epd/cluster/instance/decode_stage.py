@@ -175,4 +175,5 @@ def _task_of(meta: dict) -> PrefillTask:
         meta["arrival_time"],
         None,
         meta["prompt"],
+        time_intervals=meta.get("time_intervals", []),
     )

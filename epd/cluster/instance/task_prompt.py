@@ -14,6 +14,10 @@ def prompt_from_task(task: PrefillTask, pixels: list[torch.Tensor] | None = None
     instance) the pixel tensors stay empty."""
     if pixels is None:
         pixels = [torch.empty(0)] * len(task.grids)
-    images = [ImageInput(px, tuple(g), h) for px, g, h in zip(pixels, task.grids, task.image_hashes)]
+    intervals = task.time_intervals or [1.0] * len(task.grids)
+    images = [
+        ImageInput(px, tuple(g), h, time_interval=t)
+        for px, g, h, t in zip(pixels, task.grids, task.image_hashes, intervals)
+    ]
     placeholders = [PlaceholderRange(o, n) for o, n in task.placeholders]
     return ProcessedPrompt(list(task.prompt_token_ids), images, placeholders, task.prompt)

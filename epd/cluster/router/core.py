@@ -614,6 +614,7 @@ def _prefill_task(
         pixels,
         encoding,
         list(record.token_ids),  # empty unless it continues after a dead decode instance
+        [img.time_interval for img in prompt.images],
     )
 
 

@@ -1,0 +1,202 @@
+"""Video files (MP4/MOV, WebM/Matroska, AVI) read with PyAV: the header on the front end, the
+frames on the encoding side.
+
+    front end                                    encoding side (PatchPool thread)
+    ---------                                    --------------------------------
+    bytes -> container header: frames, fps, size decode the sampled frames -> resize -> patchify
+          -> sampled frame count -> grid, key    fewer frames or another size? -> InvalidInputError
+
+Frames are sampled as transformers' `Qwen2VLVideoProcessor.sample_frames` does with `fps`
+(SAMPLE_FPS frames per second, at least MIN_FRAMES, at most MAX_FRAMES, a multiple of
+temporal_patch_size), so both sides pick the same frames from the header alone; the token count
+is known before any frame is decoded, as an image's is from its header.
+
+The container is named from its first bytes and opened with that demuxer only: FFmpeg can open
+formats that read other files or URLs (HLS playlists, concat lists), which untrusted bytes must
+not reach. PyAV is optional (`pip install epd[video]`); without it video files are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import DataURL, read_image_bytes
+from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.video import raw_video_patches
+
+if TYPE_CHECKING:
+    from epd.inputs.processor import InputLimits
+
+VideoFileSource = bytes | bytearray | memoryview | str | os.PathLike | DataURL
+
+SAMPLE_FPS = 2.0  # Qwen's recommended sampling rate
+MIN_FRAMES = 4  # transformers' Qwen2VLVideoProcessor.min_frames
+MAX_FRAMES = 768  # transformers' Qwen2VLVideoProcessor.max_frames
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def is_video_file(data: bytes) -> bool:
+    return _demuxer(data) is not None
+
+
+def _demuxer(data: bytes) -> str | None:
+    """The FFmpeg demuxer for a file's first bytes, or None (not a container we accept)."""
+    if data[4:8] == b"ftyp":
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def _open(data: bytes):  # -> av.container.InputContainer
+    try:
+        import av
+    except ImportError:
+        raise InvalidInputError("video files need PyAV on the server (pip install epd[video])") from None
+    demuxer = _demuxer(data)
+    if demuxer is None:
+        raise InvalidInputError("data is not a video in a supported container (MP4/MOV, WebM/Matroska, AVI)")
+    try:
+        container = av.open(io.BytesIO(data), format=demuxer)
+    except (av.FFmpegError, ValueError, EOFError) as e:
+        raise InvalidInputError(f"cannot read the video header: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise InvalidInputError("the file has no video stream")
+    return container
+
+
+def read_video_header(
+    data: bytes, max_frames: int | None = None, max_pixels: int | None = None
+) -> VideoHeader:
+    """Frame count, frame rate and size from the container, no frame decoded; refuses a video
+    over `max_frames` frames or `max_pixels` pixels a frame (or one whose header lacks them)."""
+    container = _open(data)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        frames = stream.frames or round(_duration_s(container, stream) * fps)
+        header = VideoHeader(frames, fps, stream.codec_context.width, stream.codec_context.height)
+    finally:
+        container.close()
+    if header.num_frames <= 0 or header.fps <= 0:
+        raise InvalidInputError("the video header gives no frame count or frame rate")
+    if max_frames is not None and header.num_frames > max_frames:
+        raise InvalidInputError(f"the video has {header.num_frames} frames, over the limit of {max_frames}")
+    pixels = header.width * header.height
+    if pixels <= 0 or (max_pixels is not None and pixels > max_pixels):
+        raise InvalidInputError(
+            f"the video's {header.width}x{header.height} frames are empty or over the limit of "
+            f"{max_pixels} pixels"
+        )
+    return header
+
+
+def _duration_s(container, stream) -> float:
+    """The stream's length in seconds: Matroska headers give no frame count, only a duration."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return (container.duration or 0) / 1_000_000  # in AV_TIME_BASE units
+
+
+def sample_indices(header: VideoHeader, temporal_patch_size: int) -> list[int]:
+    """The frames to take, as transformers' `sample_frames(metadata, fps=SAMPLE_FPS)` picks them."""
+    total = header.num_frames
+    max_frames = math.floor(min(MAX_FRAMES, total) / temporal_patch_size) * temporal_patch_size
+    wanted = total / header.fps * SAMPLE_FPS
+    wanted = min(max(wanted, MIN_FRAMES), max_frames, total)
+    num = math.floor(wanted / temporal_patch_size) * temporal_patch_size
+    if num == 0:  # fewer frames than one temporal patch: all of them (the last is repeated)
+        return list(range(total))
+    return torch.arange(0, total, total / num).int().tolist()
+
+
+def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
+    """The frame rate of the sampled frames (transformers' `VideoMetadata.sampled_fps`)."""
+    return len(sample_indices(header, temporal_patch_size)) / header.num_frames * header.fps
+
+
+def video_patches_from_file(
+    data: bytes, cfg: ImageProcessorConfig, grid: tuple[int, int, int]
+) -> torch.Tensor:
+    """uint8 patches [N, C * T * P * P] of the sampled frames of a video file whose header gave
+    `grid`; a file that ends early or decodes to another size raises `InvalidInputError`."""
+    header = read_video_header(data)
+    wanted = sample_indices(header, cfg.temporal_patch_size)
+    frames = _decode_frames(data, wanted)
+    if any(f.size != (header.width, header.height) for f in frames):
+        raise InvalidInputError(
+            "the video's frames are not the size its header gives; the file is inconsistent"
+        )
+    raw, decoded_grid = raw_video_patches(frames, cfg)
+    if tuple(decoded_grid) != tuple(grid):
+        raise InvalidInputError(f"the video decodes to grid {decoded_grid}, not {tuple(grid)}")
+    return raw
+
+
+def _decode_frames(data: bytes, wanted: list[int]) -> list:
+    """The frames at `wanted` (increasing indices) as RGB PIL images; stops after the last."""
+    import av
+
+    container = _open(data)
+    picks: dict[int, int] = {}
+    for i in wanted:
+        picks[i] = picks.get(i, 0) + 1
+    frames = []
+    try:
+        for index, frame in enumerate(container.decode(container.streams.video[0])):
+            frames += [frame.to_image()] * picks.get(index, 0)
+            if index >= wanted[-1]:
+                break
+    except (av.FFmpegError, ValueError, EOFError) as e:
+        raise InvalidInputError(f"cannot decode the video: {e}") from None
+    finally:
+        container.close()
+    if len(frames) < len(wanted):
+        raise InvalidInputError(
+            f"the video ends after {len(frames)} of the {len(wanted)} frames its header promises "
+            "(truncated or corrupt)"
+        )
+    return frames
+
+
+def read_video_bytes(source: VideoFileSource, limits: InputLimits) -> bytes:
+    """The bytes of a video file given as bytes, a path (within the allowed media path), a data
+    URL (`data:video/...`) or, with a remote fetcher, an http(s) URL; the byte limit applies."""
+    if isinstance(source, DataURL):
+        source = DataURL(_video_media_type(source.media_type), source.payload)
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        header, comma, payload = source[5:].partition(",")
+        media_type, *params = header.split(";")
+        source = "data:" + ";".join([_video_media_type(media_type), *params]) + comma + payload
+    return read_image_bytes(
+        source,
+        allowed_local_media_path=limits.allowed_local_media_path,
+        max_image_bytes=limits.max_image_bytes,
+        fetch_remote=limits.remote_fetcher,
+    )
+
+
+def _video_media_type(media_type: str) -> str:
+    """A data URL's media type checked as a video's, named so that the image reader takes it."""
+    media_type = media_type.strip().lower()
+    if not (media_type.startswith("video/") or media_type in ("", "application/octet-stream")):
+        raise InvalidInputError(f"data URL media type {media_type!r} is not a video")
+    return "application/octet-stream"

@@ -1,0 +1,124 @@
+"""Videos as prompts bring them -> items: which values are videos, and how each becomes one.
+
+    multi_modal_data["video"] = video | [video, ...]
+    video = [PIL frames] | uint8 array [F, H, W, 3] | (frames, {"fps": float})   # processed now
+          | bytes | path | data:video/... URL | DataURL                        # a file: header only
+
+A file is checked, keyed and sized from its container header (epd.inputs.video_file) and decoded
+where it is encoded, as image files are; frames are processed at once (epd.inputs.video).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from epd.inputs.errors import InvalidInputError
+from epd.inputs.image import DataURL, image_key
+from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.types import ImageInput
+from epd.inputs.video import (
+    NO_VIDEO,
+    VideoOptions,
+    process_video_frames,
+    time_interval,
+    video_grid_thw,
+    video_key,
+)
+from epd.inputs.video_file import (
+    VideoFileSource,
+    read_video_bytes,
+    read_video_header,
+    sample_indices,
+    sampled_fps,
+)
+
+if TYPE_CHECKING:
+    from epd.inputs.processor import InputLimits
+
+
+def load_video(
+    video: Any, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
+) -> ImageInput:
+    """One video of a prompt as one item (modality "video", grid t > 1)."""
+    if _is_video_file_source(video):
+        return _video_file(video, cfg, options, limits)
+    frames, fps = _video_frames(video)
+    return process_video_frames(frames, cfg, options, fps)
+
+
+def _video_file(
+    source: VideoFileSource, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
+) -> ImageInput:
+    data = read_video_bytes(source, limits)
+    header = read_video_header(data, limits.max_video_frames, limits.max_image_pixels)
+    num_frames = len(sample_indices(header, cfg.temporal_patch_size))
+    grid = video_grid_thw(num_frames, header.height, header.width, cfg)
+    interval = time_interval(sampled_fps(header, cfg.temporal_patch_size), cfg, options)
+    key = video_key([image_key(data)], interval)
+    return ImageInput(None, grid, key, encoded=data, modality="video", time_interval=interval)
+
+
+def video_sources(mm_data: Any) -> list[Any]:
+    """The videos of `multi_modal_data`: one video (a list of frames, an array, a (frames, meta)
+    pair) or a list of them."""
+    videos = mm_data.get("video") if isinstance(mm_data, dict) else None
+    if videos is None:
+        return []
+    if _is_one_video(videos):
+        return [videos]
+    if isinstance(videos, list):
+        return videos
+    raise InvalidInputError(
+        "a video must be a list of PIL frames, a uint8 array [F, H, W, 3] or (frames, meta)"
+    )
+
+
+def _is_video_file_source(value: Any) -> bool:
+    return isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike, DataURL))
+
+
+def _is_one_video(value: Any) -> bool:
+    if _is_video_file_source(value):
+        return True
+    if isinstance(value, np.ndarray) or (
+        isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)
+    ):
+        return True
+    return isinstance(value, list) and bool(value) and isinstance(value[0], Image.Image)
+
+
+def _video_frames(video: Any) -> tuple[Any, float | None]:
+    """(frames, fps or None) of one video as `multi_modal_data` gives it."""
+    fps = None
+    if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
+        video, meta = video
+        fps = meta.get("fps")
+        if fps is not None and (not isinstance(fps, (int, float)) or not fps > 0):
+            raise InvalidInputError(f"a video's fps must be a positive number, got {fps!r}")
+    if not isinstance(video, (list, np.ndarray)):
+        raise InvalidInputError(
+            f"a video must be a list of PIL frames or a uint8 array [F, H, W, 3], not {type(video).__name__}"
+        )
+    return video, fps
+
+
+def video_options(model_dir: str | os.PathLike, max_frames: int | None = None) -> VideoOptions:
+    """Video for Qwen2-VL (time index per temporal patch) and Qwen2.5-VL (tokens_per_second);
+    other families refuse it for now."""
+    path = os.path.join(model_dir, "config.json")
+    config: dict = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    family = config.get("model_type")
+    if family not in ("qwen2_vl", "qwen2_5_vl"):
+        return NO_VIDEO
+    per_second = (config.get("vision_config") or {}).get("tokens_per_second", 4)
+    return VideoOptions(
+        tokens_per_second=per_second if family == "qwen2_5_vl" else None, max_frames=max_frames
+    )
