@@ -34,6 +34,7 @@ from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.router.auto_roles import RoleSwitchingOptions
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
+from epd.engine.step_estimator import prefill_seconds_of
 from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
@@ -146,6 +147,9 @@ class Cluster:
         addresses = {h.name: h.ready.control_address for h in handles}
         control = ZmqControlPlane(self.ctx, self.inbox, addresses)
         self.router = Router(handles, control, silence_timeout_s=silence_timeout_s, auto_policy=self._auto)
+        prefill_seconds = prefill_seconds_of(engine.scheduler.slo_profile)
+        if prefill_seconds is not None:  # encode deadlines leave room for the profile's prefill time
+            self.router.core.prefill_seconds = prefill_seconds
         by_name = {cfg.name: cfg for cfg in configs}
         self.restarter = Restarter(
             self.launcher, by_name, self.launched, self.heartbeats, max_restarts=max_restarts

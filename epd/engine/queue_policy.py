@@ -47,11 +47,15 @@ DEFAULT_PATCH_S = 2e-6
 
 class Urgency(msgspec.Struct, frozen=True):
     """What a queue knows of a request's hurry (it travels in `EncodeTask`). `slo_ttft` None: the
-    policy's default (maybe none). `arrival_time`: at the router, on its clock."""
+    policy's default (maybe none). `arrival_time`: at the router, on its clock. `later_s`: the
+    seconds the request will still need after this stage (an encoder's: the prefill that follows,
+    as the router predicts it), so this stage's deadline is the TTFT deadline minus them: across
+    stages, one budget."""
 
     arrival_time: float
     slo_ttft: float | None = None
     priority: int = 0  # lower: sooner (vLLM's convention)
+    later_s: float = 0.0
 
 
 class QueuePolicy(ABC):
@@ -72,8 +76,9 @@ class QueuePolicy(ABC):
         self.token_s, self.patch_s = token_s, patch_s
 
     def deadline(self, urgency: Urgency) -> float | None:
+        """When this stage must be done for the request to make its TTFT (None: no deadline)."""
         slo = urgency.slo_ttft if urgency.slo_ttft is not None else self.default_slo_ttft
-        return None if slo is None else urgency.arrival_time + slo
+        return None if slo is None else urgency.arrival_time + slo - urgency.later_s
 
     def key(
         self,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -200,3 +200,16 @@ def make_step_estimator(slo_profile: str | None) -> StepEstimator:
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"--slo-profile {slo_profile!r} cannot be read as an epd profile: {err}") from err
     return CostModelEstimator(costs)
+
+
+def prefill_seconds_of(slo_profile: str | None) -> Callable[[int], float] | None:
+    """A prompt's whole prefill (one step, nothing cached) as `slo_profile`'s cost model prices it,
+    for the router's encode deadlines (Urgency.later_s); None without a profile."""
+    if slo_profile is None:
+        return None
+    estimator = make_step_estimator(slo_profile)
+
+    def seconds(tokens: int) -> float:
+        return estimator.step_seconds([Seq(tokens, 0, tokens)]) or 0.0
+
+    return seconds

@@ -124,3 +124,45 @@ def test_the_policy_orders_by_slack_then_arrival():
     assert make_queue_policy("slo", default_slo_ttft=0.2).deadline(none) == 0.2
     with pytest.raises(ValueError, match="scheduling policy"):
         make_queue_policy("edf")
+
+
+def test_an_encoder_deadline_leaves_room_for_the_prefill_after_it():
+    """Urgency.later_s: what the request still needs after this stage comes off its deadline here."""
+    policy = make_queue_policy("slo")
+    heavy, light = Urgency(0.0, 0.51, later_s=0.4), Urgency(0.0, 0.50)
+    assert policy.deadline(heavy) == pytest.approx(0.11) and policy.deadline(light) == 0.5
+    assert policy.key(heavy, 0.0) < policy.key(light, 0.0)
+
+
+# Prefill priced per token, so that a long prompt's prefill (~0.4 s) dwarfs its encode (~66 ms).
+PREFILL_BOUND = LinearCosts(step_s=1e-3, token_s=2e-4, sequence_s=0.0, encode_s=2e-3, patch_s=1e-3)
+
+
+def test_the_encoder_serves_first_the_request_whose_prefill_still_needs_the_most(engine, images):
+    """One encoder, one P. `long` has a 2000-token prompt (0.4 s of prefill) and a TTFT of 0.51 s;
+    `short` has 0.50 s and a short prompt. By their TTFT deadlines alone the encoder takes `short`
+    first and `long` misses (0.13 s of encodes + 0.4 s of prefill); with the prefill the router
+    predicts taken off `long`'s encode deadline, both make it."""
+    text = list(range(10, 2010))
+    requests = [
+        SimRequest("short", 0.0, _PromptShaper(engine.model).prompt([1, 2], [3, 4], [images[0]]),
+                   SamplingParams(temperature=0.0, max_tokens=2, slo_ttft=0.50)),
+        SimRequest("long", 0.0, _PromptShaper(engine.model).prompt([1, 2], text, [images[1]]),
+                   SamplingParams(temperature=0.0, max_tokens=2, slo_ttft=0.51)),
+    ]  # fmt: skip
+
+    def run_with(prefill_seconds) -> SimResult:
+        scheduler = replace(engine.scheduler, scheduling_policy="slo")
+        config = replace(engine, scheduler=scheduler)
+        spec = ClusterSpec("1E+1P+1D", config, costs=PREFILL_BOUND, max_encode_batch_patches=PATCHES)
+        cluster = SimCluster(spec)
+        cluster.router.prefill_seconds = prefill_seconds
+        for node in cluster.nodes:
+            if node.core.encode is not None:
+                node.core.encode.worker.queue_policy = scheduler.queue_policy()
+        return simulate(cluster, requests)
+
+    blind = run_with(lambda tokens: 0.0)  # each stage sees only the TTFT deadline
+    assert ttft(blind, "short") <= 0.50 < 0.51 < ttft(blind, "long")
+    informed = run_with(lambda tokens: tokens * PREFILL_BOUND.token_s)
+    assert met(informed, requests) == {"short", "long"}

@@ -66,7 +66,7 @@ from epd.cluster.router.recovery import (
     recovery_for,
     transfer_gave_up,
 )
-from epd.engine.queue_policy import Urgency
+from epd.engine.queue_policy import DEFAULT_TOKEN_S, Urgency
 from epd.inputs.types import ImageInput, ProcessedPrompt
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import RequestMetrics, RequestOutput
@@ -135,6 +135,9 @@ class RouterCore:
         self.wire_ids: dict[str, str] = {}  # the id instances know (current attempt) -> request id
         self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0}
         self.max_attempts = MAX_ATTEMPTS
+        # Predicts a prompt's prefill from its token count, so that an encoder's deadline leaves
+        # room for it (Urgency.later_s); a fitted profile's cost model can replace the default.
+        self.prefill_seconds: Callable[[int], float] = default_prefill_seconds
         self.recoveries: dict[str, dict[str, int]] = {}  # dead instance -> recovery -> requests
         self.embeddings_not_sent: dict[str, int] = {}  # request id -> its images' sends given up
         self.instance_stats: dict[str, dict[str, float]] = {}
@@ -333,7 +336,8 @@ class RouterCore:
             record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[record.prefill].ready.data_address
         for name, items in tasks.items():
-            self._send(name, EncodeTask(record.wire_id, items, dest, _urgency(record)))
+            urgency = _urgency(record, self.prefill_seconds(len(record.prompt.prompt_token_ids)))
+            self._send(name, EncodeTask(record.wire_id, items, dest, urgency))
         self.stats["encode_items"] += len(items)
 
     # ---- progress -----------------------------------------------------------------------------
@@ -618,10 +622,16 @@ def _prefill_task(
     )
 
 
-def _urgency(record: RequestRecord) -> Urgency:
-    """What an encoder's queue policy orders the request's images by."""
+def _urgency(record: RequestRecord, later_s: float) -> Urgency:
+    """What an encoder's queue policy orders the request's images by: its TTFT deadline less the
+    prefill still to come after the encode (`later_s`)."""
     params = record.params
-    return Urgency(record.metrics.arrival_time, params.slo_ttft, params.priority)
+    return Urgency(record.metrics.arrival_time, params.slo_ttft, params.priority, later_s)
+
+
+def default_prefill_seconds(prompt_tokens: int) -> float:
+    """The prefill a prompt will need, at the queue policies' default price per token."""
+    return prompt_tokens * DEFAULT_TOKEN_S
 
 
 def encode_item(index: int, image: ImageInput) -> EncodeItem:
