@@ -38,8 +38,12 @@ from epd.transfer.serialization import Header
 
 logger = logging.getLogger(__name__)
 
-_POLL_MIN_MS, _POLL_MAX_MS, _IDLE_POLL_MS = 0, 2, 100  # idle: only bounds how late close() is seen
-_BACKOFF_S = 20e-6  # while recvs are in flight and nothing arrives: first pause, doubled up to 2 ms
+_POLL_MIN_MS, _IDLE_POLL_MS = 0, 100  # idle: only bounds how late close() is seen
+# While recvs are in flight and nothing arrives: a pause from 20 us, doubled up to 100 us. The
+# pause is a sleep (a notice cannot wake it), and a producer's next send waits on the GPU until
+# its recv is posted here: at the 2 ms it once reached, 16 MB messages streamed at 39% of NCCL's
+# send/recv rate (BENCHMARKS.md).
+_BACKOFF_S, _BACKOFF_MAX_S = 20e-6, 100e-6
 
 
 @dataclass(eq=False)
@@ -120,7 +124,7 @@ class NcclRecvLoop:
                     progressed |= self._advance(pair)
                     if pair.abandoned:
                         del self._pairs[pair_id]
-                pause = _BACKOFF_S if progressed else min(2 * pause, _POLL_MAX_MS / 1e3)
+                pause = _BACKOFF_S if progressed else min(2 * pause, _BACKOFF_MAX_S)
                 if busy and not progressed:
                     time.sleep(pause)
         finally:
