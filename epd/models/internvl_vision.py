@@ -28,6 +28,7 @@ from epd.models.config import InternVisionOptions, VisionConfig
 from epd.models.layers.activation import get_activation
 from epd.models.layers.linear import MergedLinear
 from epd.models.layers.norm import RMSNorm
+from epd.models.qwen2_vl_vision import Qwen2VisionMLP
 
 Grid = tuple[int, int, int]
 
@@ -87,22 +88,11 @@ class InternVisionAttention(nn.Module):
         return self.projection_layer(out.transpose(1, 2).flatten(2))
 
 
-class InternVisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = get_activation(cfg.hidden_act)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class InternVisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.attention = InternVisionAttention(cfg)
-        self.mlp = InternVisionMLP(cfg)
+        self.mlp = Qwen2VisionMLP(cfg)  # the same fc1, act, fc2 (and checkpoint names)
         self.layernorm_before = _norm(cfg.internvl, cfg.hidden_size)
         self.layernorm_after = _norm(cfg.internvl, cfg.hidden_size)
         # Layer scale: learned per-channel gains on each branch.
