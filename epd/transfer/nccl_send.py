@@ -19,8 +19,6 @@ in-flight queue until its ops completed on the device: then it is reported ok, i
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import select
 import threading
 import time
@@ -31,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from epd.transfer.base import SendResult
+from epd.transfer.job_thread import JobThread
 from epd.transfer.nccl_channel import (
     PRODUCER_RANK,
     Channel,
@@ -71,46 +69,13 @@ class _Pair:
     abandoned: bool = False  # the loop gave up on it: a late set-up aborts what it built
 
 
-class NcclSendLoop:
+class NcclSendLoop(JobThread):
     """Runs the sends of one connector (module docstring); submit() and results() from any thread."""
 
     def __init__(self, backend: str, device: torch.device, timeout_s: float) -> None:
         self._backend, self._device, self._timeout = backend, device, timeout_s
-        self._jobs: queue.SimpleQueue[SendJob] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[SendResult] = queue.SimpleQueue()
         self._pairs: dict[str, _Pair] = {}
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="epd-nccl-send", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: SendJob) -> None:
-        self._jobs.put(job)
-        self._wake()
-
-    def results(self) -> list[SendResult]:
-        out = []
-        while not self._results.empty():
-            out.append(self._results.get_nowait())
-        return out
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._wake()
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            logger.warning("nccl send thread did not stop within %.1fs", timeout_s)
-            return
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: shutting down
-            pass
+        super().__init__("epd-nccl-send")
 
     # ---- everything below runs in the thread ----
     def _run(self) -> None:
@@ -119,7 +84,7 @@ class NcclSendLoop:
         pause = _POLL_MIN_S
         try:
             while not self._stop.is_set():
-                self._take_jobs()
+                self._take_new_jobs()
                 progressed = False
                 for dest, pair in list(self._pairs.items()):
                     before = (len(pair.pending), len(pair.in_flight), pair.channel is None)
@@ -135,9 +100,8 @@ class NcclSendLoop:
             for pair in self._pairs.values():
                 self._close_pair(pair)
 
-    def _take_jobs(self) -> None:
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
+    def _take_new_jobs(self) -> None:
+        for job in self._take_jobs():
             pair = self._pairs.get(job.dest)
             if pair is None:
                 try:
@@ -246,13 +210,6 @@ class NcclSendLoop:
         logger.warning("nccl transfer of %r to %s failed: %s", job.key, job.dest, error)
         job.tensors = {}
         self._results.put(job.result(error))
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
 
 def _header(job: SendJob) -> Header:

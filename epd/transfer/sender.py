@@ -23,9 +23,6 @@ dest that never comes up fails after send_timeout_s instead of holding messages 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +33,7 @@ import torch
 import zmq
 
 from epd.transfer.base import SendResult
+from epd.transfer.job_thread import JobThread
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ Encode = Callable[[SendJob], list[Any]]
 Discard = Callable[[SendJob], None]
 
 
-class SendLoop:
+class SendLoop(JobThread):
     """Runs the jobs of one connector on a daemon thread; see the module docstring for the automaton.
 
     `encode(job)` builds the frames of a job (runs in the thread, may raise: the job then fails);
@@ -76,43 +74,7 @@ class SendLoop:
         self._encode = encode
         self._discard = discard
         self._timeout = send_timeout_s
-        self._jobs: queue.SimpleQueue[SendJob] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[SendResult] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"epd-{name}-send", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: SendJob) -> None:
-        self._jobs.put(job)
-        self._wake()
-
-    def results(self) -> list[SendResult]:
-        out = []
-        while True:
-            try:
-                out.append(self._results.get_nowait())
-            except queue.Empty:
-                return out
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread (abandoning unfinished jobs) and free its sockets and pipe."""
-        self._stop.set()
-        self._wake()
-        self._thread.join(timeout)
-        if self._thread.is_alive():  # stuck in a syscall; its fds must outlive it, so leak them
-            logger.warning("transfer send thread did not stop within %.1fs", timeout)
-            return
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # pipe full: the thread has wake-ups pending already
-            pass
+        super().__init__(f"epd-{name}-send")
 
     # ---- everything below runs in the thread ----
     def _run(self) -> None:
@@ -122,7 +84,7 @@ class SendLoop:
         tracker_wait = _TRACKER_WAIT_MIN_MS
         try:
             while not self._stop.is_set():
-                self._take_jobs(pending)
+                self._take_jobs_into(pending)
                 before = len(in_flight)
                 blocked = self._push(pending, sockets, in_flight)
                 progressed = len(in_flight) > before
@@ -140,22 +102,9 @@ class SendLoop:
             for sock in sockets.values():
                 sock.close(linger=_LINGER_MS)
 
-    def _take_jobs(self, pending: dict[str, deque[SendJob]]) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
+    def _take_jobs_into(self, pending: dict[str, deque[SendJob]]) -> None:
+        for job in self._take_jobs():
             pending.setdefault(job.dest, deque()).append(job)
-
-    def _drain_wakeups(self) -> None:
-        # Only right after waking up, before the next look at the stop flag and the job queue: a
-        # wake-up byte consumed here can then never hide a job or a stop request from that look.
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _push(
         self,
