@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server.chat_load import ChatLoad
 from server.helpers import ServerProcess, image_message, metrics, wait_until_idle
 
 from epd import LLM, SamplingParams
@@ -42,54 +43,6 @@ def reference(model: str) -> tuple[list[list[int]], list[str]]:
         tokens = [out.outputs[0].token_ids for out in llm.chat(PROMPTS, params, use_tqdm=False)]
         texts = [out.outputs[0].text for out in llm.chat(PROMPTS[2:], long, use_tqdm=False)]
     return tokens, texts
-
-
-class Load:
-    """`workers` threads, each sending the next prompt (cycling) until stopped."""
-
-    def __init__(self, url: str, workers: int = 3) -> None:
-        self.url = url
-        self.results: list[tuple[int, list[int], str]] = []
-        self.errors: list[str] = []
-        self.sent = 0
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._threads = [threading.Thread(target=self._work, args=(w,), daemon=True) for w in range(workers)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(WAIT_S)
-
-    def _work(self, k: int) -> None:
-        with httpx.Client(timeout=WAIT_S, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            while not self._stop.is_set():
-                prompt = k % len(PROMPTS)
-                body = {"model": "m", "messages": PROMPTS[prompt], "max_tokens": MAX_TOKENS, "temperature": 0}
-                with self._lock:
-                    self.sent += 1
-                try:
-                    resp = client.post(
-                        self.url + "/v1/chat/completions",
-                        json=body | {"ignore_eos": True, "return_token_ids": True},
-                    )
-                    choice = resp.json()["choices"][0]
-                    with self._lock:
-                        self.results.append((prompt, choice["token_ids"], choice["finish_reason"]))
-                except Exception as err:  # recorded: the test fails on any
-                    with self._lock:
-                        self.errors.append(f"{type(err).__name__}: {err}")
-                k += len(self._threads)
-
-    def wait_for(self, n: int) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while len(self.results) < n and not self.errors:
-            assert time.monotonic() < deadline, f"{len(self.results)} of {n} answers within {WAIT_S} s"
-            time.sleep(0.01)
 
 
 def switch(url: str, instance: str, roles: str) -> dict:
@@ -127,14 +80,11 @@ class Stream:
 
 def run_load(url: str, instance: str, roles: str, reference: list[list[int]]) -> dict:
     """Switch `instance` to `roles` while requests flow; check every answer."""
-    with Load(url) as load:
+    with ChatLoad(url, KEY, PROMPTS, MAX_TOKENS, WAIT_S) as load:
         load.wait_for(3)  # requests in flight as it starts
         record = switch(url, instance, roles)
         load.wait_for(len(load.results) + 3)  # and requests still flow after it
-    assert not load.errors, load.errors[:3]
-    assert len(load.results) == load.sent, "every request sent got exactly one answer"
-    for prompt, tokens, finish in load.results:
-        assert finish == "length" and tokens == reference[prompt], f"prompt {prompt}"
+    load.check(reference)
     return record
 
 

@@ -5,8 +5,6 @@ admin endpoints' answers, and the switches in /metrics. Every wait is for a stat
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +12,7 @@ import pytest
 
 from epd import LLM, SamplingParams
 
+from .chat_load import ChatLoad
 from .helpers import ServerProcess, gauge, image_message, metrics, wait_until_idle
 
 KEY = "sk-switch"
@@ -66,67 +65,15 @@ def arrange(srv: ServerProcess, wanted: dict[str, str]) -> None:
             switch(srv, instance, roles)
 
 
-class Load:
-    """A closed loop: `workers` threads each send the next prompt (cycling) until `stop`."""
-
-    def __init__(self, srv: ServerProcess, workers: int = 4) -> None:
-        self.srv, self.workers = srv, workers
-        self.results: list[tuple[int, list[int], str | None]] = []  # (prompt, token ids, finish)
-        self.errors: list[str] = []
-        self.sent = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, args=(w,), daemon=True) for w in range(workers)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(WAIT_S)
-
-    def _work(self, worker: int) -> None:
-        k = worker
-        with httpx.Client(timeout=WAIT_S, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            while not self._stop.is_set():
-                prompt = k % len(PROMPTS)
-                body = {"model": "m", "messages": PROMPTS[prompt], "max_tokens": MAX_TOKENS, "temperature": 0}
-                body |= {"ignore_eos": True, "return_token_ids": True}
-                with self._lock:
-                    self.sent += 1
-                try:
-                    resp = client.post(self.srv.url + "/v1/chat/completions", json=body)
-                    choice = resp.json()["choices"][0]
-                    result = (prompt, choice["token_ids"], choice["finish_reason"])
-                except Exception as err:  # recorded: the test fails on any
-                    with self._lock:
-                        self.errors.append(f"{type(err).__name__}: {err} ({resp.text[:300]})")
-                    continue
-                with self._lock:
-                    self.results.append(result)
-                k += self.workers
-
-    def wait_for(self, n: int) -> None:
-        """Until `n` answers came in (requests are flowing)."""
-        deadline = time.monotonic() + WAIT_S
-        while len(self.results) < n and not self.errors:
-            assert time.monotonic() < deadline, f"{len(self.results)} of {n} answers within {WAIT_S} s"
-            time.sleep(0.01)
-
-    def check(self, reference: list[list[int]]) -> None:
-        assert not self.errors, self.errors[:3]
-        assert len(self.results) == self.sent, "every request sent got exactly one answer"
-        for prompt, tokens, finish in self.results:
-            assert finish == "length" and tokens == reference[prompt], f"prompt {prompt}"
+def chat_load(srv: ServerProcess, workers: int = 4) -> ChatLoad:
+    """A closed loop of this module's prompts against `srv`."""
+    return ChatLoad(srv.url, KEY, PROMPTS, MAX_TOKENS, WAIT_S, workers)
 
 
 def test_p_to_d_and_back_under_load_lose_nothing_and_change_no_token(srv, reference):
     arrange(srv, {"P1": "P", "D0": "D"})
     records = []
-    with Load(srv) as load:
+    with chat_load(srv) as load:
         for instance, roles in (("P1", "D"), ("D0", "P"), ("D0", "D"), ("P1", "P")):
             load.wait_for(len(load.results) + 4)  # this switch starts with requests in flight
             records.append(switch(srv, instance, roles))
@@ -148,7 +95,7 @@ def test_p_to_d_and_back_under_load_lose_nothing_and_change_no_token(srv, refere
 def test_twenty_switches_back_and_forth_leave_no_block_behind(srv, reference):
     arrange(srv, {"P1": "P", "D0": "D"})
     before = metrics(srv.url)
-    with Load(srv, workers=2) as load:
+    with chat_load(srv, workers=2) as load:
         for i in range(20):
             switch(srv, "P1", "D" if i % 2 == 0 else "P")
             load.wait_for(len(load.results) + 1)
