@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from epd.bench.serve.spec import SLO, RequestClass, SizeBucket, parse_int_range, parse_sizes
+from epd.bench.serve.spec import SLO, RequestClass, parse_int_range, parse_sizes
 
 KEYS = {"name", "share", "images_per_request", "image_size", "output_tokens", "slo_ttft", "slo_tpot"}
 
@@ -49,7 +49,7 @@ def _one(item: object, index: int) -> RequestClass:
             name=str(item.get("name", f"class{index}")),
             share=share,
             images_per_request=parse_int_range(str(item.get("images_per_request", 1))),
-            image_sizes=parse_sizes(str(item.get("image_size", "512x512"))) or (SizeBucket(512, 512),),
+            image_sizes=parse_sizes(str(item.get("image_size", "512x512"))),
             output_tokens=int(item.get("output_tokens", 128)),
             slo=SLO(_seconds(item.get("slo_ttft")), _seconds(item.get("slo_tpot"))),
         )

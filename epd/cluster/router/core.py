@@ -335,8 +335,8 @@ class RouterCore:
             tasks.setdefault(encoder, []).append(encode_item(index, image))
             record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
         dest = self.instances[record.prefill].ready.data_address
+        urgency = _urgency(record, self.prefill_seconds(len(record.prompt.prompt_token_ids)))
         for name, items in tasks.items():
-            urgency = _urgency(record, self.prefill_seconds(len(record.prompt.prompt_token_ids)))
             self._send(name, EncodeTask(record.wire_id, items, dest, urgency))
         self.stats["encode_items"] += len(items)
 
