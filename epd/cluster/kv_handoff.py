@@ -9,7 +9,8 @@ What P sends for one request, over one connector pair (FIFO, so D sees it in thi
 |              |   i = 0 .. L-1, as each layer    |   kv:<rid> {generator_state?}, request meta plus      |
 |              |   finishes                       |   streamed_layers = L                                 |
 |              |                                  | it ended at its first token (EOS, stop, length):      |
-|              |                                  |   kv:<rid> {}, meta {request_id, discard: True}       |
+|              |                                  |   kv:<rid> {}, meta {request_id, discard: True,       |
+|              |                                  |   streamed_layers}                                    |
 
 D holds the layer parts until the `kv:` message says what to do with them, so every part is
 either assembled into a request's KV or dropped: P sends the `kv:` message after its parts
@@ -20,8 +21,10 @@ the failure and the router aborts the request on D, which drops the held message
 
 An abort travels router -> D on the control socket, the KV P -> D through the connector: nothing
 orders the two, so an abort can reach D before the KV P had already sent (the client hung up at the
-first token). D remembers such aborts (`AbortedBeforeKV`) and drops what arrives for them later,
-instead of decoding for nobody.
+first token). D remembers such requests (`DroppedKV`) and drops what arrives for them later,
+instead of decoding for nobody. The same memory drops the layers still due behind a `kv:` message
+that did not need them (the request was aborted while its message waited for them, or P discarded
+it): a retried part can arrive after that, and nothing would claim it.
 
 No generator state travels: a seeded request's draws depend only on its seed and how many tokens
 it has (epd.engine.sampler.draw_seed), which the meta carries.
@@ -39,8 +42,8 @@ from epd.engine.request import Request
 from epd.transfer.base import Connector, Received
 
 KV_KEY, LAYER_KEY = "kv:", "kvl:"
-# Aborts D remembers at most (request ids, ~100 bytes each); see AbortedBeforeKV.
-MAX_ABORTS_REMEMBERED = 4096
+# Requests whose late KV D remembers at most (an id and a few layer numbers each); see DroppedKV.
+MAX_DROPPED_REMEMBERED = 4096
 
 
 class KVSender:
@@ -80,8 +83,9 @@ class KVSender:
 
     def discard(self, request: Request) -> None:
         rid = request.request_id
-        self.layers_sent.pop(rid, None)
-        self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", {}, {"request_id": rid, "discard": True})
+        # The count lets D drop the parts still due (a retried one may come after this notice).
+        meta = {"request_id": rid, "discard": True, "streamed_layers": self.layers_sent.pop(rid, 0)}
+        self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", {}, meta)
 
 
 def handoff_meta(request: Request) -> dict[str, Any]:
@@ -134,14 +138,12 @@ class LayerParts:
         parts = self.parts.get(meta["request_id"], {})
         return [i for i in range(meta["streamed_layers"]) if i not in parts]
 
-    def complete(self, received: Received) -> torch.Tensor | None:
-        """The full KV [layers, 2, tokens, kv_heads, head_dim] a `kv:` message stands for: sent whole,
-        or stacked from the streamed layers; None for a discard notice. ValueError if layers are missing.
+    def complete(self, received: Received) -> torch.Tensor:
+        """The full KV [layers, 2, tokens, kv_heads, head_dim] a `kv:` hand-off (not a discard notice)
+        stands for: sent whole, or stacked from the streamed layers. ValueError if layers are missing.
         Either way the request's parts are freed."""
         meta = received.meta
         parts = self.parts.pop(meta["request_id"], {})
-        if meta.get("discard"):
-            return None
         if "streamed_layers" not in meta:
             return received.tensors["kv"]
         num_layers = meta["streamed_layers"]
@@ -152,8 +154,9 @@ class LayerParts:
             )
         return torch.stack([parts[i] for i in range(num_layers)])
 
-    def drop(self, request_id: str) -> None:
-        self.parts.pop(request_id, None)
+    def drop(self, request_id: str) -> set[int]:
+        """Free the request's parts; the layers that had arrived."""
+        return set(self.parts.pop(request_id, {}))
 
     def stats(self) -> dict[str, float]:
         return {
@@ -162,39 +165,72 @@ class LayerParts:
         }
 
 
-class AbortedBeforeKV:
-    """D side: requests aborted before their `kv:` message arrived, whose KV must be dropped on arrival.
+class DroppedKV:
+    """D side: requests whose KV is dropped as it arrives, and what of it is still due.
 
-    An id is forgotten when its `kv:` message arrives (always the last thing P sends for a request).
-    Some never get one (aborted before P handed off, P rejected it or died), so memory is bounded too:
-    past `capacity` ids the oldest is forgotten. A late KV trails its abort by one P step plus a
-    transfer, so only the latest few aborts matter; 4096 is far more than arrive in that time.
+    | remembered when                                  | still due                    |
+    |--------------------------------------------------|------------------------------|
+    | aborted before its `kv:` message came            | that message, and the layers |
+    |                                                  | it counts that had not come  |
+    | aborted while its `kv:` waited for retried parts | those parts                  |
+    | P discarded it with parts not yet arrived        | those parts                  |
+
+    Everything due is dropped on arrival and the id forgotten once the last of it came. Some never
+    comes (P died or gave up on a part), so memory is bounded too: past `capacity` ids the oldest is
+    forgotten. Late KV trails its abort by one P step plus a transfer (and its retries), so only the
+    latest few matter; 4096 is far more than arrive in that time. A second `kv:` message for an id
+    is someone else's (P sends one per attempt id): it is not dropped.
     """
 
-    def __init__(self, capacity: int = MAX_ABORTS_REMEMBERED) -> None:
+    def __init__(self, capacity: int = MAX_DROPPED_REMEMBERED) -> None:
         self.capacity = capacity
-        self.ids: OrderedDict[str, None] = OrderedDict()
-        self.dropped_total = 0
+        # request id -> (layers dropped so far, layers streamed: None until its `kv:` came)
+        self.due: OrderedDict[str, tuple[set[int], int | None]] = OrderedDict()
+        self.handoffs_dropped_total = 0
+        self.parts_dropped_total = 0
 
-    def remember(self, request_id: str) -> None:
-        self.ids[request_id] = None
-        self.ids.move_to_end(request_id)
-        while len(self.ids) > self.capacity:
-            self.ids.popitem(last=False)
+    def remember(
+        self, request_id: str, arrived: set[int] | None = None, handoff: Received | None = None
+    ) -> None:
+        """Drop the request's KV from now on. `arrived`: the layers already in (and freed);
+        `handoff`: its `kv:` message, if it came (then only the layers it counts are due)."""
+        layers = None if handoff is None else handoff.meta.get("streamed_layers", 0)
+        self.due[request_id] = (set(arrived or ()), layers)
+        self.due.move_to_end(request_id)
+        self._forget_if_complete(request_id)
+        while len(self.due) > self.capacity:
+            self.due.popitem(last=False)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self.ids
+        return request_id in self.due
 
-    def drop_handoff(self, request_id: str) -> bool:
-        """The request's `kv:` message arrived: True (and forgotten) if it was aborted before."""
-        if request_id not in self.ids:
+    def drop_part(self, request_id: str, layer: int) -> bool:
+        """A `kvl:` part arrived: True (and counted) if it is dropped."""
+        if request_id not in self.due:
             return False
-        del self.ids[request_id]
-        self.dropped_total += 1
+        self.due[request_id][0].add(layer)
+        self.parts_dropped_total += 1
+        self._forget_if_complete(request_id)
         return True
+
+    def drop_handoff(self, handoff: Received) -> bool:
+        """A `kv:` message arrived: True if its request was aborted before (the message is dropped)."""
+        request_id = handoff.meta["request_id"]
+        if request_id not in self.due or self.due[request_id][1] is not None:
+            return False
+        self.due[request_id] = (self.due[request_id][0], handoff.meta.get("streamed_layers", 0))
+        self.handoffs_dropped_total += 1
+        self._forget_if_complete(request_id)
+        return True
+
+    def _forget_if_complete(self, request_id: str) -> None:
+        arrived, layers = self.due[request_id]
+        if layers is not None and len(arrived) >= layers:
+            del self.due[request_id]
 
     def stats(self) -> dict[str, float]:
         return {
-            "kv_aborts_remembered": len(self.ids),
-            "kv_late_handoffs_dropped_total": self.dropped_total,
+            "kv_late_requests_remembered": len(self.due),
+            "kv_late_handoffs_dropped_total": self.handoffs_dropped_total,
+            "kv_late_parts_dropped_total": self.parts_dropped_total,
         }

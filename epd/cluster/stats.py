@@ -34,9 +34,11 @@ STAT_HELP = {
     "rejected_late_total": "late requests refused (--reject-late: a 429)",
     "kv_parts_buffered": "streamed KV layers held on a decode instance until their request's hand-off",
     "kv_parts_received_total": "streamed KV layers received by a decode instance",
+    "kv_handoffs_received_total": "KV hand-offs (and discard notices) received by a decode instance",
     "kv_handoffs_awaiting_layers": "KV hand-offs held on a decode instance until their retried layers arrive",
-    "kv_aborts_remembered": "aborted requests a decode instance remembers until their late KV arrives",
+    "kv_late_requests_remembered": "requests whose late KV a decode instance will drop (aborted, discarded)",
     "kv_late_handoffs_dropped_total": "KV hand-offs dropped by a decode instance: their request was aborted",
+    "kv_late_parts_dropped_total": "streamed KV layers dropped by a decode instance: no hand-off needs them",
     "requests_migrated_total": "running decodes sent with their KV to another decode instance (a switch)",
     # Kept by the router and the cluster, about an instance that died (epd.cluster.router.recovery):
     "requests_release_images_total": "requests whose images it was encoding when it died: encoded elsewhere",

@@ -14,7 +14,8 @@ Roles decide which parts exist, not how the loop runs (`receive -> schedule -> r
 
 With `kv_streaming="layer"`, P sends each layer's KV while prefill runs and D assembles it
 when the hand-off arrives (message order: epd.cluster.kv_handoff). D drops the KV of a request
-aborted before its KV arrived (`AbortedBeforeKV`).
+aborted before its KV arrived, and layers that come after their hand-off no longer needs them
+(`DroppedKV`).
 
 | module            | what                                                                       |
 |-------------------|----------------------------------------------------------------------------|

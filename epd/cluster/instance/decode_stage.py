@@ -5,7 +5,8 @@ What arrives through the connector, per request (order and formats: epd.cluster.
 completes the KV (or discards it) and starts the request in the shared engine. A part sent again
 after a failed send can come after its `kv:` message, which then waits for it (`awaiting_layers`).
 An abort can overtake the KV (different paths), so the stage remembers aborts of requests it has
-not seen (`AbortedBeforeKV`) and drops their KV on arrival instead of decoding for nobody.
+not seen (`DroppedKV`) and drops their KV on arrival instead of decoding for nobody; likewise the
+parts still due behind a `kv:` message that no longer needs them (aborted while waiting, discarded).
 
 The same path runs the other way when a role switch drains this instance (`MigrateRequest`,
 epd.cluster.router.role_switch): a running request leaves the engine between two steps and its
@@ -32,7 +33,7 @@ from epd.clock import Clock
 from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
-from epd.cluster.kv_handoff import LAYER_KEY, AbortedBeforeKV, KVSender, LayerParts
+from epd.cluster.kv_handoff import LAYER_KEY, DroppedKV, KVSender, LayerParts
 from epd.cluster.messages import MigrationRefused, PrefillTask, RequestError
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.request import Request, RequestStatus
@@ -59,27 +60,30 @@ class DecodeStage(StageManager):
         self.waiting_elsewhere = waiting_elsewhere
         self.kv_sender = kv_sender
         self.kv_parts = LayerParts()  # streamed layers waiting for their hand-off
-        self.aborted_before_kv = AbortedBeforeKV()  # their late KV is dropped
+        self.dropped = DroppedKV()  # requests whose late KV is dropped on arrival
         self.awaiting_layers: dict[str, Received] = {}  # request id -> its `kv:`, parts still due
+        self.handoffs_received_total = 0  # `kv:` messages, whatever became of them
 
     def on_transfer(self, received: Received) -> None:
         """A `kvl:` layer part or the `kv:` hand-off of a request."""
         if received.key.startswith(LAYER_KEY):
             rid = received.meta["request_id"]
-            if rid not in self.aborted_before_kv:
-                self.kv_parts.add(received)
+            if self.dropped.drop_part(rid, received.meta["layer"]):
+                return
+            self.kv_parts.add(received)
             held = self.awaiting_layers.get(rid)
             if held is not None and not self.kv_parts.missing(held):
                 self._kv_arrived(self.awaiting_layers.pop(rid))
         else:
+            self.handoffs_received_total += 1
             self._kv_arrived(received)
 
     def abort(self, request_id: str) -> None:
         """Runs before the engine forgets the request: whether its KV may still come depends on that."""
-        if self._may_still_receive_kv(request_id):
-            self.aborted_before_kv.remember(request_id)
-        self.kv_parts.drop(request_id)
-        self.awaiting_layers.pop(request_id, None)
+        held = self.awaiting_layers.pop(request_id, None)
+        arrived = self.kv_parts.drop(request_id)
+        if held is not None or self._may_still_receive_kv(request_id):
+            self.dropped.remember(request_id, arrived, held)
 
     def migrate(self, request_id: str, dest: str) -> bool:
         """Send a running request to the decode instance at `dest` (module docstring); False if it
@@ -100,8 +104,11 @@ class DecodeStage(StageManager):
         return len(set(self.kv_parts.parts) | set(self.awaiting_layers))
 
     def stats(self) -> dict[str, float]:
-        awaiting = {"kv_handoffs_awaiting_layers": len(self.awaiting_layers)}
-        return {**self.kv_parts.stats(), **self.aborted_before_kv.stats(), **awaiting}
+        handoffs = {
+            "kv_handoffs_received_total": self.handoffs_received_total,
+            "kv_handoffs_awaiting_layers": len(self.awaiting_layers),
+        }
+        return {**self.kv_parts.stats(), **self.dropped.stats(), **handoffs}
 
     def _may_still_receive_kv(self, request_id: str) -> bool:
         """A decode instance that does not run the request yet may still get its KV from P: the
@@ -110,19 +117,19 @@ class DecodeStage(StageManager):
 
     def _kv_arrived(self, received: Received) -> None:
         rid = received.meta["request_id"]
-        if self.aborted_before_kv.drop_handoff(rid):
-            self.kv_parts.drop(rid)
+        if self.dropped.drop_handoff(received):
             return  # the router finished it as aborted already: nothing to report
         if self.kv_parts.missing(received):
             self.awaiting_layers[rid] = received  # a retried part is on its way
+            return
+        if received.meta.get("discard"):  # it ended at its first token on P
+            self.dropped.remember(rid, self.kv_parts.drop(rid), received)
             return
         try:
             kv = self.kv_parts.complete(received)
         except ValueError as err:
             self.outbox.send(RequestError(self.instance_id, rid, f"KV transfer incomplete: {err}"))
             return
-        if kv is None:
-            return  # a discard notice: the request ended at its first token on P
         try:
             request = self._continue(received, kv)
         except ValueError as err:
