@@ -1,12 +1,15 @@
 """Memory disaggregation, measured on one GPU: what an instance gains by not holding the other part.
 
-    python -m epd.bench.memory --out DIR [--config-dir DIR] [--utilization 0.9] [--dry-run]
+    python -m epd.bench.memory --out DIR [--config-dir DIR] [--config NAME.json] [--utilization 0.9]
+        [--dry-run]
 
-Qwen2.5-VL-7B's shape, random bf16 weights (`load_format="dummy"`). Each section builds its
+Qwen2.5-VL-7B's shape by default (--config: any full-size config, e.g. epd/bench/configs'
+internvl2_26b_like.json), random bf16 weights (`load_format="dummy"`). Each section builds its
 instances one at a time and frees each (model, KV cache, `torch.cuda.empty_cache()`) before the next:
 - peak: peak allocated and reserved memory of an E-only instance (vision weights) encoding a batch
-  of N images of 1344 px, against a 1EPD instance (whole model + its KV cache sized at
-  --utilization) encoding the same batch; N = 1, 4, 8.
+  of N images of 1344 px (as the model's processor makes them: InternVL's 10 tiles a 1344 px
+  image), against a 1EPD instance (whole model + its KV cache sized at --utilization) encoding
+  the same batch; N = 1, 4, 8.
 - encode_capacity: the largest batch of 1344 px images each encodes within --utilization x device
   memory: the E-only instance in all of it but its weights, the EPD instance in what its weights and
   KV cache leave (doubling, then bisection; an out-of-memory error counts as too large).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +49,7 @@ from epd.engine.memory import (
     profile_memory,
     run_dummy_step,
 )
+from epd.inputs.image_processor import ImageProcessorConfig
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE, VISION
 
@@ -125,6 +130,7 @@ class Instance:
 
     model: nn.Module | None
     weight_bytes: int
+    processor: ImageProcessorConfig  # how the model's processor cuts an image into patches
     profile: MemoryProfile | None = None
     kv_cache: torch.Tensor | None = None
     num_blocks: int = 0
@@ -139,7 +145,8 @@ def instance(model_dir: Path, parts: frozenset[str], utilization: float | None =
     """Build an instance's model (and KV cache, see `Instance`); free both on leaving."""
     free_cached_memory(DEVICE)
     model = build_model(model_dir, parts=parts, dtype=DTYPE, device=DEVICE, load_format="dummy")
-    inst = Instance(model, sum(p.numel() * p.element_size() for p in model.parameters()))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    inst = Instance(model, weights, ImageProcessorConfig.from_pretrained(model_dir))
     try:
         if LANGUAGE in parts and utilization is not None:
             _add_kv_cache(inst, utilization)
@@ -170,20 +177,18 @@ def measure_profile(inst: Instance) -> MemoryProfile:
 # ---- encoding -------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def encode(model: nn.Module, num_images: int) -> None:
+def encode(inst: Instance, num_images: int) -> None:
     """Encode `num_images` images of IMAGE_SIDE px in one packed batch, as an encoder step does."""
-    side = IMAGE_SIDE // model.config.vision.patch_size
-    pixels = torch.randn(num_images * side * side, model.config.vision.patch_dim, device=DEVICE)
-    model.encode_images(pixels, [(1, side, side)] * num_images)
+    pixels, grids = rs.image_batch(inst.processor, inst.model.config.vision, IMAGE_SIDE, num_images, DEVICE)
+    rs.encode(inst.model, pixels, grids)
 
 
-def measure_encode(model: nn.Module, num_images: int) -> dict:
+def measure_encode(inst: Instance, num_images: int) -> dict:
     """Peak allocated and reserved bytes of one encode, or `oom` where the device ran out."""
     start_peak()
     oom = False
     try:
-        encode(model, num_images)
+        encode(inst, num_images)
     except torch.OutOfMemoryError:
         oom = True  # the error's frames hold the batch's tensors: freed once this block ends
     allocated, reserved = peak_bytes()
@@ -209,14 +214,18 @@ def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
 # ---- sections -------------------------------------------------------------------------------
 
 
-def bench_peak(model_dir: Path, utilization: float) -> None:
+def bench_peak(model_dir: Path, utilization: float, section: str = "peak") -> None:
+    """E-only against 1EPD encoding the same batches; rows go to RESULTS[section]."""
     budget = int(utilization * total_memory())
     for parts in (E_ONLY, EPD):
         with instance(model_dir, parts, utilization if LANGUAGE in parts else None) as inst:
+            grid, tiles = rs.image_grid(inst.processor, IMAGE_SIDE)
+            tokens = math.prod(grid) // inst.model.config.vision.spatial_merge_size**2
             for n in BATCHES:
-                m = measure_encode(inst.model, n)
+                m = measure_encode(inst, n)
                 record(
-                    "peak", f"{NAMES[parts]} {n}x{IMAGE_SIDE}px",
+                    section, f"{NAMES[parts]} {n}x{IMAGE_SIDE}px",
+                    tiles_per_image=tiles, tokens_per_image=tokens,
                     weights_gib=gib(inst.weight_bytes), kv_gib=gib(inst.kv_bytes),
                     peak_allocated_gib=gib(m["peak_allocated"]), peak_reserved_gib=gib(m["peak_reserved"]),
                     over_budget=m["peak_reserved"] > budget, oom=m["oom"],
@@ -230,7 +239,7 @@ def bench_encode_capacity(model_dir: Path, utilization: float) -> None:
             held = held_bytes(inst)
 
             def fits(n: int) -> bool:
-                m = measure_encode(inst.model, n)
+                m = measure_encode(inst, n)
                 return not m["oom"] and m["peak_reserved"] <= budget
 
             largest = largest_fitting(fits, MAX_SEARCH_IMAGES)
@@ -270,9 +279,10 @@ def print_table() -> None:
             print(f"| {section} | {key} | " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items()) + " |")
 
 
-def _meta(utilization: float, seconds: float) -> dict:
+def _meta(config: str, utilization: float, seconds: float) -> dict:
     name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu (dry run)"
     return {
+        "config": config,
         "device": name,
         "total_gib": gib(total_memory()),
         "utilization": utilization,
@@ -297,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="memory-out")
     parser.add_argument("--config-dir", default=str(rs.SHARED_CONFIGS))
+    parser.add_argument("--config", default="qwen2_5_vl_7b.json", help="NAME.json in --config-dir")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--utilization", type=float, default=0.9, help="gpu_memory_utilization of both sides")
     parser.add_argument("--max-num-batched-tokens", type=int, help=f"(default: {MAX_BATCHED_TOKENS})")
@@ -308,13 +319,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     model_dir = rs.build_model_dir(
-        Path(tempfile.mkdtemp()) / "model", Path(args.config_dir), tiny=args.dry_run
+        Path(tempfile.mkdtemp()) / "model", Path(args.config_dir), args.config, tiny=args.dry_run
     )
     try:
         for section in args.sections.split(","):
             SECTIONS[section](model_dir, args.utilization)
     finally:
-        RESULTS["meta"] = {"run": _meta(args.utilization, time.perf_counter() - started)}
+        RESULTS["meta"] = {"run": _meta(args.config, args.utilization, time.perf_counter() - started)}
         (out / "memory.json").write_text(json.dumps(RESULTS, indent=2))
         print_table()
 

@@ -40,6 +40,7 @@ from epd.bench import roofline_setup as rs
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.kv_cache import bind_kv_cache
+from epd.inputs.image_processor import ImageProcessorConfig
 from epd.models.layers import fused
 
 DECODE_BATCHES = (1, 8, 32, 128, 256)
@@ -93,9 +94,7 @@ def bench_ceilings() -> tuple[float, float]:
     t = rs.device_time(partial(dst.copy_, src), 3, 10)
     bw = 2 * src.numel() * 2 / t
     del src, dst
-    a, b = (torch.randn(MATMUL_N, MATMUL_N, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    t = rs.device_time(partial(torch.matmul, a, b), 3, 10)
-    flops = 2 * MATMUL_N**3 / t
+    flops = rs.matmul_rate(MATMUL_N, DEVICE)
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     record("ceilings", "device", copy_GBps=bw / 1e9, matmul_TFLOPs=flops / 1e12, name=name)
     return bw, flops
@@ -296,22 +295,13 @@ def _prefill_case(engine, alloc: rs.BlockAllocator, name: str, reqs: list, flops
 # ---- encoder --------------------------------------------------------------------------------
 
 
-def bench_encoder(engine, flops_ceiling: float) -> None:
+def bench_encoder(engine, processor: ImageProcessorConfig, flops_ceiling: float) -> None:
     """Images/s of the vision tower (packed images, batched window attention)."""
-    vcfg = engine.model.config.vision
     for side in ENCODER_SIDES:
         for batch_size in (1, 8):
-            grids = [(1, side // 14, side // 14)] * batch_size
-            pixels = torch.randn(batch_size * (side // 14) ** 2, vcfg.patch_dim, device=DEVICE)
-            sec = rs.wall_time(partial(_encode, engine.model, pixels, grids), 1, 3)
-            flops = rs.encoder_flops(vcfg, grids)
-            record("encoder", f"{side}px b{batch_size}", ms=sec * 1e3, img_s=batch_size / sec,
-                   TFLOPs=flops / sec / 1e12, MFU=flops / sec / flops_ceiling)  # fmt: skip
-
-
-@torch.inference_mode()
-def _encode(model, pixels: torch.Tensor, grids: list) -> None:
-    model.encode_images(pixels, grids)
+            pixels, grids = rs.image_batch(processor, engine.model.config.vision, side, batch_size, DEVICE)
+            figures = rs.encoder_figures(engine.model, pixels, grids, flops_ceiling)
+            record("encoder", f"{side}px b{batch_size}", **figures)
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -397,7 +387,7 @@ def main() -> None:
             if "prefill" in sections:
                 bench_prefill(engine, flops)
             if "encoder" in sections:
-                bench_encoder(engine, flops)
+                bench_encoder(engine, ImageProcessorConfig.from_pretrained(model_dir), flops)
             del engine
             gc.collect()  # the engine holds reference cycles (scheduler -> engine callbacks)
             if DEVICE.type == "cuda":
