@@ -11,6 +11,11 @@ inside the RMSNorm that follows it (`fused.add_rms_norm`: one kernel on the GPU,
 adds were two of a decode step's ~12 launches a layer). The sums are the same as HF's
 `x = x + sublayer(norm(x))`, in the same order.
 
+Built inside `epd.parallel.context.building_rank` (a tensor-parallel rank), each attention layer
+holds only its rank's heads (and their KV) and each MLP its share of the columns; o_proj and
+down_proj then give partial sums, which one all-reduce per sublayer adds (epd.parallel). On a
+single device the layers are the plain ones and the all-reduce is one `is None` test.
+
 `after_each_layer` lets a caller act between layers (a prefill instance sends each layer's
 KV as soon as it is written); unset, it costs one `is None` test per layer.
 """
@@ -27,23 +32,24 @@ from epd.models.config import TextConfig
 from epd.models.layers import fused
 from epd.models.layers.activation import SiluAndMul
 from epd.models.layers.attention import PagedAttention
-from epd.models.layers.linear import MergedLinear
 from epd.models.layers.norm import RMSNorm
 from epd.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from epd.parallel.context import building_group
+from epd.parallel.linear import ColumnShard, heads_of_rank, merged_column_linear, row_parallel_linear
 
 
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         d = cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size,
-            [("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size)],
-            bias=cfg.attention_bias,
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.attn = PagedAttention(cfg.num_attention_heads, cfg.num_key_value_heads, d)
+        self.tp = building_group()  # None on a single device
+        heads = heads_of_rank(cfg.num_attention_heads, cfg.num_key_value_heads)
+        self.q_size, self.kv_size = heads.num_heads * d, heads.num_kv_heads * d
+        q_size, kv_size = cfg.num_attention_heads * d, cfg.num_key_value_heads * d  # all heads'
+        shards = [ColumnShard("q", q_size)] + [ColumnShard(n, kv_size, heads.kv_pieces) for n in "kv"]
+        self.qkv_proj = merged_column_linear(cfg.hidden_size, shards, bias=cfg.attention_bias)
+        self.o_proj = row_parallel_linear(q_size, cfg.hidden_size)
+        self.attn = PagedAttention(heads.num_heads, heads.num_kv_heads, d)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:  # Qwen3
             self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
@@ -53,7 +59,8 @@ class Qwen2Attention(nn.Module):
         qkv = fused.linear(x, self.qkv_proj)
         q, k = self._rotate(qkv, cos, sin)
         out = self.attn(q, k, qkv[:, self.q_size + self.kv_size :].view(n, -1, d))
-        return fused.linear(out.reshape(n, -1), self.o_proj)
+        out = fused.linear(out.reshape(n, -1), self.o_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)  # the ranks' heads' sum
 
     def _rotate(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -78,12 +85,16 @@ class Qwen2MLP(nn.Module):
         if cfg.hidden_act != "silu":
             raise ValueError(f"Qwen2 MLP supports silu, got {cfg.hidden_act!r}")
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [(0, size), (1, size)], bias=False)
+        self.tp = building_group()  # None on a single device
+        self.gate_up_proj = merged_column_linear(
+            cfg.hidden_size, [ColumnShard(0, size), ColumnShard(1, size)], bias=False
+        )
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
+        self.down_proj = row_parallel_linear(size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused.linear(self.act(fused.linear(x, self.gate_up_proj)), self.down_proj)
+        out = fused.linear(self.act(fused.linear(x, self.gate_up_proj)), self.down_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)  # the ranks' columns' sum
 
 
 class Qwen2DecoderLayer(nn.Module):

@@ -1,0 +1,77 @@
+"""The ranks of one tensor-parallel instance and the collectives they run together.
+
+A `TensorParallelGroup` is (rank, world size) plus collectives over torch.distributed's default
+process group: a worker process belongs to exactly one instance, so the default group is that
+instance's group (gloo on the CPU, nccl on GPUs; the same calls either way). Which share of the
+weights a rank holds depends only on (rank, world size), so a group that never `join`ed still
+says how to build and load a rank's model (what the in-process sharding tests do); only its
+collectives need the joined process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch import distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+@dataclass(frozen=True)
+class TensorParallelGroup:
+    rank: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a group of {self.world_size}")
+
+    @classmethod
+    def join(
+        cls,
+        init_method: str,
+        rank: int,
+        world_size: int,
+        backend: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> TensorParallelGroup:
+        """Join the instance's group; returns when every rank has joined.
+
+        `init_method`: where the ranks meet, `tcp://127.0.0.1:PORT` or `file:///path` (a file
+        that does not exist yet). `backend`: None picks nccl where CUDA is available, else gloo.
+        """
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a group: one instance per worker")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        return cls(rank, world_size)
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`x` reduced over the ranks, in place (and returned): every rank gets the same values."""
+        dist.all_reduce(x, op=_OPS[op])
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's `x` (same shapes), concatenated along `dim` in rank order."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: object = None, src: int = 0) -> object:
+        """Rank `src`'s `obj` on every rank (pickled; for small control data such as a step's batch)."""
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def is_parallel(group: TensorParallelGroup | None) -> bool:
+    """Whether `group` splits anything: None and a group of one build the single-device model."""
+    return group is not None and group.world_size > 1

@@ -1,0 +1,73 @@
+"""The compute of one tensor-parallel rank, as the engine's `model_parts` factory.
+
+`LLMEngine(config, tokenizer, model_parts=rank_model_parts(group))` runs an engine on one rank:
+the model holds the rank's share, the KV cache its kv heads, and every rank computes the same
+logits (the all-reduces leave identical hidden states everywhere, embeddings and lm_head are
+replicated). Engines on all ranks fed the same requests therefore schedule and sample alike
+(greedy; seeded sampling likewise): what the tests run. The instance core of the next increment
+schedules on rank 0 only and broadcasts each step's batch to the others (see epd.parallel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from epd.clock import Clock
+from epd.config import EngineConfig
+from epd.engine.factory import ModelParts, PartsFactory, load_model_parts, parts_around
+from epd.engine.kv_cache import num_blocks_for_memory
+from epd.engine.memory import resolve_kv_cache_bytes
+from epd.engine.mm_cache import MMCache
+from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE
+from epd.parallel.build import build_rank_model
+from epd.parallel.group import TensorParallelGroup, is_parallel
+
+
+def rank_model_parts(group: TensorParallelGroup | None) -> PartsFactory:
+    """`epd.engine.factory.load_model_parts` for `group.rank`; that very factory at degree 1."""
+    if not is_parallel(group):
+        return load_model_parts
+
+    def load(
+        config: EngineConfig,
+        *,
+        encode_locally: bool,
+        mm_cache: MMCache | None,
+        clock: Clock,
+        instance: str | None,
+    ) -> ModelParts:
+        mc = config.model
+        model = build_rank_model(
+            mc.model,
+            group,
+            parts=ALL_PARTS if encode_locally else frozenset({LANGUAGE}),
+            dtype=mc.torch_dtype,
+            device=torch.device(config.device),
+            load_format=mc.load_format,
+            seed=mc.seed,
+        )
+        config = _rank_engine_config(config, model, group)
+        return parts_around(
+            model, config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
+        )
+
+    return load
+
+
+def _rank_engine_config(
+    config: EngineConfig, model: torch.nn.Module, group: TensorParallelGroup
+) -> EngineConfig:
+    """What `parts_around` builds a rank's runner from: no CUDA graphs yet (the all-reduces are
+    not captured), and a block count every rank agrees on, sized for this rank's kv heads."""
+    if config.cuda_graphs:
+        raise ValueError("CUDA graphs are not supported with tensor parallelism yet")
+    cc = config.cache
+    num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
+        model.config.text, cc.block_size, config.model.torch_dtype, resolve_kv_cache_bytes(config, model)
+    )
+    # One block manager (rank 0's, later) hands out block ids that index every rank's cache.
+    agreed = group.all_reduce(torch.tensor([num_blocks], device=config.device), op="min")
+    cache = replace(cc, num_kv_blocks=int(agreed.item()))
+    return replace(config, cache=cache, cuda_graphs=False)

@@ -1,0 +1,61 @@
+"""What the tensor-parallel tests run on each rank (spawned processes import it by name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epd.engine.llm_engine import LLMEngine
+from epd.entrypoints.options import EngineArgs
+from epd.inputs.processor import InputProcessor
+from epd.parallel.group import TensorParallelGroup
+from epd.parallel.parts import rank_model_parts
+from epd.sampling_params import SamplingParams
+
+# (token ids, {token: logprob} per position) of each request, by request id.
+Generated = dict[str, tuple[list[int], list[dict[int, float]]]]
+
+
+@dataclass
+class RankRun:
+    generated: Generated
+    kv_cache_shape: tuple[int, ...]  # [layers, 2, blocks, block_size, kv heads, head size]
+
+
+def generate(group: TensorParallelGroup | None, model_dir: str, prompts: list, max_tokens: int) -> RankRun:
+    """Greedy generation of `prompts` (batched) by one engine on this rank (or on one device when
+    `group` is None), through the engine's scheduler, runner and sampler."""
+    torch.set_num_threads(1)  # the ranks share two cores
+    processor = InputProcessor.from_pretrained(model_dir)
+    config = EngineArgs(model=model_dir, block_size=4, num_kv_blocks=64).engine_config()
+    engine = LLMEngine(config, processor.tokenizer, model_parts=rank_model_parts(group))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), processor.process_prompt(prompt), params)
+    done: Generated = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got = out.outputs[0]
+                logprobs = [{t: lp.logprob for t, lp in pos.items()} for pos in got.logprobs]
+                done[out.request_id] = (got.token_ids, logprobs)
+    return RankRun(done, tuple(engine.runner.kv_cache.shape))
+
+
+def collectives(group: TensorParallelGroup) -> dict[str, object]:
+    """Each collective's result on this rank."""
+    rank = group.rank
+    summed = group.all_reduce(torch.tensor([1.0, 2.0]) * (rank + 1))
+    smallest = group.all_reduce(torch.tensor([10 - rank]), op="min")
+    gathered = group.all_gather(torch.full((2, 1), float(rank)), dim=1)
+    announced = group.broadcast_object({"step": 7} if rank == 0 else None)
+    return {"sum": summed, "min": smallest, "gather": gathered, "broadcast": announced}
+
+
+def fail_on_rank_one(group: TensorParallelGroup) -> int:
+    """Rank 1 raises; rank 0 then waits in a collective rank 1 never joins."""
+    if group.rank == 1:
+        raise ValueError("rank one gives up")
+    group.all_reduce(torch.zeros(1))
+    return 0
