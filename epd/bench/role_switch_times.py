@@ -3,7 +3,7 @@ P -> D, D -> P, P -> E and E -> P on a real cluster.
 
     python -m epd.bench.model_dir --out /tmp/qwen2_5_vl_7b --config-dir .cfg        # the 7B shape
     python -m epd.bench.role_switch_times --model /tmp/qwen2_5_vl_7b --devices cuda:0,cuda:1,cuda:0 \\
-        --load-format dummy --dtype bfloat16 --repeats 3 --out switch_times.json
+        --load-format dummy --dtype bfloat16 --out switch_times.json
     python -m epd.bench.role_switch_times --model TINY_DIR --device cpu --out /tmp/st.json   # checks it
 
 Layout 1E+1P+1PD with --switchable-roles: P0 (alone on the second GPU) goes round
@@ -13,6 +13,14 @@ Before each switch `--requests` requests run to completion, so the caches hold s
 after each round one more request checks that the cluster still answers. Each switch's record
 comes from `LLM.set_roles` (epd.cluster.router.role_switch: the phases' table); the table prints
 the mean and the largest of each phase per transition, and --out gets every record.
+
+It says where it is as it goes, so that a run cut short still leaves figures: the start-up (each
+instance logs its host copy of the weights and its engine), each switch's phases the moment it is
+made, and --out rewritten after every switch ("complete": false until the last).
+
+Where the time goes on GPUs (the 7B shape, dummy bf16): the switches themselves take seconds; the
+start takes most of a run, since every instance (switchable roles is cluster-wide) draws the whole
+model on its GPU, copies it into 16.6 GB of page-locked host memory and captures its CUDA graphs.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 from epd import LLM, SamplingParams
@@ -28,6 +37,7 @@ from epd.cluster.router.role_switch import PHASES
 LAYOUT = "1E+1P+1PD"
 SWITCHING = "P0"
 ROUND = ("D", "P", "E", "P")  # from P: P -> D, D -> P, P -> E, E -> P
+OUTPUT_TOKENS = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", default=None, help="one per instance of 1E+1P+1PD, e.g. cuda:0,cuda:1,cuda:0")
     p.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3, help="rounds of P -> D -> P -> E -> P")
-    p.add_argument("--requests", type=int, default=4, help="requests served before each switch")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of P -> D -> P -> E -> P")
+    p.add_argument("--requests", type=int, default=2, help="requests served before each switch")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="per instance")
     p.add_argument("--out", type=Path, required=True, help="JSON: every switch's record and the summary")
     args = p.parse_args(argv)
@@ -47,9 +57,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Every switch's record (LLM.set_roles), in order; RuntimeError if one failed."""
-    records = []
+class Report:
+    """The switches made so far, printed and written to --out as each one is made."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.out = args.out
+        self.setup = {k: v for k, v in vars(args).items() if k != "out"}
+        self.setup |= {"layout": LAYOUT, "switching": SWITCHING}
+        self.started = time.perf_counter()
+        self.startup_s: float | None = None
+        self.records: list[dict] = []
+
+    def say(self, line: str) -> None:
+        print(f"[{time.perf_counter() - self.started:7.1f} s] {line}", flush=True)
+
+    def cluster_up(self) -> None:
+        self.startup_s = time.perf_counter() - self.started
+        self.say(f"{LAYOUT} up in {self.startup_s:.1f} s")
+        self.write(complete=False)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.say(describe(record))
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> None:
+        document = {
+            "setup": self.setup,
+            "startup_s": self.startup_s,
+            "complete": complete,
+            "summary": summarize(self.records),
+            "switches": self.records,
+        }
+        self.out.write_text(json.dumps(document, indent=2, default=str))
+
+
+def run(args: argparse.Namespace, report: Report) -> list[dict]:
+    """Every switch's record (LLM.set_roles), in order, each also given to `report` as it is made;
+    RuntimeError if one failed (after its record)."""
     options = {
         "layout": LAYOUT,
         "device": args.device,
@@ -59,36 +104,50 @@ def run(args: argparse.Namespace) -> list[dict]:
         "switchable_roles": True,
         "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
     }
+    report.say(
+        f"starting {LAYOUT} on {args.devices or args.device} ({args.load_format} {args.dtype} weights)"
+    )
     with LLM(args.model, **options) as llm:
+        report.cluster_up()
         serve(llm, 1)  # warm-up: every instance has run a step
+        report.say("warm-up request served")
         for _ in range(args.repeats):
             for roles in ROUND:
                 serve(llm, args.requests)
                 record = llm.set_roles(SWITCHING, roles)
+                report.add(record)
                 if record["error"]:
                     raise RuntimeError(f"{SWITCHING} {record['from']} -> {record['to']}: {record['error']}")
-                records.append(record)
-                print(
-                    f"{record['from']:>2} -> {record['to']:<2} {record['timings']['total']:.4f} s", flush=True
-                )
             serve(llm, 1)  # still answers
-    return records
+    return report.records
 
 
 def serve(llm: LLM, count: int) -> None:
     if count == 0:
         return
     prompts = [f"Count from {i} to {i + 40}:" for i in range(count)]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    if any(len(out.outputs[0].token_ids) != 16 for out in outputs):
-        raise RuntimeError("a request did not get its 16 tokens")
+    params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    if any(len(out.outputs[0].token_ids) != OUTPUT_TOKENS for out in outputs):
+        raise RuntimeError(f"a request did not get its {OUTPUT_TOKENS} tokens")
+
+
+def describe(record: dict) -> str:
+    """One switch on one line: its phases in milliseconds."""
+    move = f"{record['id']} {record['from']} -> {record['to']}"
+    if record["error"]:
+        return f"{move} FAILED: {record['error']}"
+    timings = record["timings"]
+    phases = ", ".join(f"{p} {timings[p] * 1e3:.1f}" for p in PHASES if timings[p] is not None)
+    return f"{move}: {phases} ms"
 
 
 def summarize(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per transition ("P->D"), per phase: mean and max seconds over its switches."""
+    """Per transition ("P->D"), per phase: mean and max seconds over its switches that were made."""
     by_move: dict[str, list[dict]] = {}
     for record in records:
-        by_move.setdefault(f"{record['from']}->{record['to']}", []).append(record["timings"])
+        if not record["error"]:
+            by_move.setdefault(f"{record['from']}->{record['to']}", []).append(record["timings"])
     return {
         move: {
             phase: {
@@ -113,12 +172,10 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    records = run(args)
-    summary = summarize(records)
-    print(table(summary))
-    setup = {k: v for k, v in vars(args).items() if k != "out"} | {"layout": LAYOUT, "switching": SWITCHING}
-    document = {"setup": setup, "summary": summary, "switches": records}
-    args.out.write_text(json.dumps(document, indent=2, default=str))
+    report = Report(args)
+    records = run(args, report)
+    report.write(complete=True)
+    print(table(summarize(records)))
     print(f"wrote {args.out}")
 
 

@@ -18,7 +18,9 @@ back and forth allocates no more host memory than the first time.
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -32,6 +34,10 @@ from epd.models.loader import build_model
 from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE, VISION
 from epd.models.registry import get_model_class
 
+logger = logging.getLogger(__name__)
+
+PAGE = 4096  # each tensor's copy starts on a page of its own
+
 
 class HostWeights:
     """The checkpoint's tensors in host memory, and the parts built from them on a device."""
@@ -41,6 +47,7 @@ class HostWeights:
         # Dummy weights are drawn on the GPU and copied down: drawing 16 GB of them on the host
         # took minutes (epd.models.loader.init_dummy_weights), real ones are read on the host.
         on_gpu = device.type == "cuda" and model.load_format == "dummy"
+        started = time.perf_counter()
         full = build_model(
             model.model,
             parts=ALL_PARTS,
@@ -49,10 +56,27 @@ class HostWeights:
             load_format=model.load_format,
             seed=model.seed,
         )
-        self.tensors = _pinned(full.state_dict()) if device.type == "cuda" else full.state_dict()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        loaded = time.perf_counter()
+        if device.type == "cuda":
+            self.tensors, buffer = _pinned(full.state_dict())
+            # Unregistered before the buffer can go: memory freed while still registered stays
+            # locked. Not at exit: the CUDA context may be gone by then, and exit frees it anyway.
+            weakref.finalize(self, _unregister, buffer).atexit = False
+        else:
+            self.tensors = full.state_dict()
         del full  # on a GPU: its memory goes back before the instance sizes its caches
         if on_gpu:
             torch.cuda.empty_cache()
+        logger.info(
+            "host copy of the weights: %.1f GB, %s in %.1f s, %s in %.1f s",
+            self.nbytes / 1e9,
+            f"drawn on {device}" if on_gpu else "loaded",
+            loaded - started,
+            "pinned and copied" if device.type == "cuda" else "kept",
+            time.perf_counter() - loaded,
+        )
         self.copy_seconds = 0.0  # of the last part built: the "weights" phase of a switch
 
     @property
@@ -77,6 +101,9 @@ class HostWeights:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.copy_seconds = time.perf_counter() - started
+        copied = sum(t.numel() * t.element_size() for t in wanted.values())
+        logger.info("built %s on %s from the host copy: %.2f GB in %.3f s", "+".join(sorted(parts)),
+                    self.device, copied / 1e9, self.copy_seconds)  # fmt: skip
         return model.eval().requires_grad_(False)
 
     def vision_tower(self, model: ModelConfig, device: torch.device, clock: Clock) -> nn.Module:
@@ -100,14 +127,56 @@ class HostWeights:
         )
 
 
-def _pinned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Page-locked copies (the copy to the device runs at full speed), one per tensor shared by
-    several names (tied embeddings stay one tensor)."""
-    by_storage: dict[int, torch.Tensor] = {}
+def _pinned(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Page-locked copies of `tensors`, views of one host buffer of their exact size (tied names
+    stay one tensor), and that buffer.
+
+    Not a pinned tensor each (`pin_memory=True`): torch's pinned allocator rounds every allocation
+    up to a power of two, which took the 7B shape's 16.6 GB of weights to 31.1 GB of locked
+    memory per instance, and its cudaHostAlloc faults the pages in on one thread. Here the pages
+    are faulted in by a fill on every intra-op thread, then the buffer is registered with CUDA."""
+    offsets: dict[tuple, int] = {}  # one copy per distinct tensor, however many names it has
+    total = 0
+    for tensor in tensors.values():
+        if _identity(tensor) not in offsets:
+            offsets[_identity(tensor)] = total
+            total += -(-_nbytes(tensor) // PAGE) * PAGE  # aligned for any dtype's view
+    buffer = torch.empty(total + PAGE, dtype=torch.uint8)  # the allocator aligns to 64 bytes only
+    buffer.zero_()  # faults every page in, in parallel: cudaHostRegister would, on one thread
+    try:
+        _register(buffer)
+    except (RuntimeError, AttributeError) as exc:  # still correct unpinned: copies run slower
+        logger.warning("host copy of the weights left unpinned: %s", exc)
+    first_page = -buffer.data_ptr() % PAGE
+    copies: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, tensor in tensors.items():
-        key = tensor.untyped_storage().data_ptr()
-        if key not in by_storage:  # from the host or from the GPU it was drawn on
-            by_storage[key] = torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor)
-        out[name] = by_storage[key]
-    return out
+        key = _identity(tensor)
+        if key not in copies:  # from the host or from the GPU it was drawn on
+            start = first_page + offsets[key]
+            view = buffer[start : start + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
+            copies[key] = view.copy_(tensor)
+        out[name] = copies[key]
+    return out, buffer
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two names hold the same tensor (tied weights) when they see the same memory the same way."""
+    return tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _register(buffer: torch.Tensor) -> None:
+    """Page-lock `buffer` for every CUDA context (cudaHostRegisterPortable)."""
+    error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), _nbytes(buffer), 1))
+    if error != 0:
+        raise RuntimeError(
+            f"cudaHostRegister of {_nbytes(buffer) / 1e9:.1f} GB of host memory failed: error {error}"
+        )
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())  # an error if never registered: harmless
