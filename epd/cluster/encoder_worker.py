@@ -10,6 +10,9 @@ A batch takes queued jobs whose patches are made, in the order of the queue poli
 default; epd.engine.queue_policy: a job is as urgent as its most urgent waiting request), up to the
 patch budget; one still decoding is passed over, not waited for. A file that cannot be decoded
 fails the requests that wait for it (`EncodeFailed`: the router answers 400).
+A chunk of a video (IRP over its frames: epd.inputs.video_chunks) is one more image here, keyed by
+its chunk key; where the video came as a file, only the chunk's frames are made into patches
+(decoding still runs from the file's start up to the chunk's last frame: no frame-exact seeking).
 Each sent copy holds one pin on the cache entry until the consumer confirms receipt
 (`release`): the cache is the transfer buffer, and a full cache stops admission
 (back-pressure) instead of growing. A consumer that dies confirms nothing: `dest_gone` drops what
@@ -33,6 +36,7 @@ from epd.engine.queue_policy import FCFS, QueuePolicy, Urgency
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
 from epd.inputs.patches import PatchPool, done_future, patches_from_file
+from epd.inputs.video_file import video_patches_from_file
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Connector
 
@@ -44,6 +48,7 @@ class _Waiter:
     request_id: str
     index: int
     dest: str
+    key: str  # the item's content hash (a video chunk's key), reported back with its index
     joined: bool = False  # rode along on another request's encoding of the same image
     urgency: Urgency | None = None  # None: an old router's task, served in arrival order
 
@@ -90,13 +95,14 @@ class EncoderWorker:
         return sum(job.num_tokens * self.merge for job in self.queue.values())
 
     def add(self, task: EncodeTask) -> None:
-        hits = []
+        hits, hit_keys = [], []
         for item in task.items:
-            waiter = _Waiter(task.request_id, item.index, task.dest, urgency=task.urgency)
+            waiter = _Waiter(task.request_id, item.index, task.dest, item.content_hash, urgency=task.urgency)
             if self.cache.lookup(item.content_hash):
                 self.cache.pin(item.content_hash)
                 self._send(item.content_hash, [waiter])
                 hits.append(item.index)
+                hit_keys.append(item.content_hash)
             elif item.content_hash in self.queue:
                 waiter.joined = True
                 self.queue[item.content_hash].waiters.append(waiter)
@@ -108,7 +114,7 @@ class EncoderWorker:
                 self.queue[item.content_hash] = job
         if hits:
             events = [LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, i) for i in hits]
-            self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events))
+            self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events, hit_keys))
 
     def step(self) -> list[EncodeDone | EncodeFailed]:
         """Encode what fits (patch budget, cache room), ship it; return completion reports."""
@@ -195,18 +201,19 @@ class EncoderWorker:
                     LifetimeEvent(Event.MM_TRANSFER_START, end.time, self.instance, w.index),
                 ]
             joined = [w.index for w in waiters if w.joined]
-            self.done.append(
-                EncodeDone(self.instance, request_id, [w.index for w in waiters], joined, events)
-            )
+            items, keys = [w.index for w in waiters], [w.key for w in waiters]
+            self.done.append(EncodeDone(self.instance, request_id, items, joined, events, keys))
 
     def _report_failure(self, job: _Job, error: BaseException) -> None:
         if not isinstance(error, InvalidInputError):
             raise error  # a bug, not a bad file: let the instance fail loudly
-        by_request: dict[str, list[int]] = {}
+        by_request: dict[str, list[_Waiter]] = {}
         for w in job.waiters:
-            by_request.setdefault(w.request_id, []).append(w.index)
-        for request_id, indices in by_request.items():
-            self.done.append(EncodeFailed(self.instance, request_id, indices, f"image {indices[0]}: {error}"))
+            by_request.setdefault(w.request_id, []).append(w)
+        for request_id, waiters in by_request.items():
+            indices, keys = [w.index for w in waiters], [w.key for w in waiters]
+            message = f"image {indices[0]}: {error}"
+            self.done.append(EncodeFailed(self.instance, request_id, indices, message, keys))
 
     def release(self, content_hash: str, dest: str) -> None:
         """`dest` has its copy: one pin less (none if `dest_gone` released it already)."""
@@ -252,6 +259,9 @@ class PixelDecoder:
             return done_future(raw)
         if self.pool is None:
             raise RuntimeError("an image file reached an instance without a patch pool")
+        if item.groups is not None:  # a chunk of a video file: its frames only
+            grid, groups = tuple(item.grid), tuple(item.groups)
+            return self.pool.submit(video_patches_from_file, item.file, self.cfg, grid, groups)
         return self.pool.submit(patches_from_file, item.file, self.cfg, tuple(item.grid))
 
     def expand(self, raw: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,11 @@ from epd.sampling_params import SamplingParams
 
 class EncodeItem(msgspec.Struct):
     """One image to encode: its file as the client sent it (the encoding side decodes it), or,
-    where it was processed already (a PIL image given offline), its uint8 patches."""
+    where it was processed already (a PIL image given offline), its uint8 patches.
+
+    Or a chunk of a video (IRP over its frames, epd.inputs.video_chunks): `content_hash` is the
+    chunk's key, `grid` the chunk's, and `pixels` its rows only; a file comes whole, with
+    `groups` naming the temporal groups to take from it."""
 
     index: int  # image index within its request
     content_hash: str
@@ -29,6 +33,7 @@ class EncodeItem(msgspec.Struct):
     pixels: bytes  # uint8 patches before normalisation, [t*h*w, raw_dim]; b"" when `file` is set
     raw_dim: int
     file: bytes = b""  # the image file (PNG, JPEG...): decoded by the encoding instance
+    groups: tuple[int, int] | None = None  # a video chunk's temporal groups [first, end) in `file`
 
 
 class EncodeTask(msgspec.Struct, tag=True):
@@ -167,6 +172,9 @@ class EncodeDone(msgspec.Struct, tag=True):
     items: list[int]
     cache_hits: list[int]  # items served from the encoder's cache or an in-flight encode
     events: list[LifetimeEvent]
+    # Each item's `content_hash` as its EncodeItem named it (a video chunk's key tells the chunk
+    # apart from the other chunks of its image index); empty: the items' own hashes.
+    keys: list[str] = []
 
 
 class EncodeFailed(msgspec.Struct, tag=True):
@@ -176,6 +184,7 @@ class EncodeFailed(msgspec.Struct, tag=True):
     request_id: str
     items: list[int]
     error: str
+    keys: list[str] = []  # as EncodeDone's
 
 
 class EmbeddingArrived(msgspec.Struct, tag=True):

@@ -134,12 +134,22 @@ def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
 
 
 def video_patches_from_file(
-    data: bytes, cfg: ImageProcessorConfig, grid: tuple[int, int, int]
+    data: bytes,
+    cfg: ImageProcessorConfig,
+    grid: tuple[int, int, int],
+    groups: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """uint8 patches [N, C * T * P * P] of the sampled frames of a video file whose header gave
-    `grid`; a file that ends early or decodes to another size raises `InvalidInputError`."""
+    `grid`; a file that ends early or decodes to another size raises `InvalidInputError`.
+
+    `groups` [first, end): only those temporal groups (a chunk encoded on its own, IRP over a
+    video's frames; `grid` is then the chunk's). Frames are decoded from the file's start up to
+    the chunk's last one (no seeking: a keyframe seek is not frame-exact in every container), but
+    only the chunk's are converted, resized and patchified."""
     header = read_video_header(data)
     wanted = sample_indices(header, cfg.temporal_patch_size)
+    if groups is not None:
+        wanted = _chunk_frames(wanted, groups, cfg.temporal_patch_size)
     frames = _decode_frames(data, wanted)
     if any(f.size != (header.width, header.height) for f in frames):
         raise InvalidInputError(
@@ -149,6 +159,14 @@ def video_patches_from_file(
     if tuple(decoded_grid) != tuple(grid):
         raise InvalidInputError(f"the video decodes to grid {decoded_grid}, not {tuple(grid)}")
     return raw
+
+
+def _chunk_frames(wanted: list[int], groups: tuple[int, int], temporal_patch_size: int) -> list[int]:
+    """The sampled frames of temporal groups [first, end); the groups must be in the video."""
+    first, end = groups
+    if not 0 <= first < end or end * temporal_patch_size > len(wanted):
+        raise InvalidInputError(f"temporal groups {first}..{end} are not in the video")
+    return wanted[first * temporal_patch_size : end * temporal_patch_size]
 
 
 def _decode_frames(data: bytes, wanted: list[int]) -> list:

@@ -89,7 +89,8 @@ def requests() -> list:
 
 
 # Every layout on one family at least: the M-RoPE time step travels with the prefill task and the
-# KV hand-off, so 2E+1P+1D runs on Qwen2.5-VL, whose step is fractional.
+# KV hand-off, so 2E+1P+1D runs on Qwen2.5-VL, whose step is fractional. There each video is also
+# cut in two chunks of temporal groups, one per encoder (IRP: tests/cluster/test_video_irp.py).
 LAYOUTS = [
     ("qwen2_vl", "1EPD"),
     ("qwen2_5_vl", "1EPD"),

@@ -20,6 +20,10 @@ Then per image of a task, the least it can do:
   otherwise                        -> wait, and ask the router for it (`NeedEmbeddings`): the
                                       router thought it was here, but it was evicted meanwhile.
 Evictions are reported (`EmbeddingsEvicted`) so that the router's view catches up.
+A video the router split over several encoders (IRP over its frames) arrives in chunks, one
+transfer each (`mm:<h>#groups=a-b/t`): each is reported (its encoder's pin is released), and the
+last one to complete the video counts as the arrival of h above (video_assembly.py). So every
+count in the table is per whole image or video: one "transfer" of h is a full set of its chunks.
 A request is admitted to the engine once every image is pinned for it, and unpins them at its
 first token (the request holds its own copies then). A full cache pushes back instead of failing:
 an image that arrives with every block pinned is dropped and asked for again at the next unpin of
@@ -45,6 +49,7 @@ from epd.cluster.encoder_worker import PixelDecoder
 from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
+from epd.cluster.instance.video_assembly import VideoAssembly
 from epd.cluster.kv_handoff import KVSender
 from epd.cluster.messages import (
     EmbeddingArrived,
@@ -59,6 +64,7 @@ from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.types import ProcessedPrompt
+from epd.inputs.video_chunks import VideoChunk, parse_chunk_key
 from epd.lifetime import Event, LifetimeEvent
 from epd.transfer.base import Received
 from epd.transfer.retry import connector_stats
@@ -110,6 +116,7 @@ class PrefillStage(StageManager):
         self.evicted: list[str] = []
         # Images that found no room (module docstring): asked for again at the next unpin.
         self.parked: dict[str, None] = {}
+        self.assembly = VideoAssembly()  # chunks of videos encoded on several encoders (IRP)
         if mm_cache is not None:
             mm_cache.on_evict = self.evicted.append
 
@@ -230,7 +237,30 @@ class PrefillStage(StageManager):
         return missing
 
     def _embedding_arrived(self, received: Received) -> None:
-        h, source = received.meta["content_hash"], received.meta["source"]
+        key, source = received.meta["content_hash"], received.meta["source"]
+        embeds = received.tensors["embeds"]
+        chunk = parse_chunk_key(key)
+        if chunk is None:
+            self._arrived(key, embeds, key, source)
+            return
+        video = self._join(chunk, embeds)
+        if video is None:  # more chunks to come: the router releases this one at its encoder
+            self.outbox.send(EmbeddingArrived(self.instance_id, key, source, []))
+        else:
+            self._arrived(chunk.video_key, video, key, source)
+
+    def _join(self, chunk: VideoChunk, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The whole video's rows once this chunk completes it (video_assembly.py), else None. A
+        chunk of a video cached here that no transfer is announced for is one sent again after
+        the video was joined (its encoder was thought lost): nothing to join."""
+        if chunk.video_key in self.mm_cache and self.announced[chunk.video_key] == 0:
+            return None
+        return self.assembly.add(chunk, embeds)
+
+    def _arrived(self, h: str, embeds: torch.Tensor, key: str, source: str) -> None:
+        """Image (or video) `h` is here, the transfer `key` from `source` (a chunk's, for a video
+        joined from chunks) bringing its last part."""
+        self.assembly.discard(h)  # chunks sent before it came whole (asked again after a loss)
         waiters = self.waiting_on.pop(h, [])
         if self.announced[h] > 0:
             _decrement(self.announced, h)
@@ -238,8 +268,7 @@ class PrefillStage(StageManager):
             self.unannounced[h] += 1
         end = Event.MM_TRANSFER_END
         events = [(rid, LifetimeEvent.now(self.clock, end, self.instance_id)) for rid in waiters]
-        self.outbox.send(EmbeddingArrived(self.instance_id, h, source, events))
-        embeds = received.tensors["embeds"]
+        self.outbox.send(EmbeddingArrived(self.instance_id, key, source, events))
         stored = self.mm_cache.put(h, embeds)
         self._report_evictions([] if stored else [h])
         if not stored:
@@ -313,6 +342,7 @@ class PrefillStage(StageManager):
         self.outbox.send(NeedEmbeddings(self.instance_id, first.request_id, [index]))
 
     def _lost(self, content_hash: str) -> None:
+        self.assembly.discard(content_hash)  # a video's chunks: they are all sent again if asked
         if self.announced[content_hash] > 0:
             _decrement(self.announced, content_hash)
         waiters = self.waiting_on.get(content_hash)

@@ -16,7 +16,8 @@ send as `Outgoing(instance, message)`; outputs of the requests that advanced pil
 What it leaves to others, and what it keeps:
 - A request's stages: `lifecycle.py` (the table of stages and transitions).
 - Where work goes: `placement.py` (least-loaded P, D kept on a P that decodes, IRP spread of images
-  over encoders with cache affinity). Every part of a request goes to its one P, which joins them.
+  over encoders with cache affinity, a video's temporal groups in chunks over several encoders:
+  `encode_units.py`). Every part of a request goes to its one P, which joins them.
 - What each instance holds: `ledger.py`, one reservation per piece of work, reserved when sent,
   released when done; a request that ends releases whatever it still holds.
 - A dead instance fails the requests holding work on it, with the reason; the rest carry on.
@@ -55,6 +56,7 @@ from epd.cluster.messages import (
     SetRolesReply,
     ToInstance,
 )
+from epd.cluster.router.encode_units import encode_item, encode_units, work_item
 from epd.cluster.router.held_embeddings import HeldEmbeddings
 from epd.cluster.router.ledger import LoadLedger, Work
 from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
@@ -67,7 +69,8 @@ from epd.cluster.router.recovery import (
     transfer_gave_up,
 )
 from epd.engine.queue_policy import DEFAULT_TOKEN_S, Urgency
-from epd.inputs.types import ImageInput, ProcessedPrompt
+from epd.inputs.types import ProcessedPrompt
+from epd.inputs.video_chunks import item_key
 from epd.lifetime import Event, LifetimeEvent
 from epd.outputs import RequestMetrics, RequestOutput
 from epd.sampling_params import SamplingParams
@@ -133,7 +136,8 @@ class RouterCore:
         self.by_data_address = {h.ready.data_address: h for h in instances}
         self.requests: dict[str, RequestRecord] = {}
         self.wire_ids: dict[str, str] = {}  # the id instances know (current attempt) -> request id
-        self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0}
+        # encode_items: images and video chunks sent to encoders; video_chunks: of them, chunks.
+        self.stats = {"encode_items": 0, "encode_cache_hits": 0, "retries": 0, "video_chunks": 0}
         self.max_attempts = MAX_ATTEMPTS
         # Predicts a prompt's prefill from its token count, so that an encoder's deadline leaves
         # room for it (Urgency.later_s); a fitted profile's cost model can replace the default.
@@ -316,29 +320,36 @@ class RouterCore:
         self._dispatch_encodes(record, msg.items)
 
     def _dispatch_encodes(self, record: RequestRecord, items: list[int]) -> None:
+        """Send the images at `items` to the encoders: each a unit, or a video in chunks of its
+        temporal groups over several encoders (encode_units.py). P counts a video's chunks as one
+        transfer of it (it joins them), and so does the router's view of what P will hold."""
         record.advance(Trigger.NEED_IMAGES)
         images = record.prompt.images
-        wanted = [ImageToEncode(i, images[i].content_hash, images[i].num_patches) for i in items]
-        assignment = self.placement.encode.assign(wanted, self._encoders(), self.ledger, self.affinity)
+        encoders = self._encoders()
+        units = {u.work_item: u for u in encode_units(images, items, self.placement.video.parts(encoders))}
+        wanted = [ImageToEncode(w, u.key, u.num_patches) for w, u in units.items()]
+        assignment = self.placement.encode.assign(wanted, encoders, self.ledger, self.affinity)
         tasks: dict[str, list[EncodeItem]] = {}
-        for index, encoder in assignment.items():
-            image = images[index]
-            work = Work(record.request_id, Role.ENCODE, index)
+        for item, encoder in assignment.items():
+            unit = units[item]
+            work = Work(record.request_id, Role.ENCODE, item)
             if self.ledger.holder(work) is not None:
                 # Asked for again before the last encode of it was reported done (P had no room
                 # for what arrived): this one supersedes it, and its report will be no news.
                 self.ledger.release(work)
                 self.superseded[work] += 1
-            self.ledger.reserve(work, encoder, image.num_patches)
-            self.affinity.started(image.content_hash, encoder)
-            self.held.dispatched(record.prefill, image.content_hash, encoder)
-            tasks.setdefault(encoder, []).append(encode_item(index, image))
-            record.metrics.events.append(LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, index))
+            self.ledger.reserve(work, encoder, unit.num_patches)
+            self.affinity.started(unit.key, encoder)
+            self.held.dispatched(record.prefill, images[unit.index].content_hash, encoder)
+            tasks.setdefault(encoder, []).append(unit.item)
+            event = LifetimeEvent.now(self.clock, Event.ENCODE_QUEUED, encoder, unit.index)
+            record.metrics.events.append(event)
         dest = self.instances[record.prefill].ready.data_address
         urgency = _urgency(record, self.prefill_seconds(len(record.prompt.prompt_token_ids)))
-        for name, items in tasks.items():
-            self._send(name, EncodeTask(record.wire_id, items, dest, urgency))
-        self.stats["encode_items"] += len(items)
+        for name, encode_items in tasks.items():
+            self._send(name, EncodeTask(record.wire_id, encode_items, dest, urgency))
+        self.stats["encode_items"] += len(units)
+        self.stats["video_chunks"] += sum(u.key != images[u.index].content_hash for u in units.values())
 
     # ---- progress -----------------------------------------------------------------------------
 
@@ -348,19 +359,22 @@ class RouterCore:
         if record is None:
             return
         record.metrics.events.extend(msg.events)
-        works = [Work(record.request_id, Role.ENCODE, index) for index in msg.items]
+        keys = _unit_keys(record, msg.items, msg.keys)
+        works = [Work(record.request_id, Role.ENCODE, work_item(i, k)) for i, k in zip(msg.items, keys)]
         if all(self.ledger.holder(w) is None and self.superseded[w] > 0 for w in works):
             for w in works:  # the late report of encodes asked for again since: no news
                 self._decrement_superseded(w)
             return
-        for work, index in zip(works, msg.items):
+        for work, key in zip(works, keys):
             self.ledger.release(work)
-            self.affinity.finished(record.prompt.images[index].content_hash, msg.instance)
-        images_out = any(
-            self.ledger.holder(Work(record.request_id, Role.ENCODE, i)) is not None
-            for i in range(len(record.prompt.images))
-        )
+            self.affinity.finished(key, msg.instance)
+        images_out = self._encodes_out(record.request_id)
         record.advance(Trigger.IMAGE_ENCODED if images_out else Trigger.LAST_IMAGE_ENCODED)
+
+    def _encodes_out(self, request_id: str) -> bool:
+        """Whether an image (or video chunk) of the request is still reserved on an encoder."""
+        holders = self.ledger.instances_of(request_id)
+        return any(w.stage is Role.ENCODE for name in holders for w in self.ledger.works_on(request_id, name))
 
     def _encode_failed(self, msg: EncodeFailed) -> None:
         """An encoder found images it cannot decode. The request fails (a 400: its input is bad);
@@ -370,10 +384,11 @@ class RouterCore:
         if record is None:
             return
         hashes = sorted({record.prompt.images[index].content_hash for index in msg.items})
-        for index in msg.items:
-            self.ledger.release(Work(record.request_id, Role.ENCODE, index))
+        keys = _unit_keys(record, msg.items, msg.keys)
+        for index, key in zip(msg.items, keys):
+            self.ledger.release(Work(record.request_id, Role.ENCODE, work_item(index, key)))
+            self.affinity.failed(key)
         for content_hash in hashes:
-            self.affinity.failed(content_hash)
             self.held.not_coming(record.prefill, content_hash, msg.instance)
         record.invalid_input = True
         self._fail(record, msg.error)  # first: P drops the request before it hears of the loss
@@ -385,8 +400,11 @@ class RouterCore:
             del self.superseded[work]
 
     def _embedding_arrived(self, msg: EmbeddingArrived) -> None:
+        # A video chunk's arrival is one of the video's transfers (the view counts it so); the
+        # encoder releases the chunk's own entry.
         source = self.by_data_address.get(msg.source)
-        self.held.arrived(msg.instance, msg.content_hash, source.name if source is not None else None)
+        encoder = source.name if source is not None else None
+        self.held.arrived(msg.instance, item_key(msg.content_hash), encoder)
         if source is not None:
             dest = self.instances[msg.instance].ready.data_address
             self._send(source.name, ReleaseEmbedding(msg.content_hash, dest))
@@ -402,10 +420,11 @@ class RouterCore:
         prefill = self.by_data_address.get(msg.dest)
         if prefill is None or not prefill.alive or prefill.ready.data_address != msg.dest:
             return  # P died since (its death told the encoders: DestinationGone)
-        self.held.not_coming(prefill.name, msg.content_hash, msg.instance)
+        content_hash = item_key(msg.content_hash)  # a video's, for one of its chunks
+        self.held.not_coming(prefill.name, content_hash, msg.instance)
         for record in list(self.requests.values()):
             hashes = {image.content_hash for image in record.prompt.images}
-            if msg.content_hash not in hashes:
+            if content_hash not in hashes:
                 continue
             if self.ledger.holder(Work(record.request_id, Role.PREFILL)) != prefill.name:
                 continue
@@ -414,7 +433,7 @@ class RouterCore:
             if lost >= self.max_attempts:
                 error = f"{msg.instance}: embeddings not sent to {prefill.name} {lost} times: {msg.error}"
                 self._fail(record, error)  # first: P drops the request before it hears of the loss
-        self._send(prefill.name, EmbeddingsLost([msg.content_hash]))
+        self._send(prefill.name, EmbeddingsLost([content_hash]))
 
     def _update(self, msg: RequestUpdate) -> None:
         record = self._record_of(msg.request_id)
@@ -634,12 +653,7 @@ def default_prefill_seconds(prompt_tokens: int) -> float:
     return prompt_tokens * DEFAULT_TOKEN_S
 
 
-def encode_item(index: int, image: ImageInput) -> EncodeItem:
-    """One image as it travels to an encoder: its file (the encoder decodes it), or its uint8
-    patches where it came processed (8x fewer bytes than the tower's float input)."""
-    if image.encoded is not None:
-        return EncodeItem(index, image.content_hash, image.grid_thw, b"", 0, image.encoded)
-    if image.raw_patches is None:
-        raise ValueError("images sent to another instance need their file bytes or raw_patches")
-    raw = image.raw_patches.contiguous()
-    return EncodeItem(index, image.content_hash, image.grid_thw, raw.numpy().tobytes(), raw.shape[1])
+def _unit_keys(record: RequestRecord, items: list[int], keys: list[str]) -> list[str]:
+    """The key of each encoded item an encoder reports: as it names them (a video chunk's), or,
+    from an encoder that names none, the images' own."""
+    return keys or [record.prompt.images[index].content_hash for index in items]

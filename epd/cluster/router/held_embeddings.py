@@ -14,6 +14,12 @@ the router what changes, on the one channel its other messages use:
 | an encoder dies     | what it was sending leaves `incoming`; P is  |
 |                     | told (`EmbeddingsLost`) and asks again       |
 
+Keys are whole images' and videos': a video encoded in chunks on several encoders (IRP over its
+frames) counts one transfer per chunk under the video's key (dispatched, and arrived as each chunk
+comes), since P joins the chunks and caches the video whole. That the first chunk's arrival makes
+the video `cached` before the others come is the same benign lag as an eviction's: P waits for
+what is announced, or asks.
+
 The view may be behind P (an eviction on its way): that is safe, because P is the authority. A
 task whose image the router thought cached but P no longer has makes P ask for it, as before.
 """

@@ -11,6 +11,9 @@
 | request parallelism)      |                  |                        | affinity); the rest largest first  |
 |                           |                  |                        | onto the encoder with the fewest   |
 |                           |                  |                        | queued patches                     |
+| how many chunks a video   | SplitVideos      | encoders               | one per encoder, at most one per   |
+| is encoded in (IRP over   |                  |                        | temporal group: each chunk is then |
+| its frames)               |                  |                        | placed as an image (SpreadImages)  |
 
 Policies see instances as `InstanceSpec`s (name and roles; no sockets) and read the load ledger;
 they return their choices and change nothing, so the router reserves what was chosen and a policy
@@ -87,7 +90,7 @@ class KeepOnPrefill(StagePolicy):
 
 
 class ImageToEncode(NamedTuple):
-    index: int  # the image's place in its request
+    index: int  # names it in the request: the image's place, or a video chunk's (encode_units.py)
     content_hash: str
     num_patches: int
 
@@ -179,9 +182,24 @@ class SpreadImages(EncoderPolicy):
 
 
 @dataclass(frozen=True)
+class SplitVideos:
+    """IRP over a video's frames: a video whose grid has t >= 2 temporal groups is encoded in
+    min(t, parts) chunks of whole groups, one per encoder the request may use (each encodes a
+    chunk as an image: the Qwen towers never mix temporal groups, epd.inputs.video_chunks).
+    `enabled=False`: every video is encoded whole, on one encoder."""
+
+    enabled: bool = True
+
+    def parts(self, encoders: Sequence[InstanceSpec]) -> int:
+        """How many chunks a video may be cut into, given the live encoders."""
+        return max(1, len(encoders)) if self.enabled else 1
+
+
+@dataclass(frozen=True)
 class Placement:
     """The policies a router places requests with."""
 
     prefill: StagePolicy = field(default_factory=lambda: LeastLoaded(Role.PREFILL))
     decode: StagePolicy = field(default_factory=KeepOnPrefill)
     encode: EncoderPolicy = field(default_factory=SpreadImages)
+    video: SplitVideos = field(default_factory=SplitVideos)
