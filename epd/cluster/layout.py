@@ -17,11 +17,19 @@ Parsing rules (decided here, so every entry point agrees):
 - Every role must appear somewhere, no role twice in one group, counts >= 1.
 - A group may end in `@label` (`2E@encoders+2P+2D`): with the Ray launcher its instances run only
   on nodes started with `--labels epd-group=<label>`; the local launcher runs everything here.
+- A group may end in `@tpN` (`1E+1P@tp2+1D`): each of its instances is tensor-parallel over N
+  devices (rank 0, the instance process, and N-1 workers: epd.parallel), started by the local
+  launcher. Only the language model is split, so the group must hold P or D; an E-only group
+  stays at degree 1 (add E instances instead). `@tp1` is the default and is not written; with
+  a label too, the degree comes first (`2P@tp2@gpu-nodes`), and `tpN` is never a label.
 
 Devices (`--devices`): a single name (`cpu`, `cuda`, `cuda:1`, ...) is shared by every instance; a
 comma-separated list of two or more names gives one device per instance in layout order, and must
 name at least as many as there are instances (extra ones stay unused). `cuda` alone means `cuda:0`,
-written out so the spec says where an instance actually runs.
+written out so the spec says where an instance actually runs. A tensor-parallel instance takes
+as many devices as its degree, in order: `1E+1P@tp2+1D` on `cuda:0,cuda:1,cuda:2,cuda:3` puts E0
+on cuda:0, P0 on cuda:1 and cuda:2 (rank 0 first), D0 on cuda:3. Its ranks may share a single
+CPU, not a single GPU (nccl refuses two ranks on one GPU): name the GPUs.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ class Role(str, enum.Enum):
 
 ROLE_ORDER: tuple[Role, ...] = (Role.ENCODE, Role.PREFILL, Role.DECODE)
 _ROLE_VERBS = {Role.ENCODE: "encodes", Role.PREFILL: "prefills", Role.DECODE: "decodes"}
-_GROUP_RE = re.compile(r"(?P<count>-?\d+)?(?P<roles>[A-Za-z]+)(?:@(?P<label>[A-Za-z0-9_.-]+))?")
+_GROUP_RE = re.compile(r"(?P<count>-?\d+)?(?P<roles>[A-Za-z]+)(?P<suffixes>(?:@[A-Za-z0-9_.-]*)*)")
+_DEGREE_RE = re.compile(r"tp(?P<degree>\d+)", re.IGNORECASE)
 _DEVICE_RE = re.compile(r"(?P<type>cpu|mps|cuda|xpu)(?::(?P<index>\d+))?")
 _INDEXED_TYPES = ("cuda", "xpu")  # a bare name means device 0 of that type
 
@@ -57,7 +66,7 @@ def role_letters(roles: frozenset[Role]) -> str:
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """One instance (one process on one device) of a layout.
+    """One instance (one process on one device; at `@tpN`, N of each) of a layout.
 
     `index` is global in layout order; `role_index` counts instances with the same role set, so
     `name` ("E0", "E1", "PD0", "EPD3") is unique within a layout and says what the instance does
@@ -70,10 +79,22 @@ class InstanceSpec:
     role_index: int = 0
     fixed_name: str | None = None  # set once the roles no longer match the name
     node_label: str | None = None  # `@label` of its group: which nodes may run it (Ray launcher)
+    # `@tpN`: the devices of its tensor-parallel ranks 1..N-1 (`device` is rank 0's); () at degree 1.
+    worker_devices: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.fixed_name or f"{role_letters(self.roles)}{self.role_index}"
+
+    @property
+    def degree(self) -> int:
+        """Its tensor-parallel degree: how many processes (and devices) it runs on."""
+        return 1 + len(self.worker_devices)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The device of each of its ranks, rank 0 (the instance process) first."""
+        return (self.device, *self.worker_devices)
 
     def has(self, role: Role) -> bool:
         return role in self.roles
@@ -94,12 +115,14 @@ class Layout:
     text: str
     groups: tuple[Group, ...]
     labels: tuple[str | None, ...] = ()  # per group, its `@label` (or None); () when none has one
+    degrees: tuple[int, ...] = ()  # per group, its `@tpN` (1 if none); () when every group has 1
 
     def __post_init__(self) -> None:
-        _check_groups(self.groups, self.text)
-        if self.labels and len(self.labels) != len(self.groups):
-            raise ValueError(f"layout {self.text!r}: {len(self.labels)} labels for {len(self.groups)} groups")
-        canonical = _canonical_text(self.groups, self.labels)
+        _check_groups(self.groups, self.text, self.degrees)
+        for name, values in (("labels", self.labels), ("degrees", self.degrees)):
+            if values and len(values) != len(self.groups):
+                raise ValueError(f"layout {self.text!r}: {len(values)} {name} for {len(self.groups)} groups")
+        canonical = _canonical_text(self.groups, self.labels, self.degrees)
         if self.text != canonical:
             raise ValueError(f"layout text {self.text!r} is not the canonical {canonical!r}")
 
@@ -112,14 +135,25 @@ class Layout:
         if not text or not text.strip():
             raise ValueError("empty layout: expected groups like '1EPD', '2EP+2D' or '1E+1P+1D'")
         parsed = [_parse_group(part, i, text) for i, part in enumerate(text.split("+"))]
-        groups = tuple(group for group, _ in parsed)
-        labels = tuple(label for _, label in parsed) if any(label for _, label in parsed) else ()
-        _check_groups(groups, text)
-        return cls(_canonical_text(groups, labels), groups, labels)
+        groups = tuple(group for group, _, _ in parsed)
+        labels = tuple(label for _, label, _ in parsed) if any(label for _, label, _ in parsed) else ()
+        degrees = tuple(degree for _, _, degree in parsed) if any(d > 1 for _, _, d in parsed) else ()
+        _check_groups(groups, text, degrees)
+        return cls(_canonical_text(groups, labels, degrees), groups, labels, degrees)
 
     @property
     def num_instances(self) -> int:
         return sum(count for count, _ in self.groups)
+
+    @property
+    def group_degrees(self) -> tuple[int, ...]:
+        """Each group's tensor-parallel degree (1 where it names none)."""
+        return self.degrees or (1,) * len(self.groups)
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the layout runs on: one per tensor-parallel rank of every instance."""
+        return sum(count * degree for (count, _), degree in zip(self.groups, self.group_degrees))
 
     @property
     def is_aggregated(self) -> bool:
@@ -131,17 +165,20 @@ class Layout:
         return sum(count for count, roles in self.groups if role in roles)
 
     def instances(self, devices: str | Sequence[str] = "cpu") -> list[InstanceSpec]:
-        """The instances in layout order, each with its device (see the module docstring)."""
-        device_of = _assign_devices(parse_devices(devices), self.num_instances, self.text)
+        """The instances in layout order, each with its devices (see the module docstring)."""
+        device_of = iter(_assign_devices(parse_devices(devices), self.num_devices, self.text, self.degrees))
         specs: list[InstanceSpec] = []
         per_role_set: dict[frozenset[Role], int] = {}
         labels = self.labels or (None,) * len(self.groups)
-        for (count, roles), label in zip(self.groups, labels):
+        for (count, roles), label, degree in zip(self.groups, labels, self.group_degrees):
             for _ in range(count):
                 role_index = per_role_set.get(roles, 0)
                 per_role_set[roles] = role_index + 1
-                device = device_of[len(specs)]
-                specs.append(InstanceSpec(len(specs), roles, device, role_index, node_label=label))
+                ranks = tuple(next(device_of) for _ in range(degree))
+                spec = InstanceSpec(
+                    len(specs), roles, ranks[0], role_index, node_label=label, worker_devices=ranks[1:]
+                )
+                specs.append(spec)
         return specs
 
     def instances_with(self, role: Role, devices: str | Sequence[str] = "cpu") -> list[InstanceSpec]:
@@ -165,7 +202,7 @@ def parse_devices(devices: str | Sequence[str]) -> list[str]:
 
 
 # ---- internals ----------------------------------------------------------------------------------
-def _parse_group(part: str, position: int, text: str) -> tuple[Group, str | None]:
+def _parse_group(part: str, position: int, text: str) -> tuple[Group, str | None, int]:
     group = part.strip()
     if not group:
         raise ValueError(
@@ -181,7 +218,28 @@ def _parse_group(part: str, position: int, text: str) -> tuple[Group, str | None
     count = int(match["count"]) if match["count"] is not None else 1
     if count < 1:
         raise ValueError(f"layout {text!r}: group {group!r} has count {count}; counts must be at least 1")
-    return (count, _parse_roles(match["roles"], group, text)), match["label"]
+    label, degree = _parse_suffixes(match["suffixes"], group, text)
+    return (count, _parse_roles(match["roles"], group, text)), label, degree
+
+
+def _parse_suffixes(suffixes: str, group: str, text: str) -> tuple[str | None, int]:
+    """A group's `@label` and `@tpN` (either, both, in any order), as (label or None, degree)."""
+    label, degree = None, None
+    for suffix in suffixes.split("@")[1:]:
+        match = _DEGREE_RE.fullmatch(suffix)
+        if not suffix:
+            raise ValueError(f"layout {text!r}: group {group!r} has an empty '@' suffix")
+        if match is None and label is not None:
+            raise ValueError(f"layout {text!r}: group {group!r} has two labels ({label!r}, {suffix!r})")
+        if match is not None and degree is not None:
+            raise ValueError(f"layout {text!r}: group {group!r} names its degree twice")
+        if match is None:
+            label = suffix
+        else:
+            degree = int(match["degree"])
+    if degree is not None and degree < 1:
+        raise ValueError(f"layout {text!r}: group {group!r} has degree {degree}; '@tpN' needs N >= 1")
+    return label, degree or 1
 
 
 def _parse_roles(letters: str, group: str, text: str) -> frozenset[Role]:
@@ -199,24 +257,34 @@ def _parse_roles(letters: str, group: str, text: str) -> frozenset[Role]:
     return frozenset(roles)
 
 
-def _check_groups(groups: tuple[Group, ...], text: str) -> None:
+def _check_groups(groups: tuple[Group, ...], text: str, degrees: tuple[int, ...] = ()) -> None:
     """Rules that hold for the whole layout, also for a directly constructed one."""
     if not groups:
         raise ValueError("empty layout: expected groups like '1EPD', '2EP+2D' or '1E+1P+1D'")
-    for count, roles in groups:
-        if count < 1 or not roles or not roles <= set(ROLE_ORDER):
-            raise ValueError(f"layout {text!r}: bad group ({count}, {set(roles)})")
+    for (count, roles), degree in zip(groups, degrees or (1,) * len(groups)):
+        if count < 1 or not roles or not roles <= set(ROLE_ORDER) or degree < 1:
+            raise ValueError(f"layout {text!r}: bad group ({count}, {set(roles)}, degree {degree})")
+        if degree > 1 and not roles & {Role.PREFILL, Role.DECODE}:
+            raise ValueError(
+                f"layout {text!r}: group '{count}{role_letters(roles)}@tp{degree}' has no language model "
+                "to split (tensor parallelism splits P and D); add encoder instances instead"
+            )
     present = frozenset().union(*(roles for _, roles in groups))
     for role in ROLE_ORDER:
         if role not in present:
             raise ValueError(f"layout {text!r}: no instance {_ROLE_VERBS[role]}: add {role.value} to a group")
 
 
-def _canonical_text(groups: tuple[Group, ...], labels: tuple[str | None, ...] = ()) -> str:
+def _canonical_text(
+    groups: tuple[Group, ...], labels: tuple[str | None, ...] = (), degrees: tuple[int, ...] = ()
+) -> str:
     labels = labels or (None,) * len(groups)
+    degrees = degrees or (1,) * len(groups)
     return "+".join(
-        f"{count}{role_letters(roles)}" + (f"@{label}" if label else "")
-        for (count, roles), label in zip(groups, labels)
+        f"{count}{role_letters(roles)}"
+        + (f"@tp{degree}" if degree > 1 else "")
+        + (f"@{label}" if label else "")
+        for (count, roles), label, degree in zip(groups, labels, degrees)
     )
 
 
@@ -230,12 +298,24 @@ def _normalise_device(name: str) -> str:
     return device
 
 
-def _assign_devices(devices: list[str], num_instances: int, text: str) -> list[str]:
-    if len(devices) == 1:
-        return devices * num_instances
-    if len(devices) < num_instances:
+def _assign_devices(devices: list[str], num_devices: int, text: str, degrees: tuple[int, ...]) -> list[str]:
+    """One device per rank of every instance, in layout order (`num_devices` of them)."""
+    parallel = any(d > 1 for d in degrees)
+    if len(devices) == 1 and parallel and not devices[0].startswith("cpu"):
         raise ValueError(
-            f"layout {text!r} has {num_instances} instances but only {len(devices)} devices were given "
+            f"layout {text!r} has tensor-parallel instances, which need one device per rank, and "
+            f"only {devices[0]} was given: name the devices (e.g. cuda:0,cuda:1,...)"
+        )
+    if len(devices) == 1:
+        return devices * num_devices
+    if len(devices) < num_devices:
+        what = (
+            f"needs {num_devices} devices (one per tensor-parallel rank)"
+            if parallel
+            else (f"has {num_devices} instances")
+        )
+        raise ValueError(
+            f"layout {text!r} {what} but only {len(devices)} devices were given "
             f"({','.join(devices)}): name one device per instance, or a single device for all"
         )
-    return devices[:num_instances]
+    return devices[:num_devices]

@@ -69,7 +69,7 @@ def refuse_in_bootstrapping_child() -> None:
     address = os.environ.get(REPORT_ADDRESS_ENV)
     if address is None or not process_name.startswith(PROCESS_PREFIX):
         raise RuntimeError(error)  # not one of our instances: say it here
-    _report(address, InstanceFailed(process_name.removeprefix(PROCESS_PREFIX), error))
+    report_to_router(address, InstanceFailed(process_name.removeprefix(PROCESS_PREFIX), error))
     raise SystemExit(1)  # quietly: the parent raises with this error
 
 
@@ -103,7 +103,8 @@ def exited_during_startup(instance: str, exitcode: int | None) -> RuntimeError:
     return RuntimeError(message)
 
 
-def _report(address: str, message: InstanceFailed) -> None:
+def report_to_router(address: str, message: InstanceFailed) -> None:
+    """Send `message` to the router at `address` from a process that has no socket to it (yet)."""
     ctx = zmq.Context()
     try:
         sock = ctx.socket(zmq.PUSH)

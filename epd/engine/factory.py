@@ -10,6 +10,9 @@ factory:
 | `scripted_parts`     | `ScriptedRunner`          | none           | core tests of scheduling, hand-  |
 | (epd.engine.         | (tokens from the KV it    |                | offs and routing; later a cost   |
 |  scripted_runner)    |  holds; no model)         |                | model for the simulator          |
+| `epd.parallel.parts. | `ParallelRunner` (rank 0  | rank 0's share | a tensor-parallel instance       |
+|  instance_parts`     |  of an instance, driving  |                | (`@tpN` layouts)                 |
+|                      |  its workers)             |                |                                  |
 
 A runner is whatever offers `merge_size`, `embedder`, `run`, `inject_kv`, `gather_kv`, `slots`
 and `gather_kv_layer` as `ModelRunner` does (epd.engine.model_runner).

@@ -14,12 +14,17 @@ even a chunk of one prompt token: its position comes from the prompt's M-RoPE la
 may be an image row. A chunk starts at any token, like a prefix-cache hit but not on a block
 boundary, and may end inside an image's placeholder span: the image rows that fall in the step
 are placed by `_gather_image_rows`, the rest come with the later chunks.
+
+A step is `prepare`d (requests read, images encoded, the result plain data: `StepInputs`), then
+run (`forward`). A tensor-parallel instance sends the prepared step to its workers, which run
+`forward` on their share of the model (epd.parallel.runner).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,11 +104,14 @@ class ModelRunner:
 
     def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
         """Write KV rows start..len(kv) (computed elsewhere) into this request's blocks."""
-        end = kv.shape[2]
+        self.write_kv_rows(block_table, start, kv[:, :, start:])
+
+    def write_kv_rows(self, block_table: list[int], start: int, rows: torch.Tensor) -> None:
+        """Write the KV of tokens start..start+len(rows) ([layers, 2, tokens, kv_heads, head_dim])
+        into this request's blocks: `inject_kv` without the rows before `start`."""
         flat = self.kv_cache.flatten(2, 3)
-        flat.index_copy_(
-            2, self.slots(block_table, start, end), kv[:, :, start:end].to(flat.device, flat.dtype)
-        )
+        slots = self.slots(block_table, start, start + rows.shape[2])
+        flat.index_copy_(2, slots, rows.to(flat.device, flat.dtype))
 
     @torch.inference_mode()
     def run(
@@ -118,52 +126,63 @@ class ModelRunner:
         gets a row too (one row: cheaper than a second layout); the engine samples none from it.
 
         `after_layer(i)` is called once layer i has written its KV (the step then runs eagerly)."""
-        ends = batch.token_ends()
-        self.embedder.ensure(batch.requests, ends)
-        inputs = _BatchInputs.build(batch, block_tables, self.block_size)
-        mm_embeds, mm_index = self._gather_image_rows(batch)
-        if mm_embeds is None and after_layer is None and self._graph_fits(inputs):
-            logits = self.graphs.run(
-                inputs.token_ids, inputs.decode_positions, inputs.slots, inputs.seq_lens, block_tables
-            )
-            return logits
-        return self._run_eager(batch, block_tables, inputs, mm_embeds, mm_index, after_layer)
+        return self.forward(self.prepare(batch, block_tables), after_layer)
 
-    def _graph_fits(self, inputs: _BatchInputs) -> bool:
+    @torch.inference_mode()
+    def prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepInputs:
+        """The step as plain data (`StepInputs`): what `forward` needs, without the requests."""
+        self.embedder.ensure(batch.requests, batch.token_ends())
+        inputs = StepInputs.build(batch, block_tables, self.block_size)
+        inputs.mm_embeds, inputs.mm_index = self._gather_image_rows(batch)
+        return inputs
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        step: StepInputs,
+        after_layer: Callable[[int], None] | None = None,
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Run a prepared step (`run`'s result); `logits` False: only the forward, which writes the
+        step's KV (a tensor-parallel worker: rank 0 alone samples)."""
+        if step.mm_embeds is None and after_layer is None and logits and self._graph_fits(step):
+            return self.graphs.run(
+                step.token_ids, step.decode_positions, step.slots, step.seq_lens, step.block_tables
+            )
+        return self._run_eager(step, after_layer, logits)
+
+    def _graph_fits(self, step: StepInputs) -> bool:
         return (
             self.graphs is not None
-            and inputs.decode_positions is not None
-            and self.graphs.padded_size(len(inputs.seq_lens)) is not None
+            and step.decode_positions is not None
+            and self.graphs.padded_size(len(step.seq_lens)) is not None
         )
 
     def _run_eager(
-        self,
-        batch: ScheduledBatch,
-        block_tables: list[list[int]],
-        inputs: _BatchInputs,
-        mm_embeds: torch.Tensor | None,
-        mm_index: torch.Tensor | None,
-        after_layer: Callable[[int], None] | None,
-    ) -> torch.Tensor:
-        ids = torch.tensor(inputs.token_ids, device=self.device)
-        embeds = self.model.embed_tokens(ids, mm_embeds, mm_index)
+        self, step: StepInputs, after_layer: Callable[[int], None] | None, logits: bool
+    ) -> torch.Tensor | None:
+        ids = torch.tensor(step.token_ids, device=self.device)
+        mm_index = None if step.mm_index is None else step.mm_index.to(self.device)
+        embeds = self.model.embed_tokens(ids, step.mm_embeds, mm_index)
         tensors = None
         if self.backend.needs_device_metadata:
-            tensors = build_device_metadata(batch.num_new_tokens, inputs.seq_lens, block_tables, self.device)
+            tensors = build_device_metadata(step.query_lens, step.seq_lens, step.block_tables, self.device)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(inputs.slots, device=self.device),
-            query_starts=inputs.query_starts,
-            query_lens=batch.num_new_tokens,
-            seq_lens=inputs.seq_lens,
-            block_tables=block_tables,
+            slot_mapping=torch.tensor(step.slots, device=self.device),
+            query_starts=step.query_starts,
+            query_lens=step.query_lens,
+            seq_lens=step.seq_lens,
+            block_tables=step.block_tables,
             block_size=self.block_size,
             tensors=tensors,
         )
         hooked = nullcontext() if after_layer is None else self.language.after_each_layer(after_layer)
         with forward_context(meta), hooked:
-            hidden = self.model(embeds, inputs.positions_tensor().to(self.device))
+            hidden = self.model(embeds, step.positions_tensor().to(self.device))
+        if not logits:
+            return None
         last = torch.tensor(
-            [s + n - 1 for s, n in zip(inputs.query_starts, batch.num_new_tokens)], device=self.device
+            [s + n - 1 for s, n in zip(step.query_starts, step.query_lens)], device=self.device
         )
         return self.model.compute_logits(hidden[last])
 
@@ -180,34 +199,41 @@ class ModelRunner:
             start += n
         if not rows:
             return None, None
-        return torch.cat(rows), torch.cat(index).to(self.device)
+        return torch.cat(rows), torch.cat(index)  # the index moves to the device in forward
 
 
-class _BatchInputs:
-    """Flat token ids, positions and KV slots of one step, built request by request.
+@dataclass
+class StepInputs:
+    """One step as plain data: flat token ids, KV slots, positions, block tables, image rows.
 
-    `decode_positions` is set (one text position per request) when every request has exactly
-    one new token past its prompt: the case a CUDA graph replays. `positions_tensor()` gives
-    the M-RoPE positions of any step.
+    Built request by request on the instance (`build`); holds no request, so that a
+    tensor-parallel instance sends it as is to its workers (epd.parallel.runner), every tensor
+    but `mm_embeds` on the host. `decode_positions` is set (one text position per request) when
+    every request has exactly one new token past its prompt: the case a CUDA graph replays, whose
+    M-RoPE positions follow from it; other steps carry `positions` [3, tokens].
     """
 
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.ranges: list[tuple[Request, int, int]] = []  # (request, lo, hi) of its new tokens
-        self.decode_positions: list[int] | None = []
-        self.slots: list[int] = []
-        self.query_starts: list[int] = []
-        self.seq_lens: list[int] = []
+    token_ids: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_starts: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    decode_positions: list[int] | None = None
+    positions: torch.Tensor | None = None
+    mm_embeds: torch.Tensor | None = None  # image rows of this step's tokens, on the device
+    mm_index: torch.Tensor | None = None  # their rows in the flat batch
 
     @classmethod
-    def build(cls, batch: ScheduledBatch, block_tables: list[list[int]], block_size: int) -> _BatchInputs:
-        out = cls()
-        token_ids, slots, positions = out.token_ids, out.slots, out.decode_positions
+    def build(cls, batch: ScheduledBatch, block_tables: list[list[int]], block_size: int) -> StepInputs:
+        out = cls(query_lens=list(batch.num_new_tokens), block_tables=block_tables)
+        token_ids, slots, positions = out.token_ids, out.slots, []
+        ranges: list[tuple[Request, int, int]] = []  # (request, lo, hi) of its new tokens
         for req, n, table in zip(batch.requests, batch.num_new_tokens, block_tables):
             lo = req.num_computed_tokens
             hi, num_prompt = lo + n, req.num_prompt_tokens
             out.query_starts.append(len(token_ids))
-            out.ranges.append((req, lo, hi))
+            ranges.append((req, lo, hi))
             out.seq_lens.append(hi)
             if n == 1 and lo >= num_prompt:  # a decode, the common case: no slicing, no generator
                 token_ids.append(req.output_token_ids[lo - num_prompt])
@@ -219,11 +245,15 @@ class _BatchInputs:
             token_ids.extend(_token_ids(req, lo, hi))
             slots.extend(table[i // block_size] * block_size + i % block_size for i in range(lo, hi))
         out.decode_positions = positions
+        if positions is None:  # not a pure decode: the M-RoPE layout is needed (eager step)
+            out.positions = torch.cat([_positions(req, lo, hi) for req, lo, hi in ranges], dim=1)
         return out
 
     def positions_tensor(self) -> torch.Tensor:
-        """[3, tokens] M-RoPE positions (built only for eager steps: a graph step needs none)."""
-        return torch.cat([_positions(req, lo, hi) for req, lo, hi in self.ranges], dim=1)
+        """[3, tokens] M-RoPE positions (read only by eager steps: a graph step needs none)."""
+        if self.positions is not None:
+            return self.positions
+        return torch.tensor(self.decode_positions).expand(3, -1)  # decode: t = h = w
 
 
 def _language_model(model: torch.nn.Module) -> Qwen2Model:

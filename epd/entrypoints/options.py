@@ -99,9 +99,16 @@ class EngineArgs:
     revision: str | None = option(
         None, "branch, tag or commit of a Hub model (--model ORG/NAME; default: main); not for a directory"
     )
-    layout: str = option("1EPD", "instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D")
+    layout: str = option(
+        "1EPD",
+        "instance groups, e.g. 1EPD, 2EP+1D, 1E+1P+1D; a group ending in @tpN runs each of its "
+        "instances tensor-parallel over N devices, e.g. 1EPD@tp2, 1E+1P@tp2+1D (P or D groups only)",
+    )
     device: str = option("cpu", "device of every instance (cpu, cuda, cuda:1, ...)")
-    devices: str | None = option(None, "one device per instance in layout order, comma-separated")
+    devices: str | None = option(
+        None,
+        "one device per instance in layout order (N for an @tpN instance, rank 0 first), comma-separated",
+    )
     transfer: str = option(
         "auto",
         "connector between instances: cuda_ipc, nccl, shm, tcp (auto: cuda_ipc between GPUs, else shm; "
@@ -293,7 +300,8 @@ class EngineArgs:
 
         layout = Layout.parse(self.layout)
         config = self.engine_config()
-        in_process = layout.num_instances == 1 and layout.is_aggregated and self.devices is None
+        # A tensor-parallel instance needs its workers started by a launcher: never in process.
+        in_process = layout.num_devices == 1 and layout.is_aggregated and self.devices is None
         if in_process and self.launcher == "local":
             if self.role_switching == "auto":
                 raise ValueError(

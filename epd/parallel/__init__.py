@@ -11,45 +11,65 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | `linear`    | merged column-parallel (q/k/v, gate/up) and row-parallel (o, down) layers, and  |
 |             | the factories `epd.models.qwen2_llm` builds with: the plain layers at degree 1   |
 | `build`     | `build_rank_model`: a rank's model, weights cut from the checkpoint or dummy     |
-| `parts`     | `rank_model_parts(group)`: an `LLMEngine` on one rank                            |
+| `parts`     | `instance_parts(group)`: rank 0's engine compute over its workers;               |
+|             | `rank_model_parts(group)`: one rank's own (a worker's; an engine per rank)       |
+| `runner`    | `ParallelRunner`: rank 0's runner, `ModelRunner`'s interface over every rank     |
+| `commands`  | what rank 0 sends its workers (build, run a step, gather / inject KV, stop)      |
+| `worker`    | `build_worker`, `RankWorker.serve`: a worker that only executes                  |
+| `kv`        | a request's KV between whole (every kv head) and the ranks' shares              |
+| `lifeline`  | a worker ends when its rank 0 ends, however it ends                              |
 | `launch`    | `run_on_ranks`: a function on every rank, spawned (tests, measurements)          |
 
 Degree 1 costs nothing: no group, the single-device layers, one `is None` test per sublayer.
 Replicated for now: token embedding and lm_head (every rank computes the full logits), the
-vision tower. Not yet: CUDA graphs at degree > 1 (refused), reading only a rank's slice of
-each checkpoint tensor, layouts (`1E+1P@tp2+1D`), the launcher and the cluster.
+vision tower (on rank 0 only: workers get image rows, never pixels). Not yet: CUDA graphs at
+degree > 1 (refused), reading only a rank's slice of each checkpoint tensor, E instances of
+degree > 1 (refused by the layout), role switches that rebuild a tensor-parallel engine,
+switchable roles, the Ray launcher (it cannot start workers: such an instance fails to start).
 
-How an instance becomes a group of workers (next increment)
-------------------------------------------------------------
-The launcher starts, per tensor-parallel instance, its instance process (rank 0, cuda:i) and
-world - 1 worker processes (ranks 1.., the next devices in order), all joining one group at an
-init method the launcher picks (`tcp://host:port`). Rank 0 is the instance: its core, scheduler,
-block manager, sampler and connectors run there, unchanged, over a runner that is now a
-`ParallelRunner` façade. Each step it sends the workers the step's batch as a diff (new
-requests in full: prompt ids, M-RoPE positions, image rows; running ones as deltas: new tokens,
-new block ids), broadcast on a CPU side channel (gloo or shm; `broadcast_object` for a start),
-then runs its own share; every rank builds the same batch tensors and runs the same forward,
-the all-reduces keeping them in step. Only rank 0 computes logits and samples (the others skip
-`compute_logits`). Block ids index every rank's cache alike: one block manager, a block count
-all ranks agreed on (`parts`: the minimum). Image embeddings must reach every rank (they
-become inputs_embeds rows on each): an E instance's connector sends them to every rank of a P,
-or rank 0 broadcasts the rows of the step over nccl. CUDA graphs per rank, each capturing its
-all-reduces (nccl collectives are capturable on the graph's stream); a worker replays when told.
+How an instance becomes a group of workers
+------------------------------------------
+A layout group may end in `@tpN` (`1E+1P@tp2+1D`, epd.cluster.layout); each of its instances
+takes N devices in order. The local launcher (epd.cluster.launcher `start_group`) starts the
+instance process (rank 0, the first device) and N-1 worker processes (the next devices), which
+meet at a file store the launcher picks (`InstanceConfig.tp_init_method`): nccl between GPUs,
+gloo on the CPU, plus a gloo side group for pickled commands. Rank 0 is the instance: its core,
+scheduler, block manager, sampler and connectors run there unchanged, over a `ParallelRunner`
+(the engine's `model_parts` is `instance_parts(group)`; epd.cluster.instance.shell picks it).
+Its first command makes the workers build what rank 0 builds (`BuildRank`: the engine config);
+then every runner call sends its command and runs rank 0's share, the workers running theirs:
 
-KV between a tp2 P and a tp1 D (and the reverse)
-------------------------------------------------
-Each rank's cache is [layers, 2, blocks, block_size, its kv heads, head_dim]; rank r holds kv
-piece r * kv_pieces // world (`sharding.HeadSplit`), so its heads are a known range of the
-whole. A hand-off names, per piece, the head range it carries:
-- P tp2 -> D tp1: each P rank sends its heads' KV (`gather_kv` on that rank); D allocates the
-  request's blocks once and writes each piece into its head range (an `inject_kv` with a head
-  offset: a strided write along the head dim); the request is ready when every piece arrived.
-  With fewer kv heads than ranks, only the first rank of each group holding a head sends it.
-- P tp1 -> D tp2: P sends each D rank the slice of heads that rank holds (narrowed on the
-  sending side, so each transfer carries only what its receiver keeps).
-- In general, producer piece and consumer piece overlap in a head range; that overlap is what
-  flows between that pair (cuda_ipc within a host). Layer-wise streaming is the same per layer.
-  Request state (M-RoPE delta, sampled token) travels once, from rank 0 to rank 0.
+    rank 0:  engine.step -> runner.run: prepare (requests -> StepInputs, images encoded or read
+             from the MM cache) -> broadcast RunStep(StepInputs) [+ image rows] -> forward -> logits
+    worker:  broadcast received -> forward(StepInputs) without logits (same all-reduces)
+
+The step goes out as the prepared `StepInputs` (flat ids, slots, positions, block tables), not as
+a diff of requests: simple, and the workers hold no request state; its cost is O(tokens of the
+step) pickled per step, which a diff (new requests in full, running ones as a token each, with
+the workers mirroring requests) would cut for long prefills. Block ids index every rank's cache
+alike: one block manager, a block count all ranks agreed on (the minimum). Image rows reach the
+workers by one broadcast per step. A worker ends when rank 0's process ends (its lifeline: a
+pipe whose other end only rank 0 holds), so none outlives a crashed or killed instance; the
+launcher reports the group alive only while every rank is.
+
+KV between a tp2 P and a tp1 D (and the reverse): what is built
+---------------------------------------------------------------
+The runner's KV interface stays whole, every kv head, as at degree 1 (`epd.parallel.kv`):
+- `gather_kv` (a hand-off, a swap-out, a migration) gathers the request's KV from every rank to
+  rank 0 (the first holder of each kv head when ranks share one); the hand-off is then sent as
+  today, so P tp2 -> D tp1 needs nothing on D's side;
+- `inject_kv` (a hand-off arriving, a swap-in) on rank 0 scatters the rows by kv head, each rank
+  writing its heads; so P tp1 -> D tp2 needs nothing on P's side, and tp2 -> tp2 works alike;
+- layer-wise streaming gathers each layer during the forward (`GatherLayer` after each layer).
+
+The faster way (not built): no gather and no scatter. Each rank's cache is [layers, 2, blocks,
+block_size, its kv heads, head_dim] and rank r holds kv piece r * kv_pieces // world
+(`sharding.HeadSplit`), a known head range; a hand-off names, per piece, the head range it
+carries, and each P rank sends its heads' KV straight to the D rank(s) whose range overlaps it
+(cuda_ipc within a host), D writing each piece into its head range (a strided write along the
+head dim), the request ready when every piece arrived. That takes rank 0 off the data path (one
+copy fewer, and n transfers in parallel instead of one n times as large); request state (M-RoPE
+delta, sampled token) still travels once, rank 0 to rank 0.
 
 The E stage: the vision tower replicated or split
 -------------------------------------------------

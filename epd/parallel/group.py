@@ -6,23 +6,33 @@ instance's group (gloo on the CPU, nccl on GPUs; the same calls either way). Whi
 weights a rank holds depends only on (rank, world size), so a group that never `join`ed still
 says how to build and load a rank's model (what the in-process sharding tests do); only its
 collectives need the joined process group.
+
+Objects (a step's batch, a command) go over a second group, gloo whatever the backend (`commands`:
+pickled bytes belong on the host, and an nccl broadcast would need them on the device first). An
+idle worker waits in that group's broadcast for the next command for as long as its instance is
+idle, so its timeout is `COMMAND_TIMEOUT`, not gloo's default half hour. A worker whose rank 0
+died is not left waiting on it: it exits by its lifeline (epd.parallel.lifeline).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch import distributed as dist
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+COMMAND_TIMEOUT = timedelta(days=365)  # an idle worker waits for its next command this long
 
 
 @dataclass(frozen=True)
 class TensorParallelGroup:
     rank: int
     world_size: int
+    # The gloo group objects travel in (set by `join`; None: the default group).
+    commands: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -47,7 +57,8 @@ class TensorParallelGroup:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         kwargs = {} if timeout is None else {"timeout": timeout}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
-        return cls(rank, world_size)
+        commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
+        return cls(rank, world_size, commands)
 
     def leave(self) -> None:
         if dist.is_initialized():
@@ -65,11 +76,38 @@ class TensorParallelGroup:
         dist.all_gather(parts, x)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s `x` on every rank, in place (the others pass a tensor of its shape)."""
+        dist.broadcast(x, src=src)
+        return x
+
+    def gather(self, x: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's `x` (same shapes), in rank order, on rank `dst`; None on the others."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == dst else None
+        dist.gather(x, parts, dst=dst)
+        return parts
+
+    def scatter(
+        self, out: torch.Tensor, parts: list[torch.Tensor] | None = None, src: int = 0
+    ) -> torch.Tensor:
+        """Rank `src` gives rank r `parts[r]` (shaped like `out`), written into `out` (returned)."""
+        parts = None if parts is None else [p.contiguous() for p in parts]
+        dist.scatter(out, parts if self.rank == src else None, src=src)
+        return out
+
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
-        """Rank `src`'s `obj` on every rank (pickled; for small control data such as a step's batch)."""
+        """Rank `src`'s `obj` on every rank (pickled, over `commands`: for control data such as a
+        step's batch; tensors in it must be on the host)."""
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.commands)
         return box[0]
+
+
+def backend_for(device: str | torch.device) -> str:
+    """The collectives' backend for ranks on `device`: nccl between GPUs, gloo on the CPU (whatever
+    else the machine has: an instance on the CPU of a GPU host still talks gloo)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def is_parallel(group: TensorParallelGroup | None) -> bool:

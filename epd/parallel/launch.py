@@ -1,5 +1,6 @@
 """Run a function on every rank of a tensor-parallel group, one spawned process each, and collect
-what each returns: for tests and measurements, before instances drive their ranks themselves.
+what each returns: for tests and measurements (instances start their ranks through their
+launcher: epd.cluster.launcher).
 
 Waits on events, not time: each rank's result pipe and its process sentinel. A rank that raises
 sends its traceback; a rank that dies without a word is reported by its exit code; either way

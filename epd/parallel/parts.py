@@ -1,11 +1,19 @@
 """The compute of one tensor-parallel rank, as the engine's `model_parts` factory.
 
+| factory                   | runner                      | used by                                    |
+|---------------------------|-----------------------------|--------------------------------------------|
+| `instance_parts(group)`   | `ParallelRunner` on rank 0: | a tensor-parallel instance: one engine on  |
+|                           | drives the workers          | rank 0, workers that only execute          |
+|                           |                             | (epd.parallel.worker builds theirs alike)  |
+| `rank_model_parts(group)` | the rank's own ModelRunner  | the workers; and one full engine per rank  |
+|                           |                             | (tests: ranks see identical logits)        |
+
 `LLMEngine(config, tokenizer, model_parts=rank_model_parts(group))` runs an engine on one rank:
 the model holds the rank's share, the KV cache its kv heads, and every rank computes the same
 logits (the all-reduces leave identical hidden states everywhere, embeddings and lm_head are
 replicated). Engines on all ranks fed the same requests therefore schedule and sample alike
-(greedy; seeded sampling likewise): what the tests run. The instance core of the next increment
-schedules on rank 0 only and broadcasts each step's batch to the others (see epd.parallel).
+(greedy; seeded sampling likewise). An instance instead schedules on rank 0 only and sends each
+step to the others (`instance_parts`).
 """
 
 from __future__ import annotations
@@ -22,7 +30,44 @@ from epd.engine.memory import resolve_kv_cache_bytes
 from epd.engine.mm_cache import MMCache
 from epd.models.qwen2_vl import ALL_PARTS, LANGUAGE
 from epd.parallel.build import build_rank_model
+from epd.parallel.commands import BuildRank
 from epd.parallel.group import TensorParallelGroup, is_parallel
+from epd.parallel.runner import ParallelRunner
+from epd.parallel.sharding import HeadSplit
+
+
+def instance_parts(group: TensorParallelGroup | None) -> PartsFactory:
+    """The engine's compute on rank 0 of an instance whose workers wait in
+    `epd.parallel.worker.build_worker`: they build their shares along with rank 0's, and rank 0's
+    runner drives them. `load_model_parts` itself at degree 1. Builds once: a second engine would
+    need workers that build again (a role switch that rebuilds the engine: not supported)."""
+    if not is_parallel(group):
+        return load_model_parts
+    load_share = rank_model_parts(group)
+    built = []
+
+    def load(
+        config: EngineConfig,
+        *,
+        encode_locally: bool,
+        mm_cache: MMCache | None,
+        clock: Clock,
+        instance: str | None,
+    ) -> ModelParts:
+        if built:
+            raise RuntimeError(
+                f"tensor-parallel instance {instance}: its workers built their share once already"
+            )
+        built.append(instance)
+        group.broadcast_object(BuildRank(config, instance))
+        parts = load_share(
+            config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
+        )
+        text = config.model.hf.text
+        heads = HeadSplit(text.num_attention_heads, text.num_key_value_heads, group.world_size)
+        return ModelParts(ParallelRunner(parts.runner, group, heads), parts.num_blocks, parts.model)
+
+    return load
 
 
 def rank_model_parts(group: TensorParallelGroup | None) -> PartsFactory:

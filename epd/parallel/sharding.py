@@ -84,6 +84,15 @@ class HeadSplit:
     def num_kv_heads(self) -> int:
         return self.total_kv_heads // self.kv_pieces
 
+    def kv_piece(self, rank: int) -> int:
+        """Which piece of the kv heads `rank` holds (ranks sharing a kv head hold the same one)."""
+        return self.kv_split().piece(rank, self.world_size)
+
+    def kv_holders(self) -> list[int]:
+        """One rank per kv piece, in head order: the first rank holding each (what a gather of the
+        whole KV takes from: the ranks that share a head hold the same values)."""
+        return [piece * self.world_size // self.kv_pieces for piece in range(self.kv_pieces)]
+
     def q_split(self) -> Split:
         return Split(_COLUMN, self.world_size)
 

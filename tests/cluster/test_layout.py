@@ -144,3 +144,53 @@ def test_direct_construction_is_validated() -> None:
         Layout("1EP", ((1, frozenset({E, P})),))
     with pytest.raises(ValueError, match="empty layout"):
         Layout("", ())
+
+
+@pytest.mark.parametrize(
+    "text, canonical, degrees",
+    [
+        ("1EPD@tp2", "1EPD@tp2", {"EPD0": 2}),
+        ("1E+1P@tp2+1D", "1E+1P@tp2+1D", {"E0": 1, "P0": 2, "D0": 1}),
+        ("1E+1P+1D@tp2", "1E+1P+1D@tp2", {"E0": 1, "P0": 1, "D0": 2}),
+        ("1e+2pd@TP4", "1E+2PD@tp4", {"E0": 1, "PD0": 4, "PD1": 4}),
+        ("1E+1P@tp1+1D", "1E+1P+1D", {"E0": 1, "P0": 1, "D0": 1}),  # tp1 is the default
+        ("2E@enc+1P@gpu@tp2+1D@tp2@gpu", "2E@enc+1P@tp2@gpu+1D@tp2@gpu", {"P0": 2, "D0": 2}),
+    ],
+)
+def test_tensor_parallel_degrees(text: str, canonical: str, degrees: dict[str, int]) -> None:
+    layout = Layout.parse(text)
+    assert layout.text == canonical and Layout.parse(canonical) == layout
+    specs = {s.name: s for s in layout.instances()}
+    assert {name: specs[name].degree for name in degrees} == degrees
+    assert layout.num_devices == sum(s.degree for s in specs.values())
+    assert all(s.devices == ("cpu",) * s.degree for s in specs.values())  # one CPU: shared by every rank
+    if "gpu" in text:
+        assert specs["P0"].node_label == "gpu" and specs["E0"].node_label == "enc"
+
+
+def test_tensor_parallel_instances_take_their_devices_in_order() -> None:
+    devices = ",".join(f"cuda:{i}" for i in range(5))
+    specs = Layout.parse("1E+1P@tp2+1D@tp2").instances(devices)
+    assert [(s.name, s.device, s.devices) for s in specs] == [
+        ("E0", "cuda:0", ("cuda:0",)),
+        ("P0", "cuda:1", ("cuda:1", "cuda:2")),
+        ("D0", "cuda:3", ("cuda:3", "cuda:4")),
+    ]
+    assert specs[0] == InstanceSpec(0, frozenset({E}), "cuda:0", 0)  # degree 1: as before
+
+
+@pytest.mark.parametrize(
+    "text, devices, message",
+    [
+        ("1E@tp2+1PD", "cpu", "group '1E@tp2' has no language model to split"),
+        ("1EPD@tp0", "cpu", "has degree 0"),
+        ("1EPD@tp2@tp4", "cpu", "names its degree twice"),
+        ("1EPD@a@b", "cpu", "has two labels ('a', 'b')"),
+        ("1EPD@", "cpu", "empty '@' suffix"),
+        ("1E+1P@tp2+1D", "cuda:0,cuda:1,cuda:2", "needs 4 devices (one per tensor-parallel rank) but only 3"),
+        ("1EPD@tp2", "cuda:1", "need one device per rank, and only cuda:1 was given"),
+    ],
+)
+def test_tensor_parallel_errors(text: str, devices: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Layout.parse(text).instances(devices)

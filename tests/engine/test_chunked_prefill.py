@@ -14,7 +14,7 @@ from epd import SamplingParams
 from epd.config import DEFAULT_CHUNKED_PREFILL_TOKENS, SchedulerConfig
 from epd.engine.block_manager import BlockManager
 from epd.engine.llm_engine import LLMEngine
-from epd.engine.model_runner import _BatchInputs
+from epd.engine.model_runner import StepInputs
 from epd.engine.request import Request, RequestStatus
 from epd.engine.scheduler import ScheduledBatch, Scheduler
 from epd.entrypoints.options import EngineArgs
@@ -271,11 +271,11 @@ def test_a_step_with_a_prompt_chunk_never_takes_the_graph_path():
     prefilling.num_computed_tokens = 9  # its last prompt token
     tables = [[0, 1, 2], [3, 4, 5]]
 
-    def inputs(*pairs: tuple[Request, int]) -> _BatchInputs:
+    def inputs(*pairs: tuple[Request, int]) -> StepInputs:
         batch = ScheduledBatch()
         for req, n in pairs:
             batch.add(req, n)
-        return _BatchInputs.build(batch, tables[: len(pairs)], block_size=4)
+        return StepInputs.build(batch, tables[: len(pairs)], block_size=4)
 
     assert inputs((decoding, 1)).decode_positions == [10 + decoding.mrope_delta]
     assert inputs((decoding, 1), (prefilling, 1)).decode_positions is None

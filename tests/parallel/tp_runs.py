@@ -9,8 +9,9 @@ import torch
 from epd.engine.llm_engine import LLMEngine
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputProcessor
-from epd.parallel.group import TensorParallelGroup
-from epd.parallel.parts import rank_model_parts
+from epd.parallel.group import TensorParallelGroup, is_parallel
+from epd.parallel.parts import instance_parts, rank_model_parts
+from epd.parallel.worker import build_worker
 from epd.sampling_params import SamplingParams
 
 # (token ids, {token: logprob} per position) of each request, by request id.
@@ -41,6 +42,64 @@ def generate(group: TensorParallelGroup | None, model_dir: str, prompts: list, m
                 logprobs = [{t: lp.logprob for t, lp in pos.items()} for pos in got.logprobs]
                 done[out.request_id] = (got.token_ids, logprobs)
     return RankRun(done, tuple(engine.runner.kv_cache.shape))
+
+
+@dataclass
+class HandoffRun:
+    """What an engine handed off after prefilling each prompt, and what it decoded from KV handed
+    to it: per request id, (first token, the KV of every kv head [layers, 2, tokens, heads, d])
+    and (tokens, logprobs) of the continuation."""
+
+    handed_off: dict[str, tuple[int, torch.Tensor]]
+    continued: Generated
+    commands_run: list[int]  # per worker: the commands it ran (its rank 0 drove it)
+
+
+def hand_off_and_continue(
+    group: TensorParallelGroup | None, model_dir: str, prompts: list, max_tokens: int, given: dict | None
+) -> HandoffRun | None:
+    """One instance, rank 0's engine over its workers (on one device when `group` is None):
+    prefill each prompt and hand its KV off (gathered from every rank); then, rewired to decode,
+    continue each prompt from the KV in `given` (a hand-off made elsewhere, scattered to the
+    ranks by kv heads; default: its own)."""
+    torch.set_num_threads(1)  # the ranks share two cores
+    if is_parallel(group) and group.rank > 0:
+        worker = build_worker(group, "cpu")
+        worker.serve()
+        return HandoffRun({}, {}, [worker.commands_run])
+    processor = InputProcessor.from_pretrained(model_dir)
+    # No prefix cache: the continuation's KV must come from the hand-off, not from the first pass.
+    args = EngineArgs(model=model_dir, block_size=4, num_kv_blocks=64, enable_prefix_caching=False)
+    handed: dict[str, tuple[int, torch.Tensor]] = {}
+    engine = LLMEngine(
+        args.engine_config(),
+        processor.tokenizer,
+        model_parts=instance_parts(group),
+        handoff=lambda req, kv: handed.__setitem__(req.request_id, (req.output_token_ids[-1], kv.clone())),
+    )
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
+    processed = [processor.process_prompt(p) for p in prompts]
+    for i, prompt in enumerate(processed):
+        engine.add_request(str(i), prompt, params)
+    _drain(engine)
+    engine.rewire(None, None, None)  # decodes from now on
+    for rid, (first_token, kv) in (given or handed).items():
+        engine.add_handoff(rid, processed[int(rid)], params, first_token, None, kv)
+    continued = _drain(engine)
+    if is_parallel(group):
+        engine.runner.stop_workers()
+    return HandoffRun(handed, continued, [])
+
+
+def _drain(engine: LLMEngine) -> Generated:
+    done: Generated = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got = out.outputs[0]
+                logprobs = [{t: lp.logprob for t, lp in pos.items()} for pos in got.logprobs if pos]
+                done[out.request_id] = (got.token_ids, logprobs)
+    return done
 
 
 def collectives(group: TensorParallelGroup) -> dict[str, object]:

@@ -34,6 +34,9 @@ class InstanceConfig:
     # host) from the start, so that E can be added or dropped at run time by a host-to-device copy
     # (epd.cluster.instance.host_weights); costs the host memory of the whole model.
     switchable_roles: bool = False
+    # Where the ranks of a tensor-parallel instance (`spec.degree` > 1) meet: set by the launcher
+    # that starts its workers (epd.cluster.launcher), None at degree 1.
+    tp_init_method: str | None = None
 
     @property
     def name(self) -> str:

@@ -14,6 +14,11 @@ not be its parent (epd.cluster.launcher), so liveness is by heartbeat (epd.clust
 
 The inbox is drained before judging: beats that queued during a long step count, so a busy
 instance is never taken for an orphan; only a router that stopped sending is.
+
+A tensor-parallel instance (`cfg.spec.degree` > 1) is this process as rank 0 plus workers its
+launcher started: `instance_main` joins their group and gives the core their compute
+(epd.parallel.parts.instance_parts); nothing else here knows of them. They end when this process
+ends (epd.parallel.lifeline).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import zmq
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.instance.config import InstanceConfig
-from epd.cluster.instance.core import InstanceCore
+from epd.cluster.instance.core import MODEL_COMPUTE, Compute, InstanceCore
 from epd.cluster.layout import Role
 from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
 from epd.engine.llm_engine import LLMEngine
+from epd.parallel.group import TensorParallelGroup, backend_for
+from epd.parallel.parts import instance_parts
 from epd.transfer.base import Connector, create_backend
 from epd.transfer.retry import RetryingConnector
 
@@ -53,7 +60,7 @@ def instance_main(cfg: InstanceConfig) -> None:
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(cfg.router_address)
     try:
-        instance = Instance(cfg, ctx, outbox)
+        instance = Instance(cfg, ctx, outbox, compute=compute_of(cfg))
     except Exception:
         outbox.send(encode(InstanceFailed(cfg.name, traceback.format_exc())))
         outbox.close(linger=2000)
@@ -66,6 +73,25 @@ def instance_main(cfg: InstanceConfig) -> None:
     finally:
         instance.close()
         ctx.destroy(linger=0)
+
+
+def compute_of(cfg: InstanceConfig) -> Compute:
+    """What the instance computes with: its checkpoint's model, at degree > 1 over its workers'
+    group, which this process joins as rank 0 (returns once every worker has joined)."""
+    degree = cfg.spec.degree
+    if degree == 1:
+        return MODEL_COMPUTE
+    if cfg.tp_init_method is None:
+        raise ValueError(
+            f"{cfg.name} is tensor-parallel (tp{degree}) but no launcher started its workers: "
+            "only the local launcher does (--launcher local)"
+        )
+    if cfg.switchable_roles:
+        raise ValueError(
+            f"{cfg.name}: switchable roles are not supported with tensor parallelism (tp{degree})"
+        )
+    group = TensorParallelGroup.join(cfg.tp_init_method, 0, degree, backend_for(cfg.spec.device))
+    return Compute(parts=instance_parts(group))
 
 
 def make_connector(cfg: InstanceConfig, name: str) -> Connector:
@@ -92,7 +118,12 @@ class Instance:
     """An `InstanceCore` behind a control inbox (PULL, bound here) and an outbox to the router."""
 
     def __init__(
-        self, cfg: InstanceConfig, ctx: zmq.Context, outbox: zmq.Socket, clock: Clock = WALL_CLOCK
+        self,
+        cfg: InstanceConfig,
+        ctx: zmq.Context,
+        outbox: zmq.Socket,
+        clock: Clock = WALL_CLOCK,
+        compute: Compute = MODEL_COMPUTE,
     ) -> None:
         self.cfg, self.name, self.outbox, self.clock = cfg, cfg.name, outbox, clock
         self.last_heard = clock.monotonic()  # from the router: anything on the control socket
@@ -102,7 +133,7 @@ class Instance:
         # An instance that does everything moves nothing between instances.
         all_roles = all(cfg.has(role) for role in (Role.ENCODE, Role.PREFILL, Role.DECODE))
         connector = make_connector(cfg, "local" if all_roles else cfg.transfer)
-        self.core = InstanceCore(cfg, connector, SocketOutbox(outbox), clock)
+        self.core = InstanceCore(cfg, connector, SocketOutbox(outbox), clock, compute)
 
     @property
     def connector(self) -> Connector:

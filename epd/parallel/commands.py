@@ -1,0 +1,82 @@
+"""What rank 0 of a tensor-parallel instance tells its workers, one broadcast object each.
+
+Every call of rank 0's runner that touches the model or the KV cache broadcasts its command first,
+then runs its own share; each worker, waiting in that broadcast, runs the same share of the same
+call, so the collectives inside (the decoder's all-reduces, the KV gathers and scatters) meet.
+
+| command       | then, over the group                          | the worker                         |
+|---------------|-----------------------------------------------|------------------------------------|
+| `BuildRank`   | the block count all agree on (all-reduce)     | builds its share: model, KV cache  |
+| `RunStep`     | the step's image rows (broadcast), if any;    | runs the forward, without logits   |
+|               | the decoder's all-reduces                     |                                    |
+| `GatherLayer` | that layer's KV at the slots, to rank 0       | sends its heads of it              |
+| `LayerDone`   | -                                             | goes on to the next layer          |
+| `GatherKV`    | the request's KV, to rank 0                   | sends its heads of it              |
+| `InjectKV`    | the rows, scattered by kv heads               | writes its heads into its cache    |
+| `Stop`        | -                                             | returns from its loop              |
+
+`GatherLayer` and `LayerDone` come only inside a `RunStep` that streams layers: after each layer
+rank 0's hook sends a `GatherLayer` per request it streams, then `LayerDone`.
+
+Tensors in a command are on the host (the command is pickled over the gloo side group); the
+image rows and the KV travel as tensors over the main group (nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epd.config import EngineConfig
+from epd.engine.model_runner import StepInputs
+
+
+@dataclass(frozen=True)
+class BuildRank:
+    config: EngineConfig  # rank 0's, device included: each worker puts its own device in
+    instance: str | None
+
+
+@dataclass(frozen=True)
+class RunStep:
+    step: StepInputs  # without its image rows (`mm_embeds` None): they follow as a tensor
+    mm_shape: tuple[int, ...] | None  # the image rows' shape and dtype; None: the step has none
+    mm_dtype: torch.dtype | None
+    streams_layers: bool  # rank 0 gathers layers during the forward (`GatherLayer`, `LayerDone`)
+
+
+@dataclass(frozen=True)
+class GatherLayer:
+    layer: int
+    slots: list[int]
+
+
+@dataclass(frozen=True)
+class LayerDone:
+    pass
+
+
+@dataclass(frozen=True)
+class GatherKV:
+    block_table: list[int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class InjectKV:
+    block_table: list[int]
+    start: int  # the rows are those of tokens start..start+num_tokens
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Command = BuildRank | RunStep | GatherLayer | LayerDone | GatherKV | InjectKV | Stop
+
+
+def slots_tensor(slots: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.long, device=device)

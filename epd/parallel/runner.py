@@ -1,0 +1,117 @@
+"""Rank 0's runner in a tensor-parallel instance: `ModelRunner`'s interface over every rank.
+
+The engine on rank 0 (its scheduler, block manager, sampler, connectors) calls this as it calls a
+`ModelRunner` and never learns of the workers: each call sends its command (epd.parallel.commands)
+and runs rank 0's share through the `ModelRunner` of rank 0's model. Only rank 0 computes logits.
+KV crosses this interface whole (every kv head), as at degree 1: `gather_kv` gathers the heads of
+every rank to rank 0, `inject_kv` scatters them; so hand-offs, swaps and migrations need nothing
+new, and a P of one degree hands off to a D of another (epd.parallel.kv).
+
+A step goes to the workers as the prepared `StepInputs` (flat ids, slots, positions, block tables),
+not as a diff of requests: the workers then need no request state at all. Its image rows are
+broadcast as a tensor; workers hold no vision tower and no MM cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from epd.engine.embedders import ImageEmbedder
+from epd.engine.model_runner import ModelRunner
+from epd.engine.scheduler import ScheduledBatch
+from epd.parallel.commands import Command, GatherKV, GatherLayer, InjectKV, LayerDone, RunStep, Stop
+from epd.parallel.group import TensorParallelGroup
+from epd.parallel.kv import HEAD_DIM, gather_kv_heads, scatter_kv_heads
+from epd.parallel.sharding import HeadSplit
+
+
+class ParallelRunner:
+    def __init__(self, local: ModelRunner, group: TensorParallelGroup, heads: HeadSplit) -> None:
+        """`local`: the runner of rank 0's share; `heads`: how the kv heads are split."""
+        if group.rank != 0:
+            raise ValueError("the instance's runner is rank 0's; workers run epd.parallel.worker")
+        self.local, self.group, self.heads = local, group, heads
+
+    # ---- what the engine reads of a runner ----------------------------------------------------
+
+    @property
+    def merge_size(self) -> int:
+        return self.local.merge_size
+
+    @property
+    def embedder(self) -> ImageEmbedder:
+        return self.local.embedder
+
+    @embedder.setter
+    def embedder(self, embedder: ImageEmbedder) -> None:  # a role switch rewires it
+        self.local.embedder = embedder
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """Rank 0's share of the cache: its kv heads."""
+        return self.local.kv_cache
+
+    @property
+    def block_size(self) -> int:
+        return self.local.block_size
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        return self.local.slots(block_table, start, end)
+
+    # ---- calls every rank runs ----------------------------------------------------------------
+
+    def run(
+        self,
+        batch: ScheduledBatch,
+        block_tables: list[list[int]],
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        step = self.local.prepare(batch, block_tables)
+        rows = step.mm_embeds
+        shape, dtype = (None, None) if rows is None else (tuple(rows.shape), rows.dtype)
+        self._send(RunStep(replace(step, mm_embeds=None), shape, dtype, after_layer is not None))
+        if rows is not None:
+            self.group.broadcast(rows.contiguous())
+        hook = None if after_layer is None else self._then_release_layer(after_layer)
+        return self.local.forward(step, hook)
+
+    def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """[layers, 2, num_tokens, all kv heads, head_dim]: what `ModelRunner.gather_kv` gives at degree 1."""
+        self._send(GatherKV(block_table, num_tokens))
+        return gather_kv_heads(self.group, self.local.gather_kv(block_table, num_tokens), self.heads)
+
+    def gather_kv_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """One layer's KV of every kv head; called inside a streaming step (`run`'s `after_layer`)."""
+        self._send(GatherLayer(layer, slots.tolist()))
+        return gather_kv_heads(self.group, self.local.gather_kv_layer(layer, slots), self.heads)
+
+    def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
+        """KV of every kv head (`ModelRunner.inject_kv`'s): each rank keeps its heads' rows."""
+        rows = kv[:, :, start:].to(self.local.device, self.local.kv_cache.dtype)
+        self._send(InjectKV(block_table, start, rows.shape[2]))
+        shape = list(rows.shape)
+        shape[HEAD_DIM] = self.local.kv_cache.shape[HEAD_DIM]
+        mine = torch.empty(shape, dtype=rows.dtype, device=rows.device)
+        self.local.write_kv_rows(block_table, start, scatter_kv_heads(self.group, rows, self.heads, mine))
+
+    def stop_workers(self) -> None:
+        """Let the workers return from their loop (they also exit when this process ends)."""
+        self._send(Stop())
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _send(self, command: Command) -> None:
+        self.group.broadcast_object(command)
+
+    def _then_release_layer(self, after_layer: Callable[[int], None]) -> Callable[[int], None]:
+        """The engine's hook, then `LayerDone`: the workers wait after each layer for the gathers
+        the hook asks for, and go on to the next layer when told."""
+
+        def hook(layer: int) -> None:
+            after_layer(layer)
+            self._send(LayerDone())
+
+        return hook

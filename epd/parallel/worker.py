@@ -1,0 +1,97 @@
+"""A worker of a tensor-parallel instance (ranks 1..n-1): it only executes what rank 0 sends.
+
+It holds its share of the language model and of the KV cache (its kv heads), no scheduler, no
+requests, no sampler, no vision tower, no connector. `build_worker` waits for rank 0's
+`BuildRank` (the engine config rank 0 builds with), builds exactly what rank 0's
+`epd.parallel.parts.rank_model_parts` builds for the same config on this rank's device, and
+`RankWorker.serve` then runs each command as it comes (epd.parallel.commands) until `Stop`.
+Rank 0 is its only source of work: when rank 0 is gone the worker has nothing left to do and ends
+(its lifeline, epd.parallel.lifeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from epd.clock import WALL_CLOCK
+from epd.engine.model_runner import ModelRunner
+from epd.parallel.commands import (
+    BuildRank,
+    GatherKV,
+    GatherLayer,
+    InjectKV,
+    LayerDone,
+    RunStep,
+    Stop,
+    slots_tensor,
+)
+from epd.parallel.group import TensorParallelGroup
+from epd.parallel.kv import gather_kv_heads, scatter_kv_heads
+from epd.parallel.parts import rank_model_parts
+from epd.parallel.sharding import HeadSplit
+
+
+class RankWorker:
+    def __init__(self, runner: ModelRunner, group: TensorParallelGroup, heads: HeadSplit) -> None:
+        self.runner, self.group, self.heads = runner, group, heads
+        self.device = runner.device
+        self.commands_run = 0
+
+    def serve(self) -> None:
+        """Run rank 0's commands until it says `Stop`."""
+        while True:
+            command = self.group.broadcast_object()
+            if isinstance(command, Stop):
+                return
+            self.run(command)
+            self.commands_run += 1
+
+    def run(self, command: object) -> None:
+        if isinstance(command, RunStep):
+            self._step(command)
+        elif isinstance(command, GatherKV):
+            local = self.runner.gather_kv(command.block_table, command.num_tokens)
+            gather_kv_heads(self.group, local, self.heads)
+        elif isinstance(command, InjectKV):
+            self._inject(command)
+        else:
+            raise RuntimeError(f"tensor-parallel worker {self.group.rank}: unexpected {command!r}")
+
+    def _step(self, command: RunStep) -> None:
+        step = command.step
+        if command.mm_shape is not None:
+            rows = torch.empty(command.mm_shape, dtype=command.mm_dtype, device=self.device)
+            step = replace(step, mm_embeds=self.group.broadcast(rows))
+        hook = self._follow_layer if command.streams_layers else None
+        self.runner.forward(step, hook, logits=False)
+
+    def _follow_layer(self, layer: int) -> None:
+        """After a layer of a streaming step: the gathers rank 0's hook asks for, until `LayerDone`."""
+        while not isinstance(command := self.group.broadcast_object(), LayerDone):
+            if not isinstance(command, GatherLayer):
+                raise RuntimeError(f"tensor-parallel worker {self.group.rank}: {command!r} inside a forward")
+            local = self.runner.gather_kv_layer(command.layer, slots_tensor(command.slots, self.device))
+            gather_kv_heads(self.group, local, self.heads)
+
+    def _inject(self, command: InjectKV) -> None:
+        cache = self.runner.kv_cache  # [layers, 2, blocks, block_size, kv heads, head_dim]
+        shape = (cache.shape[0], 2, command.num_tokens, *cache.shape[-2:])
+        mine = torch.empty(shape, dtype=cache.dtype, device=self.device)
+        scatter_kv_heads(self.group, None, self.heads, mine)
+        self.runner.write_kv_rows(command.block_table, command.start, mine)
+
+
+def build_worker(group: TensorParallelGroup, device: str) -> RankWorker:
+    """This rank's share, built when rank 0 says how (`BuildRank`), on `device`."""
+    command = group.broadcast_object()
+    if not isinstance(command, BuildRank):
+        raise RuntimeError(f"tensor-parallel worker {group.rank}: expected BuildRank first, got {command!r}")
+    config = replace(command.config, device=device)
+    parts = rank_model_parts(group)(
+        config, encode_locally=False, mm_cache=None, clock=WALL_CLOCK, instance=command.instance
+    )
+    text = config.model.hf.text
+    heads = HeadSplit(text.num_attention_heads, text.num_key_value_heads, group.world_size)
+    return RankWorker(parts.runner, group, heads)

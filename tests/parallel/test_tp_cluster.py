@@ -1,0 +1,79 @@
+"""Tensor-parallel instances in a cluster (`@tpN` layouts, the local launcher): an instance process
+(rank 0) and its workers, over gloo on the CPU. Greedy, fp32, tiny Qwen2.5-VL: the same tokens as
+the in-process `1EPD` at tp1, logprobs within 1e-4, on a text and an image prompt; and no worker
+outlives its instance, whether the instance exits or is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from epd import LLM, SamplingParams
+from epd.cluster.launcher import LocalGroup
+from epd.testing.images import noise_image
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPTS = [
+    {"prompt_token_ids": list(range(10, 41))},
+    {
+        "prompt": f"<|im_start|>user\n{IMAGE}describe the two people<|im_end|>\n<|im_start|>assistant\n",
+        "multi_modal_data": {"image": [noise_image(120, 90, seed=3)]},
+    },
+]
+PARAMS = SamplingParams(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)
+EXIT_WAIT_S = 60.0  # a bound on waiting for a process to end, not a guess at how long it takes
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints) -> str:
+    return str(checkpoints["qwen2_5_vl"])
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    with LLM(model) as llm:  # in process, one device
+        return llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+
+
+def assert_same(outputs, reference) -> None:
+    for out, ref in zip(outputs, reference, strict=True):
+        assert out.error is None, out.error
+        got, want = out.outputs[0], ref.outputs[0]
+        assert got.token_ids == want.token_ids
+        for position, ref_position in zip(got.logprobs, want.logprobs, strict=True):
+            assert position.keys() == ref_position.keys()
+            assert all(abs(position[t].logprob - ref_position[t].logprob) < 1e-4 for t in position)
+
+
+def tp_group(llm: LLM, name: str) -> LocalGroup:
+    group = llm.engine.launched[name]
+    assert isinstance(group, LocalGroup) and len(group.processes) == 2
+    return group
+
+
+def test_an_aggregated_tp2_instance_generates_what_tp1_does_and_its_workers_die_with_it(model, reference):
+    with LLM(model, layout="1EPD@tp2") as llm:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference)
+        group = tp_group(llm, "EPD0")
+        os.kill(group.pid, signal.SIGKILL)  # the instance dies without a word to its worker
+        [worker] = group.workers
+        worker.join(EXIT_WAIT_S)
+        assert worker.exitcode == 0  # ended by its lifeline, nobody killed it
+
+
+@pytest.mark.parametrize(
+    "layout, parallel, kv_streaming",
+    [
+        ("1E+1P@tp2+1D", "P0", "layer"),  # P tp2 -> D tp1: each layer gathered from P's ranks
+        ("1E+1P+1D@tp2", "D0", "request"),  # P tp1 -> D tp2: the KV scattered to D's ranks
+    ],
+)
+def test_kv_hand_off_between_degrees(model, reference, layout, parallel, kv_streaming):
+    with LLM(model, layout=layout, kv_streaming=kv_streaming) as llm:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference)
+        group = tp_group(llm, parallel)
+    for process in group.processes:  # the instance exited when told; its worker followed by itself
+        process.join(EXIT_WAIT_S)
+        assert process.exitcode == 0
