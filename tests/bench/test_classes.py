@@ -69,6 +69,16 @@ def test_each_request_is_of_one_class_and_carries_its_slo():
     assert (params.slo_ttft, params.slo_tpot) == (requests[0].slo.ttft, requests[0].slo.tpot)
 
 
+def test_every_run_sends_the_same_sequence_of_classes_with_its_own_images():
+    spec = WorkloadSpec(classes=parse_classes(json.dumps(MIX)))
+    run0, run1 = (build_requests(spec, 60, 3, f"run{i}", None, image_url=_name) for i in range(2))
+    assert [r.request_class for r in run0] == [r.request_class for r in run1]
+    assert {"small", "large"} == {r.request_class for r in run0}
+    assert not _urls(run0) & _urls(run1)  # fresh images: no run finds another's in the server's caches
+    other_seed = build_requests(spec, 60, 4, "run0", None, image_url=_name)
+    assert [r.request_class for r in other_seed] != [r.request_class for r in run0]
+
+
 def test_each_request_is_judged_by_its_class_slo():
     def result(cls: str, ttft: float, slo_ttft: float) -> RequestResult:
         r = RequestResult(0, 0.0, ok=True, ttft=ttft, e2e=ttft, output_tokens=1)
@@ -101,6 +111,10 @@ def test_classes_need_the_synthetic_workload(capsys):
 
 def _name(width: int, height: int, seed: int) -> str:
     return f"sim-image:{width}x{height}:{seed}"
+
+
+def _urls(requests) -> set[str]:
+    return {p["image_url"]["url"] for r in requests for p in r.messages[0]["content"] if "image_url" in p}
 
 
 def _sizes(request) -> set[str]:

@@ -12,11 +12,13 @@ Only argparse is imported here: the benchmark's own imports happen inside the co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from epd.bench.serve.spec import (
     ARRIVALS,
@@ -31,6 +33,9 @@ from epd.bench.serve.spec import (
     parse_sizes,
     share,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 API_KEY_ENVS = ("EPD_API_KEY", "OPENAI_API_KEY")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -99,7 +104,9 @@ def _add_plot_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
     p = sub.add_parser(
         "plot",
         help="plot several results files on the same axes",
-        description="Comparison plots (attainment vs rate, TTFT CDF, stage breakdown) of results files.",
+        description="Comparison plots (attainment vs rate, TTFT CDF, stage breakdown) of results files; "
+        "with a --classes workload also a table per class, each file's goodput against the first's "
+        "(its attainment at the first's goodput rate) and both as OUT/classes.md.",
         formatter_class=formatter,
     )
     p.add_argument("results", nargs="+", help="results.json files (or the folders holding them)")
@@ -211,6 +218,13 @@ def add_arrival_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="requests in flight at most (with the default infinite rate: a closed loop)",
     )
+    g.add_argument(
+        "--same-arrivals",
+        action="store_true",
+        help="every run sends one pattern of gaps (drawn from --seed), scaled so that it averages "
+        "exactly the run's rate: runs differ only in rate (by default each draws its own, and a "
+        "short bursty run offers a rate off by about CV/sqrt(N))",
+    )
 
 
 def spec_from_args(args: argparse.Namespace, base_url: str, model: str | None) -> BenchSpec:
@@ -238,8 +252,7 @@ def phases_from_args(args: argparse.Namespace) -> tuple:
         return ()
     from epd.bench.serve.phases import load_phases
 
-    arrival = ArrivalSpec(args.rate, args.arrival, args.burstiness, args.max_concurrency)
-    return load_phases(args.phases, workload_from_args(args), arrival, args.num_requests)
+    return load_phases(args.phases, workload_from_args(args), arrival_of(args), args.num_requests)
 
 
 def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
@@ -264,7 +277,13 @@ def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
 def arrivals_from_args(args: argparse.Namespace) -> tuple[ArrivalSpec, ...]:
     """One arrival spec per rate: the runs of a sweep."""
     rates = args.rates or (args.rate,)
-    return tuple(ArrivalSpec(r, args.arrival, args.burstiness, args.max_concurrency) for r in rates)
+    return tuple(dataclasses.replace(arrival_of(args), rate=r) for r in rates)
+
+
+def arrival_of(args: argparse.Namespace) -> ArrivalSpec:
+    """The arrival flags at --rate (namespaces of commands without --same-arrivals: off)."""
+    pattern_seed = args.seed if getattr(args, "same_arrivals", False) else None
+    return ArrivalSpec(args.rate, args.arrival, args.burstiness, args.max_concurrency, pattern_seed)
 
 
 def out_dir_of(args: argparse.Namespace, prefix: str = "bench") -> Path:
@@ -357,9 +376,26 @@ def run_plot_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     console.print(comparison_table(docs))
-    for path in write_plots(docs, out):
+    files = write_plots(docs, out)
+    files += _print_classes(docs, out, console)
+    for path in files:
         console.print(f"wrote {path}")
     return 0
+
+
+def _print_classes(docs: list[dict], out: Path, console: Console) -> list[Path]:
+    """Files of a --classes workload: the per-class table and goodput lines, also as classes.md."""
+    from epd.bench.serve.class_report import class_table, goodput_lines, has_classes, markdown
+
+    if not has_classes(docs):
+        return []
+    console.print(class_table(docs))
+    lines = goodput_lines(docs)
+    for line in lines:
+        console.print(line, highlight=False)
+    path = out / "classes.md"
+    path.write_text(markdown(docs) + "\n" + "".join(f"- {line}\n" for line in lines), encoding="utf-8")
+    return [path]
 
 
 def run_compare_command(args: argparse.Namespace) -> int:

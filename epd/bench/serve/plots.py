@@ -94,14 +94,21 @@ def draw_attainment(ax: Axes, docs: list[dict]) -> bool:
     if not ax.has_data():
         return False
     ax.axhline(ATTAINMENT_TARGET, color="grey", linestyle=":", label=f"{ATTAINMENT_TARGET:.0%} target")
-    slo = docs[0]["config"]["slo"]
     ax.set(
         xlabel="request rate (req/s)",
         ylabel="SLO attainment",
         ylim=(-0.02, 1.02),
-        title=f"SLO attainment (TTFT <= {slo['ttft']} s, TPOT <= {slo['tpot']} s); dashed: goodput",
+        title=f"SLO attainment ({_slo_text(docs[0]['config'])}); dashed: goodput",
     )
     return _finish(ax)
+
+
+def _slo_text(config: dict) -> str:
+    """The run's SLO, or, for a --classes mix, that each class has its own."""
+    if (config.get("workload") or {}).get("classes"):
+        return "each class its own SLO"
+    slo = config["slo"]
+    return f"TTFT <= {slo['ttft']} s, TPOT <= {slo['tpot']} s"
 
 
 def draw_ttft_vs_rate(ax: Axes, docs: list[dict]) -> bool:

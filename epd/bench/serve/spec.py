@@ -5,7 +5,7 @@
 | WorkloadSpec  | --workload --images-per-request --image-size --image-reuse --prompt-tokens     |
 |               | --output-tokens --text-only-share --dataset-path --temperature --ignore-eos    |
 |               | --classes (RequestClass: a mix, each class its own images, output and SLO)     |
-| ArrivalSpec   | --rate / --rates --arrival --burstiness --max-concurrency                      |
+| ArrivalSpec   | --rate / --rates --arrival --burstiness --max-concurrency --same-arrivals      |
 | SLO           | --slo-ttft --slo-tpot                                                          |
 | PhaseSpec     | --phases: each phase's workload and arrivals (epd.bench.serve.phases)          |
 | BenchSpec     | all of the above plus --num-requests --warmup --seed and the server to drive   |
@@ -84,6 +84,9 @@ class ArrivalSpec:
     process: str = "poisson"
     burstiness: float = 1.0  # coefficient of variation of the gaps (gamma); 1 is Poisson
     max_concurrency: int | None = None
+    # Set: every run sends this seed's one pattern of gaps, scaled to average exactly 1/rate
+    # (--same-arrivals, epd.bench.serve.arrivals); None: each run draws its own from its seed.
+    pattern_seed: int | None = None
 
     @property
     def label(self) -> str:

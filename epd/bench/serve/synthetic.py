@@ -7,7 +7,9 @@ is a new image of a size drawn from `image_sizes`. Images are smooth colour fiel
 (`bench_image`: real pixel variety, so compressed sizes and decode costs are realistic),
 seeded from --seed, sent as JPEG data URLs; each is made once per process (a sweep sends the
 same images to every layout). `ignore_eos` makes every request generate exactly
-`output_tokens`, so runs do the same work whatever the model says.
+`output_tokens`, so runs do the same work whatever the model says. With --classes, each
+request's class is drawn from --seed alone: every run of a sweep sends the same sequence of
+classes, each with new images, so that its runs differ in rate and not in their mix.
 
 Which image goes where is decided from its (width, height, seed) alone; `image_url` turns that into
 what is sent. The simulator (epd.sim) passes its own, to draw the same requests without pixels.
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from epd.bench.serve.spec import SizeBucket, WorkloadSpec
+from epd.bench.serve.spec import RequestClass, SizeBucket, WorkloadSpec
 from epd.bench.serve.text import PromptText
 from epd.bench.serve.workload import BenchRequest, derive_seed, image_data_url, user_message
 
@@ -77,6 +79,9 @@ def synthetic_requests(
     image_url: ImageUrl | None = None,
 ) -> list[BenchRequest]:
     rng = random.Random(derive_seed(seed, namespace, "synthetic"))
+    # Classes come from the seed alone: every run of a sweep sends the same sequence of classes
+    # (with its own images), so that its runs differ in rate, not in their mix.
+    class_rng = random.Random(derive_seed(seed, "classes"))
     pool, text = _ImagePool(spec, seed, namespace, image_url or _jpeg_url), PromptText(tokenizer_dir)
     extra = {"temperature": spec.temperature}
     if spec.ignore_eos:
@@ -84,7 +89,8 @@ def synthetic_requests(
     requests = []
     for _ in range(n):
         if spec.classes:
-            requests.append(_class_request(spec, rng, pool, text, extra))
+            cls = class_rng.choices(spec.classes, weights=[c.share for c in spec.classes])[0]
+            requests.append(_class_request(spec, cls, rng, pool, text, extra))
             continue
         text_only = rng.random() < spec.text_only_share
         num_images = 0 if text_only else rng.randint(*spec.images_per_request)
@@ -99,11 +105,10 @@ def synthetic_requests(
 
 
 def _class_request(
-    spec: WorkloadSpec, rng: random.Random, pool: _ImagePool, text: PromptText, extra: dict
+    spec: WorkloadSpec, cls: RequestClass, rng: random.Random, pool: _ImagePool, text: PromptText, extra: dict
 ) -> BenchRequest:
-    """One request of a class drawn by share (epd.bench.serve.classes): its images, output length,
-    and its SLO sent along (the server's slo_ttft / slo_tpot fields)."""
-    cls = rng.choices(spec.classes, weights=[c.share for c in spec.classes])[0]
+    """One request of `cls` (epd.bench.serve.classes): its images, output length, and its SLO sent
+    along (the server's slo_ttft / slo_tpot fields)."""
     num_images = rng.randint(*cls.images_per_request)
     urls = [pool.draw(rng, cls.image_sizes) for _ in range(num_images)]
     prompt, counted = text.make(spec.prompt_tokens, rng)
