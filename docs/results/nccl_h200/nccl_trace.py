@@ -1,108 +1,161 @@
-"""Where a streamed nccl message's time goes: timestamps at each hand-over, producer and consumer."""
-import json, statistics, sys, time
+"""Where a streamed nccl message's time goes: a timestamp at each hand-over, on both sides.
+
+    python3 nccl_trace.py OUT [MB]      (two GPUs: cuda:0 -> cuda:1; prints the table)
+
+The connector's own methods are wrapped to stamp each key: send() called, notice pushed, sends
+posted (producer); notice received, recvs posted, landed, taken (consumer). One untimed
+streamed round first (the consumer's allocator grows once), then 40 messages back to back.
+"""
+
+import json
 import multiprocessing as mp
-import torch, zmq
+import statistics
+import sys
+import time
+
+import torch
+import zmq
 
 from epd.transfer import create_connector, nccl_channel, nccl_recv, nccl_send
 
-def patch(T, side):
-    def mark(name, key):
-        T.setdefault(key, {})[name] = time.time()
-    C = nccl_channel.Channel
-    if side == "consumer":
-        R = nccl_recv.NcclRecvLoop
-        on, od, opr = R._notice, R._deliver, C.post_recv
-        R._notice = lambda self, n: (mark("notice", n.header.key), on(self, n))[1]
-        R._deliver = lambda self, l: (mark("landed", l.header.key), od(self, l))[1]
-        def post_recv(self, header):
-            mark("post_start", header.key); r = opr(self, header); mark("posted", header.key); return r
-        C.post_recv = post_recv
-    else:
-        S = nccl_send.NcclSendLoop
-        op = S._push
-        def _push(self, pair, message):
-            ok = op(self, pair, message)
-            if ok and hasattr(message, "header"):
-                mark("notice_sent", message.header.key)
-            return ok
-        S._push = _push
-        ops = C.post_send
-        counter = {"i": -1}
-        def post_send(self, tensors, ready=None):
-            counter["i"] += 1
-            r = ops(self, tensors, ready)
-            mark("send_posted", f"seq{counter['i']}")
-            return r
-        C.post_send = post_send
+N, WARM = 40, 5
+
+
+def stamper(table: dict):
+    def mark(name: str, key: str) -> None:
+        table.setdefault(key, {})[name] = time.time()
+
     return mark
 
-def consumer(q, n, out):
-    T = {}
-    mark = patch(T, "consumer")
+
+def patch_consumer(mark) -> None:
+    loop, channel = nccl_recv.NcclRecvLoop, nccl_channel.Channel
+    notice, deliver, post_recv = loop._notice, loop._deliver, channel.post_recv
+
+    def on_notice(self, message):
+        mark("notice", message.header.key)
+        return notice(self, message)
+
+    def on_deliver(self, landing):
+        mark("landed", landing.header.key)
+        return deliver(self, landing)
+
+    def on_post_recv(self, header):
+        mark("post_start", header.key)
+        posted = post_recv(self, header)
+        mark("posted", header.key)
+        return posted
+
+    loop._notice, loop._deliver, channel.post_recv = on_notice, on_deliver, on_post_recv
+
+
+def patch_producer(mark) -> None:
+    loop, channel = nccl_send.NcclSendLoop, nccl_channel.Channel
+    push, post_send = loop._push, channel.post_send
+    order = iter(range(1 << 30))
+
+    def on_push(self, pair, message):
+        pushed = push(self, pair, message)
+        if pushed and hasattr(message, "header"):
+            mark("notice_sent", message.header.key)
+        return pushed
+
+    def on_post_send(self, tensors, ready=None):
+        posted = post_send(self, tensors, ready)
+        mark("send_posted", f"seq{next(order)}")
+        return posted
+
+    loop._push, channel.post_send = on_push, on_post_send
+
+
+def consumer(address_q, count: int, out: str) -> None:
+    table: dict = {}
+    mark = stamper(table)
+    patch_consumer(mark)
     conn = create_connector("nccl", device="cuda:1")
-    q.put(conn.address)
+    address_q.put(conn.address)
     poller = zmq.Poller()
-    for p in conn.pollables():
-        poller.register(p, zmq.POLLIN)
+    for pollable in conn.pollables():
+        poller.register(pollable, zmq.POLLIN)
     got = 0
-    while got < n:
-        poller.poll(60000)
+    while got < count:
+        poller.poll(60_000)
         for item in conn.poll_received():
-            mark("taken", item.key); got += 1
-    json.dump(T, open(out, "w"))
+            mark("taken", item.key)
+            got += 1
+    with open(out, "w") as f:
+        json.dump(table, f)
     conn.close()
 
-def main():
-    out = sys.argv[1]; n = 40; warm = 5; mb = float(sys.argv[2]) if len(sys.argv) > 2 else 16
-    ctx = mp.get_context("spawn"); q = ctx.Queue()
-    p = ctx.Process(target=consumer, args=(q, 2 * n + warm, out + "/consumer.json")); p.start()
-    T = {}
-    mark = patch(T, "producer")
+
+def wait_sent(producer, count: int, mark=None) -> None:
+    done = 0
+    while done < count:
+        results = producer.poll_sent()
+        for result in results:
+            if mark is not None:
+                mark("done_seen", result.key)
+        done += len(results)
+        if not results:
+            time.sleep(50e-6)  # never a busy loop: it would starve the connector's send thread
+
+
+def main() -> None:
+    out, mb = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 16.0
+    ctx = mp.get_context("spawn")
+    address_q = ctx.Queue()
+    proc = ctx.Process(target=consumer, args=(address_q, WARM + 2 * N, f"{out}/consumer.json"))
+    proc.start()
+    table: dict = {}
+    mark = stamper(table)
+    patch_producer(mark)
     tokens = int(mb * (1 << 20) / (28 * 2 * 4 * 128 * 2))
-    x = torch.randn(28, 2, tokens, 4, 128, device="cuda:0").to(torch.bfloat16)
-    with create_connector("nccl", device="cuda:0") as prod:
-        addr = q.get(timeout=120)
-        for i in range(warm):
-            prod.send(addr, f"w{i}", {"x": x})
-            while not prod.poll_sent(): time.sleep(50e-6)
+    kv = torch.randn(28, 2, tokens, 4, 128, device="cuda:0").to(torch.bfloat16)
+    with create_connector("nccl", device="cuda:0") as producer:
+        address = address_q.get(timeout=120)
+        for i in range(WARM):
+            producer.send(address, f"w{i}", {"x": kv})
+            wait_sent(producer, 1)
+        for i in range(N):  # untimed: the consumer's allocator grows to the payloads in flight
+            producer.send(address, f"r{i}", {"x": kv})
+        wait_sent(producer, N)
         time.sleep(0.2)
-        for i in range(n):  # an untimed round first: the consumer's allocator grows once
-            prod.send(addr, f"r{i}", {"x": x})
-        got = 0
-        while got < n:
-            rs = prod.poll_sent(); got += len(rs)
-            if not rs: time.sleep(50e-6)
-        time.sleep(0.2)
-        for i in range(n):
-            mark("send_called", f"k{i}"); prod.send(addr, f"k{i}", {"x": x})
-        done = 0
-        while done < n:
-            rs = prod.poll_sent()
-            for r in rs:
-                mark("done_seen", r.key); done += 1
-            if not rs: time.sleep(50e-6)
-        p.join(120)
-    json.dump(T, open(out + "/producer.json", "w"))
-    C = json.load(open(out + "/consumer.json"))
-    keys = [f"k{i}" for i in range(n)]
-    seq = {f"k{i}": f"seq{i + warm + n + 1}" for i in range(n)}  # +1: the warm-up byte's send
-    rows = []
-    for k in keys:
-        t0 = T[k]["send_called"]
-        r = {"notice_sent": T[k].get("notice_sent", 0) - t0, "send_posted": T.get(seq[k], {}).get("send_posted", 0) - t0,
-             "notice_recv": C[k]["notice"] - t0, "post_start": C[k]["post_start"] - t0, "posted": C[k]["posted"] - t0,
-             "landed": C[k]["landed"] - t0, "taken": C[k]["taken"] - t0, "done_seen": T[k]["done_seen"] - t0}
-        rows.append(r)
-    for name in rows[0]:
-        vals = [r[name] * 1e3 for r in rows]
-        print(f"{name:12s} ms after send(): median {statistics.median(vals):8.3f}  first {vals[0]:8.3f}  last {vals[-1]:8.3f}")
-    landed = [C[k]["landed"] for k in keys]; posted = [C[k]["posted"] for k in keys]; notices = [C[k]["notice"] for k in keys]
-    gaps = [1e3 * (b - a) for a, b in zip(landed, landed[1:])]
-    print(f"landed gaps ms: median {statistics.median(gaps):.3f} -> {mb * (1 << 20) / (statistics.median(gaps) / 1e3) / 1e9:.1f} GB/s")
-    print(f"post cost ms (post_start->posted): median {statistics.median([1e3*(C[k]['posted']-C[k]['post_start']) for k in keys]):.3f}")
-    print(f"notice arrivals span ms: {1e3*(notices[-1]-notices[0]):.3f}; posts span {1e3*(posted[-1]-posted[0]):.3f}; landed span {1e3*(landed[-1]-landed[0]):.3f}")
-    sc = [T[k]["send_called"] for k in keys]
-    print(f"send() calls span ms: {1e3*(sc[-1]-sc[0]):.3f}")
+        for i in range(N):
+            mark("send_called", f"k{i}")
+            producer.send(address, f"k{i}", {"x": kv})
+        wait_sent(producer, N, mark)
+        proc.join(120)
+    with open(f"{out}/consumer.json") as f:
+        consumed = json.load(f)
+    report(table, consumed, mb)
+
+
+def report(produced: dict, consumed: dict, mb: float) -> None:
+    keys = [f"k{i}" for i in range(N)]
+    # the warm-up byte's send comes first, then WARM + N sends before the timed ones
+    seq = {key: f"seq{i + WARM + N + 1}" for i, key in enumerate(keys)}
+    columns = {
+        "notice_sent": lambda k: produced[k]["notice_sent"],
+        "send_posted": lambda k: produced[seq[k]]["send_posted"],
+        "notice_recv": lambda k: consumed[k]["notice"],
+        "post_start": lambda k: consumed[k]["post_start"],
+        "posted": lambda k: consumed[k]["posted"],
+        "landed": lambda k: consumed[k]["landed"],
+        "taken": lambda k: consumed[k]["taken"],
+        "done_seen": lambda k: produced[k]["done_seen"],
+    }
+    for name, at in columns.items():
+        ms = [1e3 * (at(k) - produced[k]["send_called"]) for k in keys]
+        median = statistics.median(ms)
+        print(f"{name:12s} ms after send(): median {median:8.3f}  first {ms[0]:8.3f}  last {ms[-1]:8.3f}")
+    landed = [consumed[k]["landed"] for k in keys]
+    gap = statistics.median(b - a for a, b in zip(landed, landed[1:]))
+    print(f"landed gaps: median {1e3 * gap:.3f} ms -> {mb * (1 << 20) / gap / 1e9:.1f} GB/s")
+    posts = [consumed[k]["posted"] - consumed[k]["post_start"] for k in keys]
+    print(f"a recv post costs {1e3 * statistics.median(posts):.3f} ms (median)")
+    spans = {name: 1e3 * (at(keys[-1]) - at(keys[0])) for name, at in columns.items()}
+    print("spans, first to last key (ms): " + ", ".join(f"{n} {v:.3f}" for n, v in spans.items()))
+
 
 if __name__ == "__main__":
     main()
