@@ -9,10 +9,16 @@ Prompt shapes accepted by `process_prompt` (vLLM's offline format):
 
 where the prompt holds one `<|image_pad|>` per image (normally inside
 `<|vision_start|><|image_pad|><|vision_end|>`), in image order, and one `<|video_pad|>` per
-video (Qwen2-VL / Qwen2.5-VL; a video: a list of PIL frames, a uint8 array [F, H, W, 3], as
+video (the Qwen families; a video: a list of PIL frames, a uint8 array [F, H, W, 3], as
 vLLM a (frames, {"fps": ...}) pair, or a video file: epd.inputs.video_sources). Images and
 videos become one list of items in prompt order; a video is an item whose grid has t > 1
-(epd.inputs.video). Each pad becomes
+(epd.inputs.video). A Qwen3-VL video is one item per temporal group instead, each written
+after its time and between vision start and end tokens, as Qwen3VLProcessor writes them:
+
+    ids:       [ s  V  D  E  t ]              D = video pad, T0/T1 = "<0.3 seconds>"... as text
+    expanded:  [ s  V  T0 V  D  D  E  T1 V  D  D  E  E  t ]     one placeholder per group
+
+Each pad becomes
 `image.num_tokens(merge_size)` copies, as Qwen2VLProcessor does by repeating the pad in the
 text before tokenising: pads are special tokens, so both give the same ids.
 
@@ -50,7 +56,7 @@ from epd.inputs.image import (
 from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, process_image
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ImageInput, PlaceholderRange, ProcessedPrompt
-from epd.inputs.video import NO_VIDEO, VideoOptions
+from epd.inputs.video import NO_VIDEO, TimedVideo, VideoOptions, timestamp_text
 from epd.inputs.video_sources import load_video, video_options, video_sources
 
 _PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
@@ -76,6 +82,7 @@ class VisionTokenIds:
     image_token_id: int
     vision_start_token_id: int | None = None
     video_token_id: int | None = None
+    vision_end_token_id: int | None = None  # Qwen3-VL writes it after each temporal group
     # Written around each image's expanded tokens (InternVL's <img>, </img>); None: nothing.
     image_wrap: tuple[int, int] | None = None
 
@@ -200,9 +207,10 @@ class InputProcessor:
             images.append(ImageInput(None, grid, image_key(data), encoded=data))
         return images
 
-    def load_videos(self, videos: Sequence[Any]) -> list[ImageInput]:
+    def load_videos(self, videos: Sequence[Any]) -> list[ImageInput | TimedVideo]:
         """Each video as one item (grid t > 1), in order. Frames are processed now; a file is
-        checked, keyed and sized from its header only, and decoded where it is encoded."""
+        checked, keyed and sized from its header only, and decoded where it is encoded.
+        Qwen3-VL's: their temporal groups with their times (epd.inputs.video.TimedVideo)."""
         items = []
         cancel = image_loading_cancel_event()
         for video in videos:
@@ -226,10 +234,23 @@ class InputProcessor:
                 ids, tokens.image_token_id, counts, tokens.image_wrap
             )
             return ProcessedPrompt(expanded, images, placeholders, prompt=text)
-        clips = self.load_videos(videos)
-        pads = {tokens.image_token_id: images, tokens.video_token_id: clips}
+        clips = [self._video_pieces(clip) for clip in self.load_videos(videos)]
+        pads = {tokens.image_token_id: [[Piece(img)] for img in images], tokens.video_token_id: clips}
         expanded, placeholders, items = expand_item_tokens(ids, pads, self.merge_size)
         return ProcessedPrompt(expanded, items, placeholders, prompt=text)
+
+    def _video_pieces(self, clip: ImageInput | TimedVideo) -> list[Piece]:
+        """What a video's pad becomes: the item; or, Qwen3-VL, each temporal group after its time
+        and between vision start and end tokens (transformers' `Qwen3VLProcessor`)."""
+        if not isinstance(clip, TimedVideo):
+            return [Piece(clip)]
+        start, end = self.token_ids.vision_start_token_id, self.token_ids.vision_end_token_id
+        if start is None or end is None:
+            raise ValueError("Qwen3-VL video needs the <|vision_start|> and <|vision_end|> token ids")
+        return [
+            Piece(group, [*self.tokenizer.encode(timestamp_text(seconds)), start], [end])
+            for group, seconds in zip(clip.groups, clip.seconds, strict=True)
+        ]
 
     def _check_video_count(self, ids: list[int], num_videos: int) -> None:
         video = self.token_ids.video_token_id
@@ -289,12 +310,22 @@ def expand_image_tokens(
     return out, ranges
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One item's tokens where a pad stood: `before`, the item's copies of the pad, `after`."""
+
+    item: ImageInput
+    before: Sequence[int] = ()
+    after: Sequence[int] = ()
+
+
 def expand_item_tokens(
-    ids: list[int], pads: dict[int, Sequence[ImageInput]], merge_size: int
+    ids: list[int], pads: dict[int, Sequence[Sequence[Piece]]], merge_size: int
 ) -> tuple[list[int], list[PlaceholderRange], list[ImageInput]]:
-    """Images and videos together: the k-th pad of each token id in `pads` becomes the k-th item
-    of its list's tokens. Returns the new ids, the ranges and the items, all in prompt order."""
-    queues = {token: list(items)[::-1] for token, items in pads.items()}
+    """Images and videos together: the k-th pad of each token id in `pads` becomes the k-th
+    entry of its list, pieces in order (one for an image or a Qwen2-VL video, one per temporal
+    group for a Qwen3-VL video). Returns the new ids, the ranges and the items, in prompt order."""
+    queues = {token: list(entries)[::-1] for token, entries in pads.items()}
     out: list[int] = []
     ranges, items = [], []
     for token in ids:
@@ -303,11 +334,13 @@ def expand_item_tokens(
             continue
         if not queues[token]:
             raise InvalidInputError("the prompt has more placeholders than items")
-        item = queues[token].pop()
-        n = item.num_tokens(merge_size)
-        ranges.append(PlaceholderRange(offset=len(out), length=n))
-        items.append(item)
-        out.extend([token] * n)
+        for piece in queues[token].pop():
+            out.extend(piece.before)
+            n = piece.item.num_tokens(merge_size)
+            ranges.append(PlaceholderRange(offset=len(out), length=n))
+            items.append(piece.item)
+            out.extend([token] * n)
+            out.extend(piece.after)
     if any(queues.values()):
         raise InvalidInputError("the prompt has fewer placeholders than items")
     return out, ranges, items
@@ -374,6 +407,7 @@ def _read_token_ids(
         image_token_id=image_id,
         vision_start_token_id=pick("vision_start_token_id", "<|vision_start|>"),
         video_token_id=pick("video_token_id", "<|video_pad|>"),
+        vision_end_token_id=pick("vision_end_token_id", "<|vision_end|>"),
         image_wrap=_image_wrap(model_dir, tokenizer),
     )
 

@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL video preprocessing: frames -> one item with a grid t > 1.
+"""Qwen2-VL / Qwen2.5-VL video preprocessing: frames -> one item with a grid t > 1; Qwen3-VL:
+frames -> one item per temporal group, each after its time in the prompt (`TimedVideo`, below).
 
 A video is processed like its frames as images (the same smart_resize, PIL bicubic resize,
 rescale and normalisation: epd.inputs.image_processor), then every `temporal_patch_size`
@@ -24,6 +25,7 @@ second_per_grid_t = T / fps. Frames given without fps count as 24 fps (transform
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,10 @@ class VideoOptions:
     supported: bool = True
     tokens_per_second: float | None = None
     max_frames: int | None = None
+    # Qwen3-VL: each temporal group after its time in text, one item per group (`TimedVideo`),
+    # frames resized by the video processor's own config (its pixel budget counts every frame).
+    timestamps: bool = False
+    config: ImageProcessorConfig | None = None
 
 
 NO_VIDEO = VideoOptions(supported=False)
@@ -147,3 +153,104 @@ def _frames_as_images(frames: Sequence[Image.Image] | np.ndarray, options: Video
     if not all(isinstance(f, Image.Image) for f in frames):
         raise InvalidInputError("a video given as frames must be a list of PIL images")
     return [to_rgb(f) for f in frames]
+
+
+# ---- Qwen3-VL: timestamps in the prompt, one item per temporal group -------------------------
+#
+# Qwen3-VL writes each temporal group of a video into the prompt apart, after its time in text
+# (transformers' `Qwen3VLProcessor.replace_video_token`):
+#
+#     <|vision_start|> <0.3 seconds> <|vision_start|> pads <|vision_end|> <1.0 seconds> ... <|vision_end|>
+#
+# and its `get_rope_index` places each group as an image of grid (1, h, w), after that text: no
+# time row from an fps. So each group is an item of its own here (`TimedVideo.groups`), encoded,
+# cached and sent like an image (the tower never mixes groups: epd.inputs.video_chunks).
+
+
+@dataclass(frozen=True)
+class TimedVideo:
+    """A Qwen3-VL video: one item per temporal group (grid (1, h, w)) and each group's time in
+    seconds, as its prompt text gives it."""
+
+    groups: list[ImageInput]
+    seconds: list[float]
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text before a temporal group's tokens, as transformers writes it."""
+    return f"<{seconds:.1f} seconds>"
+
+
+def group_seconds(frame_indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:
+    """Each temporal group's time: the mean of its first and last frame's, the frame list padded
+    with its last index (transformers' `Qwen3VLProcessor._calculate_timestamps`)."""
+    indices = list(frame_indices)
+    indices += indices[-1:] * (-len(indices) % temporal_patch_size)
+    times = [i / fps for i in indices]
+    t = temporal_patch_size
+    return [(times[i] + times[i + t - 1]) / 2 for i in range(0, len(times), t)]
+
+
+def qwen3_video_size(num_frames: int, height: int, width: int, cfg: ImageProcessorConfig) -> tuple[int, int]:
+    """Resized (height, width) of a Qwen3-VL video's frames: the pixel budget counts every frame
+    (transformers' `video_processing_qwen3_vl.smart_resize`)."""
+    factor, temporal = cfg.factor, cfg.temporal_patch_size
+    if num_frames < temporal:
+        raise InvalidInputError(f"a video needs at least {temporal} frames, got {num_frames}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise InvalidInputError(f"a video's aspect ratio must be under 200, got {width}x{height}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(num_frames / temporal) * temporal
+    if t_bar * h_bar * w_bar > cfg.max_pixels:
+        beta = math.sqrt(num_frames * height * width / cfg.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < cfg.min_pixels:
+        beta = math.sqrt(cfg.min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def process_timed_video(
+    frames: Sequence[Image.Image] | np.ndarray,
+    cfg: ImageProcessorConfig,
+    options: VideoOptions,
+    fps: float | None = None,
+    frame_indices: Sequence[int] | None = None,
+) -> TimedVideo:
+    """Qwen3-VL: a clip's frames (the sampled ones, `frame_indices` in the source video at `fps`;
+    given frames count as consecutive) -> one item per temporal group, with each group's time."""
+    images = _frames_as_images(frames, options)
+    width, height = images[0].size
+    if any(img.size != (width, height) for img in images):
+        raise InvalidInputError("all frames of a video must have the same size")
+    h, w = qwen3_video_size(len(images), height, width, cfg)
+    resized = np.stack([np.asarray(img.resize((w, h), resample=cfg.resample)) for img in images])
+    raw = torch.from_numpy(video_patchify(resized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size))
+    key = video_key([image_content_hash(img) for img in images], 0.0)
+    indices = range(len(images)) if frame_indices is None else frame_indices
+    seconds = group_seconds(indices, fps or DEFAULT_FPS, cfg.temporal_patch_size)
+    return TimedVideo(
+        split_groups_as_items(raw, (h // cfg.patch_size, w // cfg.patch_size), key, cfg), seconds
+    )
+
+
+def split_groups_as_items(
+    raw: torch.Tensor, grid_hw: tuple[int, int], key: str, cfg: ImageProcessorConfig
+) -> list[ImageInput]:
+    """uint8 patches of a whole video -> one item per temporal group, each keyed by the video's key
+    and its group (the same frames in another video may be resized otherwise)."""
+    gh, gw = grid_hw
+    rows = gh * gw
+    table = normalization_table(cfg)
+    items = []
+    for g in range(len(raw) // rows):
+        part = raw[g * rows : (g + 1) * rows]
+        pixels = expand_patches(part, table, cfg.temporal_patch_size, cfg.patch_size)
+        group_key = hashlib.sha256(f"{key}|group {g}".encode()).hexdigest()
+        items.append(ImageInput(pixels, (1, gh, gw), group_key, raw_patches=part, modality="video"))
+    return items

@@ -11,6 +11,10 @@ Frames are sampled as transformers' `Qwen2VLVideoProcessor.sample_frames` does w
 temporal_patch_size), so both sides pick the same frames from the header alone; the token count
 is known before any frame is decoded, as an image's is from its header.
 
+Qwen3-VL samples otherwise (`qwen3_sample_indices`: any count, first to last frame) and its file is
+decoded on the front end (`timed_video_from_file`): each of its temporal groups is an item of its
+own, and an item cannot name a group of a file for the encoding side to take.
+
 The container is named from its first bytes and opened with that demuxer only: FFmpeg can open
 formats that read other files or URLs (HLS playlists, concat lists), which untrusted bytes must
 not reach. PyAV is optional (`pip install epd[video]`); without it video files are refused.
@@ -24,12 +28,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import DataURL, read_image_bytes
 from epd.inputs.image_processor import ImageProcessorConfig
-from epd.inputs.video import raw_video_patches
+from epd.inputs.video import TimedVideo, VideoOptions, process_timed_video, raw_video_patches
 
 if TYPE_CHECKING:
     from epd.inputs.processor import InputLimits
@@ -126,6 +131,33 @@ def sample_indices(header: VideoHeader, temporal_patch_size: int) -> list[int]:
     if num == 0:  # fewer frames than one temporal patch: all of them (the last is repeated)
         return list(range(total))
     return torch.arange(0, total, total / num).int().tolist()
+
+
+def qwen3_sample_indices(header: VideoHeader) -> list[int]:
+    """The frames Qwen3-VL takes: SAMPLE_FPS frames a second (at least MIN_FRAMES, at most
+    MAX_FRAMES), spread evenly from the first frame to the last, any count (its processor pads the
+    last group), as transformers' `Qwen3VLVideoProcessor.sample_frames` picks them."""
+    total = header.num_frames
+    num = int(total / header.fps * SAMPLE_FPS)
+    num = min(max(num, MIN_FRAMES), MAX_FRAMES, total)
+    return np.linspace(0, total - 1, num).round().astype(int).tolist()
+
+
+def timed_video_from_file(
+    data: bytes, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
+) -> TimedVideo:
+    """Qwen3-VL: a video file decoded here, on the front end, into one item per temporal group.
+
+    Its groups are items of their own (epd.inputs.video), and an item names no group of a file: so
+    unlike Qwen2-VL's, these files are not sent to the encoding side to decode."""
+    header = read_video_header(data, limits.max_video_frames, limits.max_image_pixels)
+    indices = qwen3_sample_indices(header)
+    frames = _decode_frames(data, indices)
+    if any(f.size != (header.width, header.height) for f in frames):
+        raise InvalidInputError(
+            "the video's frames are not the size its header gives; the file is inconsistent"
+        )
+    return process_timed_video(frames, cfg, options, header.fps, indices)
 
 
 def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:

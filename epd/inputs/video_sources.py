@@ -23,7 +23,9 @@ from epd.inputs.image_processor import ImageProcessorConfig
 from epd.inputs.types import ImageInput
 from epd.inputs.video import (
     NO_VIDEO,
+    TimedVideo,
     VideoOptions,
+    process_timed_video,
     process_video_frames,
     time_interval,
     video_grid_thw,
@@ -35,6 +37,7 @@ from epd.inputs.video_file import (
     read_video_header,
     sample_indices,
     sampled_fps,
+    timed_video_from_file,
 )
 
 if TYPE_CHECKING:
@@ -43,12 +46,24 @@ if TYPE_CHECKING:
 
 def load_video(
     video: Any, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
-) -> ImageInput:
-    """One video of a prompt as one item (modality "video", grid t > 1)."""
+) -> ImageInput | TimedVideo:
+    """One video of a prompt as one item (modality "video", grid t > 1); for Qwen3-VL
+    (`options.timestamps`) as its temporal groups with their times."""
+    if options.timestamps:
+        return _timed_video(video, options.config or cfg, options, limits)
     if _is_video_file_source(video):
         return _video_file(video, cfg, options, limits)
     frames, fps = _video_frames(video)
     return process_video_frames(frames, cfg, options, fps)
+
+
+def _timed_video(
+    video: Any, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
+) -> TimedVideo:
+    if _is_video_file_source(video):
+        return timed_video_from_file(read_video_bytes(video, limits), cfg, options, limits)
+    frames, fps = _video_frames(video)
+    return process_timed_video(frames, cfg, options, fps)
 
 
 def _video_file(
@@ -108,17 +123,34 @@ def _video_frames(video: Any) -> tuple[Any, float | None]:
 
 
 def video_options(model_dir: str | os.PathLike, max_frames: int | None = None) -> VideoOptions:
-    """Video for Qwen2-VL (time index per temporal patch) and Qwen2.5-VL (tokens_per_second);
-    other families refuse it for now."""
-    path = os.path.join(model_dir, "config.json")
-    config: dict = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    """Video for Qwen2-VL (time index per temporal patch), Qwen2.5-VL (tokens_per_second) and
+    Qwen3-VL (timestamps in the prompt, its video processor's sizes); other families refuse it."""
+    config = _read_json(model_dir, "config.json") or {}
     family = config.get("model_type")
+    if family == "qwen3_vl":
+        return VideoOptions(max_frames=max_frames, timestamps=True, config=video_processor_config(model_dir))
     if family not in ("qwen2_vl", "qwen2_5_vl"):
         return NO_VIDEO
     per_second = (config.get("vision_config") or {}).get("tokens_per_second", 4)
     return VideoOptions(
         tokens_per_second=per_second if family == "qwen2_5_vl" else None, max_frames=max_frames
     )
+
+
+def video_processor_config(model_dir: str | os.PathLike) -> ImageProcessorConfig:
+    """The video processor's config, where transformers' `BaseVideoProcessor` looks for it:
+    processor_config.json's "video_processor", then video_preprocessor_config.json, then
+    preprocessor_config.json (the image processor's)."""
+    nested = (_read_json(model_dir, "processor_config.json") or {}).get("video_processor")
+    for d in (nested, _read_json(model_dir, "video_preprocessor_config.json")):
+        if isinstance(d, dict):
+            return ImageProcessorConfig.from_dict(d)
+    return ImageProcessorConfig.from_pretrained(model_dir)
+
+
+def _read_json(model_dir: str | os.PathLike, name: str) -> dict | None:
+    path = os.path.join(model_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -12,6 +12,10 @@ times the seconds per temporal patch; Qwen2-VL's is 1). The text after it resume
 `start + max(gh, gw)` as after an image, whatever its time rows reached (transformers 5 does the
 same), while `delta` counts the largest position of all.
 
+Qwen3-VL's video needs nothing else either: transformers' `get_rope_index` places each temporal
+group as an image of grid (1, h, w) after its timestamp text, and each group is an item of its
+own here (epd.inputs.video.TimedVideo), so its time row is its start, as an image's.
+
 Plain 1-D RoPE (InternVL) needs nothing else here: its images' grids are strips one row tall,
 whose width row numbers their tokens like text, and its LLM reads that row (epd.models.internvl).
 """
