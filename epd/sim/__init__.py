@@ -5,6 +5,7 @@
 |-------------------|-------------------------------------------------------------------------------|
 | workload.py       | seeded requests: Poisson arrivals, prompts with images from a shared pool     |
 | costs.py          | `LinearCosts`: how long a forward / a vision batch takes (or a fitted profile)|
+|                   | `costs_at_degree`: an `@tpN` instance's (a profile's entry at N)              |
 | cluster.py        | `SimCluster`: a layout's cores with scripted compute, memory connectors       |
 | node.py           | `SimInstance`: one instance's shell (own clock, inbox, stamped outbox, turns) |
 | events.py         | `EventQueue` (what is due when), `EventLog` (what happened, and its digest)   |

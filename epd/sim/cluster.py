@@ -10,12 +10,17 @@
 |              | and, with `role_switching`, the automatic   | the policy looks every `SWITCH_TICK_S` of   |
 |              | policy (epd.cluster.router.auto_driver)     | virtual time while requests are in flight   |
 
+Compute per instance: by default, or given as a function of the costs (`cost_model_compute`), each
+instance's is priced by the costs of its tensor-parallel degree (`@tpN`: epd.sim.costs
+`costs_at_degree`); a `Compute` given as such serves every instance alike.
+
 The checkpoint directory is still read for its config, tokenizer and image processor files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -29,13 +34,14 @@ from epd.cluster.router.auto_roles import RoleSwitchingOptions
 from epd.cluster.router.role_switch import RoleSwitches
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
-from epd.sim.costs import LinearCosts
+from epd.sim.costs import LinearCosts, costs_at_degree
 from epd.sim.host_costs import HostCosts
 from epd.sim.node import SimInstance, StampedOutbox
 from epd.transfer.memory import MemoryNetwork, WireBytes, tensor_bytes
 
 ROUTER = "router"
 KV_BLOCKS = 2048  # per engine: room for the workload's running requests, no preemption by default
+ComputeFor = Callable[[ComputeCosts], Compute]  # compute priced by the costs given
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,14 @@ def scripted_compute(costs: ComputeCosts | None = None) -> Compute:
 class SimCluster:
     """The router and one `SimInstance` per instance of the layout, in layout order."""
 
-    def __init__(self, spec: ClusterSpec, compute: Compute | None = None) -> None:
+    def __init__(self, spec: ClusterSpec, compute: Compute | ComputeFor | None = None) -> None:
+        """`compute`: one `Compute` for every instance, or a function of the costs (each instance
+        then priced at its degree); None: `scripted_compute` at each instance's degree."""
         self.spec = spec
         self.clock = VirtualClock()  # the router's, and the harness's "now"
         self.network = MemoryNetwork(spec.transfer_latency_s, spec.transfer_bandwidth, spec.wire_bytes)
-        compute = compute or scripted_compute(spec.costs)
-        self.nodes = [self._node(s, compute) for s in Layout.parse(spec.layout).instances("cpu")]
+        self.compute = compute or scripted_compute
+        self.nodes = [self._node(s, self._compute_of(s)) for s in Layout.parse(spec.layout).instances("cpu")]
         self.by_name = {node.name: node for node in self.nodes}
         self.by_address = {node.connector.address: node for node in self.nodes}
         self.router = RouterCore([self._handle(node) for node in self.nodes], self.clock)
@@ -95,6 +103,11 @@ class SimCluster:
 
         policy = simulated_policy(self.spec.role_switching, self.spec)
         return AutoRoleSwitching(self.router, self.switches, policy, background=False)
+
+    def _compute_of(self, instance: InstanceSpec) -> Compute:
+        if isinstance(self.compute, Compute):
+            return self.compute  # the caller's, for every instance
+        return self.compute(costs_at_degree(self.spec.costs, instance.degree))
 
     def _node(self, instance: InstanceSpec, compute: Compute) -> SimInstance:
         spec = self.spec

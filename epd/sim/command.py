@@ -9,8 +9,9 @@ whether KV streams by layer.
 
 Costs: `--profile` (epd.plan.profile: fitted compute costs, per-connector links and, when measured,
 the host CPU's front end and image decoding, epd.sim.host_costs); without it
-`LinearCosts` with `--costs` overrides and free links. `--transfer-latency` and
-`--transfer-bandwidth` override the links either way.
+`LinearCosts` with `--costs` overrides and free links. A layout with `@tpN` groups needs a profile
+measured at those degrees (`epd profile --tp 1,N`); linear costs price every instance alike.
+`--transfer-latency` and `--transfer-bandwidth` override the links either way.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from epd.engine.kv_cache import num_blocks_for_memory
 from epd.engine.scripted_runner import ComputeCosts
 from epd.entrypoints.options import EngineArgs
 from epd.sim.cluster import ClusterSpec
-from epd.sim.costs import parse_costs
+from epd.sim.costs import DegreeCosts, check_degrees, parse_costs
 from epd.sim.host_costs import HostCosts
 from epd.sim.model_shape import narrow_mm_cache_bytes, narrow_model
 from epd.sim.simulation import SimulateSpec, run_simulation
@@ -61,6 +62,7 @@ def simulate_spec(args: argparse.Namespace, engine_args: EngineArgs) -> Simulate
     connector = connector_of(engine_args)
     costs = cost_source(args.profile, args.costs, connector)
     _check_dtype(costs.profile, engine_args.dtype)
+    _check_degrees(costs.compute, engine_args.layout)
     latency, bandwidth = costs.link
     cluster = ClusterSpec(
         engine_args.layout,
@@ -150,6 +152,14 @@ def _profile_record(path: str, fitted: object) -> dict:
         "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
         "meta": dataclasses.asdict(meta) if dataclasses.is_dataclass(meta) else None,
     }
+
+
+def _check_degrees(costs: ComputeCosts, layout: str) -> None:
+    """Every tensor-parallel degree of the layout priced (a profile's error says which it lacks)."""
+    degrees = Layout.parse(layout).group_degrees
+    check_degrees(costs, degrees)
+    if max(degrees) > 1 and not isinstance(costs, DegreeCosts):
+        logger.warning("linear costs price a tensor-parallel instance as one of degree 1")
 
 
 def _check_dtype(profile: dict | None, dtype: str) -> None:

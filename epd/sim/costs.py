@@ -4,14 +4,20 @@ An engine forward costs a fixed launch overhead plus a price per token computed 
 the batch; a vision batch a fixed overhead plus a price per patch. The defaults are in the range of a
 small VLM on one GPU. The only promise is the `ComputeCosts` shape (epd.engine.scripted_runner):
 a fitted model replaces this one without touching the harness.
+
+Tensor-parallel instances (`@tpN`): a cost model that knows degrees (`DegreeCosts`: a profile's,
+epd.plan.profile.costs) gives each instance the costs of its degree, and refuses one it lacks; any
+other model (these linear costs, a test's) prices every instance alike, whatever its degree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Protocol, runtime_checkable
 
 from epd.engine.scheduler import ScheduledBatch
+from epd.engine.scripted_runner import ComputeCosts
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,24 @@ class LinearCosts:
 
     def encode_seconds(self, grids: Sequence[tuple[int, int, int]]) -> float:
         return self.encode_s + self.patch_s * sum(t * h * w for t, h, w in grids)
+
+
+@runtime_checkable
+class DegreeCosts(Protocol):
+    def at_degree(self, degree: int) -> ComputeCosts:
+        """The costs of an instance of tensor-parallel `degree`; ValueError for one not known."""
+        ...
+
+
+def costs_at_degree(costs: ComputeCosts, degree: int) -> ComputeCosts:
+    """What an instance of tensor-parallel `degree` computes at (see the module docstring)."""
+    return costs.at_degree(degree) if isinstance(costs, DegreeCosts) else costs
+
+
+def check_degrees(costs: ComputeCosts, degrees: Sequence[int]) -> None:
+    """ValueError, before anything is simulated, when `costs` lack one of a layout's degrees."""
+    for degree in sorted(set(degrees)):
+        costs_at_degree(costs, degree)
 
 
 FREE = LinearCosts(0.0, 0.0, 0.0, 0.0, 0.0)  # compute takes no time: only transfers and messages do

@@ -60,7 +60,7 @@ def simulate_rate(spec: SimulateSpec, index: int, processor: InputProcessor) -> 
     """Rate `index`: its run record (the benchmark's) and the simulation's own figures."""
     started = time.perf_counter()
     arrival = spec.bench.arrivals[index]
-    cluster = SimCluster(spec.cluster, cost_model_compute(spec.cluster.costs))
+    cluster = SimCluster(spec.cluster, cost_model_compute)  # each instance at its degree
     run = bench_run(spec.bench, index, processor, cluster.router.max_model_len, spec.tokenizer_dir)
     simulated = time.perf_counter()
     result = simulate(cluster, list(run.requests.values()), arrival.max_concurrency)

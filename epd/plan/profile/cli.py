@@ -2,6 +2,7 @@
 
     epd profile --model DIR --device cuda:0 --load-format dummy --dtype bfloat16 --out profile.json
     python -m epd.plan.profile --quick --out profile.json      # the built-in demo model, here
+    epd profile --model DIR --tp 1,2,4 ...   # also prefill and decode of @tp2 and @tp4 instances
 
 Only argparse is imported here: torch and the model code load inside the command, so --help is
 instant.
@@ -87,6 +88,13 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated stages to measure (front_end, patches: this host's CPU around the model, "
         "the API process's request handling and the encoding side's image decoding; no device used)",
     )
+    g.add_argument(
+        "--tp",
+        default="1",
+        help="comma-separated tensor-parallel degrees whose prefill and decode steps to measure (e.g. "
+        "1,2,4): each degree N > 1 runs an instance of N ranks, on cuda:0..N-1 (nccl) or on the CPU "
+        "(gloo); degree 1 is always measured, on --device",
+    )
     g.add_argument("--out", default="profile.json", help="where to write the profile (JSON)")
     _shape_options(p.add_argument_group("shapes (comma-separated lists; defaults depend on the device)"))
 
@@ -111,7 +119,7 @@ def _shape_options(g: argparse._ArgumentGroup) -> None:
 def run_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from epd.plan.profile.profiler import ProfileOptions, profile_device, resolve_target
+    from epd.plan.profile.profiler import ProfileOptions, check_degrees, profile_device, resolve_target
     from epd.plan.profile.report import format_report
 
     model = args.model or _demo_model(args)
@@ -125,7 +133,9 @@ def run_profile(args: argparse.Namespace) -> int:
             (devices[0], devices[-1]),
             tuple(_parse_list(args.connectors, str)) or None,
             args.threads or (None if torch.device(target.device).type == "cuda" else 1),
+            tuple(_parse_list(args.tp, int)),
         )
+        check_degrees(target, options.degrees)
     except ValueError as e:
         args.parser.error(str(e))
     profile = profile_device(options, log=lambda line: print(line, flush=True))

@@ -8,12 +8,16 @@ Which model prices a step follows the path the real runner (epd.engine.model_run
   every graph) runs eagerly: the prefill model, decodes counted as one-token sequences.
 Vision batches: the encode model. Image rows in a prefill cost what text rows cost (the
 embeddings were made by the encoder; writing them in is a copy).
+
+A tensor-parallel instance (`@tpN`) prices its steps with the prefill and decode models fitted at
+its degree (`at_degree`; a profile made with `epd profile --tp 1,N`) and its vision batches with
+the degree-1 encode model (the tower runs whole on rank 0 at every degree).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epd.plan.profile.features import decode_terms, encode_terms, pad_to_graph, prefill_terms
@@ -24,11 +28,36 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class DegreeFits:
+    """The step models of one tensor-parallel degree > 1."""
+
+    prefill: StageFit
+    decode: StageFit
+    graph_sizes: tuple[int, ...] = ()  # (): no graphs at this degree (none yet at degree > 1)
+
+
+@dataclass(frozen=True)
 class ProfileCosts:
     prefill: StageFit
     decode: StageFit
     encode: StageFit
     graph_sizes: tuple[int, ...] = ()  # (): the device replays no graphs
+    # The step models of the other tensor-parallel degrees measured, by degree.
+    parallel: Mapping[int, DegreeFits] = field(default_factory=dict, hash=False)
+
+    def at_degree(self, degree: int) -> ProfileCosts:
+        """The costs of an instance of tensor-parallel `degree` (these ones at 1); ValueError for a
+        degree the profile did not measure."""
+        if degree == 1:
+            return self
+        fits = self.parallel.get(degree)
+        if fits is None:
+            measured = ", ".join(map(str, (1, *sorted(self.parallel))))
+            raise ValueError(
+                f"the profile has no costs at tensor-parallel degree {degree} (measured: {measured}); "
+                f"measure them with `epd profile --tp 1,{degree}`"
+            )
+        return ProfileCosts(fits.prefill, fits.decode, self.encode, fits.graph_sizes)
 
     def step_seconds(self, batch: ScheduledBatch) -> float:
         """One engine forward over `batch`."""

@@ -29,7 +29,7 @@ import torch
 from epd.bench.roofline_setup import BlockAllocator
 from epd.clock import WALL_CLOCK
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from epd.engine.factory import load_model_parts
+from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.kv_cache import bytes_per_block
 from epd.engine.request import Request
 from epd.engine.scheduler import ScheduledBatch
@@ -54,9 +54,21 @@ class Target:
 
 
 class ModelBench:
-    """The model loaded once on the target device, with a KV cache and runner like an instance's."""
+    """The model loaded once on the target device, with a KV cache and runner like an instance's.
 
-    def __init__(self, target: Target, grids: Grids) -> None:
+    `parts`: how the engine builds its compute (a tensor-parallel rank 0's `instance_parts`, whose
+    workers run their shares: epd.plan.profile.measure_parallel); `encode_locally`: False leaves
+    the vision tower out (such a bench times steps only); `cuda_graphs`: the engine's option (None:
+    wherever the device allows; False where the runner has none, as at degree > 1)."""
+
+    def __init__(
+        self,
+        target: Target,
+        grids: Grids,
+        parts: PartsFactory = load_model_parts,
+        encode_locally: bool = True,
+        cuda_graphs: bool | None = None,
+    ) -> None:
         self.device = torch.device(target.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Triton kernels and synchronize() act on the current one
@@ -72,10 +84,11 @@ class ModelBench:
             # The engine's default limit, or more: CUDA graphs of every size it would capture.
             SchedulerConfig(max_num_seqs=max(SchedulerConfig().max_num_seqs, *grids.decode_batches)),
             device=target.device,
+            cuda_graphs=cuda_graphs,
         )
-        parts = load_model_parts(config, encode_locally=True, mm_cache=None, clock=WALL_CLOCK, instance=None)
-        self.runner, self.model, self.num_blocks = parts.runner, parts.model, parts.num_blocks
-        self.runner.kv_cache.normal_()  # never time on zeros
+        built = parts(config, encode_locally=encode_locally, mm_cache=None, clock=WALL_CLOCK, instance=None)
+        self.runner, self.model, self.num_blocks = built.runner, built.model, built.num_blocks
+        self.runner.kv_cache.normal_()  # never time on zeros (a tensor-parallel rank 0: its share)
         self.grids = grids
         # Every request's tokens are a prefix of these: random, drawn once.
         vocab = min(model_config.hf.text.vocab_size, 1000)
@@ -97,12 +110,13 @@ class ModelBench:
 
     @property
     def graph_sizes(self) -> tuple[int, ...]:
-        graphs = self.runner.graphs
+        graphs = getattr(self.runner, "graphs", None)  # a tensor-parallel runner has none
         return tuple(graphs.sizes) if graphs is not None else ()
 
     @property
     def attention_backend(self) -> str:
-        return self.runner.backend.name
+        local = getattr(self.runner, "local", self.runner)  # rank 0's own runner, in parallel
+        return local.backend.name
 
     def time_steps(self, stage: str, log: Log) -> list[Measurement]:
         """Every step of the stage's grid ("decode" or "prefill"), timed."""

@@ -3,7 +3,9 @@
     profile = profile_device(ProfileOptions(target, grids, ...))
     profile.save("profile.json")
 
-Compute first (one model load), then transfers (the model freed: a GPU payload needs the memory).
+Compute first (one model load), then the steps of each tensor-parallel degree asked for (`degrees`:
+one spawned process per rank, the parent's model freed), then transfers (a GPU payload needs the
+memory).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from epd.plan.profile.measure_transfer import default_connectors, time_transfers
 from epd.plan.profile.store import (
     COMPUTE_STAGES,
     HOST_STAGES,
+    PARALLEL_STAGES,
     Measurement,
+    ParallelProfile,
     Profile,
     ProfileMeta,
     StageProfile,
@@ -47,6 +51,8 @@ class ProfileOptions:
     # torch's intra-op threads while timing (None: as they are). A CPU instance of the cluster runs
     # with its share of the host's cores; on a busy host, more threads than free cores add stalls.
     threads: int | None = None
+    # Tensor-parallel degrees > 1 whose prefill and decode steps to measure too (degree 1 always is).
+    degrees: tuple[int, ...] = ()
 
 
 def profile_device(options: ProfileOptions, log: Log = print) -> Profile:
@@ -54,10 +60,12 @@ def profile_device(options: ProfileOptions, log: Log = print) -> Profile:
     unknown = set(options.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    check_degrees(options.target, options.degrees)  # before minutes of measuring at degree 1
     started, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(options.threads or threads)
     try:
         stages, compute_info = _profile_compute(options, log)
+        parallel = _profile_parallel(options, log)
         transfers = _profile_transfers(options, log) if "transfer" in options.stages else {}
         stages |= _profile_host(options, log)
     finally:
@@ -77,7 +85,7 @@ def profile_device(options: ProfileOptions, log: Log = print) -> Profile:
         wall_seconds=time.perf_counter() - started,
         extra={"grids": asdict(options.grids), "torch_threads": options.threads or threads},
     )
-    return Profile(meta, stages, transfers)
+    return Profile(meta, stages, transfers, parallel)
 
 
 def _profile_compute(options: ProfileOptions, log: Log) -> tuple[dict[str, StageProfile], dict]:
@@ -100,6 +108,32 @@ def _profile_compute(options: ProfileOptions, log: Log) -> tuple[dict[str, Stage
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return stages, info
+
+
+def check_degrees(target: Target, degrees: Sequence[int]) -> None:
+    """ValueError when the model cannot be split some degree's ways, or the host lacks its GPUs."""
+    from epd.plan.profile.measure_parallel import check_degree, rank_devices
+
+    for degree in (d for d in degrees if d != 1):
+        check_degree(target.model, degree)
+        rank_devices(target.device, degree)
+
+
+def _profile_parallel(options: ProfileOptions, log: Log) -> dict[int, ParallelProfile]:
+    """Prefill and decode steps of an instance of each degree > 1 (epd.plan.profile.measure_parallel)."""
+    from epd.plan.profile.measure_parallel import time_parallel
+
+    wanted = tuple(s for s in PARALLEL_STAGES if s in options.stages)
+    out = {}
+    for degree in sorted({d for d in options.degrees if d > 1}) if wanted else ():
+        log(f"[tp{degree}] {degree} ranks: {', '.join(wanted)} steps")
+        timed = time_parallel(options.target, options.grids, degree, wanted, options.threads, verbose=True)
+        stages = {}
+        for stage, measured in timed.stages.items():
+            if measured:
+                stages[stage] = fit_measurements(stage, measured)  # eager steps: no graphs
+        out[degree] = ParallelProfile(stages, timed.devices, timed.backend)
+    return out
 
 
 def _profile_transfers(options: ProfileOptions, log: Log) -> dict[str, StageProfile]:

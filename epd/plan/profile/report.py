@@ -20,6 +20,9 @@ def format_report(profile: Profile) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [_stage_row(name, stage) for name, stage in profile.stages.items()]
+    for degree in sorted(profile.parallel):
+        entry = profile.parallel[degree]
+        lines += [_stage_row(f"{name} @tp{degree}", stage) for name, stage in entry.stages.items()]
     lines += [_transfer_row(name, stage, profile) for name, stage in profile.transfers.items()]
     return "\n".join(lines)
 

@@ -5,7 +5,14 @@
               "model": DIR, "model_config_sha256": ..., "epd_version": ..., "graph_sizes": [...], ...},
      "stages": {"prefill" | "decode" | "encode":
                   {"fit": {terms, coefficients, errors}, "measurements": [{"shape": ..., "seconds": ...}]}},
-     "transfers": {"shm" | "tcp" | "cuda_ipc": {"devices": [...], "fit": ..., "measurements": [...]}}}
+     "transfers": {"shm" | "tcp" | "cuda_ipc": {"devices": [...], "fit": ..., "measurements": [...]}},
+     "parallel": {"2": {"devices": ["cuda:0", "cuda:1"], "backend": "nccl", "graph_sizes": [],
+                        "stages": {"prefill" | "decode": {"fit": ..., "measurements": [...]}}}}}
+
+"stages" are degree 1 (one device); "parallel" (`epd profile --tp 1,2`) holds the prefill and decode
+steps of a tensor-parallel instance of each other degree measured (epd.plan.profile.measure_parallel);
+vision batches run on rank 0 alone at every degree, so the degree-1 encode model prices them. A
+profile without "parallel" (every profile before it) is degree 1 only.
 
 Shapes as in epd.plan.profile.features, in runs of equal items: [[count, new, context], ...] per
 step, [[count, t, h, w], ...] per vision batch; a byte count per transfer. The raw timings are kept
@@ -26,6 +33,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 COMPUTE_STAGES = ("prefill", "decode", "encode")
+PARALLEL_STAGES = ("prefill", "decode")  # what a tensor-parallel degree changes (measure_parallel.py)
 HOST_STAGES = ("front_end", "patches")  # the host's CPU, around the model (measure_host.py)
 
 
@@ -55,6 +63,29 @@ class StageProfile:
 
 
 @dataclass(frozen=True)
+class ParallelProfile:
+    """The steps of a tensor-parallel instance of one degree > 1."""
+
+    stages: dict[str, StageProfile]  # "prefill", "decode" (those measured)
+    devices: tuple[str, ...]  # of its ranks, rank 0 first
+    backend: str  # of its collectives: "gloo" or "nccl"
+    graph_sizes: tuple[int, ...] = ()  # decode batch sizes replayed as CUDA graphs (none yet at tp > 1)
+
+    def to_json(self) -> dict:
+        return {
+            "devices": list(self.devices),
+            "backend": self.backend,
+            "graph_sizes": list(self.graph_sizes),
+            "stages": {name: stage.to_json() for name, stage in self.stages.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ParallelProfile:
+        stages = {name: StageProfile.from_json(s) for name, s in data["stages"].items()}
+        return cls(stages, tuple(data["devices"]), data["backend"], tuple(data.get("graph_sizes", ())))
+
+
+@dataclass(frozen=True)
 class ProfileMeta:
     device: str  # as given: "cpu", "cuda:0"
     device_name: str  # torch.cuda.get_device_name(), or "cpu"
@@ -80,16 +111,28 @@ class Profile:
     meta: ProfileMeta
     stages: dict[str, StageProfile]  # "prefill", "decode", "encode", "front_end", "patches" (those measured)
     transfers: dict[str, StageProfile] = field(default_factory=dict)  # by connector name
+    parallel: dict[int, ParallelProfile] = field(default_factory=dict)  # by tensor-parallel degree > 1
+
+    @property
+    def degrees(self) -> tuple[int, ...]:
+        """The tensor-parallel degrees whose steps this profile prices: 1 and those measured."""
+        return (1, *sorted(d for d, p in self.parallel.items() if set(PARALLEL_STAGES) <= set(p.stages)))
 
     def compute_costs(self) -> ProfileCosts:
-        """The fitted compute models as the simulator's `ComputeCosts` (epd.engine.scripted_runner)."""
-        from epd.plan.profile.costs import ProfileCosts
+        """The fitted compute models as the simulator's `ComputeCosts` (epd.engine.scripted_runner):
+        degree 1's, with the other degrees' at `ProfileCosts.at_degree`."""
+        from epd.plan.profile.costs import DegreeFits, ProfileCosts
 
         missing = [s for s in COMPUTE_STAGES if s not in self.stages]
         if missing:
             raise ValueError(f"this profile measured no {', '.join(missing)}: no compute cost model")
         fits = {name: self.stages[name].fit for name in COMPUTE_STAGES}
-        return ProfileCosts(fits["prefill"], fits["decode"], fits["encode"], self.meta.graph_sizes)
+        parallel = {
+            d: DegreeFits(p.stages["prefill"].fit, p.stages["decode"].fit, p.graph_sizes)
+            for d, p in self.parallel.items()
+            if d in self.degrees
+        }
+        return ProfileCosts(fits["prefill"], fits["decode"], fits["encode"], self.meta.graph_sizes, parallel)
 
     def host_costs(self) -> ProfileHostCosts | None:
         """The host CPU's costs around the model (front end, patches), if this profile measured them."""
@@ -109,12 +152,15 @@ class Profile:
         return fit.coefficient("latency"), (1.0 / per_byte if per_byte > 0 else float("inf"))
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "format": FORMAT,
             "meta": asdict(self.meta),
             "stages": {name: stage.to_json() for name, stage in self.stages.items()},
             "transfers": {name: stage.to_json() for name, stage in self.transfers.items()},
         }
+        if self.parallel:  # left out at degree 1 only: the file reads as it always did
+            out["parallel"] = {str(d): self.parallel[d].to_json() for d in sorted(self.parallel)}
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> Profile:
@@ -124,6 +170,7 @@ class Profile:
             ProfileMeta.from_json(data["meta"]),
             {name: StageProfile.from_json(s) for name, s in data["stages"].items()},
             {name: StageProfile.from_json(s) for name, s in data.get("transfers", {}).items()},
+            {int(d): ParallelProfile.from_json(p) for d, p in data.get("parallel", {}).items()},
         )
 
     def save(self, path: str | Path) -> None:

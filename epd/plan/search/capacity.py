@@ -15,19 +15,24 @@ R have the time for R's work: r * sum(work[R]) <= instances(R). The smallest of 
 is the estimate, and its R the limiting roles. With costs that grow at most linearly with batch
 size (the fitted and the linear models do) this is an upper bound of what the simulator serves:
 queueing, SLOs and transfers only take from it; a prompt that hits the prefix cache could beat it.
+
+Tensor-parallel instances (`@tpN`) do a role's work faster by the ratio of its work at degree 1 to
+its work at N (`by_degree`: the work priced by each degree's costs). Counting each instance as that
+many degree-1 instances, the one that holds several of R's roles at its fastest among them, keeps
+the bound: an instance gives each role a share of its time, and no share does more than the fastest
+role's worth of degree-1 work. At degree 1 every instance counts as one, as above.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
 from epd.cluster.layout import ROLE_ORDER, Layout, Role
 from epd.engine.scheduler import ScheduledBatch
 from epd.engine.scripted_runner import ComputeCosts
-from epd.plan.search.layouts import capable
 from epd.sim.workload import SimRequest
 
 
@@ -73,6 +78,26 @@ def stage_work(costs: ComputeCosts, requests: Sequence[SimRequest], batch_limits
     return StageWork(encode, prefill, per_token * (mean_output - 1))
 
 
+def _instances_for(
+    layout: Layout, roles: frozenset[Role], work: StageWork, by_degree: Mapping[int, StageWork]
+) -> float:
+    """The instances holding any of `roles`, each counted as the degree-1 instances it is worth."""
+    total = 0.0
+    for (count, held), degree in zip(layout.groups, layout.group_degrees):
+        if held & roles:
+            total += count * max(_speedup(work, by_degree, degree, role) for role in held & roles)
+    return total
+
+
+def _speedup(work: StageWork, by_degree: Mapping[int, StageWork], degree: int, role: Role) -> float:
+    """How many times faster an instance of `degree` does `role`'s work than one of degree 1."""
+    if degree == 1 or work.of(role) <= 0:
+        return 1.0
+    if degree not in by_degree:
+        raise ValueError(f"no work estimate at tensor-parallel degree {degree}")
+    return work.of(role) / max(by_degree[degree].of(role), 1e-12)
+
+
 def _decode_token_seconds(costs: ComputeCosts, size: int, prompt: int, context: int) -> float:
     rows = [_Row(max(context, prompt), prompt)] * size
     return costs.step_seconds(_batch(rows, [1] * size)) / size
@@ -82,15 +107,16 @@ def _batch(rows: list[_Row], new_tokens: list[int]) -> ScheduledBatch:
     return ScheduledBatch(requests=rows, num_new_tokens=new_tokens)  # type: ignore[arg-type]
 
 
-def capacity(layout: Layout, work: StageWork) -> Capacity:
-    """The highest rate `layout` could sustain for `work` (see the module docstring)."""
+def capacity(layout: Layout, work: StageWork, by_degree: Mapping[int, StageWork] | None = None) -> Capacity:
+    """The highest rate `layout` could sustain for `work` (see the module docstring); `by_degree`:
+    the work at each tensor-parallel degree > 1 of the layout."""
     best = Capacity(math.inf, "-")
     for size in range(1, len(ROLE_ORDER) + 1):
         for roles in combinations(ROLE_ORDER, size):
             seconds = sum(work.of(role) for role in roles)
             if seconds <= 0:
                 continue
-            rate = capable(layout, frozenset(roles)) / seconds
+            rate = _instances_for(layout, frozenset(roles), work, by_degree or {}) / seconds
             if rate < best.rate * (1 - 1e-9):  # a tie keeps the fewer roles: the simpler reason
                 best = Capacity(rate, "+".join(role.value for role in roles))
     return best

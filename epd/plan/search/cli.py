@@ -29,11 +29,12 @@ def add_plan_parser(sub: argparse._SubParsersAction, formatter: type[argparse.He
         "plan",
         help="find the layout and batch limits with the highest goodput (or the fewest GPUs) by simulation",
         description="Search every layout of the GPUs given (one GPU per instance, groups of E, P, D, "
-        "EP, PD and EPD instances) and the engines' batch limits for the highest goodput: the largest "
-        "request rate served with >= 90% of requests within the TTFT and TPOT SLOs, each configuration "
-        "simulated by `epd simulate` on `epd bench`'s workload. With --rate, the fewest GPUs that serve "
-        "that rate. Prints a ranked table and the `epd serve` command of the best configuration "
-        "(exit status 2 when no configuration meets the SLOs).",
+        "EP, PD and EPD instances; with --tp, also tensor-parallel P and D ones) and the engines' "
+        "batch limits for the highest goodput: the largest request rate served with >= 90% of "
+        "requests within the TTFT and TPOT SLOs, each configuration simulated by `epd simulate` on "
+        "`epd bench`'s workload. With --rate, the fewest GPUs that serve that rate. Prints a ranked "
+        "table and the `epd serve` command of the best configuration (exit status 2 when no "
+        "configuration meets the SLOs).",
         formatter_class=formatter,
     )
     add_engine_option_flags(p, plan_option_names())
@@ -66,8 +67,16 @@ def _search_options(p: argparse.ArgumentParser) -> None:
         type=_layouts,
         default=(),
         metavar="L,...",
-        help="consider only these layouts (e.g. 4EPD,2EP+2D; one GPU per instance); default: every "
-        "valid layout of --instance-kinds",
+        help="consider only these layouts (e.g. 4EPD,2EP+2D,1E+1P@tp2+1D; one GPU per instance, N per "
+        "@tpN one); default: every valid layout of --instance-kinds and --tp",
+    )
+    g.add_argument(
+        "--tp",
+        type=_ints,
+        default="1",
+        metavar="N,...",
+        help="tensor-parallel degrees P and D instances may run at (e.g. 1,2: also @tp2 groups, each "
+        "instance taking 2 of the --gpus); the --profile must hold them (epd profile --tp 1,2)",
     )
     g.add_argument(
         "--max-num-seqs-choices",
@@ -189,7 +198,7 @@ def _check_plan_args(args: argparse.Namespace) -> None:
         args.parser.error("--gpus must be >= 1")
     if args.slo_ttft is None and args.slo_tpot is None:
         args.parser.error("give --slo-ttft and/or --slo-tpot: goodput is the rate served within them")
-    counts = {layout.num_instances for layout in args.layouts}
+    counts = {layout.num_devices for layout in args.layouts}
     if counts and (max(counts) > args.gpus or args.rate is None and counts != {args.gpus}):
         args.parser.error(f"--layouts must use --gpus GPUs ({args.gpus}; with --rate: at most)")
     if args.rate is not None and not 0 < args.rate < float("inf"):

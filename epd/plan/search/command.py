@@ -67,6 +67,7 @@ def search_settings(args: argparse.Namespace) -> SearchSettings:
         rate=args.rate,
         kinds=args.instance_kinds,
         layouts=args.layouts,
+        degrees=args.tp,
         space=KnobSpace(args.max_num_seqs_choices, args.max_num_batched_tokens_choices),
         tune_top=args.tune_top,
         knob_trials=args.knob_trials,

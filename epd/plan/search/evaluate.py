@@ -1,6 +1,7 @@
 """One configuration at one rate, simulated as `epd simulate` would with the same flags.
 
-A configuration is a layout and its knobs on `layout.num_instances` GPUs (cuda:0, cuda:1, ...):
+A configuration is a layout and its knobs on `layout.num_devices` GPUs (cuda:0, cuda:1, ...: one
+per instance, N per `@tpN` instance):
 its `EngineArgs` are the plan's engine options with those set, turned into a simulation by
 epd.sim.command.simulate_spec, run at one rate by epd.sim.simulation.simulate_rate and summed up by
 `epd bench`'s own metrics (attainment, p90s). Every rate draws the same requests (rate 0 of the
@@ -39,7 +40,7 @@ class Config:
 
     @property
     def gpus(self) -> int:
-        return self.layout.num_instances
+        return self.layout.num_devices
 
     def describe(self) -> str:
         return f"{self.layout.text} ({self.knobs.describe()})"
@@ -68,7 +69,7 @@ class Trial:
 
 
 def engine_args_for(base: EngineArgs, config: Config) -> EngineArgs:
-    """`base` with the configuration's layout, one GPU per instance, and its knobs."""
+    """`base` with the configuration's layout, one GPU per rank of each instance, and its knobs."""
     gpus = config.gpus
     devices = {"device": "cuda:0", "devices": None} if gpus == 1 else {"devices": gpu_list(gpus)}
     return dataclasses.replace(

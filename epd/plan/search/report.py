@@ -159,6 +159,7 @@ def plan_document(result: PlanResult, context: dict, winner: dict | None) -> dic
         "search": {
             "instance_kinds": list(s.kinds),
             "layouts": [layout.text for layout in s.layouts],
+            "tp_degrees": list(s.degrees),
             "knob_space": dataclasses.asdict(s.space),
             "tune_top": s.tune_top,
             "knob_trials": s.knob_trials,

@@ -24,6 +24,7 @@ from epd.cluster.layout import ROLE_ORDER, Layout, Role
 from epd.engine.scheduler import ScheduledBatch
 from epd.engine.scripted_runner import ComputeCosts, Grid
 from epd.plan.search.layouts import capable
+from epd.sim.costs import costs_at_degree
 
 
 @dataclass
@@ -44,6 +45,10 @@ class RoleTimer:
         self.seconds[Role.DECODE] += cost * decoded / total
         self.seconds[Role.PREFILL] += cost * (total - decoded) / total
         return cost
+
+    def at_degree(self, degree: int) -> RoleTimer:
+        """Prices as the costs do at tensor-parallel `degree`, into the same totals."""
+        return RoleTimer(costs_at_degree(self.costs, degree), self.seconds)
 
     def encode_seconds(self, grids: Sequence[Grid]) -> float:
         cost = self.costs.encode_seconds(grids)

@@ -11,6 +11,9 @@
       must pass, until some configuration passes; its ranking is by goodput as above. With nothing
       passing at n GPUs, the layouts closest to passing (highest attainment at R) are tuned.
 
+With tensor-parallel degrees allowed (`degrees`, `epd plan --tp 1,2`), the layouts of n GPUs include
+`@tpN` groups (epd.plan.search.layouts), each simulated with the profile's costs at its degrees.
+
 Everything is deterministic: the layouts' order, the simulations (same requests at every rate) and
 the knob order (the seed). The simulation budget (`max_simulations`) may end the search early; the
 result says so.
@@ -24,11 +27,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from epd.cluster.layout import Layout
+from epd.engine.scripted_runner import ComputeCosts
 from epd.plan.search.capacity import Capacity, StageWork, capacity, stage_work
 from epd.plan.search.evaluate import Config, Evaluator, Trial
 from epd.plan.search.knobs import Knobs, KnobSpace, proposals
 from epd.plan.search.layouts import INSTANCE_KINDS, candidate_layouts
 from epd.plan.search.rates import RateSearch, search_rate
+from epd.sim.costs import costs_at_degree
+from epd.sim.workload import SimRequest
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SearchSettings:
     rate: float | None = None  # GPU mode: the rate to serve
     kinds: tuple[str, ...] = INSTANCE_KINDS
     layouts: tuple[Layout, ...] = ()  # only these (their GPU counts as given); (): every valid one
+    degrees: tuple[int, ...] = (1,)  # tensor-parallel degrees a P or D kind may run at
     space: KnobSpace = field(default_factory=KnobSpace)
     tune_top: int = 3
     knob_trials: int = 4
@@ -101,7 +108,8 @@ class Planner:
         self, evaluator: Evaluator, settings: SearchSettings, progress: Progress = lambda c: None
     ) -> None:
         self.evaluator, self.settings, self.progress = evaluator, settings, progress
-        self.work: StageWork | None = None
+        self.workload: tuple[ComputeCosts, list[SimRequest]] | None = None  # of the first layout
+        self.work: dict[int, StageWork] = {}  # by tensor-parallel degree
 
     def plan(self) -> PlanResult:
         s = self.settings
@@ -121,8 +129,7 @@ class Planner:
         layouts = self._layouts(gpus)
         if not layouts:
             return []
-        work = self._work(layouts[0])
-        estimates = {layout: capacity(layout, work) for layout in layouts}
+        estimates = self._estimates(layouts)
         candidates: list[Candidate] = []
         for layout in sorted(layouts, key=lambda lay: (-estimates[lay].rate, lay.text)):
             start = self.settings.space.start(layout)
@@ -134,14 +141,24 @@ class Planner:
 
     def _layouts(self, gpus: int) -> list[Layout]:
         if self.settings.layouts:
-            return [layout for layout in self.settings.layouts if layout.num_instances == gpus]
-        return candidate_layouts(gpus, self.settings.kinds)
+            return [layout for layout in self.settings.layouts if layout.num_devices == gpus]
+        return candidate_layouts(gpus, self.settings.kinds, self.settings.degrees)
 
-    def _work(self, layout: Layout) -> StageWork:
-        if self.work is None:
-            costs, requests = self.evaluator.workload(Config(layout, self.settings.space.start(layout)))
-            self.work = stage_work(costs, requests, self.settings.space.max_num_seqs)
-        return self.work
+    def _estimates(self, layouts: list[Layout]) -> dict[Layout, Capacity]:
+        work = self._work(layouts[0], 1)
+        degrees = sorted({d for layout in layouts for d in layout.group_degrees if d > 1})
+        by_degree = {degree: self._work(layouts[0], degree) for degree in degrees}
+        return {layout: capacity(layout, work, by_degree) for layout in layouts}
+
+    def _work(self, layout: Layout, degree: int) -> StageWork:
+        """The work per request at `degree` (ValueError: the costs lack that degree)."""
+        if self.workload is None:
+            self.workload = self.evaluator.workload(Config(layout, self.settings.space.start(layout)))
+        if degree not in self.work:
+            costs, requests = self.workload
+            limits = self.settings.space.max_num_seqs
+            self.work[degree] = stage_work(costs_at_degree(costs, degree), requests, limits)
+        return self.work[degree]
 
     def _evaluate(
         self, config: Config, estimate: Capacity, floor: float | None, rivals: list[Candidate]
