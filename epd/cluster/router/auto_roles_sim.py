@@ -60,7 +60,7 @@ class SimScorer:
         requests = replayed(view.recent)
         spec = dataclasses.replace(self.base, layout=layout_text(layout), role_switching=None)
         with _quiet(QUIET_LOGGERS):  # every simulated instance would log that it is ready
-            cluster = SimCluster(spec, cost_model_compute(spec.costs))
+            cluster = SimCluster(spec, cost_model_compute)  # each instance priced at its degree
             result = simulate(cluster, requests)
         outputs = [result.outputs.get(r.request_id) for r in requests]
         done = [out for out in outputs if out is not None]
