@@ -4,10 +4,15 @@
     first send to a dest: Hello(pair id) ----------------> set-up thread: group on its own store
     set-up thread: group on the dest's store  <-- rendezvous (TCPStore) -->  under the pair's id,
       warm-up byte                            <---------------------------->  warm-up byte
-    each send: Notice(pair, header) ---------------------> fresh tensors, one recv per tensor
-               one send per tensor (side stream,  ======>  (side stream); delivered once done,
-               after the caller's stream)          NCCL    in notice order
-    ok once its sends are done on the device
+    the sends queued for a dest:                          per notice: fresh tensors, one recv
+      Notice(pair, their headers) ----------------------> per tensor as one batch (side stream);
+      one send per tensor as one batch  ======>           delivered once done, in notice order
+      (side stream, after the callers' streams)  NCCL
+    ok once their sends are done on the device
+
+A batch is what queued up for the pair while the previous one was being posted (none waits to fill
+one); on NCCL it is one coalesced group with one CUDA event, so the per-message costs (notice, ZMQ
+push, NCCL Work, events) are paid once per batch.
 
 nccl_channel.py has the pair (address, rendezvous, ops), nccl_send.py and nccl_recv.py the two
 threads. The Connector contract holds as for the other backends: FIFO per pair (one communicator

@@ -16,6 +16,14 @@ one send per non-empty tensor, in send() order, and the consumer posts the match
 order the notices arrive (ZMQ keeps one producer's notices in order). Ops run on each side's own
 CUDA stream (the connector's side stream: the NCCL stream waits on it, never on the caller's).
 
+Batches: one notice carries the headers of every job the producer had queued for the pair, and
+each side posts that notice's ops as one batch: one coalesced NCCL group (one ncclGroupStart/End,
+one Work, one CUDA event, whatever the number of tensors), so a queue of small messages costs
+Python and the driver once per batch rather than once per message. Both sides must group alike:
+ProcessGroupNCCL runs coalesced p2p ops on another communicator (its per-device one) than single
+ones (its "0:1" one), so a Channel coalesces every batch, the warm-up included, or none (a torch
+without coalescing, and gloo: one op per tensor, matched in order all the same).
+
 | backend | tensors travel from | completion seen by                                         |
 |---------|---------------------|------------------------------------------------------------|
 | nccl    | the device          | a CUDA event after the op (polled: a dead peer never ends it) |
@@ -81,7 +89,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 
 class Notice(msgspec.Struct, tag="notice", frozen=True):
     pair: str
-    header: Header  # what the recvs that follow carry: one op per tensor with bytes, in order
+    # One batch: the jobs' headers in send order; the ops that follow carry their tensors with
+    # bytes, in that order, posted as one batch on both sides (module docstring).
+    headers: tuple[Header, ...]
 
 
 NOTICE_DECODER = msgspec.msgpack.Decoder(Hello | Notice)
@@ -128,9 +138,22 @@ def _make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) ->
     return dist.ProcessGroupNCCL(store, rank, 2, options)
 
 
+def can_coalesce(group: dist.Backend) -> bool:
+    """Whether `group` runs a batch of p2p ops as one coalesced group (ProcessGroupNCCL's
+    _start_coalescing/_end_coalescing, what batch_isend_irecv uses); gloo does not.
+
+    EPD_NCCL_COALESCE=0 says no (to compare, or to get around a torch whose coalescing
+    misbehaves); both ends of a pair must agree, or the pair fails its set-up (the warm-up)."""
+    if os.environ.get("EPD_NCCL_COALESCE", "1") == "0":
+        return False
+    return bool(getattr(group, "supports_coalescing", False)) and all(
+        hasattr(group, name) for name in ("_start_coalescing", "_end_coalescing")
+    )
+
+
 @dataclass(eq=False)
 class Completion:
-    """One posted batch of ops (one key's tensors): done() never blocks."""
+    """One posted batch of ops (one or several keys' tensors): done() never blocks."""
 
     flats: list[torch.Tensor] = field(default_factory=list)  # what the ops read or write
     event: torch.cuda.Event | None = None  # nccl: recorded after the ops on the side stream
@@ -150,6 +173,7 @@ class Channel:
         self.backend, self.group, self.rank, self.device = backend, group, rank, device
         self.peer = CONSUMER_RANK if rank == PRODUCER_RANK else PRODUCER_RANK
         self.stream = torch.cuda.Stream(device) if backend == "nccl" else None
+        self.coalesces = backend == "nccl" and can_coalesce(group)
         self._waits: queue.SimpleQueue[tuple[list, Completion] | None] | None = None
         if backend == "gloo":
             self._waits = queue.SimpleQueue()
@@ -177,24 +201,39 @@ class Channel:
 
     def post_send(self, tensors: list[torch.Tensor], ready: torch.cuda.Event | None = None) -> Completion:
         """Producer: one send per tensor with bytes, in order, once `ready` (the caller's stream) fired."""
+        return self.post_sends([(tensors, ready)])
+
+    def post_sends(self, batch: list[tuple[list[torch.Tensor], torch.cuda.Event | None]]) -> Completion:
+        """Producer: the sends of several jobs (each its tensors and its `ready` event) as one batch,
+        in order, once every job's `ready` fired; one Completion for them all."""
         with self._on_stream():
-            if ready is not None:
-                self.stream.wait_event(ready)
-            flats = [send_view(t, self.device) for t in tensors if t.numel()]
+            for _, ready in batch:
+                if ready is not None:
+                    self.stream.wait_event(ready)
+            flats = [send_view(t, self.device) for tensors, _ in batch for t in tensors if t.numel()]
             return self._post(self.group.send, flats)
 
     def post_recv(self, header: Header) -> tuple[dict[str, torch.Tensor], Completion]:
         """Consumer: fresh tensors for `header`'s specs, one recv per tensor with bytes, in order."""
+        [tensors], completion = self.post_recvs([header])
+        return tensors, completion
+
+    def post_recvs(self, headers: list[Header]) -> tuple[list[dict[str, torch.Tensor]], Completion]:
+        """Consumer: fresh tensors for each header, their recvs as one batch (the matching one of
+        the producer's post_sends), in order; one Completion for them all."""
         with self._on_stream():
-            tensors = {
-                s.name: torch.empty(s.shape, dtype=checked_dtype(s), device=self.device)
-                for s in header.tensors
-            }
-            flats = [recv_view(t) for t in tensors.values() if t.numel()]
-            return tensors, self._post(self.group.recv, flats)
+            batch = [
+                {s.name: torch.empty(s.shape, dtype=checked_dtype(s), device=self.device) for s in h.tensors}
+                for h in headers
+            ]
+            flats = [recv_view(t) for tensors in batch for t in tensors.values() if t.numel()]
+            return batch, self._post(self.group.recv, flats)
 
     def _post(self, op, flats: list[torch.Tensor]) -> Completion:
-        works = [op([flat], self.peer, 0) for flat in flats]
+        if self.coalesces and flats:
+            works = self._coalesced(op, flats)
+        else:
+            works = [op([flat], self.peer, 0) for flat in flats]
         completion = Completion(flats=flats)  # the buffers live until the ops are done
         if self.stream is None:
             self._waits.put((works, completion))
@@ -204,6 +243,24 @@ class Channel:
         completion.event = torch.cuda.Event()
         completion.event.record(self.stream)
         return completion
+
+    def _coalesced(self, op, flats: list[torch.Tensor]) -> list:
+        """`flats`' ops in one NCCL group: one Work for the lot (the ops' own are None or unused)."""
+        try:
+            self.group._start_coalescing()
+        except (AttributeError, TypeError, NotImplementedError) as exc:
+            # A torch whose binding differs: the warm-up, the first batch on both sides, finds out
+            # alike on both (same torch), so both go on one op per tensor. (A RuntimeError is a
+            # broken communicator: it propagates, and the pair breaks as for any failed op.)
+            logger.warning("nccl pair: no coalescing (%s); one op per tensor", exc)
+            self.coalesces = False
+            return [op([flat], self.peer, 0) for flat in flats]
+        try:
+            for flat in flats:
+                op([flat], self.peer, 0)
+        finally:  # even after a failed op: the group must leave coalescing (an abort follows)
+            work = self.group._end_coalescing()
+        return [work] if work is not None else []
 
     def _on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -7,9 +7,10 @@ busy with; the caller only collects what has landed (a wake-up pipe is its polla
 Life of a pair here, by the id its producer chose:
 
     Hello --> connecting (set-up thread: group, warm-up byte) --> ready --> gone
-                 | notices are kept in order                        |  each notice: fresh tensors,
-                 +-- set-up failed or took longer than timeout_s ---+  recvs posted; delivered once
-                                                                    |  done, in order
+                 | notices are kept in order                        |  each notice (a batch of keys):
+                 +-- set-up failed or took longer than timeout_s ---+  fresh tensors, its recvs posted
+                                                                    |  as one batch; its keys delivered
+                                                                    |  once it is done, in order
                                                   an op not done within timeout_s (the producer
                                                   died): the group is aborted, the pair dropped
 
@@ -48,8 +49,10 @@ _BACKOFF_S, _BACKOFF_MAX_S = 20e-6, 100e-6
 
 @dataclass(eq=False)
 class _Landing:
-    header: Header
-    tensors: dict[str, torch.Tensor]
+    """One notice's batch of keys, posted as one batch of recvs."""
+
+    headers: tuple[Header, ...]
+    tensors: list[dict[str, torch.Tensor]]  # per header
     completion: Completion
     deadline: float
 
@@ -58,7 +61,7 @@ class _Landing:
 class _Pair:
     pair: str
     created: float
-    waiting: deque[Header] = field(default_factory=deque)  # notices whose recvs are not posted yet
+    waiting: deque[tuple[Header, ...]] = field(default_factory=deque)  # notices not posted yet
     in_flight: deque[_Landing] = field(default_factory=deque)
     channel: Channel | None = None
     setup_error: str | None = None
@@ -154,10 +157,12 @@ class NcclRecvLoop:
 
     def _notice(self, notice: Notice) -> None:
         pair = self._pairs.get(notice.pair)
-        if pair is None:  # its pair broke here already: the producer fails the key on its side
-            logger.info("nccl connector dropped %r of a pair it no longer has", notice.header.key)
+        if pair is None:  # its pair broke here already: the producer fails the keys on its side
+            keys = [header.key for header in notice.headers]
+            logger.info("nccl connector dropped %s of a pair it no longer has", keys)
             return
-        pair.waiting.append(notice.header)
+        if notice.headers:
+            pair.waiting.append(notice.headers)
 
     def _connect(self, pair: _Pair) -> None:
         try:
@@ -181,13 +186,14 @@ class NcclRecvLoop:
             return False
         moved = bool(pair.waiting)
         while pair.waiting:
-            header = pair.waiting.popleft()
+            headers = pair.waiting.popleft()
             try:
-                tensors, completion = pair.channel.post_recv(header)
+                tensors, completion = pair.channel.post_recvs(list(headers))
             except Exception as exc:  # a communicator aborted under us, a header we cannot honour
-                self._drop(pair, f"posting the recvs of {header.key!r}: {type(exc).__name__}: {exc}")
+                keys = [header.key for header in headers]
+                self._drop(pair, f"posting the recvs of {keys}: {type(exc).__name__}: {exc}")
                 return True
-            pair.in_flight.append(_Landing(header, tensors, completion, now + self._timeout))
+            pair.in_flight.append(_Landing(headers, tensors, completion, now + self._timeout))
         while pair.in_flight and pair.in_flight[0].completion.done():
             landing = pair.in_flight.popleft()
             if landing.completion.error is not None:
@@ -196,22 +202,22 @@ class NcclRecvLoop:
             self._deliver(landing)
             moved = True
         if pair.in_flight and now > pair.in_flight[0].deadline:
-            self._drop(
-                pair, f"the producer sent nothing for {pair.in_flight[0].header.key!r} in {self._timeout}s"
-            )
+            key = pair.in_flight[0].headers[0].key
+            self._drop(pair, f"the producer sent nothing for {key!r} in {self._timeout}s")
         return moved
 
     def _deliver(self, landing: _Landing) -> None:
-        header = landing.header
-        self._landed.put(Received(header.key, landing.tensors, header.meta, header.nbytes, header.sent_at))
-        try:
+        for header, tensors in zip(landing.headers, landing.tensors):
+            self._landed.put(Received(header.key, tensors, header.meta, header.nbytes, header.sent_at))
+        try:  # one wake-up for the batch: take() collects every key that landed
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # full: the caller has wake-ups pending
             pass
 
     def _drop(self, pair: _Pair, error: str | None) -> None:
         if error is not None:
-            lost = [landing.header.key for landing in pair.in_flight] + [h.key for h in pair.waiting]
+            batches = [landing.headers for landing in pair.in_flight] + list(pair.waiting)
+            lost = [header.key for headers in batches for header in headers]
             logger.warning("nccl pair %s dropped (%s); keys lost here: %s", pair.pair, error, lost)
         pair.abandoned = True
         pair.waiting.clear()

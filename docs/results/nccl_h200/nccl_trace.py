@@ -5,6 +5,9 @@
 The connector's own methods are wrapped to stamp each key: send() called, notice pushed, sends
 posted (producer); notice received, recvs posted, landed, taken (consumer). One untimed
 streamed round first (the consumer's allocator grows once), then 40 messages back to back.
+Written against the connector as of commit f41ff70 (one notice and one op per message); the
+batched notices that came after it (Notice.headers, post_sends / post_recvs) need its wrappers
+adapted.
 """
 
 import json
