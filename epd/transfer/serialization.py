@@ -104,7 +104,7 @@ def checked_dtype(spec: TensorSpec) -> torch.dtype:
     """The dtype of `spec`, or ValueError when shape, dtype and nbytes disagree: a header from the wire
     is checked before any memory is reserved for it."""
     dtype = dtype_from_name(spec.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if any(dim < 0 for dim in spec.shape) or math.prod(spec.shape) * itemsize != spec.nbytes:
         raise ValueError(f"tensor {spec.name!r}: {spec.shape} of {spec.dtype} is not {spec.nbytes} bytes")
     return dtype
