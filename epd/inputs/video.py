@@ -230,10 +230,19 @@ def process_timed_video(
         raise InvalidInputError("all frames of a video must have the same size")
     h, w = qwen3_video_size(len(images), height, width, cfg)
     resized = np.stack([np.asarray(img.resize((w, h), resample=cfg.resample)) for img in images])
-    raw = torch.from_numpy(video_patchify(resized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size))
     key = video_key([image_content_hash(img) for img in images], 0.0)
     indices = range(len(images)) if frame_indices is None else frame_indices
     seconds = group_seconds(indices, fps or DEFAULT_FPS, cfg.temporal_patch_size)
+    return timed_video_from_resized(resized, cfg, key, seconds)
+
+
+def timed_video_from_resized(
+    resized: np.ndarray, cfg: ImageProcessorConfig, key: str, seconds: list[float]
+) -> TimedVideo:
+    """Qwen3-VL: frames already at their `qwen3_video_size`, uint8 [F, h, w, 3], keyed `key` ->
+    one item per temporal group, with each group's time (`seconds`)."""
+    h, w = resized.shape[1:3]
+    raw = torch.from_numpy(video_patchify(resized, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size))
     return TimedVideo(
         split_groups_as_items(raw, (h // cfg.patch_size, w // cfg.patch_size), key, cfg), seconds
     )

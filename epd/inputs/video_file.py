@@ -25,16 +25,25 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from epd.inputs.errors import InvalidInputError
-from epd.inputs.image import DataURL, read_image_bytes
+from epd.inputs.image import DataURL, image_key, read_image_bytes
 from epd.inputs.image_processor import ImageProcessorConfig
-from epd.inputs.video import TimedVideo, VideoOptions, process_timed_video, raw_video_patches
+from epd.inputs.video import (
+    TimedVideo,
+    group_seconds,
+    qwen3_video_size,
+    raw_video_patches,
+    timed_video_from_resized,
+    video_key,
+)
 
 if TYPE_CHECKING:
     from epd.inputs.processor import InputLimits
@@ -143,21 +152,24 @@ def qwen3_sample_indices(header: VideoHeader) -> list[int]:
     return np.linspace(0, total - 1, num).round().astype(int).tolist()
 
 
-def timed_video_from_file(
-    data: bytes, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
-) -> TimedVideo:
+def timed_video_from_file(data: bytes, cfg: ImageProcessorConfig, limits: InputLimits) -> TimedVideo:
     """Qwen3-VL: a video file decoded here, on the front end, into one item per temporal group.
 
     Its groups are items of their own (epd.inputs.video), and an item names no group of a file: so
-    unlike Qwen2-VL's, these files are not sent to the encoding side to decode."""
+    unlike Qwen2-VL's, these files are not sent to the encoding side to decode. The limits are
+    checked on the header before any frame is decoded, and each sampled frame is resized as soon
+    as it is decoded: the front end holds the resized frames only (their pixel budget counts them
+    all), never up to MAX_FRAMES full-size ones. Keyed by the file's bytes, as image files are."""
     header = read_video_header(data, limits.max_video_frames, limits.max_image_pixels)
     indices = qwen3_sample_indices(header)
-    frames = _decode_frames(data, indices)
-    if any(f.size != (header.width, header.height) for f in frames):
-        raise InvalidInputError(
-            "the video's frames are not the size its header gives; the file is inconsistent"
-        )
-    return process_timed_video(frames, cfg, options, header.fps, indices)
+    h, w = qwen3_video_size(len(indices), header.height, header.width, cfg)
+
+    def resize(frame: Image.Image) -> np.ndarray:
+        return np.asarray(frame.resize((w, h), resample=cfg.resample))
+
+    frames = _decode_frames(data, indices, (header.width, header.height), resize)
+    seconds = group_seconds(indices, header.fps, cfg.temporal_patch_size)
+    return timed_video_from_resized(np.stack(frames), cfg, video_key([image_key(data)], 0.0), seconds)
 
 
 def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
@@ -182,11 +194,7 @@ def video_patches_from_file(
     wanted = sample_indices(header, cfg.temporal_patch_size)
     if groups is not None:
         wanted = _chunk_frames(wanted, groups, cfg.temporal_patch_size)
-    frames = _decode_frames(data, wanted)
-    if any(f.size != (header.width, header.height) for f in frames):
-        raise InvalidInputError(
-            "the video's frames are not the size its header gives; the file is inconsistent"
-        )
+    frames = _decode_frames(data, wanted, (header.width, header.height))
     raw, decoded_grid = raw_video_patches(frames, cfg)
     if tuple(decoded_grid) != tuple(grid):
         raise InvalidInputError(f"the video decodes to grid {decoded_grid}, not {tuple(grid)}")
@@ -201,8 +209,15 @@ def _chunk_frames(wanted: list[int], groups: tuple[int, int], temporal_patch_siz
     return wanted[first * temporal_patch_size : end * temporal_patch_size]
 
 
-def _decode_frames(data: bytes, wanted: list[int]) -> list:
-    """The frames at `wanted` (increasing indices) as RGB PIL images; stops after the last."""
+def _decode_frames(
+    data: bytes,
+    wanted: list[int],
+    size: tuple[int, int],
+    convert: Callable[[Image.Image], Any] | None = None,
+) -> list:
+    """The frames at `wanted` (increasing indices) as RGB PIL images, or as `convert` makes each
+    one as soon as it is decoded (so that only converted frames are held); stops after the last.
+    A frame not of `size` (width, height), the header's, raises at once: the file is inconsistent."""
     import av
 
     container = _open(data)
@@ -212,9 +227,12 @@ def _decode_frames(data: bytes, wanted: list[int]) -> list:
     frames = []
     try:
         for index, frame in enumerate(container.decode(container.streams.video[0])):
-            frames += [frame.to_image()] * picks.get(index, 0)
+            if count := picks.get(index, 0):
+                frames += [_picked_frame(frame.to_image(), size, convert)] * count
             if index >= wanted[-1]:
                 break
+    except InvalidInputError:
+        raise
     except (av.FFmpegError, ValueError, EOFError) as e:
         raise InvalidInputError(f"cannot decode the video: {e}") from None
     finally:
@@ -225,6 +243,17 @@ def _decode_frames(data: bytes, wanted: list[int]) -> list:
             "(truncated or corrupt)"
         )
     return frames
+
+
+def _picked_frame(
+    image: Image.Image, size: tuple[int, int], convert: Callable[[Image.Image], Any] | None
+) -> Any:
+    if image.size != size:
+        raise InvalidInputError(
+            f"the video's frames are {image.width}x{image.height}, not the {size[0]}x{size[1]} its "
+            "header gives; the file is inconsistent"
+        )
+    return image if convert is None else convert(image)
 
 
 def read_video_bytes(source: VideoFileSource, limits: InputLimits) -> bytes:

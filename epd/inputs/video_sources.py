@@ -61,7 +61,7 @@ def _timed_video(
     video: Any, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
 ) -> TimedVideo:
     if _is_video_file_source(video):
-        return timed_video_from_file(read_video_bytes(video, limits), cfg, options, limits)
+        return timed_video_from_file(read_video_bytes(video, limits), cfg, limits)
     frames, fps = _video_frames(video)
     return process_timed_video(frames, cfg, options, fps)
 

@@ -1,9 +1,10 @@
-"""Hostile video input to the shared server: each gets a clear 400 naming what is wrong, and the
-server serves the next request as before. Refused at the front end from the header alone: a
-video with 10k frames (over --max-video-frames, 4096 by default), an MP4 cut in half (its index
-is at the end), video bytes where an image is expected and the reverse, URLs the media policy
-refuses. A Matroska file cut in half keeps a valid header: the encoder instance finds the end
-early and the router answers 400 for that request only."""
+"""Hostile video input, to the shared Qwen2.5-VL server and to a Qwen3-VL one: each gets a clear 400
+naming what is wrong, and the server serves the next request as before. Refused at the front end
+from the header alone: a video with 10k frames (over --max-video-frames, 4096 by default), an
+MP4 cut in half (its index is at the end), video bytes where an image is expected and the
+reverse, URLs the media policy refuses. A Matroska file cut in half keeps a valid header:
+Qwen2.5-VL's encoder instance finds the end early and the router answers 400 for that request
+only; Qwen3-VL's front end, which decodes its video files (epd.inputs.video_file), finds it there."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import base64
 import openai
 import pytest
 
+from epd.testing.checkpoints import build_tiny_checkpoint
 from epd.testing.images import noise_image
 from epd.testing.videos import MP4, encode_video, noise_clip
 
-from .conftest import MODEL_NAME
-from .helpers import data_url, encode_image
+from .conftest import API_KEY, MODEL_NAME
+from .helpers import ServerProcess, data_url, encode_image
 
 pytest.importorskip("av")
 
@@ -28,6 +30,21 @@ def ask(client, part: dict):
         max_tokens=2,
         temperature=0,
     )
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def video_client(request, media_dir, tmp_path_factory):
+    """The shared Qwen2.5-VL server's client, or one of a Qwen3-VL server with the same limits."""
+    if request.param == "qwen2_5_vl":
+        yield request.getfixturevalue("client")
+        return
+    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "qwen3_vl", "qwen3_vl")
+    args = ["--model", str(checkpoint), "--served-model-name", MODEL_NAME, "--layout", "1E+1P+1D"]
+    args += ["--max-model-len", "1024", "--allowed-local-media-path", str(media_dir)]
+    log = tmp_path_factory.mktemp("logs") / "qwen3_vl_hostile.log"
+    server = ServerProcess(args, log, api_key=API_KEY).start()
+    yield openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    assert server.stop() == 0, server.log()[-3000:]
 
 
 def video(url: str) -> dict:
@@ -48,43 +65,44 @@ def assert_refused(client, part: dict, message: str) -> None:
         ask(client, part)
 
 
-def test_ten_thousand_frames_refused_from_the_header(client):
+def test_ten_thousand_frames_refused_from_the_header(video_client):
+    # Qwen3-VL's front end decodes only the sampled frames (at most 768): refusing 10k frames
+    # over the 4096 limit can only come from the header, before any frame is decoded.
     frames = [noise_image(16, 16, seed=0)] * 10_000
-    assert_refused(
-        client, video(video_url(encode_video(frames, 25, kind=MP4))), "10000 frames, over the limit"
-    )
+    data = encode_video(frames, 25, kind=MP4)
+    assert_refused(video_client, video(video_url(data)), "10000 frames, over the limit of 4096")
 
 
-def test_truncated_mp4_refused_from_the_header(client, clip_mp4):
-    assert_refused(client, video(video_url(clip_mp4[: len(clip_mp4) // 2])), "cannot read the video header")
+def test_truncated_mp4_refused_from_the_header(video_client, clip_mp4):
+    cut = clip_mp4[: len(clip_mp4) // 2]
+    assert_refused(video_client, video(video_url(cut)), "cannot read the video header")
 
 
-def test_truncated_matroska_fails_at_the_encoder_alone(client):
+def test_truncated_matroska_fails_where_it_is_decoded(video_client):
     data = encode_video(noise_clip(12, seed=32), 4)
-    assert_refused(
-        client, video(video_url(data[: len(data) // 2], "video/x-matroska")), "truncated or corrupt"
-    )
+    cut = video_url(data[: len(data) // 2], "video/x-matroska")
+    assert_refused(video_client, video(cut), "truncated or corrupt")
 
 
-def test_video_where_an_image_is_expected(client, clip_mp4):
+def test_video_where_an_image_is_expected(video_client, clip_mp4):
     as_image = {"type": "image_url", "image_url": {"url": video_url(clip_mp4, "image/png")}}
-    assert_refused(client, as_image, "not an image")
+    assert_refused(video_client, as_image, "not an image")
     as_video_type = {"type": "image_url", "image_url": {"url": video_url(clip_mp4)}}
-    assert_refused(client, as_video_type, "not an image")
+    assert_refused(video_client, as_video_type, "not an image")
 
 
-def test_image_where_a_video_is_expected(client):
+def test_image_where_a_video_is_expected(video_client):
     png = encode_image(noise_image(64, 48, seed=3), "PNG")
-    assert_refused(client, video(data_url(png)), "not a video")
-    assert_refused(client, video(video_url(png)), "not a video in a supported container")
+    assert_refused(video_client, video(data_url(png)), "not a video")
+    assert_refused(video_client, video(video_url(png)), "not a video in a supported container")
 
 
-def test_media_policy_applies_to_video_urls(client, media_dir):
-    assert_refused(client, video("http://example.com/clip.mp4"), "remote")
-    assert_refused(client, video(str(media_dir.parent / "outside.mp4")), "outside the allowed media")
-    assert_refused(client, video("ftp://host/clip.mp4"), "unsupported")
+def test_media_policy_applies_to_video_urls(video_client, media_dir):
+    assert_refused(video_client, video("http://example.com/clip.mp4"), "remote")
+    assert_refused(video_client, video(str(media_dir.parent / "outside.mp4")), "outside the allowed media")
+    assert_refused(video_client, video("ftp://host/clip.mp4"), "unsupported")
 
 
-def test_server_still_serves_video_after_the_refusals(client, clip_mp4):
-    reply = ask(client, video(video_url(clip_mp4)))
+def test_server_still_serves_video_after_the_refusals(video_client, clip_mp4):
+    reply = ask(video_client, video(video_url(clip_mp4)))
     assert reply.choices[0].finish_reason in ("stop", "length")
