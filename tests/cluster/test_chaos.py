@@ -30,7 +30,10 @@ from epd.testing.images import noise_image
 SEED = 17
 LAYOUT = "2E+2P+2D"
 SILENCE_TIMEOUT_S = 2.0
-CHAOS_S = 20.0  # the stream and the disturbances last this long; then the last requests drain
+CHAOS_S = 20.0  # the stream and the disturbances last this long at least; then the last requests drain
+# ...and until every role was hit both ways: on a loaded machine instances take longer to come
+# back, and each disturbance waits for a second available instance of its role. A bound, not a guess.
+CHAOS_MAX_S = 300.0
 GAP_S = (1.5, 3.0)  # between two disturbances
 RATE = 10.0  # requests a second: few enough that the reference run stays short
 MAX_IN_FLIGHT = 16
@@ -81,6 +84,12 @@ class Chaos:
         self.plan = deque(plan)
         self.active: dict[str, Disturbance] = {}
         self.log: list[Disturbance] = []
+
+    @property
+    def covered(self) -> bool:
+        """Every role was hit by both kinds (the plan's first part is done)."""
+        hit = {(role, d.kind) for d in self.log for role in self.cluster.router.instances[d.name].spec.roles}
+        return hit >= {(role, kind) for role in ROLE_ORDER for kind in ("kill", "stop")}
 
     def tick(self, disturb: bool) -> None:
         for d in list(self.active.values()):
@@ -139,12 +148,13 @@ def signal_if_alive(pid: int, sig: int) -> None:
 
 
 def serve_through_chaos(llm: LLM, chaos: Chaos) -> tuple[dict, dict]:
-    """Send RATE requests a second (at most MAX_IN_FLIGHT running) for CHAOS_S while `chaos` acts,
-    then drain. Returns (request id -> its prompt and params, request id -> its final output)."""
+    """Send RATE requests a second (at most MAX_IN_FLIGHT running) while `chaos` acts, for CHAOS_S
+    and until every role was hit both ways (CHAOS_MAX_S at most), then drain. Returns (request id
+    -> its prompt and params, request id -> its final output)."""
     cluster, rng = llm.engine, random.Random(SEED)
     sent, finished = {}, {}
-    end = chaos.start + CHAOS_S
-    while (now := time.monotonic()) < end:
+    end, bound = chaos.start + CHAOS_S, chaos.start + CHAOS_MAX_S
+    while (now := time.monotonic()) < end or (not chaos.covered and now < bound):
         due = int((now - chaos.start) * RATE) + 1
         while len(sent) < due and len(sent) - len(finished) < MAX_IN_FLIGHT:
             i = len(sent)
