@@ -93,11 +93,18 @@ def _shards(param: nn.Parameter) -> set[object]:
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of the real shapes, for benchmarks: small normal matrices, unit norms."""
+    """Random weights of the real shapes, for benchmarks: small normal matrices, unit norms.
+
+    A tensor-parallel rank's split parameter (`load_full`: epd.parallel.linear) draws its
+    single-device values and keeps its share, so every degree computes what degree 1 computes."""
     # Generated on the parameter's device: filling a 7B model from the host is minutes.
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
+        load_full = getattr(param, "load_full", None)
         if param.dim() == 1 and ("norm" in name or "ln_q" in name):
             param.fill_(1.0)
-        else:
+        elif load_full is None:
             param.normal_(0.0, 0.02, generator=gen)
+        else:
+            full = torch.empty(param.full_shape, dtype=param.dtype, device=param.device)
+            load_full(full.normal_(0.0, 0.02, generator=gen))
