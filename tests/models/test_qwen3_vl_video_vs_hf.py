@@ -10,8 +10,6 @@ torchvision to run whole, which the tests do without); the model run against tra
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -29,6 +27,7 @@ from epd.inputs.video_file import VideoHeader, qwen3_sample_indices
 from epd.lifetime import Event
 from epd.testing.checkpoints import QWEN3_PREPROCESSOR
 from epd.testing.images import noise_image
+from epd.testing.qwen3_reference import hf_video_text
 from epd.testing.reference import assert_logprobs_match, hf_greedy, load_hf_model
 from epd.testing.videos import encode_video, noise_clip
 
@@ -63,18 +62,7 @@ def requests() -> list[dict]:
 
 def transformers_video_text(grid: tuple[int, int, int], fps: float, indices: list[int]) -> str:
     """What `Qwen3VLProcessor.replace_video_token` writes for a video's pad."""
-    processor = SimpleNamespace(
-        video_processor=SimpleNamespace(
-            merge_size=CFG.merge_size, temporal_patch_size=CFG.temporal_patch_size
-        ),
-        video_token="<|video_pad|>",
-        vision_start_token="<|vision_start|>",
-        vision_end_token="<|vision_end|>",
-    )
-    processor._calculate_timestamps = lambda *a: Qwen3VLProcessor._calculate_timestamps(processor, *a)
-    metadata = VideoMetadata(total_num_frames=len(indices), fps=fps, frames_indices=indices)
-    inputs = {"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}
-    return Qwen3VLProcessor.replace_video_token(processor, inputs, 0)
+    return hf_video_text(grid, fps, indices, CFG.merge_size, CFG.temporal_patch_size)
 
 
 def video_groups(prompt: ProcessedPrompt) -> list[int]:
