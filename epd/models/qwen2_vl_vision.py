@@ -204,6 +204,11 @@ def vision_window_index(grids: Sequence[Grid], cfg: VisionConfig) -> tuple[torch
 
     Returns the new order of merge groups and the window boundaries in patches.
     Windows are `window_size` pixels square, cut from the top-left; edge windows are smaller.
+    Within each frame the windows go largest first (a stable sort): a frame whose side is not a
+    whole number of windows (1280x960 px) alternates full and edge windows row by row, and
+    `varlen_attention` makes one call per run of equal lengths, so in raster order such an image
+    cost 18 attention calls a windowed block, sorted 3 to 4. Each window attends within itself and
+    the merger's output is put back in image order, so the order changes no result.
     """
     side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # window side in merge groups
     merge_unit = cfg.spatial_merge_size**2
@@ -212,11 +217,14 @@ def vision_window_index(grids: Sequence[Grid], cfg: VisionConfig) -> tuple[torch
         gh, gw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
         index = torch.arange(t * gh * gw).view(t, gh, gw)
         for frame in range(t):
-            for r in range(0, gh, side):
-                for c in range(0, gw, side):
-                    window = index[frame, r : r + side, c : c + side].flatten()
-                    order.append(window + base)
-                    seqlens.append(window.numel() * merge_unit)
+            windows = [
+                index[frame, r : r + side, c : c + side].flatten() + base
+                for r in range(0, gh, side)
+                for c in range(0, gw, side)
+            ]
+            windows.sort(key=lambda window: -window.numel())
+            order += windows
+            seqlens += [window.numel() * merge_unit for window in windows]
         base += t * gh * gw
     return torch.cat(order), _cumulative(seqlens)
 

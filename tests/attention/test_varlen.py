@@ -40,3 +40,21 @@ def test_varlen_attention_matches_per_segment(cu_seqlens):
     gen = torch.Generator().manual_seed(len(cu_seqlens))
     q, k, v = (torch.randn(cu_seqlens[-1], 3, 16, generator=gen).to(DEVICE) for _ in range(3))
     torch.testing.assert_close(varlen_attention(q, k, v, cu_seqlens), per_segment(q, k, v, cu_seqlens))
+
+
+def test_window_order_puts_equal_windows_together():
+    """A 1280x960 px image (68 x 92 patches) is not a whole number of 112 px windows: its edge
+    windows are smaller. Largest first within the frame, its windows form 3 runs of equal length
+    (full, edge, corner), so `varlen_attention` makes 3 calls a windowed block, not 18; and the
+    order is a permutation of every merge group, each window's groups in raster order."""
+    from epd.models.layers.attention import _equal_length_runs
+
+    cfg = VisionConfig("qwen2_5_vl", 4, 32, 64, 2, 64, "silu", window_size=112, fullatt_block_indexes=(1, 3))
+    grids = [(1, 68, 92), (2, 16, 20)]
+    order, seqlens = vision_window_index(grids, cfg)
+    groups = sum(t * h * w for t, h, w in grids) // 4
+    assert torch.equal(order.sort().values, torch.arange(groups))
+    first_image = [boundary for boundary in seqlens if boundary <= 68 * 92]  # its windows' bounds
+    runs = [(length, count) for _, length, count in _equal_length_runs(first_image)]
+    assert runs == [(64, 88), (32, 19), (16, 1)]
+    assert seqlens[-1] == groups * 4
