@@ -13,6 +13,15 @@ fails the requests that wait for it (`EncodeFailed`: the router answers 400).
 A chunk of a video (IRP over its frames: epd.inputs.video_chunks) is one more image here, keyed by
 its chunk key; where the video came as a file, only the chunk's frames are made into patches
 (decoding still runs from the file's start up to the chunk's last frame: no frame-exact seeking).
+On a GPU nothing waits for the device between batches: a batch's upload (from pinned memory,
+filled on the pool's thread), tower, cache write and sends are queued on the stream at once, and
+its completion is read from an event later (`_InFlight`), so the host launches batch n+1 while
+the GPU still runs batch n; the worker waits only when it has nothing else to launch or two
+batches are in flight already. Its reports (`EncodeDone`, the ENCODE_END time) come when the
+event fired: the sends, stream-ordered after the tower, may go before.
+
+    queued --patches made, budget, cache room--> launched (in flight) --event fired--> reported
+
 Each sent copy holds one pin on the cache entry until the consumer confirms receipt
 (`release`): the cache is the transfer buffer, and a full cache stops admission
 (back-pressure) instead of growing. A consumer that dies confirms nothing: `dest_gone` drops what
@@ -23,10 +32,12 @@ for ever, one more with each prefill instance that died).
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from epd.clock import WALL_CLOCK, Clock
@@ -64,6 +75,18 @@ class _Job:
     ready: float | None = None  # when its patches were made (set from the pool's thread)
 
 
+@dataclass
+class _InFlight:
+    """A launched batch: its GPU work queued, its reports held until `done` fires."""
+
+    batch: list[_Job]
+    start: LifetimeEvent
+    done: torch.cuda.Event | None  # None off the GPU: the work finished with the launch
+
+
+MAX_IN_FLIGHT = 2  # batches queued on the GPU at once: enough to hide one launch behind the other
+
+
 class EncoderWorker:
     def __init__(
         self,
@@ -83,12 +106,15 @@ class EncoderWorker:
         self.merge = model.config.vision.spatial_merge_size**2
         self.queue: OrderedDict[str, _Job] = OrderedDict()  # waiting for room or their turn
         self.done: list[EncodeDone | EncodeFailed] = []
+        self.in_flight: deque[_InFlight] = deque()
         self.num_encoded = 0
+        self.phase_s: Counter[str] = Counter()  # host seconds by phase: expand, launch, wait
         self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
 
     def has_work(self) -> bool:
-        """Whether a step would do something: an image whose patches are made (or failed)."""
-        return any(job.patches.done() for job in self.queue.values())
+        """Whether a step would do something: an image whose patches are made (or failed), or a
+        batch in flight to report."""
+        return bool(self.in_flight) or any(job.patches.done() for job in self.queue.values())
 
     @property
     def queued_patches(self) -> int:
@@ -117,10 +143,14 @@ class EncoderWorker:
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events, hit_keys))
 
     def step(self) -> list[EncodeDone | EncodeFailed]:
-        """Encode what fits (patch budget, cache room), ship it; return completion reports."""
+        """Launch what fits (patch budget, cache room) and ship it; report the batches the device
+        has finished; return the reports. Waits for the device only when there is nothing else to
+        launch, or `MAX_IN_FLIGHT` batches are queued on it already."""
+        self._finish(wait=len(self.in_flight) >= MAX_IN_FLIGHT)
         batch = self._take_batch()
         if batch:
-            self._encode(batch)
+            self._launch(batch)
+        self._finish(wait=not batch)
         done, self.done = self.done, []
         return done
 
@@ -158,28 +188,48 @@ class EncoderWorker:
         keys = [self.queue_policy.key(w.urgency or Urgency(now), now, patches=patches) for w in job.waiters]
         return min(keys)
 
-    def _encode(self, batch: list[_Job]) -> None:
+    def _launch(self, batch: list[_Job]) -> None:
+        """Queue the batch's upload, tower, cache writes and sends on the device; record its end."""
         start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)
         pixels = torch.cat([self.decode_pixels.expand(job.patches.result()) for job in batch])
         expanded = self.clock.now()
         with torch.inference_mode():
             embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
         launched = self.clock.now()
-        if self.device.type == "cuda":
-            # The launch returns long before the GPU is done; without this wait the encode's GPU
-            # time showed up as "mm_transfer" (a 4-image 1344 px request: 23 ms encode, 130 ms
-            # transfer). The E instance has nothing else to run meanwhile, so waiting costs nothing.
-            torch.cuda.synchronize(self.device)
-        end = LifetimeEvent.now(self.clock, Event.ENCODE_END, self.instance)
-        if logger.isEnabledFor(logging.DEBUG):
-            _log_batch(batch, start.time, expanded, launched, end.time)
-        self.num_encoded += len(batch)
         for job, emb in zip(batch, embeds):
             self.cache.write(job.content_hash, emb)
             for _ in job.waiters[1:]:
                 self.cache.pin(job.content_hash)  # one pin per destination copy
             self._send(job.content_hash, job.waiters)
-            self._report(job, start, end)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        self.in_flight.append(_InFlight(batch, start, done))
+        self.phase_s["expand"] += expanded - start.time
+        self.phase_s["launch"] += launched - expanded
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_launch(batch, start.time, expanded, launched)
+
+    def _finish(self, wait: bool) -> None:
+        """Report the in-flight batches whose device work is done, oldest first; with `wait`,
+        block (the GIL released) until the oldest is done. Its end time is when it was seen
+        done: on a GPU, the launch returns long before the work (a 4-image 1344 px batch: 23 ms
+        encode, which showed up as 130 ms of "mm_transfer" when reported at the launch)."""
+        while self.in_flight:
+            flight = self.in_flight[0]
+            if flight.done is not None and not flight.done.query():
+                if not wait:
+                    return
+                before = self.clock.now()
+                flight.done.synchronize()
+                self.phase_s["wait"] += self.clock.now() - before
+            wait = False  # one wait at most: the rest are reported when they are done
+            self.in_flight.popleft()
+            end = LifetimeEvent.now(self.clock, Event.ENCODE_END, self.instance)
+            self.num_encoded += len(flight.batch)
+            for job in flight.batch:
+                self._report(job, flight.start, end)
 
     def _send(self, content_hash: str, waiters: list[_Waiter]) -> None:
         embeds = self.cache.get(content_hash)
@@ -253,31 +303,45 @@ class PixelDecoder:
 
     def patches(self, item: EncodeItem) -> Future[torch.Tensor]:
         """The item's uint8 patches: at once if they came made, else from a pool thread (whose
-        exception is an `InvalidInputError` when the file is bad)."""
+        exception is an `InvalidInputError` when the file is bad). In pinned memory when they go
+        to a GPU, so their upload is asynchronous (pinned on the pool's thread where it decodes)."""
         if not item.file:
-            raw = torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(-1, item.raw_dim)
-            return done_future(raw)
+            return done_future(self._host_rows(np.frombuffer(item.pixels, np.uint8), item.raw_dim))
         if self.pool is None:
             raise RuntimeError("an image file reached an instance without a patch pool")
         if item.groups is not None:  # a chunk of a video file: its frames only
             grid, groups = tuple(item.grid), tuple(item.groups)
-            return self.pool.submit(video_patches_from_file, item.file, self.cfg, grid, groups)
-        return self.pool.submit(patches_from_file, item.file, self.cfg, tuple(item.grid))
+            return self.pool.submit(self._pinned, video_patches_from_file, item.file, self.cfg, grid, groups)
+        return self.pool.submit(self._pinned, patches_from_file, item.file, self.cfg, tuple(item.grid))
 
     def expand(self, raw: torch.Tensor) -> torch.Tensor:
-        return expand_patches(raw.to(self.device), self.table, self.temporal_patch_size, self.cfg.patch_size)
+        """uint8 patches -> the tower's float32 input on the device (queued: no wait when pinned)."""
+        uploaded = raw.to(self.device, non_blocking=raw.is_pinned())
+        return expand_patches(uploaded, self.table, self.temporal_patch_size, self.cfg.patch_size)
+
+    def _pinned(self, make: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
+        raw = make(*args)
+        return raw.pin_memory() if self.device.type == "cuda" else raw
+
+    def _host_rows(self, values: np.ndarray, width: int) -> torch.Tensor:
+        """The bytes as [rows, width] uint8, copied once: into pinned memory for a GPU, else into
+        a writable tensor (the message's bytes are read-only)."""
+        rows = torch.empty(values.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        rows.numpy()[:] = values
+        return rows.view(-1, width)
 
 
-def _log_batch(batch: list[_Job], start: float, expanded: float, launched: float, end: float) -> None:
-    """Where an encode's time went (EPD_LOG_LEVEL=debug): per image, from its task's arrival to
-    its patches and to the batch's start; then the batch's upload and expansion, launch and wait."""
+def _log_launch(batch: list[_Job], start: float, expanded: float, launched: float) -> None:
+    """Where a batch's host time went (EPD_LOG_LEVEL=debug): per image, from its task's arrival to
+    its patches and to the batch's start; then the batch's upload and expansion, and its launch
+    (the device's own time shows as ENCODE_END - ENCODE_START in the request's timings)."""
     ms = [
         f"{job.content_hash[:10]} patches {_ms(job.received, job.ready)} queued {_ms(job.received, start)}"
         for job in batch
     ]
     logger.debug(
-        "encode batch of %d: %s; expand %s, launch %s, gpu wait %s",
-        len(batch), "; ".join(ms), _ms(start, expanded), _ms(expanded, launched), _ms(launched, end),
+        "encode batch of %d: %s; expand %s, launch %s",
+        len(batch), "; ".join(ms), _ms(start, expanded), _ms(expanded, launched),
     )  # fmt: skip
 
 
