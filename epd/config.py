@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from epd.engine.queue_policy import DEFAULT_MAX_WAIT_S, POLICIES, QueuePolicy, make_queue_policy
+from epd.engine.queue_policy import DEFAULT_MAX_WAIT_S, STAGES, QueuePolicy, StagePolicies, make_queue_policy
 from epd.models.config import VLModelConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,7 +83,8 @@ class SchedulerConfig:
     # Split a prompt's prefill over steps so that it never holds up running decodes for long.
     # Only engines that decode chunk: one that hands its KV off prefills whole (epd.engine.llm_engine).
     enable_chunked_prefill: bool = True
-    # The order of the encode and prefill queues (epd.engine.queue_policy): fcfs, slo or priority.
+    # The order of the encode, prefill and decode queues (epd.engine.queue_policy): fcfs, slo or
+    # priority for every stage, or per stage ('encode=slo,prefill=fcfs'; see `policies`).
     scheduling_policy: str = "fcfs"
     slo_ttft: float | None = None  # seconds to the first token of a request that names none
     max_queue_wait_s: float = DEFAULT_MAX_WAIT_S  # a request waiting this long is served next
@@ -96,8 +97,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}")
+        StagePolicies.parse(self.scheduling_policy)  # ValueError naming the bad stage or policy
         if self.slo_ttft is not None and not self.slo_ttft > 0:
             raise ValueError("slo_ttft must be > 0")
         if self.slo_tpot is not None and not self.slo_tpot > 0:
@@ -107,8 +107,21 @@ class SchedulerConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
-    def queue_policy(self) -> QueuePolicy:
-        return make_queue_policy(self.scheduling_policy, self.slo_ttft, self.max_queue_wait_s)
+    @property
+    def policies(self) -> StagePolicies:
+        """`scheduling_policy` read per stage."""
+        return StagePolicies.parse(self.scheduling_policy)
+
+    def queue_policy(self, stage: str | None = None) -> QueuePolicy:
+        """The queue policy of `stage` (encode, prefill or decode); None: the one every stage has
+        (ValueError when the stages differ: the caller must say which it is)."""
+        policies = self.policies
+        if stage is None:
+            names = {policies.of(s) for s in STAGES}
+            if len(names) > 1:
+                raise ValueError(f"scheduling_policy {self.scheduling_policy!r} differs by stage: name one")
+            stage = STAGES[0]
+        return make_queue_policy(policies.of(stage), self.slo_ttft, self.max_queue_wait_s)
 
     def budget(self, max_model_len: int) -> int:
         """Tokens per step. Chunked: the given budget, else DEFAULT_CHUNKED_PREFILL_TOKENS. Whole

@@ -32,6 +32,7 @@ from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode
 from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.router.auto_roles import RoleSwitchingOptions
+from epd.cluster.router.placement import placement_for
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
 from epd.engine.step_estimator import prefill_seconds_of
@@ -146,7 +147,10 @@ class Cluster:
             raise
         addresses = {h.name: h.ready.control_address for h in handles}
         control = ZmqControlPlane(self.ctx, self.inbox, addresses)
-        self.router = Router(handles, control, silence_timeout_s=silence_timeout_s, auto_policy=self._auto)
+        placement = placement_for(engine.scheduler.policies.prefill)  # slo: prefills placed by slack
+        self.router = Router(
+            handles, control, placement=placement, silence_timeout_s=silence_timeout_s, auto_policy=self._auto
+        )
         prefill_seconds = prefill_seconds_of(engine.scheduler.slo_profile)
         if prefill_seconds is not None:  # encode deadlines leave room for the profile's prefill time
             self.router.core.prefill_seconds = prefill_seconds

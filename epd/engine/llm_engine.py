@@ -103,7 +103,7 @@ class LLMEngine:
             budget,
             self._swap_out,
             chunked,
-            sc.queue_policy(),  # --scheduling-policy: the waiting queue's order
+            sc.queue_policy("decode" if mm_cache is None and not encode_locally else "prefill"),  # D: decode
             clock,
             step_estimator or make_step_estimator(sc.slo_profile),
             sc.slo_tpot,

@@ -28,16 +28,28 @@ whatever its deadline or priority, so under a steady stream of more urgent work 
 `max_wait_s` plus the time the starving ones ahead of it take (FCFS among them).
 
 `fcfs` keeps every stage exactly as it was (the scheduler never asks it for keys: `reorders`).
+
+Per stage (`StagePolicies`, --scheduling-policy encode=slo,prefill=fcfs,decode=slo): each stage
+orders its own queue. A plain name means every stage; a stage not named keeps fcfs.
+
+| stage   | whose queue                                                                 |
+|---------|-----------------------------------------------------------------------------|
+| encode  | an encoder instance's job queue (epd.cluster.encoder_worker)                |
+| prefill | the waiting queue of an engine that prefills (P, PD, EP, EPD, aggregated);  |
+|         | also the router's choice of P (epd.cluster.router.placement)                |
+| decode  | the waiting queue of a decode-only engine (D: hand-offs waiting for a slot) |
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import msgspec
 
 POLICIES = ("fcfs", "slo", "priority")
+STAGES = ("encode", "prefill", "decode")
 DEFAULT_MAX_WAIT_S = 10.0
 # What the slack estimate charges, until a fitted profile (epd.plan.profile) is wired in: the
 # linear model's defaults (epd.sim.costs.LinearCosts).
@@ -153,3 +165,53 @@ def make_queue_policy(
 
 
 FCFS = Fcfs()
+
+
+@dataclass(frozen=True)
+class StagePolicies:
+    """The queue policy of each stage, by name (see the module docstring)."""
+
+    encode: str = "fcfs"
+    prefill: str = "fcfs"
+    decode: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        for stage in STAGES:
+            _check_policy(getattr(self, stage), stage)
+
+    @classmethod
+    def parse(cls, text: str) -> StagePolicies:
+        """'slo' (every stage) or 'encode=slo,decode=fcfs' (the stages not named: fcfs); ValueError
+        naming the bad part otherwise."""
+        text = text.strip()
+        if "=" not in text:
+            _check_policy(text, "every stage")
+            return cls(text, text, text)
+        chosen: dict[str, str] = {}
+        for item in (part.strip() for part in text.split(",")):
+            stage, _, name = (half.strip() for half in item.partition("="))
+            if stage not in STAGES:
+                raise ValueError(f"unknown stage {stage!r} in {text!r}; stages: {', '.join(STAGES)}")
+            if stage in chosen:
+                raise ValueError(f"stage {stage!r} named twice in {text!r}")
+            _check_policy(name, stage)
+            chosen[stage] = name
+        return cls(**chosen)
+
+    @property
+    def text(self) -> str:
+        """The shortest text `parse` reads back as these: a plain name when every stage agrees."""
+        names = [getattr(self, stage) for stage in STAGES]
+        if len(set(names)) == 1:
+            return names[0]
+        return ",".join(f"{stage}={name}" for stage, name in zip(STAGES, names))
+
+    def of(self, stage: str) -> str:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return getattr(self, stage)
+
+
+def _check_policy(name: str, stage: str) -> None:
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling policy {name!r} for {stage}; choose from {', '.join(POLICIES)}")

@@ -58,6 +58,16 @@ def parse_utilization(text: str) -> float:
     return value
 
 
+def parse_scheduling_policy(text: str) -> str:
+    """'slo' or 'encode=slo,prefill=fcfs' -> its shortest form (epd.engine.queue_policy.StagePolicies)."""
+    from epd.engine.queue_policy import StagePolicies  # no torch: --help stays light
+
+    try:
+        return StagePolicies.parse(text).text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Option:
     """What the CLI needs beyond a field's name, type and default."""
@@ -176,11 +186,13 @@ class EngineArgs:
     )
     scheduling_policy: str = option(
         "fcfs",
-        "order of the encode and prefill queues: first come first served, earliest TTFT deadline "
-        "first (those that can no longer meet theirs after the others), or lowest priority value "
-        "first; under slo and priority "
-        "a request that waited max-queue-wait seconds is served next",
-        choices=("fcfs", "slo", "priority"),
+        "order of the encode, prefill and decode queues: fcfs (first come first served), slo "
+        "(earliest TTFT deadline first, those that can no longer meet theirs after the others) or "
+        "priority (lowest priority value first); one for every stage, or per stage: "
+        "encode=slo,prefill=fcfs,decode=slo (a stage not named: fcfs; decode: a decode-only "
+        "instance's queue). Under slo and priority a request that waited max-queue-wait seconds is "
+        "served next",
+        parse=parse_scheduling_policy,
     )
     slo_ttft: float | None = option(
         None, "TTFT deadline in seconds of a request that sets no slo_ttft (default: none)"

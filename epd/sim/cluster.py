@@ -31,9 +31,11 @@ from epd.cluster.layout import InstanceSpec, Layout
 from epd.cluster.router import InstanceHandle, RouterCore
 from epd.cluster.router.auto_driver import AutoRoleSwitching
 from epd.cluster.router.auto_roles import RoleSwitchingOptions
+from epd.cluster.router.placement import placement_for
 from epd.cluster.router.role_switch import RoleSwitches
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
+from epd.engine.step_estimator import prefill_seconds_of
 from epd.sim.costs import LinearCosts, costs_at_degree
 from epd.sim.host_costs import HostCosts
 from epd.sim.node import SimInstance, StampedOutbox
@@ -91,7 +93,12 @@ class SimCluster:
         self.nodes = [self._node(s, self._compute_of(s)) for s in Layout.parse(spec.layout).instances("cpu")]
         self.by_name = {node.name: node for node in self.nodes}
         self.by_address = {node.connector.address: node for node in self.nodes}
-        self.router = RouterCore([self._handle(node) for node in self.nodes], self.clock)
+        # Prefills placed as the prefill stage's queue policy asks (placement_for: slo places by slack).
+        placement = placement_for(spec.engine.scheduler.policies.prefill)
+        self.router = RouterCore([self._handle(node) for node in self.nodes], self.clock, placement)
+        prefill_seconds = prefill_seconds_of(spec.engine.scheduler.slo_profile)
+        if prefill_seconds is not None:  # as epd.cluster.cluster: the router prices prompts by it
+            self.router.prefill_seconds = prefill_seconds
         self.switches = RoleSwitches(self.router)
         self.auto = self._auto_switching()
 

@@ -100,5 +100,5 @@ def build_encoder_worker(
         decode_pixels,
         cfg.max_encode_batch_patches,
         clock=clock,
-        queue_policy=cfg.engine.scheduler.queue_policy(),  # --scheduling-policy
+        queue_policy=cfg.engine.scheduler.queue_policy("encode"),  # --scheduling-policy's encode stage
     )

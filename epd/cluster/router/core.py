@@ -60,7 +60,7 @@ from epd.cluster.router.encode_units import encode_item, encode_units, work_item
 from epd.cluster.router.held_embeddings import HeldEmbeddings
 from epd.cluster.router.ledger import LoadLedger, Work
 from epd.cluster.router.lifecycle import IllegalTransition, RequestRecord, Trigger
-from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement
+from epd.cluster.router.placement import EncodeAffinity, ImageToEncode, Placement, RequestToPlace
 from epd.cluster.router.recovery import (
     MAX_ATTEMPTS,
     Recovery,
@@ -278,7 +278,8 @@ class RouterCore:
             # No encoder instance is left: an instance that prefills with the vision tower at hand
             # (EP, EPD) encodes the images itself, where the layout has one.
             prefills = self._prefills_with_vision() or live
-        prefill = self.placement.prefill.choose(prefills, self.ledger, {})
+        request = RequestToPlace(len(prompt.prompt_token_ids), self.prefill_seconds)
+        prefill = self.placement.prefill.choose(prefills, self.ledger, {}, request)
         decode = self.placement.decode.choose(live, self.ledger, {Role.PREFILL: prefill})
         return self.instances[prefill.name], self.instances[decode.name]
 

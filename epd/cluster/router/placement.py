@@ -3,6 +3,10 @@
 | decides                   | policy (default) | reads                  | rule                               |
 |---------------------------|------------------|------------------------|------------------------------------|
 | a request's prefill       | LeastLoaded(P)   | ledger                 | fewest outstanding prompt tokens   |
+| (--scheduling-policy with | MostSlack        | ledger, the router's   | the shortest predicted TTFT: the   |
+| prefill=slo)              |                  | prefill cost model     | predicted prefills of the prompts  |
+|                           |                  | (RequestToPlace)       | it holds, then this one's; so the  |
+|                           |                  |                        | largest slack (placement_for)      |
 | a request's decode        | KeepOnPrefill    | prefill chosen, ledger | a P that also decodes keeps it;    |
 |                           |                  |                        | else the D with the fewest running |
 |                           |                  |                        | requests                           |
@@ -15,6 +19,13 @@
 | is encoded in (IRP over   |                  |                        | temporal group: each chunk is then |
 | its frames)               |                  |                        | placed as an image (SpreadImages)  |
 
+Why MostSlack prices prompts rather than counting tokens: a prompt's prefill is not linear in its
+tokens (attention is quadratic in them, a step has a fixed cost), so an instance holding one long
+prompt can be further from done than one holding more tokens in short prompts; the router's cost
+model (`RouterCore.prefill_seconds`: the --slo-profile's, else the default price per token, under
+which both rules agree) says how far. The request's deadline is the same wherever it goes, so the
+largest slack (deadline - now - predicted TTFT) is the shortest predicted TTFT.
+
 Policies see instances as `InstanceSpec`s (name and roles; no sockets) and read the load ledger;
 they return their choices and change nothing, so the router reserves what was chosen and a policy
 can be tested, or swapped, without a process. Candidates come in layout order: ties go to the first.
@@ -23,7 +34,7 @@ can be tested, or swapped, without a process. Candidates come in layout order: t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -46,19 +57,31 @@ def least_loaded(role: Role, candidates: Sequence[InstanceSpec], ledger: LoadLed
 # ---- prefill and decode: one instance per stage -----------------------------------------------
 
 
+class RequestToPlace(NamedTuple):
+    """What a stage policy may know of the request it places."""
+
+    prompt_tokens: int
+    prefill_seconds: Callable[[int], float]  # a prompt's predicted prefill (RouterCore.prefill_seconds)
+
+
 class StagePolicy(ABC):
     """Chooses the instance for one stage (`role`) of a new request.
 
     `candidates` are the live instances, whatever their roles; `chosen` holds what was picked for
-    this request's earlier stages (prefill is chosen before decode). Returns a candidate that has
-    `role`, or raises RuntimeError("no live instance can take role X") when none has it.
+    this request's earlier stages (prefill is chosen before decode); `request`: the request, where
+    the router says (None: a policy must choose without it). Returns a candidate that has `role`,
+    or raises RuntimeError("no live instance can take role X") when none has it.
     """
 
     role: Role
 
     @abstractmethod
     def choose(
-        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+        self,
+        candidates: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        chosen: Mapping[Role, InstanceSpec],
+        request: RequestToPlace | None = None,
     ) -> InstanceSpec: ...
 
 
@@ -67,9 +90,46 @@ class LeastLoaded(StagePolicy):
         self.role = role
 
     def choose(
-        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+        self,
+        candidates: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        chosen: Mapping[Role, InstanceSpec],
+        request: RequestToPlace | None = None,
     ) -> InstanceSpec:
         return least_loaded(self.role, candidates, ledger)
+
+
+class MostSlack(StagePolicy):
+    """The P where the new request's predicted TTFT is shortest, so its slack largest: the prompts
+    the P holds (reserved, not yet at their first token), each priced by the router's cost model,
+    then this one's. Without the request: as LeastLoaded."""
+
+    role = Role.PREFILL
+
+    def choose(
+        self,
+        candidates: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        chosen: Mapping[Role, InstanceSpec],
+        request: RequestToPlace | None = None,
+    ) -> InstanceSpec:
+        if request is None:
+            return least_loaded(Role.PREFILL, candidates, ledger)
+        able = [c for c in candidates if c.has(Role.PREFILL)]
+        if not able:
+            raise no_candidate(Role.PREFILL)
+        waits = predicted_prefill_waits(ledger, request.prefill_seconds)
+        own = request.prefill_seconds(request.prompt_tokens)  # the same everywhere, for now: one cost model
+        return min(able, key=lambda c: waits.get(c.name, 0.0) + own)  # the predicted TTFT; ties: the first
+
+
+def predicted_prefill_waits(ledger: LoadLedger, prefill_seconds: Callable[[int], float]) -> dict[str, float]:
+    """Per instance, the predicted seconds of the prefills it holds (one pass over the ledger)."""
+    waits: dict[str, float] = {}
+    for work, (instance, tokens) in ledger.outstanding().items():
+        if work.stage is Role.PREFILL:
+            waits[instance] = waits.get(instance, 0.0) + prefill_seconds(tokens)
+    return waits
 
 
 class KeepOnPrefill(StagePolicy):
@@ -78,7 +138,11 @@ class KeepOnPrefill(StagePolicy):
     role = Role.DECODE
 
     def choose(
-        self, candidates: Sequence[InstanceSpec], ledger: LoadLedger, chosen: Mapping[Role, InstanceSpec]
+        self,
+        candidates: Sequence[InstanceSpec],
+        ledger: LoadLedger,
+        chosen: Mapping[Role, InstanceSpec],
+        request: RequestToPlace | None = None,
     ) -> InstanceSpec:
         prefill = chosen.get(Role.PREFILL)
         if prefill is not None and prefill.has(Role.DECODE):
@@ -203,3 +267,11 @@ class Placement:
     decode: StagePolicy = field(default_factory=KeepOnPrefill)
     encode: EncoderPolicy = field(default_factory=SpreadImages)
     video: SplitVideos = field(default_factory=SplitVideos)
+
+
+def placement_for(prefill_policy: str) -> Placement:
+    """The placement that goes with the prefill stage's queue policy (--scheduling-policy): slo
+    places prefills by slack (MostSlack), the others by outstanding tokens (LeastLoaded)."""
+    if prefill_policy == "slo":
+        return Placement(prefill=MostSlack())
+    return Placement()

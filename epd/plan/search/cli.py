@@ -94,6 +94,19 @@ def _search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-top", type=int, default=3, help="layouts whose knobs are tuned, the best first")
     g.add_argument("--knob-trials", type=int, default=4, help="knob settings tried per tuned layout")
     g.add_argument(
+        "--scheduling-policy-choices",
+        type=_policies,
+        default="fcfs,slo",
+        metavar="P,...",
+        help="queue policies each stage (encode, prefill, decode) may take in the plan's "
+        "--scheduling-policy, tried only where requests have a TTFT SLO (--slo-ttft, --classes); "
+        "one value: fixed",
+    )
+    g.add_argument(
+        "--policy-top", type=int, default=2, help="layouts whose queue policies are tried, the best first"
+    )
+    g.add_argument("--policy-trials", type=int, default=2, help="queue policy settings tried per such layout")
+    g.add_argument(
         "--rate-steps", type=int, default=3, help="bisections of each rate search (more: a finer goodput)"
     )
     g.add_argument(
@@ -174,6 +187,16 @@ def _layouts(text: str) -> tuple[Layout, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    from epd.engine.queue_policy import POLICIES
+
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [name for name in names if name not in POLICIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"not a comma list of {', '.join(POLICIES)}: {text!r}")
+    return names
+
+
 def _kinds(text: str) -> tuple[str, ...]:
     from epd.plan.search.layouts import parse_kinds
 
@@ -203,8 +226,12 @@ def _check_plan_args(args: argparse.Namespace) -> None:
         args.parser.error(f"--layouts must use --gpus GPUs ({args.gpus}; with --rate: at most)")
     if args.rate is not None and not 0 < args.rate < float("inf"):
         args.parser.error("--rate must be a finite rate > 0")
-    if min(args.tune_top, args.knob_trials, args.rate_steps) < 0 or args.max_simulations < 1:
-        args.parser.error("--tune-top, --knob-trials and --rate-steps must be >= 0, --max-simulations >= 1")
+    if min(args.tune_top, args.knob_trials, args.rate_steps, args.policy_top, args.policy_trials) < 0:
+        args.parser.error(
+            "--tune-top, --knob-trials, --rate-steps, --policy-top and --policy-trials must be >= 0"
+        )
+    if args.max_simulations < 1:
+        args.parser.error("--max-simulations must be >= 1")
 
 
 def plan_engine_args(args: argparse.Namespace) -> EngineArgs:
@@ -216,9 +243,10 @@ def plan_engine_args(args: argparse.Namespace) -> EngineArgs:
     if model is None:
         args.parser.error("--model is required (the built-in demo model is missing from this install)")
     names = plan_option_names()
-    return EngineArgs(
-        model, **{f.name: engine_option_value(args, f) for f in engine_options() if f.name in names}
-    )
+    options = {f.name: engine_option_value(args, f) for f in engine_options() if f.name in names}
+    # As `epd simulate`: the TTFT objective is the deadline `--scheduling-policy slo` serves by.
+    options["slo_ttft"] = args.slo_ttft
+    return EngineArgs(model, **options)
 
 
 def plan_option_names() -> list[str]:

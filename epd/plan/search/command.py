@@ -71,9 +71,19 @@ def search_settings(args: argparse.Namespace) -> SearchSettings:
         space=KnobSpace(args.max_num_seqs_choices, args.max_num_batched_tokens_choices),
         tune_top=args.tune_top,
         knob_trials=args.knob_trials,
+        scheduling_policy=args.scheduling_policy,
+        policies=args.scheduling_policy_choices if has_ttft_slo(args) else (),
+        policy_top=args.policy_top,
+        policy_trials=args.policy_trials,
         rate_steps=args.rate_steps,
         seed=args.seed,
     )
+
+
+def has_ttft_slo(args: argparse.Namespace) -> bool:
+    """Some request has a TTFT deadline (--slo-ttft, or a --classes class's): queue order serves
+    deadlines, so without one the policies have nothing to order by and are not searched."""
+    return args.slo_ttft is not None or any(c.slo.ttft is not None for c in args.classes)
 
 
 def simulate_namespace(args: argparse.Namespace) -> argparse.Namespace:
@@ -101,7 +111,7 @@ def winner_record(result: PlanResult, engine_args: EngineArgs) -> dict | None:
         return None
     planned = engine_args_for(engine_args, winner.config)
     options = {f.name: getattr(planned, f.name) for f in dataclasses.fields(planned) if f.name != "limits"}
-    return candidate_record(winner) | {
+    return candidate_record(winner, result.settings.scheduling_policy) | {
         "engine_args": options,
         "serve_args": serve_args(planned),
         "serve_command": serve_command(planned),
@@ -127,5 +137,9 @@ def print_plan(result: PlanResult, doc: dict, console: Console, args: argparse.N
     if winner is None:
         console.print("[red]no configuration met the SLOs[/red]")
         return
-    console.print(f"best: {winner['layout']}, {winner['goodput']:.3f} req/s goodput; serve it with:")
+    policy = winner["engine_args"]["scheduling_policy"]
+    console.print(
+        f"best: {winner['layout']}, scheduling policy {policy}, {winner['goodput']:.3f} req/s goodput; "
+        "serve it with:"
+    )
     console.print(winner["serve_command"], soft_wrap=True, highlight=False, markup=False)

@@ -37,13 +37,15 @@ from epd.sim.workload import SimRequest
 class Config:
     layout: Layout
     knobs: Knobs
+    policy: str | None = None  # --scheduling-policy (epd.plan.search.policies); None: the plan's flag
 
     @property
     def gpus(self) -> int:
         return self.layout.num_devices
 
     def describe(self) -> str:
-        return f"{self.layout.text} ({self.knobs.describe()})"
+        policy = "" if self.policy is None else f", policy {self.policy}"
+        return f"{self.layout.text} ({self.knobs.describe()}{policy})"
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,18 @@ class Trial:
 
 
 def engine_args_for(base: EngineArgs, config: Config) -> EngineArgs:
-    """`base` with the configuration's layout, one GPU per rank of each instance, and its knobs."""
+    """`base` with the configuration's layout, one GPU per rank of each instance, its knobs and
+    its queue policy."""
     gpus = config.gpus
     devices = {"device": "cuda:0", "devices": None} if gpus == 1 else {"devices": gpu_list(gpus)}
+    policy = {} if config.policy is None else {"scheduling_policy": config.policy}
     return dataclasses.replace(
         base,
         layout=config.layout.text,
         max_num_seqs=config.knobs.max_num_seqs,
         max_num_batched_tokens=config.knobs.max_num_batched_tokens,
         **devices,
+        **policy,
     )
 
 

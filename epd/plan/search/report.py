@@ -2,6 +2,8 @@
 
 | column     | meaning                                                                            |
 |------------|------------------------------------------------------------------------------------|
+| policy     | --scheduling-policy: every stage's queue order, or per stage                       |
+|            | (epd.plan.search.policies)                                                         |
 | goodput    | highest rate (req/s) with >= 90% SLO attainment, as `epd bench` computes it; `*`:   |
 |            | every rate simulated passed, up to the capacity estimate (epd.plan.search.rates)    |
 | at         | the highest passing rate simulated: the TTFT/TPOT p90, attainment and bottleneck    |
@@ -31,7 +33,7 @@ OVERLOAD_SEEN = 12
 def plan_table(result: PlanResult, rows: int) -> Table:
     title = f"epd plan: {_headline(result)}"
     table = Table(title=title, title_justify="left")
-    for name in ("#", "layout", "max seqs", "token budget", "goodput", "at", "attained"):
+    for name in ("#", "layout", "max seqs", "token budget", "policy", "goodput", "at", "attained"):
         table.add_column(name, justify="left" if name == "layout" else "right", no_wrap=name == "layout")
     for name in ("TTFT p90 ms", "TPOT p90 ms", "busy E/P/D %", "bottleneck", "estimate", "sims"):
         table.add_column(name, justify="right")
@@ -42,6 +44,7 @@ def plan_table(result: PlanResult, rows: int) -> Table:
             c.config.layout.text,
             str(knobs.max_num_seqs),
             "-" if knobs.max_num_batched_tokens is None else str(knobs.max_num_batched_tokens),
+            c.config.policy or result.settings.scheduling_policy,
             f"{c.goodput:.3f}{'*' if c.search and c.search.at_capacity else ''}",
             "-" if best is None else f"{best.rate:.3g}",
             "-" if best is None else f"{best.attainment:.0%}",
@@ -56,7 +59,7 @@ def plan_table(result: PlanResult, rows: int) -> Table:
 
 
 def best_per_layout(result: PlanResult) -> list[Candidate]:
-    """The ranking with each layout once, at its best knobs."""
+    """The ranking with each layout once, at its best knobs and queue policy."""
     seen: set[str] = set()
     best = []
     for c in result.ranked:
@@ -81,8 +84,9 @@ def summary_lines(result: PlanResult, num_requests: int, slo_ttft: float | None)
     below = [c for c in result.candidates if c.search is not None and c.search.below is not None]
     lines = [
         f"{len(result.ranked)} configurations ranked ({len(best_per_layout(result))} layouts, the best "
-        f"knobs of each shown), {len(below)} fell short of the rate to beat (one simulation each), "
-        f"{len(skipped)} skipped on their capacity estimate; {result.simulations} simulations"
+        f"knobs and queue policy of each shown), {len(below)} fell short of the rate to beat (one "
+        f"simulation each), {len(skipped)} skipped on their capacity estimate; "
+        f"{result.simulations} simulations"
     ]
     unsimulated = [c for c in result.candidates if c.search is not None and not c.search.trials]
     if unsimulated:
@@ -122,12 +126,15 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def candidate_record(c: Candidate) -> dict:
+def candidate_record(c: Candidate, base_policy: str) -> dict:
+    """`base_policy`: the plan's own --scheduling-policy, which a configuration without one of its
+    own (every one but the policy trials) runs."""
     best = c.best
     return {
         "layout": c.config.layout.text,
         "gpus": c.config.gpus,
         "knobs": dataclasses.asdict(c.config.knobs),
+        "scheduling_policy": c.config.policy or base_policy,
         "goodput": c.goodput,
         "below": None if c.search is None else c.search.below,
         "at_capacity": c.search is not None and c.search.at_capacity,
@@ -163,14 +170,17 @@ def plan_document(result: PlanResult, context: dict, winner: dict | None) -> dic
             "knob_space": dataclasses.asdict(s.space),
             "tune_top": s.tune_top,
             "knob_trials": s.knob_trials,
+            "policy_choices": list(s.policies),
+            "policy_top": s.policy_top,
+            "policy_trials": s.policy_trials,
             "rate_steps": s.rate_steps,
             "seed": s.seed,
             "optimiser": "seeded pattern search over the knob grids (optuna is not a dependency)",
             "simulations": result.simulations,
             "exhausted": result.exhausted,
         },
-        "ranked": [candidate_record(c) for c in ranked],
-        "unranked": [candidate_record(c) for c in unranked],
+        "ranked": [candidate_record(c, s.scheduling_policy) for c in ranked],
+        "unranked": [candidate_record(c, s.scheduling_policy) for c in unranked],
         "winner": winner,
     }
 

@@ -7,6 +7,9 @@
       2. tune: the `tune_top` best layouts get `knob_trials` more knob settings each (seeded
          pattern search, epd.plan.search.knobs), each one a rate search that must beat the
          layout's best so far
+      3. queue order: with `policies` to choose from (the workload has a TTFT SLO), the
+         `policy_top` best layouts, at their best knobs, get `policy_trials` per-stage
+         --scheduling-policy settings each (epd.plan.search.policies), each to beat as above
     GPU mode (--rate R): the same search on 1, 2, ... GPUs with R as the rate every configuration
       must pass, until some configuration passes; its ranking is by goodput as above. With nothing
       passing at n GPUs, the layouts closest to passing (highest attainment at R) are tuned.
@@ -27,11 +30,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from epd.cluster.layout import Layout
+from epd.engine.queue_policy import StagePolicies
 from epd.engine.scripted_runner import ComputeCosts
 from epd.plan.search.capacity import Capacity, StageWork, capacity, stage_work
 from epd.plan.search.evaluate import Config, Evaluator, Trial
 from epd.plan.search.knobs import Knobs, KnobSpace, proposals
 from epd.plan.search.layouts import INSTANCE_KINDS, candidate_layouts
+from epd.plan.search.policies import policy_proposals
 from epd.plan.search.rates import RateSearch, search_rate
 from epd.sim.costs import costs_at_degree
 from epd.sim.workload import SimRequest
@@ -47,6 +52,10 @@ class SearchSettings:
     space: KnobSpace = field(default_factory=KnobSpace)
     tune_top: int = 3
     knob_trials: int = 4
+    scheduling_policy: str = "fcfs"  # the plan's own --scheduling-policy: where its search starts
+    policies: tuple[str, ...] = ()  # queue policies a stage may take; fewer than 2: not searched
+    policy_top: int = 2
+    policy_trials: int = 2
     rate_steps: int = 3
     seed: int = 0
 
@@ -74,11 +83,19 @@ class Candidate:
 
     def rank_key(self) -> tuple:
         """Best first: goodput; at equal goodput the most SLO headroom at it; without one, the
-        closest to passing the rate to beat; then the text (a stable order)."""
+        closest to passing the rate to beat; then the text, the knobs and the queue policy, the
+        plan's own before one policy for every stage before a mix (a stable order)."""
         first = self.search.trials[0].attainment if self.search and self.search.trials else -1.0
         goodput = -1.0 if self.goodput is None else self.goodput
         use = self.best.slo_use if self.best is not None else math.inf
-        return (-goodput, use, -first, self.config.layout.text, self.config.knobs)
+        return (
+            -goodput,
+            use,
+            -first,
+            self.config.layout.text,
+            self.config.knobs,
+            *_policy_key(self.config.policy),
+        )
 
 
 @dataclass(frozen=True)
@@ -132,12 +149,28 @@ class Planner:
         estimates = self._estimates(layouts)
         candidates: list[Candidate] = []
         for layout in sorted(layouts, key=lambda lay: (-estimates[lay].rate, lay.text)):
-            start = self.settings.space.start(layout)
-            candidates.append(self._evaluate(Config(layout, start), estimates[layout], floor, candidates))
+            start = Config(layout, self.settings.space.start(layout))
+            candidates.append(self._evaluate(start, estimates[layout], floor, candidates))
         for leader in sorted(candidates, key=Candidate.rank_key)[: self.settings.tune_top]:
             if leader.search is not None:
                 candidates += self._tune(leader, floor)
+        if len(self.settings.policies) > 1:
+            for leader in self._best_per_layout(candidates)[: self.settings.policy_top]:
+                candidates += self._tune_policy(leader, candidates, floor)
         return candidates
+
+    def _base_policy(self) -> str:
+        """The plan's own --scheduling-policy, in its shortest form: where the policy search starts."""
+        return StagePolicies.parse(self.settings.scheduling_policy).text
+
+    @staticmethod
+    def _best_per_layout(candidates: list[Candidate]) -> list[Candidate]:
+        """The best simulated configuration of each layout, best first."""
+        best: dict[str, Candidate] = {}
+        for c in sorted(candidates, key=Candidate.rank_key):
+            if c.search is not None and c.goodput is not None:
+                best.setdefault(c.config.layout.text, c)
+        return list(best.values())
 
     def _layouts(self, gpus: int) -> list[Layout]:
         if self.settings.layouts:
@@ -186,10 +219,37 @@ class Planner:
             if knobs is None or self.evaluator.exhausted:
                 break
             tried.add(knobs)
-            found.append(self._evaluate(Config(layout, knobs), leader.capacity, floor, found))
+            config = Config(layout, knobs, leader.config.policy)
+            found.append(self._evaluate(config, leader.capacity, floor, found))
             best = min(found, key=Candidate.rank_key).config.knobs
         return found[1:]
+
+    def _tune_policy(
+        self, leader: Candidate, candidates: list[Candidate], floor: float | None
+    ) -> list[Candidate]:
+        """Up to `policy_trials` other queue policies for the leader's layout and knobs, each to beat
+        the best of that layout so far."""
+        layout, knobs = leader.config.layout, leader.config.knobs
+        rivals = [c for c in candidates if c.config.layout == layout]
+        base = self._base_policy()
+        best = leader.config.policy or base
+        tried = {c.config.policy or base for c in rivals if c.config.knobs == knobs}
+        found: list[Candidate] = []
+        for _ in range(self.settings.policy_trials):
+            policy = next(policy_proposals(self.settings.policies, layout, best, tried), None)
+            if policy is None or self.evaluator.exhausted:
+                break
+            tried.add(policy)
+            config = Config(layout, knobs, policy)
+            found.append(self._evaluate(config, leader.capacity, floor, rivals + found))
+            best = min([leader, *found], key=Candidate.rank_key).config.policy or best
+        return found
 
     def _result(self, candidates: list[Candidate], gpus: int | None) -> PlanResult:
         e = self.evaluator
         return PlanResult(self.settings, tuple(candidates), gpus, e.spent, e.exhausted)
+
+
+def _policy_key(policy: str | None) -> tuple[bool, bool, str]:
+    """Orders equally good queue policies: the plan's own (None) first, then one for every stage."""
+    return (policy is not None, policy is not None and "=" in policy, policy or "")
