@@ -80,8 +80,39 @@ class _InFlight:
     """A launched batch: its GPU work queued, its reports held until `done` fires."""
 
     batch: list[_Job]
-    start: LifetimeEvent
-    done: torch.cuda.Event | None  # None off the GPU: the work finished with the launch
+    start: float  # the clock's time at the launch (off the GPU: the encode's start)
+    began: torch.cuda.Event | None = None  # on the GPU: where its work begins on the stream
+    done: torch.cuda.Event | None = None  # and where it ends (None off the GPU: done at launch)
+
+
+class DeviceClock:
+    """The clock's time of events on a CUDA stream. An encode's reports wait for its event, and
+    the worker sees the event only between its own launches (each tens of ms), so the time it sees
+    it is late: P had the embeddings before E's ENCODE_END ("mm_transfer" came out negative, the
+    encode ~0.1 s too long). Instead each event is timed against an anchor event that was recorded
+    while the stream was idle and waited for at once, so its clock time is known:
+    time(e) = anchor time + anchor.elapsed_time(e)."""
+
+    def __init__(self, clock: Clock, device: torch.device) -> None:
+        self.clock, self.device = clock, device
+        self.anchor: torch.cuda.Event | None = None
+        self.anchor_time = 0.0
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def anchor_now(self) -> None:
+        """Call with nothing of ours queued on the stream: the wait is then a few microseconds."""
+        self.anchor = self.mark()
+        self.anchor.synchronize()
+        self.anchor_time = self.clock.now()
+
+    def time_of(self, event: torch.cuda.Event) -> float:
+        """The clock's time when `event` (recorded after the anchor, and done) was reached."""
+        assert self.anchor is not None
+        return self.anchor_time + self.anchor.elapsed_time(event) / 1e3
 
 
 MAX_IN_FLIGHT = 2  # batches queued on the GPU at once: enough to hide one launch behind the other
@@ -109,6 +140,7 @@ class EncoderWorker:
         self.in_flight: deque[_InFlight] = deque()
         self.num_encoded = 0
         self.phase_s: Counter[str] = Counter()  # host seconds by phase: expand, launch, wait
+        self.device_clock = DeviceClock(clock, device) if device.type == "cuda" else None
         self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
 
     def has_work(self) -> bool:
@@ -190,7 +222,11 @@ class EncoderWorker:
 
     def _launch(self, batch: list[_Job]) -> None:
         """Queue the batch's upload, tower, cache writes and sends on the device; record its end."""
-        start = LifetimeEvent.now(self.clock, Event.ENCODE_START, self.instance)
+        flight = _InFlight(batch, self.clock.now())
+        if self.device_clock is not None:
+            if not self.in_flight:
+                self.device_clock.anchor_now()  # nothing of ours is queued: the stream is idle
+            flight.began = self.device_clock.mark()
         pixels = torch.cat([self.decode_pixels.expand(job.patches.result()) for job in batch])
         expanded = self.clock.now()
         with torch.inference_mode():
@@ -201,21 +237,20 @@ class EncoderWorker:
             for _ in job.waiters[1:]:
                 self.cache.pin(job.content_hash)  # one pin per destination copy
             self._send(job.content_hash, job.waiters)
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-        self.in_flight.append(_InFlight(batch, start, done))
-        self.phase_s["expand"] += expanded - start.time
+        if self.device_clock is not None:
+            flight.done = self.device_clock.mark()
+        self.in_flight.append(flight)
+        self.phase_s["expand"] += expanded - flight.start
         self.phase_s["launch"] += launched - expanded
         if logger.isEnabledFor(logging.DEBUG):
-            _log_launch(batch, start.time, expanded, launched)
+            _log_launch(batch, flight.start, expanded, launched)
 
     def _finish(self, wait: bool) -> None:
         """Report the in-flight batches whose device work is done, oldest first; with `wait`,
-        block (the GIL released) until the oldest is done. Its end time is when it was seen
-        done: on a GPU, the launch returns long before the work (a 4-image 1344 px batch: 23 ms
-        encode, which showed up as 130 ms of "mm_transfer" when reported at the launch)."""
+        block (the GIL released) until the oldest is done. On a GPU the encode's start and end
+        are when the stream reached them (`DeviceClock`), not when the host launched or saw them:
+        the launch returns long before the work (a 4-image 1344 px batch: 23 ms encode, which
+        showed up as 130 ms of "mm_transfer" when reported at the launch)."""
         while self.in_flight:
             flight = self.in_flight[0]
             if flight.done is not None and not flight.done.query():
@@ -226,10 +261,18 @@ class EncoderWorker:
                 self.phase_s["wait"] += self.clock.now() - before
             wait = False  # one wait at most: the rest are reported when they are done
             self.in_flight.popleft()
-            end = LifetimeEvent.now(self.clock, Event.ENCODE_END, self.instance)
+            start_time, end_time = self._times(flight)
+            start = LifetimeEvent(Event.ENCODE_START, start_time, self.instance)
+            end = LifetimeEvent(Event.ENCODE_END, end_time, self.instance)
             self.num_encoded += len(flight.batch)
             for job in flight.batch:
-                self._report(job, flight.start, end)
+                self._report(job, start, end)
+
+    def _times(self, flight: _InFlight) -> tuple[float, float]:
+        """(start, end) of a finished batch's encode on the clock."""
+        if self.device_clock is None or flight.began is None or flight.done is None:
+            return flight.start, self.clock.now()
+        return self.device_clock.time_of(flight.began), self.device_clock.time_of(flight.done)
 
     def _send(self, content_hash: str, waiters: list[_Waiter]) -> None:
         embeds = self.cache.get(content_hash)
