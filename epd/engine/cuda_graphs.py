@@ -21,6 +21,15 @@ padding: token 0 at position 0, context length 1, their single K/V row in the sc
 Graphs share one memory pool (safe: graphs never run concurrently, and each replay's logits
 are read before the next). The runner captures every size at start (`capture_all`), largest
 first so the smaller ones reuse its memory; a size missing is captured on its first step.
+
+Tensor parallelism (epd.parallel): each rank captures its share of the forward, the decoder's
+all-reduces included (torch.distributed over nccl, in place on tensors of the graph's pool: no
+host sync, nothing captured stays outside the pool). NCCL pairs those all-reduces across ranks
+at replay, so every rank captures the same sizes in the same order (they build together, driven
+by rank 0's `BuildRank`) and replays the graph of the same padded size at each step (the same
+`StepInputs`, the same sizes). Only rank 0 samples: a worker's graphs are built without
+`logits` and end at the decoder's hidden states (the LM head's matmul is not worth replaying
+where nobody reads it).
 """
 
 from __future__ import annotations
@@ -50,10 +59,13 @@ class DecodeGraphs:
         table_width: int,
         device: torch.device,
         sizes: tuple[int, ...] = DEFAULT_SIZES,
+        logits: bool = True,
     ) -> None:
         """`scratch_block`: a KV block no sequence owns; `table_width`: the longest block
-        table a sequence can have (bounds the context the graphs attend over)."""
+        table a sequence can have (bounds the context the graphs attend over); `logits` False:
+        the graphs end at the hidden states (a tensor-parallel worker's, which samples nothing)."""
         self.model, self.block_size, self.scratch_block = model, block_size, scratch_block
+        self.logits = logits
         self.sizes = tuple(sorted(sizes))
         self.max_batch, self.width = self.sizes[-1], table_width
         self.rows64 = torch.zeros(self.max_batch, 5, dtype=torch.int64, device=device)
@@ -83,17 +95,18 @@ class DecodeGraphs:
         seq_lens: list[int],
         tables: list[list[int]],
     ) -> torch.Tensor:
-        """Logits [n, vocab] (model dtype) of a pure-decode step of n = len(token_ids) sequences.
+        """Logits [n, vocab] (model dtype) of a pure-decode step of n = len(token_ids) sequences
+        (hidden states [n, hidden] when built without `logits`).
 
         `positions` are the text positions (all three M-RoPE rows equal in decode). The
         returned tensor is a view of the graph's output: read it before the next call.
         """
         n = len(token_ids)
         size = self.padded_size(n)
-        graph, logits = self.graphs.get(size) or self._capture(size)
+        graph, out = self.graphs.get(size) or self._capture(size)
         self._fill(token_ids, positions, slots, seq_lens, tables, size)
         graph.replay()
-        return logits[:n]
+        return out[:n]
 
     def _fill(self, token_ids, positions, slots, seq_lens, tables, size: int) -> None:
         n = len(token_ids)
@@ -120,12 +133,13 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(size)
-        self.graphs[size] = (graph, logits)
-        return graph, logits
+            out = self._step(size)
+        self.graphs[size] = (graph, out)
+        return graph, out
 
     def _step(self, size: int) -> torch.Tensor:
-        """The captured work: embedding, the decoder layers, the LM head, on static buffers."""
+        """The captured work: embedding, the decoder layers, the LM head (with `logits`), on
+        static buffers."""
         rows64 = self.rows64[:size]
         tensors = DeviceMetadata(
             query_starts=self.query_starts[: size + 1],
@@ -146,7 +160,7 @@ class DecodeGraphs:
         with forward_context(meta):
             embeds = self.model.embed_tokens(rows64[:, 0])
             hidden = self.model(embeds, rows64[:, 1:4].t())
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden) if self.logits else hidden
 
 
 class HostTables:

@@ -87,8 +87,10 @@ def parts_around(
     mm_cache: MMCache | None,
     clock: Clock,
     instance: str | None,
+    graph_logits: bool = True,
 ) -> ModelParts:
-    """A loaded `model`'s KV cache (sized from what it leaves of the device) and runner."""
+    """A loaded `model`'s KV cache (sized from what it leaves of the device) and runner;
+    `graph_logits` False: its decode graphs end at the hidden states (a tensor-parallel worker)."""
     mc, cc = config.model, config.cache
     device = torch.device(config.device)
     num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
@@ -105,6 +107,7 @@ def parts_around(
         config.attention_backend,
         config.cuda_graphs,
         config.scheduler.max_num_seqs,
+        graph_logits=graph_logits,
     )
     return ModelParts(runner, num_blocks, model)
 

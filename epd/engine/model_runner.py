@@ -51,11 +51,13 @@ class ModelRunner:
         attention_backend: str = "torch_sdpa",
         cuda_graphs: bool | None = None,
         max_num_seqs: int | None = None,
+        graph_logits: bool = True,
     ) -> None:
         """`attention_backend`: a registered name or "auto" (epd.attention.backend).
         `cuda_graphs`: replay decode steps as CUDA graphs; None: whenever the device is CUDA
         and the backend allows it. `max_num_seqs` (the scheduler's limit) bounds the batch
-        sizes captured."""
+        sizes captured. `graph_logits` False: the graphs stop at the hidden states, and
+        `forward` then serves only `logits=False` (a tensor-parallel worker's runner)."""
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
@@ -78,7 +80,7 @@ class ModelRunner:
             text = model.config.text
             width = min(num_blocks, -(-text.max_position_embeddings // block_size))
             sizes = graph_sizes(max_num_seqs)
-            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes)
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes, graph_logits)
             self.graphs.capture_all()
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
@@ -144,11 +146,18 @@ class ModelRunner:
         logits: bool = True,
     ) -> torch.Tensor | None:
         """Run a prepared step (`run`'s result); `logits` False: only the forward, which writes the
-        step's KV (a tensor-parallel worker: rank 0 alone samples)."""
-        if step.mm_embeds is None and after_layer is None and logits and self._graph_fits(step):
-            return self.graphs.run(
+        step's KV (a tensor-parallel worker: rank 0 alone samples).
+
+        Whether a graph runs the step depends on the step alone, never on `logits`: the ranks of
+        a tensor-parallel instance, fed the same step, must all replay (or all run eagerly) for
+        their all-reduces to pair up."""
+        if step.mm_embeds is None and after_layer is None and self._graph_fits(step):
+            if logits and not self.graphs.logits:
+                raise RuntimeError("this runner's graphs end at the hidden states: it computes no logits")
+            out = self.graphs.run(
                 step.token_ids, step.decode_positions, step.slots, step.seq_lens, step.block_tables
             )
+            return out if logits else None
         return self._run_eager(step, after_layer, logits)
 
     def _graph_fits(self, step: StepInputs) -> bool:

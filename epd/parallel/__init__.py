@@ -22,10 +22,12 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 
 Degree 1 costs nothing: no group, the single-device layers, one `is None` test per sublayer.
 Replicated for now: token embedding and lm_head (every rank computes the full logits), the
-vision tower (on rank 0 only: workers get image rows, never pixels). Not yet: CUDA graphs at
-degree > 1 (refused), reading only a rank's slice of each checkpoint tensor, E instances of
-degree > 1 (refused by the layout), role switches that rebuild a tensor-parallel engine,
-switchable roles, the Ray launcher (it cannot start workers: such an instance fails to start).
+vision tower (on rank 0 only: workers get image rows, never pixels). CUDA graphs of decode steps
+at any degree: every rank captures its share, all-reduces included, as it is built (`parts`), and
+replays the same padded size at each step; a worker's graphs stop before the LM head. Not yet:
+reading only a rank's slice of each checkpoint tensor, E instances of degree > 1 (refused by the
+layout), role switches that rebuild a tensor-parallel engine, switchable roles, the Ray launcher
+(it cannot start workers: such an instance fails to start).
 
 How an instance becomes a group of workers
 ------------------------------------------
@@ -42,6 +44,10 @@ then every runner call sends its command and runs rank 0's share, the workers ru
     rank 0:  engine.step -> runner.run: prepare (requests -> StepInputs, images encoded or read
              from the MM cache) -> broadcast RunStep(StepInputs) [+ image rows] -> forward -> logits
     worker:  broadcast received -> forward(StepInputs) without logits (same all-reduces)
+
+A pure decode step runs as a CUDA graph on every rank or on none (the runner decides from the
+step, which every rank holds alike): rank 0 replays its graph (to the logits), the workers replay
+theirs of the same padded size (to the hidden states), and NCCL pairs the captured all-reduces.
 
 The step goes out as the prepared `StepInputs` (flat ids, slots, positions, block tables), not as
 a diff of requests: simple, and the workers hold no request state; its cost is O(tokens of the

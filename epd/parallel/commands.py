@@ -6,9 +6,12 @@ call, so the collectives inside (the decoder's all-reduces, the KV gathers and s
 
 | command       | then, over the group                          | the worker                         |
 |---------------|-----------------------------------------------|------------------------------------|
-| `BuildRank`   | the block count all agree on (all-reduce)     | builds its share: model, KV cache  |
+| `BuildRank`   | the block count all agree on (all-reduce);    | builds its share: model, KV cache, |
+|               | with CUDA graphs, each size's warm-up forward | its decode graphs (the sizes and   |
+|               | (its all-reduces), sizes in the same order    | order rank 0 captures)             |
 | `RunStep`     | the step's image rows (broadcast), if any;    | runs the forward, without logits   |
-|               | the decoder's all-reduces                     |                                    |
+|               | the decoder's all-reduces (eager, or replayed | (replays its graph of the padded   |
+|               | in a decode graph on every rank alike)        | size where rank 0 replays its own) |
 | `GatherLayer` | that layer's KV at the slots, to rank 0       | sends its heads of it              |
 | `LayerDone`   | -                                             | goes on to the next layer          |
 | `GatherKV`    | the request's KV, to rank 0                   | sends its heads of it              |

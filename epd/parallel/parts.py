@@ -14,6 +14,12 @@ logits (the all-reduces leave identical hidden states everywhere, embeddings and
 replicated). Engines on all ranks fed the same requests therefore schedule and sample alike
 (greedy; seeded sampling likewise). An instance instead schedules on rank 0 only and sends each
 step to the others (`instance_parts`).
+
+CUDA graphs (decode steps, epd.engine.cuda_graphs) are captured by every rank's runner as it is
+built: the ranks build together (rank 0 when it sends `BuildRank`, each worker when it receives
+it), from the same config, so they capture the same sizes in the same order, and each size's
+warm-up forward runs its all-reduces on every rank. A worker's graphs (`logits=False`) end at
+the hidden states.
 """
 
 from __future__ import annotations
@@ -70,8 +76,10 @@ def instance_parts(group: TensorParallelGroup | None) -> PartsFactory:
     return load
 
 
-def rank_model_parts(group: TensorParallelGroup | None) -> PartsFactory:
-    """`epd.engine.factory.load_model_parts` for `group.rank`; that very factory at degree 1."""
+def rank_model_parts(group: TensorParallelGroup | None, logits: bool = True) -> PartsFactory:
+    """`epd.engine.factory.load_model_parts` for `group.rank`; that very factory at degree 1.
+    `logits` False: a worker's, which encodes nothing and whose decode graphs end at the hidden
+    states (rank 0 alone samples)."""
     if not is_parallel(group):
         return load_model_parts
 
@@ -94,8 +102,16 @@ def rank_model_parts(group: TensorParallelGroup | None) -> PartsFactory:
             seed=mc.seed,
         )
         config = _rank_engine_config(config, model, group)
+        if not logits and (encode_locally or mm_cache is not None):
+            raise ValueError("a rank without logits (a worker) gets no images to encode or read")
         return parts_around(
-            model, config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
+            model,
+            config,
+            encode_locally=encode_locally,
+            mm_cache=mm_cache,
+            clock=clock,
+            instance=instance,
+            graph_logits=logits,
         )
 
     return load
@@ -104,15 +120,13 @@ def rank_model_parts(group: TensorParallelGroup | None) -> PartsFactory:
 def _rank_engine_config(
     config: EngineConfig, model: torch.nn.Module, group: TensorParallelGroup
 ) -> EngineConfig:
-    """What `parts_around` builds a rank's runner from: no CUDA graphs yet (the all-reduces are
-    not captured), and a block count every rank agrees on, sized for this rank's kv heads."""
-    if config.cuda_graphs:
-        raise ValueError("CUDA graphs are not supported with tensor parallelism yet")
+    """What `parts_around` builds a rank's runner from: a block count every rank agrees on, sized
+    for this rank's kv heads. CUDA graphs as the config says (every rank decides alike: the same
+    config, devices of one kind)."""
     cc = config.cache
     num_blocks = cc.num_kv_blocks or num_blocks_for_memory(
         model.config.text, cc.block_size, config.model.torch_dtype, resolve_kv_cache_bytes(config, model)
     )
     # One block manager (rank 0's, later) hands out block ids that index every rank's cache.
     agreed = group.all_reduce(torch.tensor([num_blocks], device=config.device), op="min")
-    cache = replace(cc, num_kv_blocks=int(agreed.item()))
-    return replace(config, cache=cache, cuda_graphs=False)
+    return replace(config, cache=replace(cc, num_kv_blocks=int(agreed.item())))

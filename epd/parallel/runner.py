@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.embedders import ImageEmbedder
 from epd.engine.model_runner import ModelRunner
 from epd.engine.scheduler import ScheduledBatch
@@ -57,6 +58,11 @@ class ParallelRunner:
     @property
     def block_size(self) -> int:
         return self.local.block_size
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """Rank 0's decode graphs (each worker holds the same sizes); None: eager steps only."""
+        return self.local.graphs
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         return self.local.slots(block_table, start, end)

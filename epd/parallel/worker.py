@@ -3,8 +3,11 @@
 It holds its share of the language model and of the KV cache (its kv heads), no scheduler, no
 requests, no sampler, no vision tower, no connector. `build_worker` waits for rank 0's
 `BuildRank` (the engine config rank 0 builds with), builds exactly what rank 0's
-`epd.parallel.parts.rank_model_parts` builds for the same config on this rank's device, and
-`RankWorker.serve` then runs each command as it comes (epd.parallel.commands) until `Stop`.
+`epd.parallel.parts.rank_model_parts` builds for the same config on this rank's device (CUDA
+graphs of the same sizes included, captured alongside rank 0's, but ending before the LM head),
+and `RankWorker.serve` then runs each command as it comes (epd.parallel.commands) until `Stop`.
+A decode step that rank 0 replays as a graph, the worker replays too, at the same padded size:
+the runner decides from the step alone (`ModelRunner.forward`).
 Rank 0 is its only source of work: when rank 0 is gone the worker has nothing left to do and ends
 (its lifeline, epd.parallel.lifeline).
 """
@@ -89,7 +92,7 @@ def build_worker(group: TensorParallelGroup, device: str) -> RankWorker:
     if not isinstance(command, BuildRank):
         raise RuntimeError(f"tensor-parallel worker {group.rank}: expected BuildRank first, got {command!r}")
     config = replace(command.config, device=device)
-    parts = rank_model_parts(group)(
+    parts = rank_model_parts(group, logits=False)(
         config, encode_locally=False, mm_cache=None, clock=WALL_CLOCK, instance=command.instance
     )
     text = config.model.hf.text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.llm_engine import LLMEngine
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputProcessor
@@ -89,6 +91,57 @@ def hand_off_and_continue(
     if is_parallel(group):
         engine.runner.stop_workers()
     return HandoffRun(handed, continued, [])
+
+
+@dataclass
+class DecodeRun:
+    """What an instance decoded, batch by batch, and the decode graphs each rank replayed."""
+
+    generated: dict[int, Generated]  # by batch size: its requests' tokens and logprobs
+    replays: Counter  # this rank's graph replays by padded batch size (empty: eager steps only)
+
+
+def decode_in_batches(
+    group: TensorParallelGroup | None, model_dir: str, cuda_graphs: bool, batches: list[int], max_tokens: int
+) -> DecodeRun:
+    """One instance on cuda:rank (rank 0's engine over its workers; one GPU when `group` is None or
+    of one), greedy, fp32: for each size in `batches`, that many prompts prefilled, then decoded
+    together. Each rank counts the graphs it replays (the workers theirs, rank 0 its own)."""
+    device = f"cuda:{group.rank if group else 0}"
+    if is_parallel(group) and group.rank > 0:
+        worker = build_worker(group, device)
+        replays = count_replays(worker.runner.graphs)
+        worker.serve()
+        return DecodeRun({}, replays)
+    processor = InputProcessor.from_pretrained(model_dir)
+    args = EngineArgs(model=model_dir, device=device, attention_backend="auto", cuda_graphs=cuda_graphs)
+    engine = LLMEngine(args.engine_config(), processor.tokenizer, model_parts=instance_parts(group))
+    replays = count_replays(engine.runner.graphs)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
+    generated = {}
+    for size in batches:
+        for i in range(size):  # prompts of different lengths: sequences at different positions
+            prompt = {"prompt_token_ids": list(range(10 + 7 * i, 15 + 10 * i))}
+            engine.add_request(f"{size}-{i}", processor.process_prompt(prompt), params)
+        generated[size] = _drain(engine)
+    if is_parallel(group):
+        engine.runner.stop_workers()
+    return DecodeRun(generated, replays)
+
+
+def count_replays(graphs: DecodeGraphs | None) -> Counter:
+    """A counter of `graphs`' steps by padded size, kept up to date as they run (empty: no graphs)."""
+    counts: Counter = Counter()
+    if graphs is None:
+        return counts
+    run = graphs.run
+
+    def counted(token_ids: list[int], *args: object) -> torch.Tensor:
+        counts[graphs.padded_size(len(token_ids))] += 1
+        return run(token_ids, *args)
+
+    graphs.run = counted
+    return counts
 
 
 def _drain(engine: LLMEngine) -> Generated:

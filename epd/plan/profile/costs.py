@@ -33,7 +33,7 @@ class DegreeFits:
 
     prefill: StageFit
     decode: StageFit
-    graph_sizes: tuple[int, ...] = ()  # (): no graphs at this degree (none yet at degree > 1)
+    graph_sizes: tuple[int, ...] = ()  # (): no graphs at this degree
 
 
 @dataclass(frozen=True)

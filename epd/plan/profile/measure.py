@@ -59,7 +59,7 @@ class ModelBench:
     `parts`: how the engine builds its compute (a tensor-parallel rank 0's `instance_parts`, whose
     workers run their shares: epd.plan.profile.measure_parallel); `encode_locally`: False leaves
     the vision tower out (such a bench times steps only); `cuda_graphs`: the engine's option (None:
-    wherever the device allows; False where the runner has none, as at degree > 1)."""
+    wherever the device allows, at any degree)."""
 
     def __init__(
         self,
@@ -110,7 +110,7 @@ class ModelBench:
 
     @property
     def graph_sizes(self) -> tuple[int, ...]:
-        graphs = getattr(self.runner, "graphs", None)  # a tensor-parallel runner has none
+        graphs = getattr(self.runner, "graphs", None)  # a tensor-parallel runner's: rank 0's
         return tuple(graphs.sizes) if graphs is not None else ()
 
     @property

@@ -9,9 +9,10 @@ workers, as an `@tpN` instance runs them (epd.parallel).
                  with random values as rank 0's is, then `serve` until `Stop`
 
 So a step's time holds what an instance of that degree pays: its command pickled and broadcast, the
-split matmuls, the all-reduces, the replicated logits. Not measured at degree > 1: vision batches
-(the tower runs on rank 0 alone, whole: the degree-1 encode model prices them) and CUDA graphs
-(refused at degree > 1: decode steps run eagerly and the decode model is fitted on eager steps).
+split matmuls, the all-reduces, the replicated logits. Decode steps replay CUDA graphs wherever the
+device allows, as an instance's do (every rank captures the same sizes: `graph_sizes`, which the
+decode model is fitted with). Not measured at degree > 1: vision batches (the tower runs on rank 0
+alone, whole: the degree-1 encode model prices them).
 
 Ranks take devices as `run_on_ranks` gives them: cuda:0 .. cuda:N-1 on a GPU host (rank r on
 cuda:r, whatever --device says), the CPU otherwise.
@@ -41,6 +42,7 @@ class ParallelTimings:
     devices: tuple[str, ...]  # of ranks 0..N-1
     backend: str  # of the collectives: "gloo" or "nccl"
     stages: dict[str, list[Measurement]]  # "prefill", "decode": those asked for
+    graph_sizes: tuple[int, ...] = ()  # decode batch sizes replayed as CUDA graphs (): none
 
 
 def check_degree(model_dir: str, degree: int) -> None:
@@ -71,7 +73,8 @@ def time_parallel(
     backend = "nccl" if devices[0].startswith("cuda") else "gloo"
     wanted = tuple(s for s in PARALLEL_STAGES if s in stages)
     results = run_on_ranks(_measure_rank, degree, target, grids, wanted, threads, verbose, backend=backend)
-    return ParallelTimings(degree, devices, backend, results[0])
+    stages, graph_sizes = results[0]
+    return ParallelTimings(degree, devices, backend, stages, graph_sizes)
 
 
 def _measure_rank(
@@ -81,8 +84,9 @@ def _measure_rank(
     stages: tuple[str, ...],
     threads: int | None,
     verbose: bool,
-) -> dict[str, list[Measurement]] | None:
-    """One rank's part (spawned by `run_on_ranks`): rank 0 times, the workers execute."""
+) -> tuple[dict[str, list[Measurement]], tuple[int, ...]] | None:
+    """One rank's part (spawned by `run_on_ranks`): rank 0 times (its timings, and the graph sizes
+    its decode steps replay), the workers execute."""
     if threads:
         torch.set_num_threads(threads)
     device = "cpu" if target.device.startswith("cpu") else f"cuda:{group.rank}"
@@ -93,10 +97,10 @@ def _measure_rank(
 
     degree = group.world_size
     rank0 = dataclasses.replace(target, device=device)
-    bench = ModelBench(rank0, grids, instance_parts(group), encode_locally=False, cuda_graphs=False)
+    bench = ModelBench(rank0, grids, instance_parts(group), encode_locally=False)
     log = _rank_log(degree, verbose)
     try:
-        return {stage: bench.time_steps(stage, log) for stage in stages}
+        return {stage: bench.time_steps(stage, log) for stage in stages}, bench.graph_sizes
     finally:
         bench.runner.stop_workers()
 

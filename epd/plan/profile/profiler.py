@@ -131,8 +131,8 @@ def _profile_parallel(options: ProfileOptions, log: Log) -> dict[int, ParallelPr
         stages = {}
         for stage, measured in timed.stages.items():
             if measured:
-                stages[stage] = fit_measurements(stage, measured)  # eager steps: no graphs
-        out[degree] = ParallelProfile(stages, timed.devices, timed.backend)
+                stages[stage] = fit_measurements(stage, measured, timed.graph_sizes)
+        out[degree] = ParallelProfile(stages, timed.devices, timed.backend, timed.graph_sizes)
     return out
 
 

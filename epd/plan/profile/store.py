@@ -69,7 +69,7 @@ class ParallelProfile:
     stages: dict[str, StageProfile]  # "prefill", "decode" (those measured)
     devices: tuple[str, ...]  # of its ranks, rank 0 first
     backend: str  # of its collectives: "gloo" or "nccl"
-    graph_sizes: tuple[int, ...] = ()  # decode batch sizes replayed as CUDA graphs (none yet at tp > 1)
+    graph_sizes: tuple[int, ...] = ()  # decode batch sizes replayed as CUDA graphs (): none
 
     def to_json(self) -> dict:
         return {
