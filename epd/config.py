@@ -139,6 +139,7 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "auto"  # triton on CUDA, torch_sdpa elsewhere (epd.attention.backend)
     cuda_graphs: bool | None = None  # None: for decode steps whenever the device and backend allow
+    vision_cuda_graphs: bool = False  # an encoder-only instance's tower (epd.models.vision_graphs)
 
     @property
     def max_num_batched_tokens(self) -> int:

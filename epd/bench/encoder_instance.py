@@ -1,7 +1,8 @@
 """An encoder-only instance's encode stage under load against the vision tower alone, one GPU.
 
     python -m epd.bench.encoder_instance --out DIR [--config-dir DIR] [--size 1280x960]
-        [--images 96] [--batch 3] [--dry-run]
+        [--images 96] [--batch 3] [--pool-workers 8,32] [--switch-intervals-ms 5,0.5]
+        [--arrival-rates 0,45] [--vision-graphs] [--dry-run]
 
 Issue 14's E-only criterion: images/s of an E instance at saturation against the offline encoder
 benchmark for the same image size and batch. Qwen2.5-VL-7B config, random bf16 weights, the tower
@@ -13,6 +14,10 @@ alone (what an E instance holds). Rows:
   task queued at once (saturation), the images' uint8 patches in the tasks: no decoding.
 - `worker, files`: the same with PNG files (incompressible noise, the issue's worst case) that the
   instance's `PatchPool` threads decode, resize and patchify, as an E instance gets them.
+  With --arrival-rates, the tasks arrive at that many images/s instead of all at once (above the
+  encoder's rate: still saturation, but its decoding threads then run beside its launches, as in
+  serving); with --vision-graphs each files row runs again with the tower replayed as CUDA graphs
+  (epd.models.vision_graphs).
 A worker row counts from the first task queued to the last embedding sent and its write to the
 cache complete on the device; the connector is the in-process one (what a send costs is the
 transfer benchmarks' business), and each copy is released as soon as it arrives, as P would.
@@ -30,6 +35,7 @@ import select
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,32 +85,47 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class WorkerRun:
+    """How a worker row is run: patches made or files; the pool's size (None: its default);
+    tasks all at once (rate 0) or arriving at `rate` images/s (decoding then runs beside the
+    encodes, as in serving); the tower eager or replayed as CUDA graphs."""
+
+    made: bool = False
+    pool_workers: int | None = None
+    rate: float = 0.0
+    graphs: bool = False
+
+    @property
+    def label(self) -> str:
+        source = "patches made" if self.made else f"files, {self.pool_workers or 'default'} threads"
+        arrivals = f"{self.rate:g} img/s arriving" if self.rate else "all queued"
+        return f"worker, {source}, {arrivals}, switch {sys.getswitchinterval() * 1e3:g} ms" + (
+            ", tower graphs" if self.graphs else ""
+        )
+
+
 def worker_row(
-    model: torch.nn.Module,
-    cfg: ImageProcessorConfig,
-    files: list[bytes],
-    batch: int,
-    made: bool,
-    pool_workers: int | None = None,
+    model: torch.nn.Module, cfg: ImageProcessorConfig, files: list[bytes], batch: int, run: WorkerRun
 ) -> dict:
-    """images/s of a real EncoderWorker at saturation: every task queued, then stepped to the end.
-    `img_s` counts from the first task to the last embedding; `steady_img_s` from the tenth
-    percentile of arrivals on (the pool has decoded ahead by then: the pipeline is full)."""
+    """images/s of a real EncoderWorker: `img_s` counts from the first task to the last embedding;
+    `steady_img_s` from the tenth percentile of arrivals on (the pipeline is full by then)."""
     device = model_device(model)
     vision = model.config.vision
     grids = []
     for data in files:
         raw, grid = raw_patches(_open(data), cfg)
-        grids.append((grid, raw if made else None))
+        grids.append((grid, raw if run.made else None))
     tokens = sum(g[0] * g[1] * g[2] for g, _ in grids) // vision.spatial_merge_size**2
     dtype = next(model.parameters()).dtype
     room = tokens * vision.out_hidden_size * dtype.itemsize + (1 << 26)
     blocks = MMCache.blocks_for_memory(room, 16, vision.out_hidden_size, dtype)
     cache = MMCache(blocks, 16, vision.out_hidden_size, dtype, device)
-    pool = PatchPool(pool_workers)
+    pool = PatchPool(run.pool_workers)
     connector = LocalConnector(device=device)
     budget = batch * grids[0][0][0] * grids[0][0][1] * grids[0][0][2]
-    worker = EncoderWorker(model, cache, connector, device, "e0", PixelDecoder(cfg, device, pool), budget)
+    decoder = PixelDecoder(cfg, device, pool)
+    worker = EncoderWorker(model, cache, connector, device, "e0", decoder, budget, vision_graphs=run.graphs)
     raw_dim = 3 * cfg.patch_size**2  # a uint8 patch row (C * P * P)
     tasks = [
         _task(i, data, grid, raw, raw_dim, connector.address)
@@ -112,17 +133,17 @@ def worker_row(
     ]
     rs.sync()
     start = time.perf_counter()
-    for task in tasks:
-        worker.add(task)
-    arrivals = _drive(worker, pool, connector, len(tasks))
+    arrivals = _drive(worker, pool, connector, tasks, run.rate)
     rs.sync()
     sec = time.perf_counter() - start
     pool.close()
     phases = {k: v * 1e3 / len(files) for k, v in getattr(worker, "phase_s", {}).items()}
     first = len(arrivals) // 10
     steady = (len(arrivals) - 1 - first) / (arrivals[-1] - arrivals[first])
+    graphs = worker.tower_graphs.replays if getattr(worker, "tower_graphs", None) else 0
     return {"img_s": len(arrivals) / sec, "steady_img_s": steady, "images": len(arrivals),
-            "pool_workers": pool.workers, "ms_per_image_by_phase": phases}  # fmt: skip
+            "pool_workers": pool.workers, "graph_replays": graphs,
+            "ms_per_image_by_phase": phases}  # fmt: skip
 
 
 def _open(data: bytes):
@@ -137,20 +158,32 @@ def _task(i: int, data: bytes, grid, raw: torch.Tensor | None, raw_dim: int, des
     return EncodeTask(f"r{i}", [EncodeItem(0, f"img{i}", tuple(grid), pixels, raw_dim, file)], dest)
 
 
-def _drive(worker: EncoderWorker, pool: PatchPool, connector: LocalConnector, expected: int) -> list[float]:
+def _drive(
+    worker: EncoderWorker, pool: PatchPool, connector: LocalConnector, tasks: list[EncodeTask], rate: float
+) -> list[float]:
     """Step the worker as an instance's loop does until every image's embedding arrived here;
-    returns when each arrived (an embedding counts once the device has written it: its batch
-    is reported)."""
+    tasks are added all at once (`rate` 0) or one every 1/rate s. Returns when each embedding
+    arrived (an embedding counts once the device has written it: its batch is reported)."""
     arrivals: list[float] = []
-    while len(arrivals) < expected:
+    start, added = time.perf_counter(), 0
+    while len(arrivals) < len(tasks):
+        due = len(tasks) if not rate else min(len(tasks), int((time.perf_counter() - start) * rate) + 1)
+        for task in tasks[added:due]:
+            worker.add(task)
+        added = max(added, due)
         pool.clear()
         for done in worker.step():
             arrivals += [time.perf_counter()] * len(done.items)  # every image here is distinct
         for got in connector.poll_received():
             worker.release(got.meta["content_hash"], connector.address)
         connector.poll_sent()
-        if not worker.has_work() and len(arrivals) < expected:
-            select.select([pool.fileno()], [], [], 0.01)
+        if not worker.has_work() and len(arrivals) < len(tasks):
+            wait = (
+                0.01
+                if added == len(tasks)
+                else min(0.01, max(0.0, added / rate - (time.perf_counter() - start)))
+            )
+            select.select([pool.fileno()], [], [], wait)
     return arrivals
 
 
@@ -169,6 +202,8 @@ def main() -> None:
     parser.add_argument(
         "--switch-intervals-ms", default="", help="comma-separated sys.setswitchinterval values"
     )
+    parser.add_argument("--arrival-rates", default="", help="images/s the tasks arrive at (0: all at once)")
+    parser.add_argument("--vision-graphs", action="store_true", help="also each files row with tower graphs")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -188,18 +223,17 @@ def main() -> None:
     }  # fmt: skip
     RESULTS["tower"] = tower_row(model, cfg, (width, height), args.batch)
     _save(args.out)
-    worker_row(model, cfg, files[: max(2, args.batch)], args.batch, True)  # warm-up
-    RESULTS["worker, patches made"] = worker_row(model, cfg, files, args.batch, True)
-    _save(args.out)
+    worker_row(model, cfg, files[: max(2, args.batch)], args.batch, WorkerRun(made=True))  # warm-up
+    runs = [WorkerRun(made=True)]
+    for workers in _numbers(args.pool_workers) or [None]:
+        for rate in _numbers(args.arrival_rates) or [0.0]:
+            for graphs in (False, True) if args.vision_graphs else (False,):
+                runs.append(WorkerRun(False, None if workers is None else int(workers), rate, graphs))
     for interval in _numbers(args.switch_intervals_ms) or [None]:
         if interval is not None:
             sys.setswitchinterval(interval / 1e3)
-        for workers in _numbers(args.pool_workers) or [None]:
-            row = worker_row(model, cfg, files, args.batch, False, None if workers is None else int(workers))
-            label = (
-                f"worker, files, {row['pool_workers']} threads, switch {sys.getswitchinterval() * 1e3:g} ms"
-            )
-            RESULTS[label] = row
+        for run in runs:
+            RESULTS[run.label] = worker_row(model, cfg, files, args.batch, run)
             _save(args.out)
     for name, row in RESULTS.items():
         print(name, json.dumps(row))

@@ -49,6 +49,7 @@ from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, nor
 from epd.inputs.patches import PatchPool, done_future, patches_from_file
 from epd.inputs.video_file import video_patches_from_file
 from epd.lifetime import Event, LifetimeEvent
+from epd.models.vision_graphs import VisionGraphs
 from epd.transfer.base import Connector
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,9 @@ class EncoderWorker:
         max_batch_patches: int = 16384,
         clock: Clock = WALL_CLOCK,
         queue_policy: QueuePolicy = FCFS,
+        vision_graphs: bool = False,
     ) -> None:
+        """`vision_graphs`: replay the tower as CUDA graphs where it can (epd.models.vision_graphs)."""
         self.clock, self.queue_policy = clock, queue_policy
         self.model, self.cache, self.connector, self.decode_pixels = model, cache, connector, decode_pixels
         self.device, self.instance, self.max_batch_patches = device, instance, max_batch_patches
@@ -141,7 +144,14 @@ class EncoderWorker:
         self.num_encoded = 0
         self.phase_s: Counter[str] = Counter()  # host seconds by phase: expand, launch, wait
         self.device_clock = DeviceClock(clock, device) if device.type == "cuda" else None
+        self.tower_graphs = self._graphs(model, vision_graphs)
         self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
+
+    def _graphs(self, model: torch.nn.Module, wanted: bool) -> VisionGraphs | None:
+        tower = getattr(model, "visual", None)
+        if not wanted or self.device.type != "cuda" or not VisionGraphs.supports(tower):
+            return None
+        return VisionGraphs(tower, model.config.vision.patch_dim, self.max_batch_patches, self.device)
 
     def has_work(self) -> bool:
         """Whether a step would do something: an image whose patches are made (or failed), or a
@@ -230,7 +240,11 @@ class EncoderWorker:
         pixels = torch.cat([self.decode_pixels.expand(job.patches.result()) for job in batch])
         expanded = self.clock.now()
         with torch.inference_mode():
-            embeds = self.model.encode_images(pixels, [job.item.grid for job in batch])
+            grids = [job.item.grid for job in batch]
+            if self.tower_graphs is None:
+                embeds = self.model.encode_images(pixels, grids)
+            else:  # a replay's output lives until the next: the writes and sends below come first
+                embeds = self.model.encode_images(pixels, grids, self.tower_graphs)
         launched = self.clock.now()
         for job, emb in zip(batch, embeds):
             self.cache.write(job.content_hash, emb)

@@ -223,6 +223,11 @@ class EngineArgs:
     cuda_graphs: bool | None = option(
         None, "replay decode steps as CUDA graphs (default: whenever the device and attention backend can)"
     )
+    vision_cuda_graphs: bool = option(
+        False,
+        "encoder-only instances replay the vision tower as CUDA graphs, one per batch shape seen "
+        "twice (Qwen2-VL / Qwen2.5-VL towers; frees the host from launching it)",
+    )
     instance_silence_timeout: float = option(
         10.0,
         "seconds without a word from an instance (its loop reports 4 times a second) before the "
@@ -301,6 +306,7 @@ class EngineArgs:
             device=self.device,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            vision_cuda_graphs=self.vision_cuda_graphs,
         )
 
     def build(self, processor: InputProcessor) -> EngineBackend:

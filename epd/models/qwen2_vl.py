@@ -12,7 +12,7 @@ allocates LLM weights, and the reverse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,12 +59,17 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     # ---- encoder side -------------------------------------------------------------------------
 
     def encode_images(
-        self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int, int]]
+        self,
+        pixel_values: torch.Tensor,
+        grids: Sequence[tuple[int, int, int]],
+        tower: Callable[[torch.Tensor, Sequence[tuple[int, int, int]]], torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Packed patches of several images -> one [tokens_i, llm_hidden] tensor per image."""
+        """Packed patches of several images -> one [tokens_i, llm_hidden] tensor per image.
+        `tower`: what runs the vision tower instead of calling it (its CUDA graphs:
+        epd.models.vision_graphs)."""
         if self.visual is None:
             raise RuntimeError("this instance holds no vision weights")
-        merged = self.visual(pixel_values, grids)
+        merged = (tower if tower is not None else self.visual)(pixel_values, grids)
         merge = self.config.vision.spatial_merge_size**2
         return list(merged.split([t * h * w // merge for t, h, w in grids]))
 

@@ -11,6 +11,7 @@ contiguous, which lets the merger fold groups with a plain reshape.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -156,6 +157,19 @@ class PatchMerger(nn.Module):
         return self.mlp(add_norm(x, residual, self.ln_q)[0].view(-1, self.group_dim))
 
 
+@dataclass(frozen=True)
+class TowerPlan:
+    """What the tower's forward derives from the grids alone, made before any device work so that
+    the work itself (`VisionTransformer.run`) holds no host-to-device copy and can be captured
+    as a CUDA graph (epd.models.vision_graphs)."""
+
+    image_seqlens: list[int]  # frame boundaries, in patches (full-attention blocks)
+    window_seqlens: list[int]  # window boundaries in the window order (the image's, qwen2_vl)
+    hw_positions: torch.Tensor  # [patches, 2] on the device: each patch's row and column
+    window_index: torch.Tensor | None  # merge groups in window order (qwen2_5_vl), on the device
+    restore: torch.Tensor | None  # its inverse: merged rows back to image order
+
+
 class VisionTransformer(nn.Module):
     """`forward(patches, grids)` -> one embedding row per merged patch group, images in order."""
 
@@ -168,24 +182,32 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(cfg)
 
     def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        return self.run(patches, self.plan(grids, patches.device))
+
+    def plan(self, grids: Sequence[Grid], device: torch.device) -> TowerPlan:
+        cfg = self.cfg
+        image_seqlens = _cumulative([t_h_w for g in grids for t_h_w in [g[1] * g[2]] * g[0]])
+        positions = vision_hw_positions(grids, cfg.spatial_merge_size).to(device)
+        if cfg.variant != "qwen2_5_vl":
+            return TowerPlan(image_seqlens, image_seqlens, positions, None, None)
+        window_index, window_seqlens = vision_window_index(grids, cfg)
+        window_index = window_index.to(device)
+        return TowerPlan(image_seqlens, window_seqlens, positions, window_index, torch.argsort(window_index))
+
+    def run(self, patches: torch.Tensor, plan: TowerPlan) -> torch.Tensor:
+        """The device work of `forward`, on a plan of the same grids."""
         cfg = self.cfg
         merge_unit = cfg.spatial_merge_size**2
-        image_seqlens = _cumulative([t_h_w for g in grids for t_h_w in [g[1] * g[2]] * g[0]])
         x = self.patch_embed(patches)
-        cos, sin = self.rotary_pos_emb(vision_hw_positions(grids, cfg.spatial_merge_size).to(x.device))
-        window_index, window_seqlens = None, image_seqlens
-        if cfg.variant == "qwen2_5_vl":
-            window_index, window_seqlens = vision_window_index(grids, cfg)
-            window_index = window_index.to(x.device)
-            x, cos, sin = (_permute_groups(t, window_index, merge_unit) for t in (x, cos, sin))
+        cos, sin = self.rotary_pos_emb(plan.hw_positions)
+        if plan.window_index is not None:
+            x, cos, sin = (_permute_groups(t, plan.window_index, merge_unit) for t in (x, cos, sin))
         residual = None
         for i, block in enumerate(self.blocks):
             full = cfg.variant == "qwen2_vl" or i in cfg.fullatt_block_indexes
-            x, residual = block(x, residual, image_seqlens if full else window_seqlens, cos, sin)
+            x, residual = block(x, residual, plan.image_seqlens if full else plan.window_seqlens, cos, sin)
         merged = self.merger(x, residual)
-        if window_index is not None:
-            merged = merged[torch.argsort(window_index)]
-        return merged
+        return merged if plan.restore is None else merged[plan.restore]
 
 
 def vision_hw_positions(grids: Sequence[Grid], merge: int) -> torch.Tensor:

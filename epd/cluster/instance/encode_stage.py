@@ -101,4 +101,5 @@ def build_encoder_worker(
         cfg.max_encode_batch_patches,
         clock=clock,
         queue_policy=cfg.engine.scheduler.queue_policy("encode"),  # --scheduling-policy's encode stage
+        vision_graphs=cfg.engine.vision_cuda_graphs,
     )
