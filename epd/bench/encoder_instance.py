@@ -42,8 +42,9 @@ import torch
 
 from epd.bench import roofline_setup as rs
 from epd.bench.serve.synthetic import distinct_bench_image
-from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
+from epd.cluster.encoder_worker import EncoderWorker
 from epd.cluster.messages import EncodeItem, EncodeTask
+from epd.cluster.pixel_decoder import PixelDecoder
 from epd.engine.mm_cache import MMCache
 from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, raw_patches
 from epd.inputs.patches import PatchPool

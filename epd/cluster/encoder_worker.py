@@ -33,21 +33,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.messages import EncodeDone, EncodeFailed, EncodeItem, EncodeTask
+from epd.cluster.pixel_decoder import PixelDecoder
+from epd.device_clock import DeviceClock
 from epd.engine.mm_cache import MMCache
 from epd.engine.queue_policy import FCFS, QueuePolicy, Urgency
 from epd.inputs.errors import InvalidInputError
-from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
-from epd.inputs.patches import PatchPool, done_future, patches_from_file
-from epd.inputs.video_file import video_patches_from_file
 from epd.lifetime import Event, LifetimeEvent
 from epd.models.vision_graphs import VisionGraphs
 from epd.transfer.base import Connector
@@ -84,36 +81,6 @@ class _InFlight:
     start: float  # the clock's time at the launch (off the GPU: the encode's start)
     began: torch.cuda.Event | None = None  # on the GPU: where its work begins on the stream
     done: torch.cuda.Event | None = None  # and where it ends (None off the GPU: done at launch)
-
-
-class DeviceClock:
-    """The clock's time of events on a CUDA stream. An encode's reports wait for its event, and
-    the worker sees the event only between its own launches (each tens of ms), so the time it sees
-    it is late: P had the embeddings before E's ENCODE_END ("mm_transfer" came out negative, the
-    encode ~0.1 s too long). Instead each event is timed against an anchor event that was recorded
-    while the stream was idle and waited for at once, so its clock time is known:
-    time(e) = anchor time + anchor.elapsed_time(e)."""
-
-    def __init__(self, clock: Clock, device: torch.device) -> None:
-        self.clock, self.device = clock, device
-        self.anchor: torch.cuda.Event | None = None
-        self.anchor_time = 0.0
-
-    def mark(self) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def anchor_now(self) -> None:
-        """Call with nothing of ours queued on the stream: the wait is then a few microseconds."""
-        self.anchor = self.mark()
-        self.anchor.synchronize()
-        self.anchor_time = self.clock.now()
-
-    def time_of(self, event: torch.cuda.Event) -> float:
-        """The clock's time when `event` (recorded after the anchor, and done) was reached."""
-        assert self.anchor is not None
-        return self.anchor_time + self.anchor.elapsed_time(event) / 1e3
 
 
 MAX_IN_FLIGHT = 2  # batches queued on the GPU at once: enough to hide one launch behind the other
@@ -342,50 +309,6 @@ class EncoderWorker:
                 del self.unconfirmed[(content_hash, to)]
                 for _ in range(copies):
                     self.cache.unpin(content_hash)
-
-
-class PixelDecoder:
-    """The tower takes normalised float32 patches; images travel as files or uint8 patches. Makes
-    the uint8 patches (a file: decoded in the instance's `PatchPool`) and expands them on `device`
-    (a lookup per value, bit-exact to the processor: epd.inputs.image_processor.expand_patches)."""
-
-    def __init__(
-        self, cfg: ImageProcessorConfig, device: torch.device, pool: PatchPool | None = None
-    ) -> None:
-        self.cfg = cfg
-        self.table = normalization_table(cfg).to(device)
-        self.temporal_patch_size = cfg.temporal_patch_size
-        self.device = device
-        self.pool = pool
-
-    def patches(self, item: EncodeItem) -> Future[torch.Tensor]:
-        """The item's uint8 patches: at once if they came made, else from a pool thread (whose
-        exception is an `InvalidInputError` when the file is bad). In pinned memory when they go
-        to a GPU, so their upload is asynchronous (pinned on the pool's thread where it decodes)."""
-        if not item.file:
-            return done_future(self._host_rows(np.frombuffer(item.pixels, np.uint8), item.raw_dim))
-        if self.pool is None:
-            raise RuntimeError("an image file reached an instance without a patch pool")
-        if item.groups is not None:  # a chunk of a video file: its frames only
-            grid, groups = tuple(item.grid), tuple(item.groups)
-            return self.pool.submit(self._pinned, video_patches_from_file, item.file, self.cfg, grid, groups)
-        return self.pool.submit(self._pinned, patches_from_file, item.file, self.cfg, tuple(item.grid))
-
-    def expand(self, raw: torch.Tensor) -> torch.Tensor:
-        """uint8 patches -> the tower's float32 input on the device (queued: no wait when pinned)."""
-        uploaded = raw.to(self.device, non_blocking=raw.is_pinned())
-        return expand_patches(uploaded, self.table, self.temporal_patch_size, self.cfg.patch_size)
-
-    def _pinned(self, make: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-        raw = make(*args)
-        return raw.pin_memory() if self.device.type == "cuda" else raw
-
-    def _host_rows(self, values: np.ndarray, width: int) -> torch.Tensor:
-        """The bytes as [rows, width] uint8, copied once: into pinned memory for a GPU, else into
-        a writable tensor (the message's bytes are read-only)."""
-        rows = torch.empty(values.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        rows.numpy()[:] = values
-        return rows.view(-1, width)
 
 
 def _log_launch(batch: list[_Job], start: float, expanded: float, launched: float) -> None:

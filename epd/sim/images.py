@@ -13,7 +13,7 @@ so prompt lengths, patch counts and embedding sizes are the real ones, and the s
 again has the same hash (encoder and prefix caches hit as they would).
 
 Pixels stand in as 3 bytes per patch (one per channel: the narrowest rows the encoder's pixel
-decoder and the scripted vision tower take, epd.cluster.encoder_worker.PixelDecoder and
+decoder and the scripted vision tower take, epd.cluster.pixel_decoder.PixelDecoder and
 epd.engine.scripted_runner.ScriptedVision), drawn from the hash, so each image still gets its own
 embeddings. A 1344 px image is 27 KB instead of the 5 MB of real uint8 patches.
 """

@@ -53,7 +53,6 @@ from dataclasses import dataclass
 import torch
 
 from epd.clock import WALL_CLOCK, Clock
-from epd.cluster.encoder_worker import PixelDecoder
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.decode_stage import DecodeStage
 from epd.cluster.instance.encode_stage import (
@@ -85,6 +84,7 @@ from epd.cluster.messages import (
     SetRolesReply,
     Shutdown,
 )
+from epd.cluster.pixel_decoder import PixelDecoder
 from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache

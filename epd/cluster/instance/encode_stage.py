@@ -11,10 +11,11 @@ from typing import Protocol
 import torch
 
 from epd.clock import Clock
-from epd.cluster.encoder_worker import EncoderWorker, PixelDecoder
+from epd.cluster.encoder_worker import EncoderWorker
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.messages import DestinationGone, EmbeddingNotSent, EncodeTask, ReleaseEmbedding
+from epd.cluster.pixel_decoder import PixelDecoder
 from epd.cluster.stats import mm_cache_stats
 from epd.config import ModelConfig
 from epd.engine.mm_cache import MMCache

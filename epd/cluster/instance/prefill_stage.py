@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import torch
 
 from epd.clock import Clock
-from epd.cluster.encoder_worker import PixelDecoder
 from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
@@ -59,6 +58,7 @@ from epd.cluster.messages import (
     PrefillTask,
     RequestError,
 )
+from epd.cluster.pixel_decoder import PixelDecoder
 from epd.cluster.stats import mm_cache_stats
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
