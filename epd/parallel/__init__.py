@@ -15,6 +15,7 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 |             | `rank_model_parts(group)`: one rank's own (a worker's; an engine per rank)       |
 | `runner`    | `ParallelRunner`: rank 0's runner, `ModelRunner`'s interface over every rank     |
 | `commands`  | what rank 0 sends its workers (build, run a step, gather / inject KV, stop)      |
+| `channel`   | how: a shared-memory ring (`ring`), one write for every worker, set up in `join` |
 | `worker`    | `build_worker`, `RankWorker.serve`: a worker that only executes                  |
 | `kv`        | a request's KV between whole (every kv head) and the ranks' shares              |
 | `lifeline`  | a worker ends when its rank 0 ends, however it ends                              |
@@ -35,15 +36,16 @@ A layout group may end in `@tpN` (`1E+1P@tp2+1D`, epd.cluster.layout); each of i
 takes N devices in order. The local launcher (epd.cluster.launcher `start_group`) starts the
 instance process (rank 0, the first device) and N-1 worker processes (the next devices), which
 meet at a file store the launcher picks (`InstanceConfig.tp_init_method`): nccl between GPUs,
-gloo on the CPU, plus a gloo side group for pickled commands. Rank 0 is the instance: its core,
+gloo on the CPU, plus a gloo side group that sets up the command channel (a shared-memory ring
+that rank 0 writes each pickled command into once, epd.parallel.channel). Rank 0 is the instance: its core,
 scheduler, block manager, sampler and connectors run there unchanged, over a `ParallelRunner`
 (the engine's `model_parts` is `instance_parts(group)`; epd.cluster.instance.shell picks it).
 Its first command makes the workers build what rank 0 builds (`BuildRank`: the engine config);
 then every runner call sends its command and runs rank 0's share, the workers running theirs:
 
     rank 0:  engine.step -> runner.run: prepare (requests -> StepInputs, images encoded or read
-             from the MM cache) -> broadcast RunStep(StepInputs) [+ image rows] -> forward -> logits
-    worker:  broadcast received -> forward(StepInputs) without logits (same all-reduces)
+             from the MM cache) -> send RunStep(StepInputs) [+ broadcast image rows] -> forward -> logits
+    worker:  command received -> forward(StepInputs) without logits (same all-reduces)
 
 A pure decode step runs as a CUDA graph on every rank or on none (the runner decides from the
 step, which every rank holds alike): rank 0 replays its graph (to the logits), the workers replay

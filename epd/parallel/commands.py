@@ -1,7 +1,7 @@
-"""What rank 0 of a tensor-parallel instance tells its workers, one broadcast object each.
+"""What rank 0 of a tensor-parallel instance tells its workers, one command each.
 
-Every call of rank 0's runner that touches the model or the KV cache broadcasts its command first,
-then runs its own share; each worker, waiting in that broadcast, runs the same share of the same
+Every call of rank 0's runner that touches the model or the KV cache sends its command first,
+then runs its own share; each worker, waiting for that command, runs the same share of the same
 call, so the collectives inside (the decoder's all-reduces, the KV gathers and scatters) meet.
 
 | command       | then, over the group                          | the worker                         |
@@ -21,8 +21,9 @@ call, so the collectives inside (the decoder's all-reduces, the KV gathers and s
 `GatherLayer` and `LayerDone` come only inside a `RunStep` that streams layers: after each layer
 rank 0's hook sends a `GatherLayer` per request it streams, then `LayerDone`.
 
-Tensors in a command are on the host (the command is pickled over the gloo side group); the
-image rows and the KV travel as tensors over the main group (nccl on GPUs).
+Tensors in a command are on the host (the command is pickled into the group's command channel,
+epd.parallel.channel); the image rows and the KV travel as tensors over the main group (nccl on
+GPUs).
 """
 
 from __future__ import annotations

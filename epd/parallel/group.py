@@ -7,21 +7,26 @@ weights a rank holds depends only on (rank, world size), so a group that never `
 says how to build and load a rank's model (what the in-process sharding tests do); only its
 collectives need the joined process group.
 
-Objects (a step's batch, a command) go over a second group, gloo whatever the backend (`commands`:
-pickled bytes belong on the host, and an nccl broadcast would need them on the device first). An
-idle worker waits in that group's broadcast for the next command for as long as its instance is
-idle, so its timeout is `COMMAND_TIMEOUT`, not gloo's default half hour. A worker whose rank 0
-died is not left waiting on it: it exits by its lifeline (epd.parallel.lifeline).
+Rank 0's commands to its workers go through the group's command channel (`send_command`,
+`receive_command`: a shared-memory ring, epd.parallel.channel), set up in `join`; a worker waits
+there for the next command for as long as its instance is idle, and ends with `ChannelClosed`
+when rank 0 is gone (or by its lifeline first, epd.parallel.lifeline). Other objects (and the
+channel's own set-up) go over a second group, gloo whatever the backend (`broadcast_object`:
+pickled bytes belong on the host, and an nccl broadcast would need them on the device first);
+its timeout is `COMMAND_TIMEOUT`, not gloo's default half hour.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
 from torch import distributed as dist
+
+from epd.parallel.channel import CommandReceiver, CommandSender, open_channel
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 COMMAND_TIMEOUT = timedelta(days=365)  # an idle worker waits for its next command this long
@@ -33,6 +38,8 @@ class TensorParallelGroup:
     world_size: int
     # The gloo group objects travel in (set by `join`; None: the default group).
     commands: Any = field(default=None, compare=False, repr=False)
+    # Rank 0's command channel to the workers (set by `join` when there are workers).
+    channel: CommandSender | CommandReceiver | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -58,11 +65,29 @@ class TensorParallelGroup:
         kwargs = {} if timeout is None else {"timeout": timeout}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
         commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
-        return cls(rank, world_size, commands)
+        channel = None
+        if world_size > 1:
+            channel = open_channel(rank, world_size, partial(_broadcast_object, rank=rank, group=commands))
+        return cls(rank, world_size, commands, channel)
 
     def leave(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def send_command(self, command: object) -> None:
+        """On rank 0: every worker's next `receive_command` returns `command` (in order)."""
+        if not isinstance(self.channel, CommandSender):
+            raise RuntimeError(f"rank {self.rank} of {self.world_size} has no workers to command")
+        self.channel.send(command)
+
+    def receive_command(self) -> object:
+        """On a worker: rank 0's next command (waits for it; raises `ChannelClosed` when rank 0 is
+        gone)."""
+        if not isinstance(self.channel, CommandReceiver):
+            raise RuntimeError(f"rank {self.rank} of {self.world_size} receives no commands")
+        return self.channel.receive()
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """`x` reduced over the ranks, in place (and returned): every rank gets the same values."""
@@ -99,9 +124,13 @@ class TensorParallelGroup:
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
         """Rank `src`'s `obj` on every rank (pickled, over `commands`: for control data such as a
         step's batch; tensors in it must be on the host)."""
-        box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.commands)
-        return box[0]
+        return _broadcast_object(obj, self.rank, self.commands, src)
+
+
+def _broadcast_object(obj: object, rank: int, group: Any, src: int = 0) -> object:
+    box = [obj if rank == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def backend_for(device: str | torch.device) -> str:

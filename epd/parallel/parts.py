@@ -65,7 +65,7 @@ def instance_parts(group: TensorParallelGroup | None) -> PartsFactory:
                 f"tensor-parallel instance {instance}: its workers built their share once already"
             )
         built.append(instance)
-        group.broadcast_object(BuildRank(config, instance))
+        group.send_command(BuildRank(config, instance))
         parts = load_share(
             config, encode_locally=encode_locally, mm_cache=mm_cache, clock=clock, instance=instance
         )

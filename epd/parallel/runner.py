@@ -110,7 +110,7 @@ class ParallelRunner:
     # ---- internals ----------------------------------------------------------------------------
 
     def _send(self, command: Command) -> None:
-        self.group.broadcast_object(command)
+        self.group.send_command(command)
 
     def _then_release_layer(self, after_layer: Callable[[int], None]) -> Callable[[int], None]:
         """The engine's hook, then `LayerDone`: the workers wait after each layer for the gathers

@@ -45,7 +45,7 @@ class RankWorker:
     def serve(self) -> None:
         """Run rank 0's commands until it says `Stop`."""
         while True:
-            command = self.group.broadcast_object()
+            command = self.group.receive_command()
             if isinstance(command, Stop):
                 return
             self.run(command)
@@ -72,7 +72,7 @@ class RankWorker:
 
     def _follow_layer(self, layer: int) -> None:
         """After a layer of a streaming step: the gathers rank 0's hook asks for, until `LayerDone`."""
-        while not isinstance(command := self.group.broadcast_object(), LayerDone):
+        while not isinstance(command := self.group.receive_command(), LayerDone):
             if not isinstance(command, GatherLayer):
                 raise RuntimeError(f"tensor-parallel worker {self.group.rank}: {command!r} inside a forward")
             local = self.runner.gather_kv_layer(command.layer, slots_tensor(command.slots, self.device))
@@ -88,7 +88,7 @@ class RankWorker:
 
 def build_worker(group: TensorParallelGroup, device: str) -> RankWorker:
     """This rank's share, built when rank 0 says how (`BuildRank`), on `device`."""
-    command = group.broadcast_object()
+    command = group.receive_command()
     if not isinstance(command, BuildRank):
         raise RuntimeError(f"tensor-parallel worker {group.rank}: expected BuildRank first, got {command!r}")
     config = replace(command.config, device=device)
