@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -117,10 +118,13 @@ def test_send_returns_before_the_payload_has_moved(pair: tuple[Connector, Connec
 
 @pytest.mark.parametrize("backend", REMOTE_BACKENDS)
 def test_unreachable_dest_is_a_failed_result_not_an_exception(backend: str) -> None:
-    with create_connector(backend, send_timeout_s=0.3) as producer:
-        gone = create_connector(backend)
-        gone.close()  # its port now refuses connections
-        producer.send(gone.address, "a", {"x": torch.zeros(3)})
+    # A port held by a socket that never listens refuses connections for as long as it is held;
+    # a closed connector's port did only until another process bound it (seen once, in a full run
+    # beside other servers: the message went to whoever had taken the port).
+    with create_connector(backend, send_timeout_s=0.3) as producer, socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        gone = f"tcp://127.0.0.1:{refusing.getsockname()[1]}"
+        producer.send(gone, "a", {"x": torch.zeros(3)})
         producer.send("nonsense://nowhere", "b", {"x": torch.zeros(3)})
         results = {r.key: r for r in collect_sent(producer, 2, timeout=10)}
         assert not results["a"].ok and "did not take the message" in results["a"].error
