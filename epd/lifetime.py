@@ -54,7 +54,9 @@ class LifetimeEvent:
 # stages in TAIL_STAGES, which count from their last start: a request's images encoded one batch
 # after another on one encoder start their transfers one batch apart, and from the first start
 # "mm_transfer" held the later batches' encodes (0.16-0.24 s on 4 H200s where the bytes take
-# under a millisecond). From the last start it is the transfer time the encodes did not hide.
+# under a millisecond). From the last start it is the transfer time the encodes did not hide;
+# never below 0: an embedding that reached P before P knew the request records no end for it
+# (it was not waited for), and its start, the latest, would then come after every end.
 STAGES = {
     "encode_queue": (Event.ENCODE_QUEUED, Event.ENCODE_START),
     "encode": (Event.ENCODE_START, Event.ENCODE_END),
@@ -77,7 +79,7 @@ def stage_breakdown(events: Iterable[LifetimeEvent]) -> dict[str, float]:
         first[e.event] = min(first.get(e.event, e.time), e.time)
         last[e.event] = max(last.get(e.event, e.time), e.time)
     return {
-        stage: last[end] - (last if stage in TAIL_STAGES else first)[start]
+        stage: max(0.0, last[end] - last[start]) if stage in TAIL_STAGES else last[end] - first[start]
         for stage, (start, end) in STAGES.items()
         if start in first and end in last
     }

@@ -55,3 +55,16 @@ def test_images_encoded_in_parallel_count_the_transfer_left_after_the_last_encod
     )
     assert breakdown["encode"] == pytest.approx(0.06)
     assert breakdown["mm_transfer"] == pytest.approx(0.01)
+
+
+def test_a_transfer_that_landed_before_the_request_reached_p_adds_nothing():
+    """Image 1's embedding reached P before P knew the request (no end recorded for it): its start,
+    the latest, comes after every end, and mm_transfer is 0, not negative."""
+    breakdown = stage_breakdown(
+        events(
+            (Event.MM_TRANSFER_START, 0.05, 0),
+            (Event.MM_TRANSFER_END, 0.051, None),
+            (Event.MM_TRANSFER_START, 0.06, 1),
+        )  # fmt: skip
+    )
+    assert breakdown["mm_transfer"] == 0.0

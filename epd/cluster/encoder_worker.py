@@ -79,8 +79,10 @@ class _InFlight:
 
     batch: list[_Job]
     start: float  # the clock's time at the launch (off the GPU: the encode's start)
-    began: torch.cuda.Event | None = None  # on the GPU: where its work begins on the stream
-    done: torch.cuda.Event | None = None  # and where it ends (None off the GPU: done at launch)
+    encoded_at: float = 0.0  # off the GPU: the clock's time once the tower returned
+    began: torch.cuda.Event | None = None  # on the GPU: where its work begins on the stream,
+    encoded: torch.cuda.Event | None = None  # where the tower ends (before the writes and sends),
+    done: torch.cuda.Event | None = None  # and where all of it ends (None off the GPU)
 
 
 MAX_IN_FLIGHT = 2  # batches queued on the GPU at once: enough to hide one launch behind the other
@@ -130,11 +132,14 @@ class EncoderWorker:
         return sum(job.num_tokens * self.merge for job in self.queue.values())
 
     def add(self, task: EncodeTask) -> None:
-        hits, hit_keys = [], []
+        hits, hit_keys, events = [], [], []
         for item in task.items:
             waiter = _Waiter(task.request_id, item.index, task.dest, item.content_hash, urgency=task.urgency)
             if self.cache.lookup(item.content_hash):
                 self.cache.pin(item.content_hash)
+                # Timed before the send: the consumer may record its arrival before this returns.
+                start = LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, item.index)
+                events.append(start)
                 self._send(item.content_hash, [waiter])
                 hits.append(item.index)
                 hit_keys.append(item.content_hash)
@@ -148,7 +153,6 @@ class EncoderWorker:
                 patches.add_done_callback(lambda _, job=job: setattr(job, "ready", self.clock.now()))
                 self.queue[item.content_hash] = job
         if hits:
-            events = [LifetimeEvent.now(self.clock, Event.MM_TRANSFER_START, self.instance, i) for i in hits]
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events, hit_keys))
 
     def step(self) -> list[EncodeDone | EncodeFailed]:
@@ -212,7 +216,9 @@ class EncoderWorker:
                 embeds = self.model.encode_images(pixels, grids)
             else:  # a replay's output lives until the next: the writes and sends below come first
                 embeds = self.model.encode_images(pixels, grids, self.tower_graphs)
-        launched = self.clock.now()
+        launched = flight.encoded_at = self.clock.now()
+        if self.device_clock is not None:  # the encode's end: the sends below may land before `done`
+            flight.encoded = self.device_clock.mark()
         for job, emb in zip(batch, embeds):
             self.cache.write(job.content_hash, emb)
             for _ in job.waiters[1:]:
@@ -251,9 +257,9 @@ class EncoderWorker:
 
     def _times(self, flight: _InFlight) -> tuple[float, float]:
         """(start, end) of a finished batch's encode on the clock."""
-        if self.device_clock is None or flight.began is None or flight.done is None:
-            return flight.start, self.clock.now()
-        return self.device_clock.time_of(flight.began), self.device_clock.time_of(flight.done)
+        if self.device_clock is None or flight.began is None or flight.encoded is None:
+            return flight.start, flight.encoded_at  # before the sends: P may record arrivals at once
+        return self.device_clock.time_of(flight.began), self.device_clock.time_of(flight.encoded)
 
     def _send(self, content_hash: str, waiters: list[_Waiter]) -> None:
         embeds = self.cache.get(content_hash)
