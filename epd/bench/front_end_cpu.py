@@ -6,9 +6,10 @@
 Starts `epd serve`, sends chat requests whose images are distinct noise PNGs (incompressible:
 the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token each, and reads
 the API process's own CPU time (utime + stime of its pid in /proc, its instance processes not
-included) before and after. Prints CPU ms per image and per request, and the server's mean
-`preprocess` (epd_timings). `--server-pythonpath` runs the server from another tree (e.g. a
-worktree of an older commit), for a before/after in one run.
+included) and minor page faults before and after. Prints CPU ms per image and per request, page
+faults per request, and the server's mean `preprocess` (epd_timings). `--server-pythonpath`
+runs the server from another tree (e.g. a worktree of an older commit), for a before/after in
+one run.
 """
 
 from __future__ import annotations
@@ -50,8 +51,19 @@ def chat_body(model: str, pngs: list[bytes]) -> bytes:
 
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of the process itself (all its threads), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_minor_faults(pid: int) -> int:
+    """Minor page faults of the process itself: memory it touched for the first time (each costs
+    microseconds of CPU in a VM, so a buffer mapped afresh per request shows here)."""
+    return int(_stat_fields(pid)[7])
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 (state) first."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[dict]:
@@ -83,9 +95,11 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp, LocalServer(server_args, Path(tmp) / "server.log") as server:
         bodies = [chat_body("m", g) for g in groups]
         send_all(server.url, bodies[: args.warmup], args.concurrency)
-        before, started = process_cpu_seconds(server.proc.pid), time.perf_counter()
+        pid = server.proc.pid
+        before, faults, started = process_cpu_seconds(pid), process_minor_faults(pid), time.perf_counter()
         replies = send_all(server.url, bodies[args.warmup :], args.concurrency)
-        cpu, wall = process_cpu_seconds(server.proc.pid) - before, time.perf_counter() - started
+        cpu, wall = process_cpu_seconds(pid) - before, time.perf_counter() - started
+        faults = process_minor_faults(pid) - faults
     timings = [r["epd_timings"] for r in replies if r.get("epd_timings")]
     preprocess = [t["preprocess"] for t in timings]
     stages = sorted({name for t in timings for name in (t.get("stages") or {})})
@@ -101,6 +115,7 @@ def measure(args: argparse.Namespace) -> dict:
         "images": images,
         "api_cpu_ms_per_image": 1000 * cpu / images,
         "api_cpu_ms_per_request": 1000 * cpu / args.requests,
+        "api_minor_faults_per_request": faults / args.requests,
         "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
         "wall_s": wall,
         "ttft_s_mean": float(np.mean([t["ttft"] for t in timings])) if timings else None,
@@ -125,6 +140,7 @@ def main() -> None:
     print(
         f"{args.layout:>12}  {result['api_cpu_ms_per_image']:7.2f} ms CPU/image  "
         f"{result['api_cpu_ms_per_request']:7.2f} ms CPU/request  "
+        f"{result['api_minor_faults_per_request']:6.0f} page faults/request  "
         f"preprocess {result['preprocess_ms_mean']:.2f} ms  ({result['images']} images of "
         f"{result['image_bytes'] / 1e6:.1f} MB)  {args.server_pythonpath or 'this tree'}"
     )

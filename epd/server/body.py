@@ -98,10 +98,11 @@ async def _parse(body: bytes | bytearray, model: type[M], shape: ObjectShape, st
 
 
 @asynccontextmanager
-async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytearray]:
+async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytes]:
     """The whole body, its bytes counted in the budget until the block ends."""
     config, budget = state.config, state.body_budget
-    body = _Body(_check_declared_length(request, config.max_request_bytes))
+    _check_declared_length(request, config.max_request_bytes)
+    body = _Body()
     drained = asyncio.ensure_future(state.drain.wait())
     try:
         more = True
@@ -123,35 +124,25 @@ async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[
 
 
 class _Body:
-    """A body's bytes as they come, each copied once: into a buffer of the declared length
-    (`bytearray(n)` takes zeroed pages the system commits only as they are written), or, without
-    a Content-Length, kept as chunks and joined at the end. Not `bytearray +=`, which grows by an
-    eighth at a time and so copies a large body several times over (API CPU per 3.7 MB image
-    went from 11.7 to 10.4 ms with this: BENCHMARKS.md)."""
+    """A body's chunks as they come, joined once at the end: each byte is copied once, into
+    memory nobody zeroed first. (`bytearray(n)` filled as chunks came wrote every byte twice:
+    once with zeros, then the chunk; `bytearray +=` grows by an eighth at a time and so copies a
+    large body several times over.) The join briefly holds a body twice; it runs on the event
+    loop, so one body at a time does."""
 
-    def __init__(self, declared: int | None) -> None:
-        self.buffer = bytearray(declared) if declared else None
+    def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
 
     def add(self, chunk: bytes) -> None:
-        end = self.size + len(chunk)
-        if self.buffer is not None and end <= len(self.buffer) and not self.chunks:
-            self.buffer[self.size : end] = chunk
-        else:  # more than declared (the HTTP layer refuses that first): keep it all the same
-            if self.buffer is not None and not self.chunks:
-                self.chunks.append(bytes(self.buffer[: self.size]))
+        if chunk:
             self.chunks.append(chunk)
-        self.size = end
+            self.size += len(chunk)
 
-    def value(self) -> bytearray:
-        if self.chunks:
-            return bytearray(b"".join(self.chunks))
-        if self.buffer is None:
-            return bytearray()
-        if self.size < len(self.buffer):
-            del self.buffer[self.size :]
-        return self.buffer
+    def value(self) -> bytes:
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = [body]  # the pieces go now, not when the request ends
+        return body
 
 
 async def _yield_if_large(body: bytes | bytearray) -> None:
@@ -182,14 +173,11 @@ async def _next_message(request: Request, timeout_s: float, drained: asyncio.Fut
     )
 
 
-def _check_declared_length(request: Request, max_bytes: int) -> int | None:
-    """The declared Content-Length (None if absent or malformed); 413 over `max_bytes`."""
+def _check_declared_length(request: Request, max_bytes: int) -> None:
+    """413 if the declared Content-Length is over `max_bytes` (absent or malformed: checked as read)."""
     length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        return None
-    if int(length) > max_bytes:
+    if length is not None and length.isdigit() and int(length) > max_bytes:
         raise _too_large(max_bytes)
-    return int(length)
 
 
 def _too_large(max_bytes: int) -> APIError:

@@ -28,6 +28,7 @@ from epd.entrypoints.async_engine import AsyncEngine, EngineArgs
 from epd.server.app import build_app
 from epd.server.config import ServerConfig
 from epd.server.connections import header_timeout_protocol
+from epd.server.malloc_tuning import reuse_large_blocks
 from epd.server.state import ServerState
 
 logger = logging.getLogger("epd.server")
@@ -84,6 +85,7 @@ def serve(engine_args: EngineArgs, config: ServerConfig) -> int:
 
 
 def _build_server(engine: AsyncEngine, config: ServerConfig) -> _Server:
+    reuse_large_blocks(config.max_request_bytes, config.body_buffer_limit)  # epd.server.malloc_tuning
     app = build_app(engine, config)
     state: ServerState = app.state.epd
     _log_limits(engine, state)

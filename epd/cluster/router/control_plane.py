@@ -66,7 +66,10 @@ class ZmqControlPlane:
         self._poller.register(self._wake_rx, zmq.POLLIN)
 
     def send(self, instance: str, message: ToInstance) -> None:
-        self._outboxes[instance].send(encode(message))
+        # Not copied into a zmq message: an encode task carries its image files (megabytes).
+        # pyzmq copies small messages anyway (below its copy_threshold) and keeps a large one
+        # alive until libzmq has sent it.
+        self._outboxes[instance].send(encode(message), copy=False)
 
     def connect(self, instance: str, control_address: str) -> None:
         old = self._outboxes.pop(instance, None)
