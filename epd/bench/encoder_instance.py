@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from epd.bench import roofline_setup as rs
 from epd.bench.serve.synthetic import distinct_bench_image
@@ -46,6 +47,7 @@ from epd.cluster.encoder_worker import EncoderWorker
 from epd.cluster.messages import EncodeItem, EncodeTask
 from epd.cluster.pixel_decoder import PixelDecoder
 from epd.engine.mm_cache import MMCache
+from epd.inputs.image import decode_image_bytes, to_rgb
 from epd.inputs.image_processor import ImageProcessorConfig, image_grid_thw, raw_patches
 from epd.inputs.patches import PatchPool
 from epd.models.loader import build_model
@@ -138,18 +140,16 @@ def worker_row(
     rs.sync()
     sec = time.perf_counter() - start
     pool.close()
-    phases = {k: v * 1e3 / len(files) for k, v in getattr(worker, "phase_s", {}).items()}
+    phases = {k: v * 1e3 / len(files) for k, v in worker.phase_s.items()}
     first = len(arrivals) // 10
     steady = (len(arrivals) - 1 - first) / (arrivals[-1] - arrivals[first])
-    graphs = worker.tower_graphs.replays if getattr(worker, "tower_graphs", None) else 0
+    graphs = worker.tower_graphs.replays if worker.tower_graphs is not None else 0
     return {"img_s": len(arrivals) / sec, "steady_img_s": steady, "images": len(arrivals),
             "pool_workers": pool.workers, "graph_replays": graphs,
             "ms_per_image_by_phase": phases}  # fmt: skip
 
 
-def _open(data: bytes):
-    from epd.inputs.image import decode_image_bytes, to_rgb
-
+def _open(data: bytes) -> Image.Image:
     return to_rgb(decode_image_bytes(data))
 
 

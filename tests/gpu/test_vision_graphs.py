@@ -3,13 +3,19 @@ and an encoder-only instance with --vision-cuda-graphs gives the aggregated engi
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from epd import LLM
+from epd import LLM, SamplingParams
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import VISION
 from epd.models.vision_graphs import VisionGraphs
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
+from test_disaggregation import mixed_requests  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -61,14 +67,6 @@ def test_least_recently_used_shape_is_dropped(tower):
 
 
 def test_encoder_instance_with_vision_graphs_gives_the_aggregated_tokens(checkpoints):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
-    from test_disaggregation import mixed_requests
-
-    from epd import SamplingParams
-
     model, params = str(checkpoints["qwen2_5_vl"]), SamplingParams(temperature=0, max_tokens=8)
     requests = mixed_requests(12, seed=5) * 2  # every image shape twice: the second time replays
     with LLM(model, device="cuda:0") as llm:
