@@ -5,6 +5,7 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | module      | what                                                                            |
 |-------------|---------------------------------------------------------------------------------|
 | `group`     | `TensorParallelGroup`: rank, world size, all_reduce / all_gather / broadcast     |
+| `peer_all_reduce` | small sums in one kernel through peer memory (decode steps), not NCCL's ring |
 | `sharding`  | which share of each HF weight a rank holds (the table), heads per rank, the     |
 |             | rank's view of the config (what sizes its KV cache)                             |
 | `context`   | `building_rank(group)`: the decoder's layers built inside it take a rank's share |

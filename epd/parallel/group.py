@@ -27,6 +27,7 @@ import torch
 from torch import distributed as dist
 
 from epd.parallel.channel import CommandReceiver, CommandSender, open_channel
+from epd.parallel.peer_all_reduce import PeerAllReduce
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 COMMAND_TIMEOUT = timedelta(days=365)  # an idle worker waits for its next command this long
@@ -40,6 +41,8 @@ class TensorParallelGroup:
     commands: Any = field(default=None, compare=False, repr=False)
     # Rank 0's command channel to the workers (set by `join` when there are workers).
     channel: CommandSender | CommandReceiver | None = field(default=None, compare=False, repr=False)
+    # Small sums through peer memory (set by `join` between GPUs that reach each other's).
+    peer: PeerAllReduce | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -65,10 +68,12 @@ class TensorParallelGroup:
         kwargs = {} if timeout is None else {"timeout": timeout}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
         commands = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
-        channel = None
+        channel = peer = None
         if world_size > 1:
             channel = open_channel(rank, world_size, partial(_broadcast_object, rank=rank, group=commands))
-        return cls(rank, world_size, commands, channel)
+        if world_size > 1 and backend == "nccl":
+            peer = PeerAllReduce.open(world_size, commands)
+        return cls(rank, world_size, commands, channel, peer)
 
     def leave(self) -> None:
         if self.channel is not None:
@@ -90,7 +95,10 @@ class TensorParallelGroup:
         return self.channel.receive()
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """`x` reduced over the ranks, in place (and returned): every rank gets the same values."""
+        """`x` reduced over the ranks, in place (and returned): every rank gets the same values.
+        Small sums go through peer memory (epd.parallel.peer_all_reduce), the rest through NCCL."""
+        if op == "sum" and self.peer is not None and self.peer.fits(x):
+            return self.peer.reduce(x)
         dist.all_reduce(x, op=_OPS[op])
         return x
 
