@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from epd.attention.backend import AttentionBackend
 from epd.attention.context import AttentionMetadata, DeviceMetadata, build_device_metadata
 from epd.attention.triton_common import write_kv
-from epd.attention.triton_decode import choose_num_splits, paged_decode_attention
+from epd.attention.triton_decode import choose_launch, paged_decode_attention
 from epd.attention.triton_prefill import paged_prefill_attention
 
 SDPA_MIN_TOKENS = 512  # fresh prompts at least this long take torch SDPA (see TritonBackend._prefill)
@@ -35,10 +35,13 @@ class TritonBackend(AttentionBackend):
         write_kv(k, v, kv_cache, meta.slot_mapping)
         tensors = meta.tensors or _tensors_of(meta, q.device)
         if tensors.decode_only:
-            splits = choose_num_splits(q.shape[0], kv_cache.shape[3], tensors.max_seq_len, self._sms(q))
-            return paged_decode_attention(
-                q, kv_cache[0], kv_cache[1], tensors.block_tables, tensors.seq_lens, scale, splits
+            splits, launch = choose_launch(
+                q.shape[0], kv_cache.shape[3], q.shape[2], tensors.max_seq_len, self._sms(q)
             )
+            return paged_decode_attention(
+                q, kv_cache[0], kv_cache[1], tensors.block_tables, tensors.seq_lens, scale, splits,
+                launch=launch,
+            )  # fmt: skip
         return self._prefill(q, k, v, kv_cache, meta, tensors, scale)
 
     def _prefill(self, q, k, v, kv_cache, meta, tensors, scale) -> torch.Tensor:

@@ -12,7 +12,8 @@ a table of every figure is printed last.
   graphs without the fused layer kernels, graphs with cuBLAS instead of the GEMV at batch 1,
   and eager with the per-sequence torch_sdpa backend (the baseline); `--decode-modes` picks.
   MBU = (weights + KV read) / time / measured copy bandwidth.
-- profile: kernel time of eager decode steps at batch 1 and 128, to DIR/profile_*.txt.
+- profile: kernel time of eager decode steps at each --decode-batches size (default 1 and
+  128), first --decode-contexts context, to DIR/profile_*.txt.
 - prefill: one step of 1x2k, 1x8k, 8x1k tokens and 4 images of 1344 px + 64 text tokens
   (image embeddings given: the LLM alone). MFU = flops / time / measured matmul rate.
 - encoder: images/s at 448, 896, 1344 px, batch 1 and 8; MFU likewise.
@@ -45,6 +46,7 @@ from epd.models.layers import fused
 
 DECODE_BATCHES = (1, 8, 32, 128, 256)
 DECODE_CONTEXTS = (1024, 4096)
+DECODE_BATCHES_ASKED = False  # --decode-batches given: the profile section takes them too
 DECODE_MODES = ("graphs", "eager", "graphs_unfused", "graphs_cublas", "eager_torch_sdpa")
 PREFILL = {"1x2k": (1, 2048), "1x8k": (1, 8192), "8x1k": (8, 1024)}  # sequences, tokens each
 PREFILL_IMAGES = (4, 1344, 64)  # images, side, text tokens
@@ -115,7 +117,7 @@ def _kernel_decode(
     batch: int, ctx: int, bw: float, heads: int = 28, kv_heads: int = 4, dim: int = 128
 ) -> None:
     from epd.attention.context import build_device_metadata
-    from epd.attention.triton_decode import choose_num_splits, paged_decode_attention
+    from epd.attention.triton_decode import choose_launch, paged_decode_attention
 
     page = 16
     cache = torch.randn(2, batch * ctx // page, page, kv_heads, dim, device=DEVICE, dtype=torch.bfloat16)
@@ -123,10 +125,11 @@ def _kernel_decode(
     tables = [list(range(i * ctx // page, (i + 1) * ctx // page)) for i in range(batch)]
     t = build_device_metadata([1] * batch, [ctx] * batch, tables, DEVICE)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-    splits = choose_num_splits(batch, kv_heads, ctx, sms)
+    splits, launch = choose_launch(batch, kv_heads, dim, ctx, sms)
     run = partial(
-        paged_decode_attention, q, cache[0], cache[1], t.block_tables, t.seq_lens, dim**-0.5, splits
-    )
+        paged_decode_attention, q, cache[0], cache[1], t.block_tables, t.seq_lens, dim**-0.5, splits,
+        launch=launch,
+    )  # fmt: skip
     sec = rs.graph_time(run)
     read = cache.numel() * cache.element_size()
     record("kernels", f"decode b{batch} ctx{ctx}", us=sec * 1e6, splits=splits,
@@ -249,7 +252,7 @@ def bench_profile(engine, out: Path) -> None:
     runner = engine.runner
     graphs, runner.graphs = runner.graphs, None
     try:
-        for batch_size, ctx in [(1, 1024), (128, 1024)]:
+        for batch_size, ctx in _profiled_cases():
             alloc = rs.BlockAllocator(engine.block_manager.num_blocks, runner.block_size)
             reqs = [rs.text_request(f"f{i}", ctx - 1, 1, seed=i) for i in range(batch_size)]
             step = partial(_step, runner, rs.batch_of(reqs), [alloc.table(ctx) for _ in reqs])
@@ -264,6 +267,13 @@ def bench_profile(engine, out: Path) -> None:
             print(table, flush=True)
     finally:
         runner.graphs = graphs
+
+
+def _profiled_cases() -> list[tuple[int, int]]:
+    """(batch, context) of the profiled steps: the decode sizes asked for, else batch 1 and 128."""
+    if DECODE_BATCHES_ASKED:
+        return [(b, DECODE_CONTEXTS[0]) for b in DECODE_BATCHES]
+    return [(1, 1024), (128, 1024)]
 
 
 # ---- prefill --------------------------------------------------------------------------------
@@ -334,9 +344,10 @@ def _csv(values: tuple) -> str:
 
 def _apply_size_options(args: argparse.Namespace) -> None:
     """--decode-batches, --decode-contexts, --hf-batches: fewer cases where device time is short."""
-    global DECODE_BATCHES, DECODE_CONTEXTS
+    global DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BATCHES_ASKED
     if args.decode_batches:
         DECODE_BATCHES = tuple(int(b) for b in args.decode_batches.split(","))
+        DECODE_BATCHES_ASKED = True
     if args.decode_contexts:
         DECODE_CONTEXTS = tuple(int(c) for c in args.decode_contexts.split(","))
     if args.hf_batches:

@@ -103,8 +103,12 @@ def random_lens(rng: random.Random, n: int, max_cached: int, max_new: int) -> li
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("block", [16, 1])
 @pytest.mark.parametrize("splits", [1, 5])
-def test_decode_kernel(dtype, shape, block, splits):
-    from epd.attention.triton_decode import paged_decode_attention
+@pytest.mark.parametrize("wide", [False, True], ids=["tiles64", "tiles128"])
+def test_decode_kernel(dtype, shape, block, splits, wide):
+    from epd.attention.triton_decode import DecodeLaunch, paged_decode_attention
+
+    # the wide shape (128-key tiles, 8 warps, 4 stages) is what `choose_launch` picks at ~64 seqs
+    launch = DecodeLaunch(block_n=128, num_warps=8, num_stages=4) if wide else None
 
     heads, kv_heads, dim = shape
     rng = random.Random(hash((shape, block, splits)) % 1000)
@@ -116,7 +120,7 @@ def test_decode_kernel(dtype, shape, block, splits):
     q = torch.cat(batch.q)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     k_cache, v_cache = batch.cache
-    paged_decode_attention(q, k_cache, v_cache, t.block_tables, t.seq_lens, dim**-0.5, splits, out)
+    paged_decode_attention(q, k_cache, v_cache, t.block_tables, t.seq_lens, dim**-0.5, splits, out, launch)
     assert rel_err(out, batch.reference(dim**-0.5)) < BAR[dtype]
 
 
