@@ -13,7 +13,7 @@ round trip through P, which asked for its images; now one message from the route
 lifetime breakdown shows where the rest of the time goes; on GPUs,
 `kv_transfer` (first token on P -> KV usable on D) compares layer-wise KV streaming with sending
 the KV after prefill. A variant is `LAYOUT[:TRANSFER[:KV_STREAMING]]`; instances take the devices
-of --devices in order.
+of --devices in order (a tensor-parallel instance one per rank).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def prompt(i: int, images: int, side: int) -> dict:
 
 def run(model: str, variant: str, args: argparse.Namespace) -> dict[str, float]:
     layout, transfer, kv_streaming = (variant.split(":") + ["auto", "auto"])[:3]
-    devices = args.devices.split(",")[: Layout.parse(layout).num_instances] if args.devices else None
+    devices = args.devices.split(",")[: Layout.parse(layout).num_devices] if args.devices else None
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     options = dict(layout=layout, transfer=transfer, kv_streaming=kv_streaming, dtype=args.dtype)
     options.update(load_format=args.load_format, max_model_len=args.max_model_len, devices=devices)

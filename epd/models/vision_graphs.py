@@ -96,7 +96,9 @@ class VisionGraphs:
             self.tower.run(self.inputs[:rows], plan)  # compiles and tunes any Triton kernel first
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the instance's PatchPool threads pin host memory while a capture runs;
+        # in the default (global) mode their cudaHostAlloc invalidates the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.tower.run(self.inputs[:rows], plan)
         entry = _Graph(graph, rows, output, plan)
         self.graphs[key] = entry
