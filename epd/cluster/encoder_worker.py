@@ -13,6 +13,8 @@ fails the requests that wait for it (`EncodeFailed`: the router answers 400).
 A chunk of a video (IRP over its frames: epd.inputs.video_chunks) is one more image here, keyed by
 its chunk key; where the video came as a file, only the chunk's frames are made into patches
 (decoding still runs from the file's start up to the chunk's last frame: no frame-exact seeking).
+The temporal groups of a Qwen3-VL video file are items of their own: those one task brings are
+made from one decode of the file (epd.cluster.pixel_decoder), the file's bytes sent once.
 On a GPU nothing waits for the device between batches: a batch's upload (from pinned memory,
 filled on the pool's thread), tower, cache write and sends are queued on the stream at once, and
 its completion is read from an event later (`_InFlight`), so the host launches batch n+1 while
@@ -133,6 +135,7 @@ class EncoderWorker:
 
     def add(self, task: EncodeTask) -> None:
         hits, hit_keys, events = [], [], []
+        new: dict[str, tuple[EncodeItem, list[_Waiter]]] = {}  # to encode: made into patches below
         for item in task.items:
             waiter = _Waiter(task.request_id, item.index, task.dest, item.content_hash, urgency=task.urgency)
             if self.cache.lookup(item.content_hash):
@@ -146,14 +149,26 @@ class EncoderWorker:
             elif item.content_hash in self.queue:
                 waiter.joined = True
                 self.queue[item.content_hash].waiters.append(waiter)
+            elif item.content_hash in new:  # twice in this task
+                waiter.joined = True
+                new[item.content_hash][1].append(waiter)
             else:
-                grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
-                patches = self.decode_pixels.patches(item)  # decoding starts now, off this thread
-                job = _Job(item.content_hash, item, grid_tokens, patches, [waiter], self.clock.now())
-                patches.add_done_callback(lambda _, job=job: setattr(job, "ready", self.clock.now()))
-                self.queue[item.content_hash] = job
+                new[item.content_hash] = (item, [waiter])
+        if new:
+            self._queue_jobs(list(new.values()))
         if hits:
             self.done.append(EncodeDone(self.instance, task.request_id, hits, hits, events, hit_keys))
+
+    def _queue_jobs(self, new: list[tuple[EncodeItem, list[_Waiter]]]) -> None:
+        """Queue a job per new item; their patches are made at once, off this thread, the items
+        together (a Qwen3-VL file's groups: one decode of the file, epd.cluster.pixel_decoder)."""
+        received = self.clock.now()
+        made = self.decode_pixels.patches_of([item for item, _ in new])
+        for (item, waiters), patches in zip(new, made, strict=True):
+            grid_tokens = item.grid[0] * item.grid[1] * item.grid[2] // self.merge
+            job = _Job(item.content_hash, item, grid_tokens, patches, waiters, received)
+            patches.add_done_callback(lambda _, job=job: setattr(job, "ready", self.clock.now()))
+            self.queue[item.content_hash] = job
 
     def step(self) -> list[EncodeDone | EncodeFailed]:
         """Launch what fits (patch budget, cache room) and ship it; report the batches the device

@@ -25,7 +25,12 @@ class EncodeItem(msgspec.Struct):
 
     Or a chunk of a video (IRP over its frames, epd.inputs.video_chunks): `content_hash` is the
     chunk's key, `grid` the chunk's, and `pixels` its rows only; a file comes whole, with
-    `groups` naming the temporal groups to take from it."""
+    `groups` naming the temporal groups to take from it. Or a temporal group of a Qwen3-VL video
+    file (`qwen3`: its sampling, and frames of the size `grid` says: epd.inputs.video_file).
+
+    Items of one message that carry the same file (a Qwen3-VL video's groups) carry it once on
+    the wire: the others name the item that does (`file_from`, set by `encode`, undone on
+    decoding), so an encoder gets a file's bytes once per task, and decodes it once per task."""
 
     index: int  # image index within its request
     content_hash: str
@@ -34,6 +39,8 @@ class EncodeItem(msgspec.Struct):
     raw_dim: int
     file: bytes = b""  # the image file (PNG, JPEG...): decoded by the encoding instance
     groups: tuple[int, int] | None = None  # a video chunk's temporal groups [first, end) in `file`
+    qwen3: bool = False  # `groups` of a Qwen3-VL video file: its sampling, frames sized to `grid`
+    file_from: int = -1  # on the wire: `file` is that of the message's item at this position
 
 
 class EncodeTask(msgspec.Struct, tag=True):
@@ -274,11 +281,44 @@ _router_decoder = msgspec.msgpack.Decoder(ToRouter)
 
 
 def encode(message: msgspec.Struct) -> bytes:
+    if isinstance(message, EncodeTask):
+        message = msgspec.structs.replace(message, items=_files_once(message.items))
+    elif isinstance(message, PrefillTask) and message.pixels:
+        message = msgspec.structs.replace(message, pixels=_files_once(message.pixels))
     return _encoder.encode(message)
 
 
 def decode_for_instance(data: bytes) -> ToInstance:
-    return _instance_decoder.decode(data)
+    message = _instance_decoder.decode(data)
+    if isinstance(message, EncodeTask):
+        _share_files(message.items)
+    elif isinstance(message, PrefillTask) and message.pixels:
+        _share_files(message.pixels)
+    return message
+
+
+def _files_once(items: list[EncodeItem]) -> list[EncodeItem]:
+    """The items as they go on the wire: a file that several carry (the same bytes object), kept by
+    the first of them only; the others point at it. The items themselves are left as they are."""
+    first: dict[int, int] = {}  # id(file) -> position of the first item carrying it
+    wire = []
+    for position, item in enumerate(items):
+        owner = first.setdefault(id(item.file), position) if item.file else position
+        if owner == position:
+            wire.append(item)
+        else:
+            wire.append(msgspec.structs.replace(item, file=b"", file_from=owner))
+    return wire
+
+
+def _share_files(items: list[EncodeItem]) -> None:
+    """Undo `_files_once` on received items: each gets the one copy of its file."""
+    for position, item in enumerate(items):
+        if item.file_from < 0:
+            continue
+        if item.file_from >= position:  # `_files_once` points only back, at a file's first carrier
+            raise ValueError(f"item {item.index} takes its file from item {item.file_from}, not before it")
+        item.file, item.file_from = items[item.file_from].file, -1
 
 
 def decode_for_router(data: bytes) -> ToRouter:

@@ -210,7 +210,8 @@ class InputProcessor:
     def load_videos(self, videos: Sequence[Any]) -> list[ImageInput | TimedVideo]:
         """Each video as one item (grid t > 1), in order. Frames are processed now; a file is
         checked, keyed and sized from its header only, and decoded where it is encoded.
-        Qwen3-VL's: their temporal groups with their times (epd.inputs.video.TimedVideo)."""
+        Qwen3-VL's: their temporal groups with their times (epd.inputs.video.TimedVideo), a
+        file's groups each naming the file (decoded where they are encoded, as any file)."""
         items = []
         cancel = image_loading_cancel_event()
         for video in videos:

@@ -7,8 +7,12 @@ placeholder token per merged patch, plus the processed images in prompt order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from epd.inputs.video_file import VideoFileGroup
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,17 @@ class ImageInput:
     uint8 patches already hold their T distinct frames ([N, C * T * P * P]), and `time_interval`
     is how far its M-RoPE time index moves per temporal patch (Qwen2.5-VL: tokens_per_second *
     seconds per temporal patch; 1 for Qwen2-VL and for images). See epd.inputs.video.
+
+    A Qwen3-VL video is one item per temporal group (grid (1, h, w)); where it came as a file, each
+    group's `encoded` is a `VideoFileGroup` instead of bytes: the file, shared by its groups, and
+    the group's place in it, decoded where the group is encoded (epd.inputs.video_file).
     """
 
     pixel_values: torch.Tensor | None
     grid_thw: tuple[int, int, int]
     content_hash: str
     raw_patches: torch.Tensor | None = None
-    encoded: bytes | None = None
+    encoded: bytes | VideoFileGroup | None = None
     modality: str = "image"  # or "video"
     time_interval: float = 1.0
 

@@ -164,7 +164,9 @@ def _frames_as_images(frames: Sequence[Image.Image] | np.ndarray, options: Video
 #
 # and its `get_rope_index` places each group as an image of grid (1, h, w), after that text: no
 # time row from an fps. So each group is an item of its own here (`TimedVideo.groups`), encoded,
-# cached and sent like an image (the tower never mixes groups: epd.inputs.video_chunks).
+# cached and sent like an image (the tower never mixes groups: epd.inputs.video_chunks). Frames
+# given as such are processed here; a file's groups each name the file and their place in it, and
+# are decoded where they are encoded (epd.inputs.video_file.VideoFileGroup).
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,10 @@ def split_groups_as_items(
     for g in range(len(raw) // rows):
         part = raw[g * rows : (g + 1) * rows]
         pixels = expand_patches(part, table, cfg.temporal_patch_size, cfg.patch_size)
-        group_key = hashlib.sha256(f"{key}|group {g}".encode()).hexdigest()
-        items.append(ImageInput(pixels, (1, gh, gw), group_key, raw_patches=part, modality="video"))
+        items.append(ImageInput(pixels, (1, gh, gw), group_key(key, g), raw_patches=part, modality="video"))
     return items
+
+
+def group_key(video_key: str, group: int) -> str:
+    """The key of a Qwen3-VL video's temporal group: the video's key and the group's place."""
+    return hashlib.sha256(f"{video_key}|group {group}".encode()).hexdigest()

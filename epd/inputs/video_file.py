@@ -11,9 +11,18 @@ Frames are sampled as transformers' `Qwen2VLVideoProcessor.sample_frames` does w
 temporal_patch_size), so both sides pick the same frames from the header alone; the token count
 is known before any frame is decoded, as an image's is from its header.
 
-Qwen3-VL samples otherwise (`qwen3_sample_indices`: any count, first to last frame) and its file is
-decoded on the front end (`timed_video_from_file`): each of its temporal groups is an item of its
-own, and an item cannot name a group of a file for the encoding side to take.
+Qwen3-VL samples otherwise (`qwen3_sample_indices`: any count, first to last frame) and sizes every
+frame by one pixel budget for the whole video (`qwen3_video_size`); each of its temporal groups is
+an item of its own (epd.inputs.video.TimedVideo). Its file is read the same way: the front end
+takes the header only (`timed_video_from_header`), and each group's item names the file, shared by
+all of them, and the group's place in it (`VideoFileGroup`, held where an image holds its bytes).
+The encoding side decodes the file once for all the groups it encodes (`qwen3_group_patches`):
+
+    front end                                    encoding side
+    ---------                                    -------------
+    header -> sampled frames -> size, times      an encoder: the groups of one task, one decode
+           -> items (1, h, w): VideoFileGroup    in process: every group, one decode, shared
+                                                 (`TimedVideoFile`, the first group asked decodes)
 
 The container is named from its first bytes and opened with that demuxer only: FFmpeg can open
 formats that read other files or URLs (HLS playlists, concat lists), which untrusted bytes must
@@ -25,7 +34,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,13 +46,15 @@ from PIL import Image
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import DataURL, image_key, read_image_bytes
 from epd.inputs.image_processor import ImageProcessorConfig
+from epd.inputs.types import ImageInput
 from epd.inputs.video import (
     TimedVideo,
+    group_key,
     group_seconds,
     qwen3_video_size,
     raw_video_patches,
-    timed_video_from_resized,
     video_key,
+    video_patchify,
 )
 
 if TYPE_CHECKING:
@@ -63,8 +75,8 @@ class VideoHeader:
     height: int
 
 
-def is_video_file(data: bytes) -> bool:
-    return _demuxer(data) is not None
+def is_video_file(data: bytes | VideoFileGroup) -> bool:
+    return isinstance(data, VideoFileGroup) or _demuxer(data) is not None
 
 
 def _demuxer(data: bytes) -> str | None:
@@ -152,24 +164,93 @@ def qwen3_sample_indices(header: VideoHeader) -> list[int]:
     return np.linspace(0, total - 1, num).round().astype(int).tolist()
 
 
-def timed_video_from_file(data: bytes, cfg: ImageProcessorConfig, limits: InputLimits) -> TimedVideo:
-    """Qwen3-VL: a video file decoded here, on the front end, into one item per temporal group.
-
-    Its groups are items of their own (epd.inputs.video), and an item names no group of a file: so
-    unlike Qwen2-VL's, these files are not sent to the encoding side to decode. The limits are
-    checked on the header before any frame is decoded, and each sampled frame is resized as soon
-    as it is decoded: the front end holds the resized frames only (their pixel budget counts them
-    all), never up to MAX_FRAMES full-size ones. Keyed by the file's bytes, as image files are."""
+def timed_video_from_header(data: bytes, cfg: ImageProcessorConfig, limits: InputLimits) -> TimedVideo:
+    """Qwen3-VL: a video file -> one item per temporal group, with each group's time, from its
+    header alone (the limits checked there): the frames it samples give the groups, their size
+    and their times. Each item names the file and its group (`VideoFileGroup`); the side that
+    encodes it decodes the file (`qwen3_group_patches`). Keyed by the file's bytes, as image
+    files are, each group by the video's key and its place (epd.inputs.video.group_key)."""
     header = read_video_header(data, limits.max_video_frames, limits.max_image_pixels)
     indices = qwen3_sample_indices(header)
     h, w = qwen3_video_size(len(indices), header.height, header.width, cfg)
+    seconds = group_seconds(indices, header.fps, cfg.temporal_patch_size)
+    file = TimedVideoFile(data, len(seconds))
+    key = video_key([image_key(data)], 0.0)
+    grid = (1, h // cfg.patch_size, w // cfg.patch_size)
+    groups = [
+        ImageInput(None, grid, group_key(key, g), encoded=VideoFileGroup(file, g), modality="video")
+        for g in range(len(seconds))
+    ]
+    return TimedVideo(groups, seconds)
+
+
+class TimedVideoFile:
+    """A Qwen3-VL video file as the items of its temporal groups share it: its bytes, once. Where
+    the groups are made into patches one by one in this process (the in-process engine's
+    `PatchPool`, epd.inputs.patches), the first group asked decodes the file for all of them,
+    once, and the others take their rows (the pool's other threads wait for it). Each group's
+    rows are kept here until taken, not after (a group asked again decodes the file again)."""
+
+    def __init__(self, data: bytes, num_groups: int) -> None:
+        self.data = data
+        self.num_groups = num_groups
+        self._lock = threading.Lock()
+        self._untaken: dict[int, torch.Tensor] = {}  # decoded groups not yet taken
+        self._error: InvalidInputError | None = None
+
+    def group_patches(
+        self, group: int, cfg: ImageProcessorConfig, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
+        with self._lock:
+            if group not in self._untaken and self._error is None:
+                try:
+                    self._untaken = qwen3_group_patches(self.data, cfg, grid, range(self.num_groups))
+                except InvalidInputError as e:
+                    self._error = e  # the file is bad for every group: found once for them all
+            if self._error is not None:
+                raise InvalidInputError(str(self._error))
+            return self._untaken.pop(group)
+
+
+@dataclass(frozen=True)
+class VideoFileGroup:
+    """Temporal group `group` of a Qwen3-VL video file: what its item holds where an image holds
+    its file's bytes (`ImageInput.encoded`)."""
+
+    file: TimedVideoFile
+    group: int
+
+    def patches(self, cfg: ImageProcessorConfig, grid: tuple[int, int, int]) -> torch.Tensor:
+        return self.file.group_patches(self.group, cfg, grid)
+
+
+def qwen3_group_patches(
+    data: bytes, cfg: ImageProcessorConfig, grid: tuple[int, int, int], groups: Iterable[int]
+) -> dict[int, torch.Tensor]:
+    """uint8 patches [h * w, C * T * P * P] of temporal groups `groups` of a Qwen3-VL video file,
+    whose frames the front end sized to `grid` (1, h, w) from its header (`qwen3_video_size`, by
+    the video processor's pixel budget: the grid says it, this side's config may not).
+
+    The file is decoded once, from its start up to the last wanted group's last frame, and only
+    the wanted groups' frames are resized: the front end's sampling (`qwen3_sample_indices`), the
+    last group padded with its last frame as transformers pads it. A file that ends early or whose
+    frames are not the header's size raises `InvalidInputError`."""
+    header = read_video_header(data)
+    t, p = cfg.temporal_patch_size, cfg.patch_size
+    indices = qwen3_sample_indices(header)
+    indices += indices[-1:] * (-len(indices) % t)
+    wanted_groups = sorted(set(groups))
+    if not wanted_groups or wanted_groups[0] < 0 or wanted_groups[-1] >= len(indices) // t:
+        raise InvalidInputError(f"temporal groups {wanted_groups} are not in the video")
+    _, gh, gw = grid
 
     def resize(frame: Image.Image) -> np.ndarray:
-        return np.asarray(frame.resize((w, h), resample=cfg.resample))
+        return np.asarray(frame.resize((gw * p, gh * p), resample=cfg.resample))
 
-    frames = _decode_frames(data, indices, (header.width, header.height), resize)
-    seconds = group_seconds(indices, header.fps, cfg.temporal_patch_size)
-    return timed_video_from_resized(np.stack(frames), cfg, video_key([image_key(data)], 0.0), seconds)
+    wanted = [i for g in wanted_groups for i in indices[g * t : (g + 1) * t]]
+    frames = _decode_frames(data, wanted, (header.width, header.height), resize)
+    raw = torch.from_numpy(video_patchify(np.stack(frames), p, cfg.merge_size, t))
+    return dict(zip(wanted_groups, raw.split(gh * gw), strict=True))
 
 
 def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
@@ -178,7 +259,7 @@ def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
 
 
 def video_patches_from_file(
-    data: bytes,
+    data: bytes | VideoFileGroup,
     cfg: ImageProcessorConfig,
     grid: tuple[int, int, int],
     groups: tuple[int, int] | None = None,
@@ -189,7 +270,12 @@ def video_patches_from_file(
     `groups` [first, end): only those temporal groups (a chunk encoded on its own, IRP over a
     video's frames; `grid` is then the chunk's). Frames are decoded from the file's start up to
     the chunk's last one (no seeking: a keyframe seek is not frame-exact in every container), but
-    only the chunk's are converted, resized and patchified."""
+    only the chunk's are converted, resized and patchified.
+
+    A Qwen3-VL group's item (`VideoFileGroup`, in place of the bytes) gives its group's patches,
+    its file decoded once for all its groups (`TimedVideoFile`)."""
+    if isinstance(data, VideoFileGroup):
+        return data.patches(cfg, grid)
     header = read_video_header(data)
     wanted = sample_indices(header, cfg.temporal_patch_size)
     if groups is not None:

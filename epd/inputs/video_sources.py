@@ -5,7 +5,8 @@
           | bytes | path | data:video/... URL | DataURL                        # a file: header only
 
 A file is checked, keyed and sized from its container header (epd.inputs.video_file) and decoded
-where it is encoded, as image files are; frames are processed at once (epd.inputs.video).
+where it is encoded, as image files are, Qwen3-VL's too (each of its temporal groups an item that
+names the file); frames are processed at once (epd.inputs.video).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from epd.inputs.video_file import (
     read_video_header,
     sample_indices,
     sampled_fps,
-    timed_video_from_file,
+    timed_video_from_header,
 )
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _timed_video(
     video: Any, cfg: ImageProcessorConfig, options: VideoOptions, limits: InputLimits
 ) -> TimedVideo:
     if _is_video_file_source(video):
-        return timed_video_from_file(read_video_bytes(video, limits), cfg, limits)
+        return timed_video_from_header(read_video_bytes(video, limits), cfg, limits)
     frames, fps = _video_frames(video)
     return process_timed_video(frames, cfg, options, fps)
 

@@ -205,25 +205,50 @@ def test_video_matches_transformers(qwen3_checkpoint, hf, references, layout):
             assert len(encoders) == 2, encoders
 
 
-def test_video_file_decoded_on_the_front_end(qwen3_checkpoint, hf):
-    """12 frames at 4 fps: transformers samples 6 (2 a second) at indices 0 2 4 7 9 11, their
-    times in the prompt; the file's frames are lossless, so the pixels are the frames'."""
-    pytest.importorskip("av")
+@pytest.fixture(scope="module")
+def file_reference(hf, qwen3_checkpoint) -> dict:
+    """A lossless 12-frame file at 4 fps: transformers samples 6 (2 a second) at indices 0 2 4 7
+    9 11, their times in the prompt; its answer, from the pixels of those frames given as such."""
     frames = noise_clip(12, seed=4)
-    data = encode_video(frames, fps=4)
-    prompt = {"prompt": user_prompt("What moves?"), "multi_modal_data": {"video": data}}
+    prompt = {
+        "prompt": user_prompt("What moves?"),
+        "multi_modal_data": {"video": encode_video(frames, fps=4)},
+    }
     indices = [0, 2, 4, 7, 9, 11]
     same = {"prompt": prompt["prompt"], "multi_modal_data": {"video": [frames[i] for i in indices]}}
-    with LLM(str(qwen3_checkpoint), layout="1E+1P+1D") as llm:
+    text = prompt["prompt"].replace("<|video_pad|>", transformers_video_text((3, 4, 6), 4.0, indices))
+    ids = AutoTokenizer.from_pretrained(qwen3_checkpoint)(text)["input_ids"]
+    expected = InputProcessor.from_pretrained(qwen3_checkpoint).process_prompt(same)
+    answer = hf_greedy(hf, ids, GREEDY.max_tokens, **reference_inputs(expected, [3]))
+    return {"prompt": prompt, "ids": ids, "frames_prompt": expected, "answer": answer}
+
+
+@pytest.mark.parametrize("layout", ["1EPD", "1E+1P+1D", "2E+1P+1D"])
+def test_video_file_decoded_where_its_groups_are_encoded(qwen3_checkpoint, file_reference, layout):
+    """The front end reads the file's header only: each group's item names the file (no pixels);
+    the encoding side (this process in 1EPD, the encoder instances else) decodes it into the
+    pixels of the sampled frames, and the answer is transformers' on those frames."""
+    pytest.importorskip("av")
+    prompt = file_reference["prompt"]
+    with LLM(str(qwen3_checkpoint), layout=layout) as llm:
         processed = llm.processor.process_prompt(prompt)
+        assert processed.prompt_token_ids == file_reference["ids"]
         groups = [processed.images[i] for i in video_groups(processed)]
         assert [g.grid_thw for g in groups] == [(1, 4, 6)] * 3
-        expected = llm.processor.process_prompt(same)
-        for got, want in zip(groups, [expected.images[i] for i in video_groups(expected)], strict=True):
-            assert torch.equal(got.raw_patches, want.raw_patches)
-        text = prompt["prompt"].replace("<|video_pad|>", transformers_video_text((3, 4, 6), 4.0, indices))
-        assert (
-            processed.prompt_token_ids == AutoTokenizer.from_pretrained(qwen3_checkpoint)(text)["input_ids"]
-        )
+        assert all(g.pixel_values is None and g.raw_patches is None for g in groups)
+        assert [g.encoded.group for g in groups] == [0, 1, 2]
+        assert len({id(g.encoded.file) for g in groups}) == 1, "one file, shared by its groups"
+        expected = file_reference["frames_prompt"]
+        want = [expected.images[i] for i in video_groups(expected)]
+        assert [g.content_hash for g in groups] != [w.content_hash for w in want], "keyed by the file"
         [out] = llm.generate([prompt], GREEDY, use_tqdm=False)
-        check_against_hf(llm, hf, {}, [prompt], [out])
+        assert out.error is None, out.error
+        assert out.prompt_token_ids == file_reference["ids"]
+        tokens, logprobs = file_reference["answer"]
+        assert out.outputs[0].token_ids == tokens
+        assert_logprobs_match(out.outputs[0].logprobs, tokens, logprobs)
+        if layout.startswith("2E"):  # the file's groups spread over both encoders
+            encoders = {
+                e.instance for e in out.metrics.events if e.event is Event.ENCODE_START and e.item in range(3)
+            }
+            assert len(encoders) == 2, encoders

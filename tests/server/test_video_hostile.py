@@ -2,9 +2,9 @@
 naming what is wrong, and the server serves the next request as before. Refused at the front end
 from the header alone: a video with 10k frames (over --max-video-frames, 4096 by default), an
 MP4 cut in half (its index is at the end), video bytes where an image is expected and the
-reverse, URLs the media policy refuses. A Matroska file cut in half keeps a valid header:
-Qwen2.5-VL's encoder instance finds the end early and the router answers 400 for that request
-only; Qwen3-VL's front end, which decodes its video files (epd.inputs.video_file), finds it there."""
+reverse, URLs the media policy refuses. A Matroska file cut in half keeps a valid header: the
+encoder instance finds the end early (Qwen3-VL's too, which decodes the file for the temporal
+groups it encodes: epd.inputs.video_file) and the router answers 400 for that request only."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def assert_refused(client, part: dict, message: str) -> None:
 
 
 def test_ten_thousand_frames_refused_from_the_header(video_client):
-    # Qwen3-VL's front end decodes only the sampled frames (at most 768): refusing 10k frames
-    # over the 4096 limit can only come from the header, before any frame is decoded.
+    # The front end decodes no frame (and the encoder only the sampled ones, at most 768): the
+    # 10k frames over the 4096 limit are refused from the header.
     frames = [noise_image(16, 16, seed=0)] * 10_000
     data = encode_video(frames, 25, kind=MP4)
     assert_refused(video_client, video(video_url(data)), "10000 frames, over the limit of 4096")

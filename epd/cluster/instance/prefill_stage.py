@@ -183,7 +183,7 @@ class PrefillStage(StageManager):
         if task.decode_dest is not None:
             self.kv_sender.route(task.request_id, task.decode_dest)
         if self.mm_cache is None:  # encodes in-process, once the patches are made
-            patches = [self.decode_pixels.patches(item) for item in task.pixels or []]
+            patches = self.decode_pixels.patches_of(task.pixels or [])  # a file's groups: one decode
             self.making[task.request_id] = _MakingPatches(task, patches)
             self._admit_made()
             return

@@ -8,6 +8,8 @@ whose grid has several temporal groups, one per chunk of groups (IRP over its fr
 | video       |                              |                               |                              |
 | a chunk of  | "<video hash>#groups=a-b/t"  | (index + 1) * CHUNK_STRIDE + a| the chunk's rows; or the     |
 | a video     | (epd.inputs.video_chunks)    |                               | file, whole, with (a, b)     |
+| a Qwen3-VL  | its content hash             | its index in the request      | the file, whole, with (g,    |
+| file's group|                              |                               | g + 1), once per task        |
 
 A chunk is encoded exactly like an image (the Qwen towers never mix temporal groups:
 epd.inputs.video_chunks); the prefill instance joins the chunks back into the video
@@ -23,6 +25,7 @@ from typing import NamedTuple
 from epd.cluster.messages import EncodeItem
 from epd.inputs.types import ImageInput
 from epd.inputs.video_chunks import VideoChunk, parse_chunk_key, split_groups
+from epd.inputs.video_file import VideoFileGroup
 
 CHUNK_STRIDE = 1 << 32  # more temporal groups than any video has: chunk work items never collide
 
@@ -62,7 +65,12 @@ def encode_units(images: Sequence[ImageInput], indices: Sequence[int], parts: in
 
 def encode_item(index: int, image: ImageInput) -> EncodeItem:
     """One image as it travels to an encoder: its file (the encoder decodes it), or its uint8
-    patches where it came processed (8x fewer bytes than the tower's float input)."""
+    patches where it came processed (8x fewer bytes than the tower's float input). A Qwen3-VL
+    video file's group: the file (the same bytes object for all its groups, so that a message
+    carries it once: epd.cluster.messages) and the group to take from it."""
+    if isinstance(image.encoded, VideoFileGroup):
+        group, file = image.encoded.group, image.encoded.file.data
+        return EncodeItem(index, image.content_hash, image.grid_thw, b"", 0, file, (group, group + 1), True)
     if image.encoded is not None:
         return EncodeItem(index, image.content_hash, image.grid_thw, b"", 0, image.encoded)
     if image.raw_patches is None:
