@@ -140,6 +140,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # triton on CUDA, torch_sdpa elsewhere (epd.attention.backend)
     cuda_graphs: bool | None = None  # None: for decode steps whenever the device and backend allow
     vision_cuda_graphs: bool = False  # an encoder-only instance's tower (epd.models.vision_graphs)
+    # Launch a decode step before the host has read the last one's tokens (epd.engine.async_scheduling).
+    async_scheduling: bool = False
 
     @property
     def max_num_batched_tokens(self) -> int:

@@ -13,7 +13,11 @@ refilled before each replay (three host-to-device copies):
     tables     int32 [max_batch, width]   block table rows
 
 (torch ops take the strided columns of rows64; the attention kernels need unit strides, so
-the int32 buffers are separate.)
+the int32 buffers are separate.) The copies go through pinned memory: a copy from pageable memory
+may wait for the work already queued on the stream, which would end the overlap of async scheduling
+(epd.engine.async_scheduling), where the next step is launched while the last one still runs. There
+the token ids come from the device too (the tokens the last step sampled, `run`'s
+`device_token_ids`): copied into rows64's first column after the host's placeholders.
 
 A batch of n sequences replays the graph of the smallest captured size >= n; rows n.. are
 padding: token 0 at position 0, context length 1, their single K/V row in the scratch block
@@ -94,17 +98,21 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
+        device_token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [n, vocab] (model dtype) of a pure-decode step of n = len(token_ids) sequences
         (hidden states [n, hidden] when built without `logits`).
 
         `positions` are the text positions (all three M-RoPE rows equal in decode). The
         returned tensor is a view of the graph's output: read it before the next call.
+        `device_token_ids` [n], given: the token ids, on the device (`token_ids` are placeholders).
         """
         n = len(token_ids)
         size = self.padded_size(n)
         graph, out = self.graphs.get(size) or self._capture(size)
         self._fill(token_ids, positions, slots, seq_lens, tables, size)
+        if device_token_ids is not None:
+            self.rows64[:n, 0].copy_(device_token_ids)
         graph.replay()
         return out[:n]
 
@@ -119,9 +127,9 @@ class DecodeGraphs:
         lens = np.ones(size, dtype=np.int32)
         lens[:n] = seq_lens
         rows = self.host_tables.fill(tables, size)[:size, :width]
-        self.rows64[:size].copy_(torch.from_numpy(rows64), non_blocking=True)
-        self.seq_lens[:size].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.tables[:size, :width].copy_(torch.from_numpy(rows), non_blocking=True)
+        _upload(self.rows64[:size], rows64)
+        _upload(self.seq_lens[:size], lens)
+        _upload(self.tables[:size, :width], rows)
 
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._fill([0] * size, [0] * size, [self.scratch_block * self.block_size] * size, [1] * size,
@@ -161,6 +169,12 @@ class DecodeGraphs:
             embeds = self.model.embed_tokens(rows64[:, 0])
             hidden = self.model(embeds, rows64[:, 1:4].t())
             return self.model.compute_logits(hidden) if self.logits else hidden
+
+
+def _upload(buffer: torch.Tensor, array: np.ndarray) -> None:
+    """Copy `array` into the device `buffer` without blocking, through a pinned copy of it (the
+    caching host allocator keeps that block until the copy has run; `array` may change at once)."""
+    buffer.copy_(torch.from_numpy(np.ascontiguousarray(array)).pin_memory(), non_blocking=True)
 
 
 class HostTables:

@@ -17,6 +17,8 @@ step each: it runs no decodes to protect, chunks would only add steps before the
 (epd.engine.layer_stream), is built around the one forward that computes the prompt.
 A step that computes only part of a request's prompt samples nothing for it and reports nothing
 (`step` returns only the requests that got a token).
+With `async_scheduling`, pure decode steps are launched before the host reads the last one's tokens,
+and a step reports the tokens of the step before (epd.engine.async_scheduling); outputs are the same.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig, SchedulerConfig
+from epd.engine.async_scheduling import AsyncStepper
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, NoEmbeddings
 from epd.engine.factory import PartsFactory, choose_embedder, load_model_parts
@@ -115,6 +118,8 @@ class LLMEngine:
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.requests: dict[str, Request] = {}
         self.num_steps, self.step_seconds, self.last_batch_tokens = 0, 0.0, 0
+        # Async scheduling (epd.engine.async_scheduling): decode steps launched before the last is read.
+        self.async_steps = AsyncStepper(self) if config.async_scheduling else None
         logger.info(
             "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             instance or "",
@@ -315,7 +320,12 @@ class LLMEngine:
             "preemptions_total": self.scheduler.num_preemptions,
             "late_requests_total": self.scheduler.num_late,
             "rejected_late_total": self.scheduler.num_rejected,
-        }
+        } | self._async_stats()
+
+    def _async_stats(self) -> dict[str, float]:
+        if self.async_steps is None:
+            return {}
+        return {"overlapped_steps_total": self.async_steps.num_overlapped_steps}
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -347,9 +357,15 @@ class LLMEngine:
         Their `output_text` is final once they finish; before that it is brought up to date
         only where stop strings need it (`epd.engine.stop.refresh_text` does it on demand).
         """
+        if self.async_steps is not None:
+            return self.async_steps.step()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        return self._run_step(batch)
+
+    def _run_step(self, batch: ScheduledBatch) -> list[Request]:
+        """A scheduled step, synchronously: forward, sample, postprocess."""
         started = self.clock.monotonic()
         tables = [self.block_manager.block_table(r.request_id) for r in batch.requests]
         self._mark_started(batch)
@@ -359,13 +375,15 @@ class LLMEngine:
         logits = self.runner.run(batch, tables, self.streamer.plan(batch, tables))
         self._advance_computed(batch)  # needs no sampled token: runs while the device works
         advanced = self._sample(batch, logits)
+        self._count_step(batch, self.clock.monotonic() - started)
+        return advanced
+
+    def _count_step(self, batch: ScheduledBatch, seconds: float) -> None:
         self.num_steps += 1
-        seconds = self.clock.monotonic() - started
         self.step_seconds += seconds
         if self.scheduler.estimator is not None:
             self.scheduler.estimator.observe_counts(batch.total_tokens, len(batch), seconds)
         self.last_batch_tokens = batch.total_tokens
-        return advanced
 
     def _mark_started(self, batch: ScheduledBatch) -> None:
         now = self.clock.now()

@@ -144,9 +144,12 @@ class ModelRunner:
         step: StepInputs,
         after_layer: Callable[[int], None] | None = None,
         logits: bool = True,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Run a prepared step (`run`'s result); `logits` False: only the forward, which writes the
-        step's KV (a tensor-parallel worker: rank 0 alone samples).
+        step's KV (a tensor-parallel worker: rank 0 alone samples). `token_ids` [tokens], given:
+        the step's token ids on the device, in place of `step.token_ids` (placeholders there: async
+        scheduling feeds a step the tokens the step before sampled, before the host knows them).
 
         Whether a graph runs the step depends on the step alone, never on `logits`: the ranks of
         a tensor-parallel instance, fed the same step, must all replay (or all run eagerly) for
@@ -155,10 +158,10 @@ class ModelRunner:
             if logits and not self.graphs.logits:
                 raise RuntimeError("this runner's graphs end at the hidden states: it computes no logits")
             out = self.graphs.run(
-                step.token_ids, step.decode_positions, step.slots, step.seq_lens, step.block_tables
+                step.token_ids, step.decode_positions, step.slots, step.seq_lens, step.block_tables, token_ids
             )
             return out if logits else None
-        return self._run_eager(step, after_layer, logits)
+        return self._run_eager(step, after_layer, logits, token_ids)
 
     def _graph_fits(self, step: StepInputs) -> bool:
         return (
@@ -168,9 +171,13 @@ class ModelRunner:
         )
 
     def _run_eager(
-        self, step: StepInputs, after_layer: Callable[[int], None] | None, logits: bool
+        self,
+        step: StepInputs,
+        after_layer: Callable[[int], None] | None,
+        logits: bool,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        ids = torch.tensor(step.token_ids, device=self.device)
+        ids = torch.tensor(step.token_ids, device=self.device) if token_ids is None else token_ids
         mm_index = None if step.mm_index is None else step.mm_index.to(self.device)
         embeds = self.model.embed_tokens(ids, step.mm_embeds, mm_index)
         tensors = None

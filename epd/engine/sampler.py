@@ -10,12 +10,16 @@ earlier draws left in the generator (epd.engine.request: `Request.generator`). S
 on (seed, position) alone: a request continued on another instance after a death (prompt and
 tokens so far prefilled again: epd.cluster.router.recovery) draws exactly what it would have drawn
 undisturbed, whatever amount of randomness the device's multinomial used per draw before.
+
+`Sampler.sample` leaves the draws on the device (`DeviceSample`), with no host sync: async scheduling
+(epd.engine.async_scheduling) feeds them to the next step before the host reads them. The small
+tensors it sends to the device go through pinned memory, so that they do not wait for the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +47,64 @@ class SamplerOutput:
     logprobs: list[PositionLogprobs | None]  # per row; None when that request asked for no logprobs
 
 
+@dataclass
+class TopLogprobs:
+    """The logprobs some rows of a step asked for, as tensors (on the device, or copied to the host).
+
+    Row r of each tensor is batch row `rows[r]`, which reports its top `counts[r]` tokens; the top
+    tensors hold the top k of all of them (k: the largest count, at most the vocabulary).
+    """
+
+    rows: list[int]
+    counts: list[int]
+    sampled_ids: torch.Tensor  # [len(rows)]
+    sampled_lp: torch.Tensor  # [len(rows)]
+    sampled_rank: torch.Tensor  # [len(rows)]
+    top_lp: torch.Tensor  # [len(rows), k]
+    top_ids: torch.Tensor  # [len(rows), k]
+    top_rank: torch.Tensor  # [len(rows), k]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TopLogprobs:
+        moved = {
+            name: getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in ("sampled_ids", "sampled_lp", "sampled_rank", "top_lp", "top_ids", "top_rank")
+        }
+        return replace(self, **moved)
+
+    def entries(self, num_rows: int) -> list[PositionLogprobs | None]:
+        """Per batch row: the sampled token, then the top tokens (None where none were asked)."""
+        result: list[PositionLogprobs | None] = [None] * num_rows
+        sampled_ids, sampled_lp = self.sampled_ids.tolist(), self.sampled_lp.tolist()
+        sampled_rank = self.sampled_rank.tolist()
+        top_lp, top_ids, top_rank = self.top_lp.tolist(), self.top_ids.tolist(), self.top_rank.tolist()
+        for r, (row, count) in enumerate(zip(self.rows, self.counts)):
+            entry: PositionLogprobs = {sampled_ids[r]: Logprob(sampled_lp[r], sampled_rank[r])}
+            for j in range(min(count, len(top_ids[r]))):
+                entry.setdefault(top_ids[r][j], Logprob(top_lp[r][j], top_rank[r][j]))
+            result[row] = entry
+        return result
+
+
+@dataclass
+class DeviceSample:
+    """A step's draws before the host reads them: token ids [rows] and the logprobs asked for."""
+
+    token_ids: torch.Tensor
+    logprobs: TopLogprobs | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DeviceSample:
+        """A copy on `device`; CUDA to CPU with `non_blocking`: into pinned memory, valid once the
+        stream has run the copy (wait on an event recorded after it)."""
+        logprobs = None if self.logprobs is None else self.logprobs.to(device, non_blocking)
+        return DeviceSample(self.token_ids.to(device, non_blocking=non_blocking), logprobs)
+
+    def to_host(self) -> SamplerOutput:
+        """The draws as lists (a host sync where they are on the device)."""
+        num_rows = self.token_ids.shape[0]
+        logprobs = [None] * num_rows if self.logprobs is None else self.logprobs.entries(num_rows)
+        return SamplerOutput(self.token_ids.tolist(), logprobs)
+
+
 class Sampler:
     """Greedy rows take the argmax; the others sample after temperature, top-k, top-p and min-p.
 
@@ -61,6 +123,15 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
     ) -> SamplerOutput:
+        return self.sample(logits, params, generators).to_host()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> DeviceSample:
+        """`__call__`'s draws, left on the logits' device (nothing waits for them)."""
         if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
             raise ValueError(
                 f"logits {tuple(logits.shape)} need one params and one generator per row, "
@@ -71,26 +142,35 @@ class Sampler:
         if len(greedy_rows) == len(params) and all(p.logprobs is None for p in params):
             # The common decode step: argmax of the logits as they come (float32 would change
             # no order), no float32 copy of the whole [batch, vocab] block, no row gather.
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(params))
+            return DeviceSample(logits.argmax(dim=-1))
         logits = logits.float()
-        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        device = logits.device
+        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=device)
         if len(greedy_rows) == len(params):
             sampled = logits.argmax(dim=-1)  # all greedy: no row gather (a copy of the logits)
         elif greedy_rows:
-            rows = torch.tensor(greedy_rows, device=logits.device)
+            rows = to_device(greedy_rows, device)
             sampled[rows] = logits[rows].argmax(dim=-1)
         if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+            rows = to_device(random_rows, device)
             probs = _masked_probs(logits[rows], [params[i] for i in random_rows])
             sampled[rows] = _draw(probs, [generators[i] for i in random_rows])
-        token_ids = sampled.tolist()
-        return SamplerOutput(token_ids, _logprobs(logits, sampled, params))
+        return DeviceSample(sampled, _logprobs(logits, sampled, params))
+
+
+def to_device(values: Sequence[int | float], device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`. To CUDA through pinned memory, without blocking:
+    a copy from pageable memory may wait for the work queued on the stream (a step in flight)."""
+    tensor = torch.tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _masked_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Probabilities after temperature, then top-k, then top-p, then min-p; [rows, vocab], token order."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = to_device([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)
     top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
     top_p = [p.top_p for p in params]
@@ -100,7 +180,7 @@ def _masked_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     min_p = [p.min_p for p in params]
     if any(min_p):
         # A ratio to the max prob, so renormalisation after top-k/top-p does not change it.
-        threshold = torch.tensor(min_p, device=device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        threshold = to_device(min_p, device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
 
@@ -117,14 +197,14 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     # stable: ties keep token-id order, so which tied token survives the cut is deterministic.
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device).unsqueeze(1)
+    k = to_device([k if 0 < k < vocab else vocab for k in top_k], device).unsqueeze(1)
     drop = ranks >= k
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     if any(p < 1.0 for p in top_p):
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
         # top_p 1.0 must keep everything even where rounding pushes the cumulative mass past 1.
-        p = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device).unsqueeze(1)
+        p = to_device([p if p < 1.0 else float("inf") for p in top_p], device).unsqueeze(1)
         drop |= mass_before >= p
         drop[:, 0] = False  # guards against rounding when top_p is tiny
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -141,30 +221,24 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
 
 def _logprobs(
     logits: torch.Tensor, sampled: torch.Tensor, params: Sequence[SamplingParams]
-) -> list[PositionLogprobs | None]:
-    """Per row: the sampled token and the top-`logprobs` tokens of the raw distribution.
+) -> TopLogprobs | None:
+    """The sampled token's logprob and rank and the top-`logprobs` tokens of the raw distribution,
+    of the rows that asked (None: no row did); `TopLogprobs.entries` reads them per row.
 
     Rank is 1 + the number of tokens with a strictly higher logprob (ties share a rank), for the
     sampled token too, even when it lies outside the reported top tokens.
     """
-    result: list[PositionLogprobs | None] = [None] * len(params)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
-        return result
-    index = torch.tensor(rows, device=logits.device)
+        return None
+    index = to_device(rows, logits.device)
     logprobs = torch.log_softmax(logits[index], dim=-1)
-    sampled_lp = logprobs.gather(1, sampled[index].unsqueeze(1))
+    sampled_ids = sampled[index]
+    sampled_lp = logprobs.gather(1, sampled_ids.unsqueeze(1))
     sampled_rank = (logprobs > sampled_lp).sum(dim=-1) + 1
-    k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])
+    counts = [params[i].logprobs for i in rows]
+    k = min(max(counts), logprobs.shape[-1])
     top_lp, top_ids = logprobs.topk(k, dim=-1)
     # Within sorted top-k values, tokens strictly above position j all sit before j.
     top_rank = (top_lp.unsqueeze(1) > top_lp.unsqueeze(2)).sum(dim=-1) + 1
-    sampled_ids, sampled_rank = sampled[index].tolist(), sampled_rank.tolist()
-    sampled_lp = sampled_lp[:, 0].tolist()
-    top_lp, top_ids, top_rank = top_lp.tolist(), top_ids.tolist(), top_rank.tolist()
-    for r, i in enumerate(rows):
-        entry: PositionLogprobs = {sampled_ids[r]: Logprob(sampled_lp[r], sampled_rank[r])}
-        for j in range(min(params[i].logprobs, k)):
-            entry.setdefault(top_ids[r][j], Logprob(top_lp[r][j], top_rank[r][j]))
-        result[i] = entry
-    return result
+    return TopLogprobs(rows, counts, sampled_ids, sampled_lp[:, 0], sampled_rank, top_lp, top_ids, top_rank)

@@ -44,6 +44,9 @@ A request that arrives with KV computed elsewhere (`kv_payload`: a prefill insta
 hand-off, or its own swapped-out KV) is admitted like a prefill; the batch lists it in
 `injections` and the runner writes that KV into its blocks before the forward, so only
 the tokens after it are computed.
+
+With async scheduling (epd.engine.async_scheduling) the engine forms a pure decode step while the one
+before is still on the device (`schedule_continuation`), only where `schedule` would give the same.
 """
 
 from __future__ import annotations
@@ -155,6 +158,40 @@ class Scheduler:
         if not batch.preempted:  # blocks are short: admitting now would only thrash
             self._admit_waiting(batch, budget)
         return batch
+
+    def schedule_continuation(
+        self, continuing: list[Request], in_flight: list[Request]
+    ) -> ScheduledBatch | None:
+        """The next step while the last one (`in_flight`: its requests) is still on the device
+        (async scheduling, epd.engine.async_scheduling): one decode token for each of `continuing`,
+        the token that step is sampling (the engine holds a placeholder for it meanwhile, so that
+        `num_tokens` counts it). The in-flight requests left out end at that step (their length).
+
+        None, with no state change, wherever `schedule` could decide otherwise once that step's
+        tokens are known: 1. a request waits (admission, rejection); 2. a running request is not
+        in flight (a prompt's next chunk, a decode the budget left out); 3. the budget is short;
+        4. blocks are short (preemption). Otherwise `schedule` would give these decodes, in this
+        order, less those that turn out to end at the in-flight step (EOS, stop: wasted rows)."""
+        flying = {id(r) for r in in_flight}
+        if self.waiting or any(id(r) not in flying for r in self.running):
+            return None
+        if len(continuing) > self.max_num_batched_tokens:
+            return None
+        if sum(self._blocks_for_next_token(r) for r in continuing) > self.blocks.num_free_blocks:
+            return None
+        chosen = {id(r) for r in continuing}
+        batch = ScheduledBatch()
+        for request in self.running:  # the order `schedule` gives decodes in
+            if id(request) in chosen:
+                if not self.blocks.append_slots(request.request_id, request.num_computed_tokens + 1):
+                    raise AssertionError("blocks counted free above were not")
+                batch.add(request, 1)
+        return batch
+
+    def _blocks_for_next_token(self, request: Request) -> int:
+        """New blocks `append_slots` would take for the request's next token (0 or 1)."""
+        needed = self.blocks.blocks_needed(request.num_computed_tokens + 1)
+        return max(0, needed - len(self.blocks.block_table(request.request_id)))
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         """Decodes first, then the next chunk of each partly prefilled prompt; returns the budget

@@ -228,6 +228,12 @@ class EngineArgs:
         "encoder-only instances replay the vision tower as CUDA graphs, one per batch shape seen "
         "twice (Qwen2-VL / Qwen2.5-VL towers; frees the host from launching it)",
     )
+    async_scheduling: bool = option(
+        False,
+        "launch each decode step before the host has read the last step's tokens, so that scheduling "
+        "and input building overlap the device's work (pure-decode steps of greedy or seeded requests; "
+        "other steps run as before; single-device instances only, not @tpN)",
+    )
     instance_silence_timeout: float = option(
         10.0,
         "seconds without a word from an instance (its loop reports 4 times a second) before the "
@@ -307,6 +313,7 @@ class EngineArgs:
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             vision_cuda_graphs=self.vision_cuda_graphs,
+            async_scheduling=self.async_scheduling,
         )
 
     def build(self, processor: InputProcessor) -> EngineBackend:
@@ -317,6 +324,11 @@ class EngineArgs:
         from epd.engine.llm_engine import LLMEngine
 
         layout = Layout.parse(self.layout)
+        if self.async_scheduling and layout.num_devices > layout.num_instances:
+            raise ValueError(
+                f"async_scheduling runs on single-device instances only; layout {self.layout} has "
+                "tensor-parallel (@tpN) instances: drop --async-scheduling or the @tpN"
+            )
         config = self.engine_config()
         # A tensor-parallel instance needs its workers started by a launcher: never in process.
         in_process = layout.num_devices == 1 and layout.is_aggregated and self.devices is None
