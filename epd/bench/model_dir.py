@@ -3,7 +3,7 @@
     python -m epd.bench.model_dir --out /tmp/qwen2_5_vl_7b [--config-dir DIR] [--config NAME.json]
     python -m epd.bench.model_dir --out /tmp/q3 --config-dir epd/bench/configs --config qwen3_vl_8b.json
 
-The config from shared/model-configs (or --config-dir: epd/bench/configs holds Qwen3-VL-8B,
+The config from shared/model-configs (or --config-dir: epd/bench/configs holds Qwen2.5-VL-72B, Qwen3-VL-8B,
 InternVL3-8B and the InternVL2-26B-like shape), the tiny test tokenizer with its special-token
 ids written into the config, the preprocessor config and a generation config: what `epd serve --model
 DIR --load-format dummy` and `epd bench sweep --model DIR` need to serve the real shapes.

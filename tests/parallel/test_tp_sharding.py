@@ -3,18 +3,22 @@ width 128), built in this process: a share needs only (rank, world size), not a 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from epd.bench.roofline_setup import BENCH_CONFIGS
 from epd.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from epd.models.config import VLModelConfig
 from epd.models.layers.linear import MergedLinear
 from epd.models.loader import build_model
 from epd.models.qwen2_vl import LANGUAGE
 from epd.parallel.build import build_rank_model
 from epd.parallel.group import TensorParallelGroup
-from epd.parallel.sharding import split_of
+from epd.parallel.sharding import check_splittable, rank_config, split_of
 
 LANGUAGE_ONLY = frozenset({LANGUAGE})
 
@@ -126,3 +130,20 @@ def test_degrees_the_heads_do_not_divide_are_refused(model_dir):
         build_rank_model(model_dir, TensorParallelGroup(0, 3), parts=LANGUAGE_ONLY)
     with pytest.raises(ValueError, match="4 attention heads cannot be split over 8 ranks"):
         build_rank_model(model_dir, TensorParallelGroup(0, 8), parts=LANGUAGE_ONLY)
+
+
+@pytest.mark.parametrize(
+    "world_size, heads, kv_heads, mlp", [(2, 32, 4, 14784), (4, 16, 2, 7392), (8, 8, 1, 3696)]
+)
+def test_the_72b_shape_splits_at_2_4_and_8(world_size, heads, kv_heads, mlp):
+    """epd/bench/configs/qwen2_5_vl_72b.json (Qwen2.5-VL-72B-Instruct's shape: 64 heads, 8 kv heads,
+    MLP 29568, 80 layers) as a rank of each degree sees it; the benchmarks run it @tp2 and @tp4."""
+    config = VLModelConfig.from_dict(json.loads((BENCH_CONFIGS / "qwen2_5_vl_72b.json").read_text()))
+    check_splittable(config.text, world_size)
+    local = rank_config(config, world_size).text
+    assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size) == (
+        heads,
+        kv_heads,
+        mlp,
+    )
+    assert (local.head_dim, local.num_hidden_layers, config.vision.out_hidden_size) == (128, 80, 8192)
