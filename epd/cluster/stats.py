@@ -24,6 +24,7 @@ STAT_HELP = {
     "mm_cache_misses_total": "images not found in the MM cache",
     "images_encoded_total": "images encoded",
     "steps_total": "engine steps run",
+    "overlapped_steps_total": "decode steps launched before the last one's tokens were read (async)",
     "step_seconds_total": "seconds spent in engine steps",
     "transfer_bytes_total": "bytes sent through the connector",
     "transfer_seconds_total": "seconds from send to completion, summed over transfers",

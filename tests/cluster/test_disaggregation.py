@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 
 import pytest
 
@@ -151,3 +152,28 @@ def test_seeded_sampling_continues_on_the_decode_instance(model, requests):
     with LLM(model, layout="1E+1P+1D", kv_streaming="layer") as llm:
         got = llm.generate(requests[:8], seeded, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+@pytest.mark.parametrize("layout", ["1E+1P+1D", "1E+1PD"])
+def test_async_scheduling_in_instances_gives_the_aggregated_tokens(model, requests, reference, layout):
+    """--async-scheduling in instance processes: the decoding instance (D fed hand-offs, or PD)
+    launches decode steps before it reads the last one's tokens; the outputs are the synchronous
+    1EPD's (logprobs to 1e-5: a wasted row may change a batch's shape, hence its rounding)."""
+    with LLM(model, layout=layout, transfer="shm", async_scheduling=True) as llm:
+        outputs = llm.generate(requests, PARAMS, use_tqdm=False)
+        decoder = next(name for name in llm.engine.instance_stats() if name.endswith("D0"))
+        overlapped = _reported_stat(llm, decoder, "overlapped_steps_total")
+    assert_same(outputs, reference)
+    assert overlapped > 0
+
+
+def _reported_stat(llm: LLM, instance: str, name: str, deadline_s: float = 60.0) -> float:
+    """`name` as `instance` reports it, once it reports it above 0 (stats come with its heartbeats);
+    0 if it has not by the deadline (a bound on a failure, not a wait for time to pass)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        value = llm.engine.instance_stats().get(instance, {}).get(name, 0.0)
+        if value > 0:
+            return value
+        time.sleep(0.05)
+    return 0.0
