@@ -59,25 +59,18 @@ def run_case(batch: int, ctx: int, sms: int) -> dict:
             ok = torch.allclose(got.float(), reference.float(), atol=2e-2, rtol=2e-2)
             us = graph_time(partial(call, splits, launch=launch)) * 1e6 if ok else float("nan")
             rows.append({"splits": splits, **launch.__dict__, "us": us, "TBps": read / us / 1e6, "ok": ok})
-    default = next(
-        r
-        for r in rows
-        if r["splits"] == default_splits
-        and DecodeLaunch(r["block_n"], r["num_warps"], r["num_stages"]) == DecodeLaunch()
-    )
+    default = _row(rows, default_splits, DecodeLaunch())
     splits, launch = choose_launch(batch, KV_HEADS, DIM, ctx, sms)
-    launch = launch or DecodeLaunch()
-    chosen = next(
-        (
-            r
-            for r in rows
-            if r["splits"] == splits and DecodeLaunch(r["block_n"], r["num_warps"], r["num_stages"]) == launch
-        ),
-        None,
-    )
+    chosen = _row(rows, splits, launch or DecodeLaunch())
     fastest = sorted((r for r in rows if r["ok"]), key=lambda r: r["us"])[:5]
     return {"case": f"b{batch} ctx{ctx}", "default": default, "chosen": chosen, "fastest": fastest,
             "wrong": [r for r in rows if not r["ok"]]}  # fmt: skip
+
+
+def _row(rows: list[dict], splits: int, launch: DecodeLaunch) -> dict | None:
+    """The measured row of (splits, launch shape), if that shape was run."""
+    shape = {"splits": splits, **launch.__dict__}
+    return next((r for r in rows if all(r[k] == v for k, v in shape.items())), None)
 
 
 def main() -> None:

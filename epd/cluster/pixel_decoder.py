@@ -80,7 +80,8 @@ class PixelDecoder:
             groups = [group for item in items for group in range(*item.groups)]
             made = qwen3_group_patches(items[0].file, self.cfg, tuple(items[0].grid), groups)
             for item, future in zip(items, futures, strict=True):
-                rows = torch.cat([made[g] for g in range(*item.groups)])  # one group: a copy of it
+                parts = [made[g] for g in range(*item.groups)]
+                rows = parts[0] if len(parts) == 1 else torch.cat(parts)
                 future.set_result(rows.pin_memory() if self.device.type == "cuda" else rows)
         except BaseException as error:  # a bad file (InvalidInputError) or a bug: every item hears
             for future in futures:

@@ -36,7 +36,7 @@ from epd.inputs.image_processor import (
     raw_patches,
 )
 from epd.inputs.types import ImageInput, ProcessedPrompt
-from epd.inputs.video_file import is_video_file, video_patches_from_file
+from epd.inputs.video_file import VideoFileGroup, is_video_file, video_patches_from_file
 
 T = TypeVar("T")
 CANCEL_CHECK_S = 0.05  # how soon a cancelled request stops waiting for its images
@@ -65,14 +65,18 @@ def patches_from_file(data: bytes, cfg: ImageProcessorConfig, grid: tuple[int, i
 
 
 def with_pixels(image: ImageInput, cfg: ImageProcessorConfig) -> ImageInput:
-    """`image` with its uint8 and float patches made (from its file bytes when it has no patches)."""
+    """`image` with its uint8 and float patches made (from its file bytes when it has no patches,
+    or a Qwen3-VL video group's file: epd.inputs.video_file.VideoFileGroup)."""
     if image.pixel_values is not None:
         return image
     raw = image.raw_patches
     if raw is None:
         if image.encoded is None:
             raise ValueError("an image needs file bytes or patches")
-        raw = patches_from_file(image.encoded, cfg, image.grid_thw)
+        if isinstance(image.encoded, VideoFileGroup):  # a Qwen3-VL group: its file decoded once for all
+            raw = image.encoded.patches(cfg, image.grid_thw)
+        else:
+            raw = patches_from_file(image.encoded, cfg, image.grid_thw)
     pixels = expand_patches(raw, normalization_table(cfg), cfg.temporal_patch_size, cfg.patch_size)
     return replace(image, pixel_values=pixels, raw_patches=raw, encoded=None)
 

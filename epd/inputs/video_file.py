@@ -75,8 +75,8 @@ class VideoHeader:
     height: int
 
 
-def is_video_file(data: bytes | VideoFileGroup) -> bool:
-    return isinstance(data, VideoFileGroup) or _demuxer(data) is not None
+def is_video_file(data: bytes) -> bool:
+    return _demuxer(data) is not None
 
 
 def _demuxer(data: bytes) -> str | None:
@@ -259,7 +259,7 @@ def sampled_fps(header: VideoHeader, temporal_patch_size: int) -> float:
 
 
 def video_patches_from_file(
-    data: bytes | VideoFileGroup,
+    data: bytes,
     cfg: ImageProcessorConfig,
     grid: tuple[int, int, int],
     groups: tuple[int, int] | None = None,
@@ -270,12 +270,7 @@ def video_patches_from_file(
     `groups` [first, end): only those temporal groups (a chunk encoded on its own, IRP over a
     video's frames; `grid` is then the chunk's). Frames are decoded from the file's start up to
     the chunk's last one (no seeking: a keyframe seek is not frame-exact in every container), but
-    only the chunk's are converted, resized and patchified.
-
-    A Qwen3-VL group's item (`VideoFileGroup`, in place of the bytes) gives its group's patches,
-    its file decoded once for all its groups (`TimedVideoFile`)."""
-    if isinstance(data, VideoFileGroup):
-        return data.patches(cfg, grid)
+    only the chunk's are converted, resized and patchified."""
     header = read_video_header(data)
     wanted = sample_indices(header, cfg.temporal_patch_size)
     if groups is not None:
