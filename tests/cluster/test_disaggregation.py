@@ -158,9 +158,14 @@ def test_seeded_sampling_continues_on_the_decode_instance(model, requests):
 def test_async_scheduling_in_instances_gives_the_aggregated_tokens(model, requests, reference, layout):
     """--async-scheduling in instance processes: the decoding instance (D fed hand-offs, or PD)
     launches decode steps before it reads the last one's tokens; the outputs are the synchronous
-    1EPD's (logprobs to 1e-5: a wasted row may change a batch's shape, hence its rounding)."""
+    1EPD's (logprobs to 1e-5: a wasted row may change a batch's shape, hence its rounding).
+
+    Whether the mixed batch overlaps any step depends on when its hand-offs arrive (a step is not
+    continued while a request waits); a request decoding alone afterwards always does."""
     with LLM(model, layout=layout, transfer="shm", async_scheduling=True) as llm:
         outputs = llm.generate(requests, PARAMS, use_tqdm=False)
+        alone = f"<|im_start|>user\n{' '.join(WORDS)}<|im_end|>\n<|im_start|>assistant\n"
+        llm.generate([alone], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         decoder = next(name for name in llm.engine.instance_stats() if name.endswith("D0"))
         overlapped = _reported_stat(llm, decoder, "overlapped_steps_total")
     assert_same(outputs, reference)
