@@ -12,17 +12,33 @@ What P sends for one request, over one connector pair (FIFO, so D sees it in thi
 |              |                                  |   kv:<rid> {}, meta {request_id, discard: True,       |
 |              |                                  |   streamed_layers}                                    |
 
-D holds the layer parts until the `kv:` message says what to do with them, so every part is
+A tensor-parallel P (epd.parallel) does not gather its ranks' heads: each rank that first holds a
+piece of the kv heads sends that piece itself, from its own device, as a part (`kvl:`, meta `part`
+and the piece's `heads`), and the `kv:` message lists the pieces (`head_parts`: their head
+ranges, in order); D assembles the whole KV from them. Parts then number pieces, and layers times
+pieces when streaming:
+
+| P sends                  | parts (`kvl:<rid>:<part>`)                         | the `kv:` message meta     |
+|--------------------------|----------------------------------------------------|----------------------------|
+| whole, one rank          | -                                                  | (the KV itself)            |
+| layers, one rank         | part = layer (meta `layer`)                        | streamed_layers = L        |
+| whole, H pieces          | part = piece, [L, 2, T, its heads, d]              | head_parts (H ranges)      |
+| layers, H pieces         | part = layer * H + piece, [2, T, its heads, d]     | streamed_layers, head_parts|
+
+Parts other than rank 0's come from other producers (the workers' connectors), so they may
+arrive before or after the `kv:` message, whatever the FIFO of one pair.
+
+D holds the parts until the `kv:` message says what to do with them, so every part is
 either assembled into a request's KV or dropped: P sends the `kv:` message after its parts
 (both within one engine step), and an abort on D drops what has arrived so far. A part whose send
 failed is sent again (epd.transfer.retry) and may then arrive after the `kv:` message: D holds
-that message until its last part is in (`LayerParts.missing`). If the part never comes, P reports
+that message until its last part is in (`KVParts.missing`). If the part never comes, P reports
 the failure and the router aborts the request on D, which drops the held message with its parts.
 
 An abort travels router -> D on the control socket, the KV P -> D through the connector: nothing
 orders the two, so an abort can reach D before the KV P had already sent (the client hung up at the
 first token). D remembers such requests (`DroppedKV`) and drops what arrives for them later,
-instead of decoding for nobody. The same memory drops the layers still due behind a `kv:` message
+instead of decoding for nobody. The same memory drops the parts still due behind a `kv:` message
 that did not need them (the request was aborted while its message waited for them, or P discarded
 it): a retried part can arrive after that, and nothing would claim it.
 
@@ -39,6 +55,7 @@ import msgspec
 import torch
 
 from epd.engine.request import Request
+from epd.parallel.kv import HEAD_DIM, HeadShares, RankSends
 from epd.transfer.base import Connector, Received
 
 KV_KEY, LAYER_KEY = "kv:", "kvl:"
@@ -50,13 +67,16 @@ class KVSender:
     """P side: sends each request's KV to the decode instance the router chose for it.
 
     `handoff` is the engine's hand-off callback; `send_layer` and `discard` make this a
-    `epd.engine.layer_stream.LayerSink` for layer-wise streaming.
+    `epd.engine.layer_stream.LayerSink` for layer-wise streaming. The KV comes whole (a tensor)
+    or, from a tensor-parallel P, as `HeadShares`: this sends rank 0's piece and has the workers
+    send theirs.
     """
 
     def __init__(self, connector: Connector) -> None:
         self.connector = connector
         self.dest: dict[str, str] = {}  # request id -> its decode instance's data address
         self.layers_sent: dict[str, int] = {}  # request id -> layers streamed so far
+        self.head_parts: dict[str, list[list[int]]] = {}  # request id -> its streamed pieces' heads
 
     def route(self, request_id: str, dest: str) -> None:
         self.dest[request_id] = dest
@@ -65,27 +85,57 @@ class KVSender:
         """The request ends on this instance without a hand-off (finished or aborted)."""
         self.dest.pop(request_id, None)
         self.layers_sent.pop(request_id, None)
+        self.head_parts.pop(request_id, None)
 
-    def handoff(self, request: Request, kv: torch.Tensor | None) -> None:
+    def handoff(self, request: Request, kv: torch.Tensor | HeadShares | None) -> None:
         """The final message: the whole KV, or (kv None) the count of the layers streamed before."""
         rid = request.request_id
-        tensors = {} if kv is None else {"kv": kv}
-        meta = handoff_meta(request)
+        dest, meta, tensors = self.dest.pop(rid), handoff_meta(request), {}
         if kv is None:
-            meta["streamed_layers"] = self.layers_sent.pop(rid)
-        self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", tensors, meta)
+            meta.update(self._streamed(rid))
+        elif isinstance(kv, HeadShares):
+            meta["head_parts"] = self._send_pieces(dest, rid, kv, first_part=0)
+        else:
+            tensors = {"kv": kv}
+        self.connector.send(dest, f"{KV_KEY}{rid}", tensors, meta)
 
-    def send_layer(self, request: Request, layer: int, kv: torch.Tensor) -> None:
+    def send_layer(self, request: Request, layer: int, kv: torch.Tensor | HeadShares) -> None:
         rid = request.request_id
-        meta = {"request_id": rid, "layer": layer}
-        self.connector.send(self.dest[rid], f"{LAYER_KEY}{rid}:{layer}", {"kv": kv}, meta)
+        if isinstance(kv, HeadShares):
+            pieces = len(kv.head_ranges)
+            self.head_parts[rid] = self._send_pieces(self.dest[rid], rid, kv, first_part=layer * pieces)
+        else:
+            meta = {"request_id": rid, "layer": layer}
+            self.connector.send(self.dest[rid], f"{LAYER_KEY}{rid}:{layer}", {"kv": kv}, meta)
         self.layers_sent[rid] = self.layers_sent.get(rid, 0) + 1
 
     def discard(self, request: Request) -> None:
         rid = request.request_id
-        # The count lets D drop the parts still due (a retried one may come after this notice).
-        meta = {"request_id": rid, "discard": True, "streamed_layers": self.layers_sent.pop(rid, 0)}
+        # The counts let D drop the parts still due (a retried one may come after this notice).
+        meta = {"request_id": rid, "discard": True, **self._streamed(rid)}
         self.connector.send(self.dest.pop(rid), f"{KV_KEY}{rid}", {}, meta)
+
+    def _streamed(self, rid: str) -> dict[str, Any]:
+        """What a `kv:` message after streaming says of the parts that went before it."""
+        streamed: dict[str, Any] = {"streamed_layers": self.layers_sent.pop(rid, 0)}
+        if rid in self.head_parts:
+            streamed["head_parts"] = self.head_parts.pop(rid)
+        return streamed
+
+    def _send_pieces(self, dest: str, rid: str, kv: HeadShares, first_part: int) -> list[list[int]]:
+        """Rank 0's piece from here, the others by their ranks; the pieces' head ranges."""
+        ranges = [list(heads) for heads in kv.head_ranges]
+        sends: RankSends = {}
+        for i, (rank, heads) in enumerate(zip(kv.senders, ranges)):
+            part = first_part + i
+            key, meta = f"{LAYER_KEY}{rid}:{part}", {"request_id": rid, "part": part, "heads": heads}
+            if rank == 0:
+                self.connector.send(dest, key, {"kv": kv.mine}, meta)
+            else:
+                sends[rank] = (key, meta)
+        if sends:
+            kv.send_rest(dest, sends)
+        return ranges
 
 
 def handoff_meta(request: Request) -> dict[str, Any]:
@@ -117,45 +167,60 @@ def request_of_key(key: str) -> str | None:
     return None
 
 
-class LayerParts:
-    """D side: streamed layers, held per request until its `kv:` message completes or drops them."""
+def part_of(meta: dict[str, Any]) -> int:
+    """Which part of its request's KV a `kvl:` message is (module docstring's table)."""
+    return meta["part"] if "part" in meta else meta["layer"]
+
+
+def parts_due(meta: dict[str, Any]) -> int:
+    """How many parts a `kv:` message stands for (0: it carries the KV itself, or nothing)."""
+    layers, pieces = meta.get("streamed_layers"), len(meta.get("head_parts") or ())
+    if layers is None:
+        return pieces
+    return layers * max(pieces, 1)
+
+
+class KVParts:
+    """D side: parts of requests' KV (streamed layers, ranks' head pieces), held per request until
+    its `kv:` message completes or drops them."""
 
     def __init__(self) -> None:
-        self.parts: dict[str, dict[int, torch.Tensor]] = {}  # request id -> layer -> [2, tokens, ...]
+        self.parts: dict[str, dict[int, torch.Tensor]] = {}  # request id -> part -> its KV
         self.received_total = 0
 
     def add(self, received: Received) -> None:
-        """A `kvl:` message: one layer of one request's KV."""
+        """A `kvl:` message: one part of one request's KV."""
         meta = received.meta
-        self.parts.setdefault(meta["request_id"], {})[meta["layer"]] = received.tensors["kv"]
+        self.parts.setdefault(meta["request_id"], {})[part_of(meta)] = received.tensors["kv"]
         self.received_total += 1
 
     def missing(self, received: Received) -> list[int]:
-        """The streamed layers a `kv:` message stands for that have not arrived (yet)."""
+        """The parts a `kv:` message stands for that have not arrived (yet)."""
         meta = received.meta
-        if meta.get("discard") or "streamed_layers" not in meta:
+        if meta.get("discard"):
             return []
         parts = self.parts.get(meta["request_id"], {})
-        return [i for i in range(meta["streamed_layers"]) if i not in parts]
+        return [i for i in range(parts_due(meta)) if i not in parts]
 
     def complete(self, received: Received) -> torch.Tensor:
         """The full KV [layers, 2, tokens, kv_heads, head_dim] a `kv:` hand-off (not a discard notice)
-        stands for: sent whole, or stacked from the streamed layers. ValueError if layers are missing.
+        stands for: sent whole, or assembled from its parts. ValueError if parts are missing.
         Either way the request's parts are freed."""
         meta = received.meta
         parts = self.parts.pop(meta["request_id"], {})
-        if "streamed_layers" not in meta:
+        due = parts_due(meta)
+        if due == 0:
             return received.tensors["kv"]
-        num_layers = meta["streamed_layers"]
-        missing = [i for i in range(num_layers) if i not in parts]
-        if missing or len(parts) != num_layers:
-            raise ValueError(
-                f"{len(parts)} of {num_layers} streamed KV layers arrived (missing {missing[:8]})"
-            )
-        return torch.stack([parts[i] for i in range(num_layers)])
+        missing = [i for i in range(due) if i not in parts]
+        if missing or len(parts) != due:
+            raise ValueError(f"{len(parts)} of {due} KV parts arrived (missing {missing[:8]})")
+        ranges = meta.get("head_parts")
+        if not ranges:
+            return torch.stack([parts[i] for i in range(due)])
+        return _assemble_heads(parts, meta.get("streamed_layers"), ranges)
 
     def drop(self, request_id: str) -> set[int]:
-        """Free the request's parts; the layers that had arrived."""
+        """Free the request's parts; the parts that had arrived."""
         return set(self.parts.pop(request_id, {}))
 
     def stats(self) -> dict[str, float]:
@@ -165,12 +230,29 @@ class LayerParts:
         }
 
 
+def _assemble_heads(
+    parts: dict[int, torch.Tensor], layers: int | None, ranges: list[list[int]]
+) -> torch.Tensor:
+    """The whole KV from the ranks' head pieces (each written once into its head range): the
+    pieces of the whole KV (`layers` None), or of each streamed layer."""
+    first, heads = parts[0], ranges[-1][1]
+    shape = list(first.shape) if layers is None else [layers, *first.shape]
+    shape[HEAD_DIM] = heads
+    whole = torch.empty(shape, dtype=first.dtype, device=first.device)
+    for part, kv in parts.items():
+        layer, piece = divmod(part, len(ranges))
+        start, end = ranges[piece]
+        target = whole if layers is None else whole[layer]
+        target[..., start:end, :] = kv
+    return whole
+
+
 class DroppedKV:
     """D side: requests whose KV is dropped as it arrives, and what of it is still due.
 
     | remembered when                                  | still due                    |
     |--------------------------------------------------|------------------------------|
-    | aborted before its `kv:` message came            | that message, and the layers |
+    | aborted before its `kv:` message came            | that message, and the parts  |
     |                                                  | it counts that had not come  |
     | aborted while its `kv:` waited for retried parts | those parts                  |
     | P discarded it with parts not yet arrived        | those parts                  |
@@ -184,7 +266,7 @@ class DroppedKV:
 
     def __init__(self, capacity: int = MAX_DROPPED_REMEMBERED) -> None:
         self.capacity = capacity
-        # request id -> (layers dropped so far, layers streamed: None until its `kv:` came)
+        # request id -> (parts dropped so far, parts due in all: None until its `kv:` came)
         self.due: OrderedDict[str, tuple[set[int], int | None]] = OrderedDict()
         self.handoffs_dropped_total = 0
         self.parts_dropped_total = 0
@@ -192,10 +274,10 @@ class DroppedKV:
     def remember(
         self, request_id: str, arrived: set[int] | None = None, handoff: Received | None = None
     ) -> None:
-        """Drop the request's KV from now on. `arrived`: the layers already in (and freed);
-        `handoff`: its `kv:` message, if it came (then only the layers it counts are due)."""
-        layers = None if handoff is None else handoff.meta.get("streamed_layers", 0)
-        self.due[request_id] = (set(arrived or ()), layers)
+        """Drop the request's KV from now on. `arrived`: the parts already in (and freed);
+        `handoff`: its `kv:` message, if it came (then only the parts it counts are due)."""
+        due = None if handoff is None else parts_due(handoff.meta)
+        self.due[request_id] = (set(arrived or ()), due)
         self.due.move_to_end(request_id)
         self._forget_if_complete(request_id)
         while len(self.due) > self.capacity:
@@ -204,11 +286,11 @@ class DroppedKV:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.due
 
-    def drop_part(self, request_id: str, layer: int) -> bool:
+    def drop_part(self, request_id: str, part: int) -> bool:
         """A `kvl:` part arrived: True (and counted) if it is dropped."""
         if request_id not in self.due:
             return False
-        self.due[request_id][0].add(layer)
+        self.due[request_id][0].add(part)
         self.parts_dropped_total += 1
         self._forget_if_complete(request_id)
         return True
@@ -218,14 +300,14 @@ class DroppedKV:
         request_id = handoff.meta["request_id"]
         if request_id not in self.due or self.due[request_id][1] is not None:
             return False
-        self.due[request_id] = (self.due[request_id][0], handoff.meta.get("streamed_layers", 0))
+        self.due[request_id] = (self.due[request_id][0], parts_due(handoff.meta))
         self.handoffs_dropped_total += 1
         self._forget_if_complete(request_id)
         return True
 
     def _forget_if_complete(self, request_id: str) -> None:
-        arrived, layers = self.due[request_id]
-        if layers is not None and len(arrived) >= layers:
+        arrived, due = self.due[request_id]
+        if due is not None and len(arrived) >= due:
             del self.due[request_id]
 
     def stats(self) -> dict[str, float]:

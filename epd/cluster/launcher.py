@@ -39,12 +39,14 @@ from typing import Protocol
 import torch
 
 from epd.cluster.instance import InstanceConfig, instance_main
+from epd.cluster.instance.shell import make_connector
 from epd.cluster.layout import InstanceSpec
 from epd.cluster.messages import InstanceFailed
 from epd.cluster.spawn import children_report_to, report_to_router, start_process
 from epd.parallel.group import TensorParallelGroup, backend_for
 from epd.parallel.lifeline import exit_when_cut, is_cut, lifeline
 from epd.parallel.worker import build_worker
+from epd.transfer.base import Connector
 
 KILL_WAIT_S = 5.0  # for the OS to reap a killed process: it cannot refuse, so this is only a bound
 
@@ -202,7 +204,7 @@ def _worker_main(cfg: InstanceConfig, rank: int, watched: Connection) -> None:
         torch.cuda.set_device(torch.device(device))
     try:
         group = TensorParallelGroup.join(cfg.tp_init_method, rank, cfg.spec.degree, backend_for(device))
-        worker = build_worker(group, device)
+        worker = build_worker(group, device, _worker_connector(cfg, device))
     except Exception:
         if not is_cut(watched, 0.0):  # rank 0 still runs: it waits in vain, say why
             error = f"tensor-parallel rank {rank} of {cfg.name} failed to build:\n{traceback.format_exc()}"
@@ -214,6 +216,14 @@ def _worker_main(cfg: InstanceConfig, rank: int, watched: Connection) -> None:
         if is_cut(watched):  # a collective failed because rank 0 is gone: nothing to report
             os._exit(0)
         raise
+
+
+def _worker_connector(cfg: InstanceConfig, device: str) -> Connector | None:
+    """A prefill instance's worker sends its own heads of each hand-off (epd.parallel.kv): through
+    a connector of the instance's kind, on its own device. Other workers hold none."""
+    if not cfg.hands_off_kv:
+        return None
+    return make_connector(replace(cfg, engine=replace(cfg.engine, device=device)), cfg.transfer)
 
 
 LAUNCHERS = ("local", "ray")

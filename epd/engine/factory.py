@@ -14,8 +14,8 @@ factory:
 |  instance_parts`     |  of an instance, driving  |                | (`@tpN` layouts)                 |
 |                      |  its workers)             |                |                                  |
 
-A runner is whatever offers `merge_size`, `embedder`, `run`, `inject_kv`, `gather_kv`, `slots`
-and `gather_kv_layer` as `ModelRunner` does (epd.engine.model_runner).
+A runner is whatever offers `merge_size`, `embedder`, `run`, `inject_kv`, `gather_kv`, `slots`,
+`gather_kv_layer`, `handoff_kv` and `handoff_kv_layer` as `ModelRunner` does (epd.engine.model_runner).
 """
 
 from __future__ import annotations

@@ -19,9 +19,7 @@ Engines that do not stream get `NoLayerStreaming`, whose hooks do nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
-
-import torch
+from typing import Any, Protocol
 
 from epd.engine.model_runner import ModelRunner
 from epd.engine.request import Request
@@ -31,8 +29,9 @@ from epd.engine.scheduler import ScheduledBatch
 class LayerSink(Protocol):
     """Where streamed layers go (a prefill instance: to the request's decode instance)."""
 
-    def send_layer(self, request: Request, layer: int, kv: torch.Tensor) -> None:
-        """One layer of the request's KV, [2, prompt_tokens, kv_heads, head_dim]. The tensor is
+    def send_layer(self, request: Request, layer: int, kv: Any) -> None:
+        """One layer of the request's KV, [2, prompt_tokens, kv_heads, head_dim] (or what the
+        runner's `handoff_kv_layer` gives: a tensor-parallel runner's `HeadShares`). The tensor is
         the sink's: the engine never writes into it (the copy is queued on the device's stream)."""
 
     def discard(self, request: Request) -> None:
@@ -69,7 +68,7 @@ class LayerStreamer(NoLayerStreaming):
 
         def after_layer(layer: int) -> None:
             for req, slots in targets:
-                self.sink.send_layer(req, layer, self.runner.gather_kv_layer(layer, slots))
+                self.sink.send_layer(req, layer, self.runner.handoff_kv_layer(layer, slots))
 
         return after_layer
 

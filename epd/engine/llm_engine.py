@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,8 +56,10 @@ from epd.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 # Called with a request that just got its first token and a copy of its KV (None: the KV was
-# streamed layer by layer already); the engine then frees the request's blocks and forgets it.
-HandOff = Callable[[Request, torch.Tensor | None], None]
+# streamed layer by layer already), as the runner's `handoff_kv` gives it (a tensor-parallel
+# runner: its ranks' pieces, epd.parallel.kv.HeadShares); the engine then frees the request's
+# blocks and forgets it.
+HandOff = Callable[[Request, Any], None]
 
 
 class LLMEngine:
@@ -466,7 +469,7 @@ class LLMEngine:
         kv = None
         if not self.streamer.pop_streamed(req):
             table = self.block_manager.block_table(req.request_id)
-            kv = self.runner.gather_kv(table, req.num_computed_tokens)
+            kv = self.runner.handoff_kv(table, req.num_computed_tokens)
         req.record(Event.KV_TRANSFER_START, self.clock.now(), self.instance)
         self.handoff(req, kv)
         self._forget(req)

@@ -104,6 +104,11 @@ class ModelRunner:
         Queued on the current stream, so inside a forward it reads what the layer just wrote."""
         return self.kv_cache[layer].flatten(1, 2).index_select(1, slots)
 
+    # What a hand-off sends: a copy of the whole KV, as for any other use (a tensor-parallel
+    # runner leaves each rank's heads to it instead, epd.parallel.runner).
+    handoff_kv = gather_kv
+    handoff_kv_layer = gather_kv_layer
+
     def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
         """Write KV rows start..len(kv) (computed elsewhere) into this request's blocks."""
         self.write_kv_rows(block_table, start, kv[:, :, start:])

@@ -92,6 +92,9 @@ class ScriptedRunner:
     def gather_kv_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return self.kv_cache[layer].index_select(1, slots)
 
+    handoff_kv = gather_kv  # a hand-off's KV: the whole of it, as ModelRunner's
+    handoff_kv_layer = gather_kv_layer
+
     def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
         end = kv.shape[2]
         self.kv[:, :, self._slots(block_table, start, end)] = kv[:, :, start:end].double().numpy()

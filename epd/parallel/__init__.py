@@ -15,7 +15,7 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | `parts`     | `instance_parts(group)`: rank 0's engine compute over its workers;               |
 |             | `rank_model_parts(group)`: one rank's own (a worker's; an engine per rank)       |
 | `runner`    | `ParallelRunner`: rank 0's runner, `ModelRunner`'s interface over every rank     |
-| `commands`  | what rank 0 sends its workers (build, run a step, gather / inject KV, stop)      |
+| `commands`  | what rank 0 sends its workers (build, a step, KV: gather, inject, send; stop)     |
 | `channel`   | how: a shared-memory ring (`ring`), one write for every worker, set up in `join` |
 | `worker`    | `build_worker`, `RankWorker.serve`: a worker that only executes                  |
 | `kv`        | a request's KV between whole (every kv head) and the ranks' shares              |
@@ -63,22 +63,30 @@ launcher reports the group alive only while every rank is.
 
 KV between a tp2 P and a tp1 D (and the reverse): what is built
 ---------------------------------------------------------------
-The runner's KV interface stays whole, every kv head, as at degree 1 (`epd.parallel.kv`):
-- `gather_kv` (a hand-off, a swap-out, a migration) gathers the request's KV from every rank to
-  rank 0 (the first holder of each kv head when ranks share one); the hand-off is then sent as
-  today, so P tp2 -> D tp1 needs nothing on D's side;
-- `inject_kv` (a hand-off arriving, a swap-in) on rank 0 scatters the rows by kv head, each rank
-  writing its heads; so P tp1 -> D tp2 needs nothing on P's side, and tp2 -> tp2 works alike;
-- layer-wise streaming gathers each layer during the forward (`GatherLayer` after each layer).
+A prefill instance's hand-offs leave rank 0 off the data path. Each rank's cache is [layers, 2,
+blocks, block_size, its kv heads, head_dim]; rank r holds kv piece r * kv_pieces // world
+(`sharding.HeadSplit`), a known head range. The runner's `handoff_kv` (and `handoff_kv_layer`
+when streaming) returns `kv.HeadShares`: rank 0's piece, and a call that commands each worker
+that first holds a piece (`SendKV`, `SendLayer`) to copy its heads out of its own cache and send
+them to D through a connector of its own (the instance's kind, on its device: cuda_ipc within a
+host), as a part naming its head range (epd.cluster.kv_handoff); D writes each piece into its
+head range of the whole KV and starts the request when every piece (of every layer) is in. So n
+transfers run in parallel, each 1/n of the KV, and no copy passes through rank 0; request state
+(prompt, sampled token, M-RoPE) still travels once, in rank 0's `kv:` message. Rank 0 learns what
+became of its workers' sends (failures included, so the router re-places the request) by asking
+(`PollSends`, a gather over the side group) while any is outstanding.
 
-The faster way (not built): no gather and no scatter. Each rank's cache is [layers, 2, blocks,
-block_size, its kv heads, head_dim] and rank r holds kv piece r * kv_pieces // world
-(`sharding.HeadSplit`), a known head range; a hand-off names, per piece, the head range it
-carries, and each P rank sends its heads' KV straight to the D rank(s) whose range overlaps it
-(cuda_ipc within a host), D writing each piece into its head range (a strided write along the
-head dim), the request ready when every piece arrived. That takes rank 0 off the data path (one
-copy fewer, and n transfers in parallel instead of one n times as large); request state (M-RoPE
-delta, sampled token) still travels once, rank 0 to rank 0.
+    P rank 0:  kvl:<rid>:0 {its heads}  +  kv:<rid> {meta, head_parts}  -->  D (one connector pair)
+    P rank 1:  kvl:<rid>:1 {its heads}  ----------------------------------->  D (another pair)
+    D:         whole[..., start:end, :] = piece, per part; when all are in: inject, decode
+
+The rest stays whole, every kv head, as at degree 1 (`epd.parallel.kv`):
+- `gather_kv` (a swap-out, a migration) gathers the request's KV from every rank to rank 0 (the
+  first holder of each kv head when ranks share one);
+- `inject_kv` (a hand-off arriving, a swap-in) on rank 0 scatters the rows by kv head, each rank
+  writing its heads; so P tp1 -> D tp2 needs nothing on P's side, and tp2 -> tp2 works alike.
+  Not built: D's ranks receiving their pieces straight from P's (D tp2 still takes the whole KV
+  on rank 0 and scatters it).
 
 The E stage: the vision tower replicated or split
 -------------------------------------------------

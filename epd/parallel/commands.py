@@ -16,10 +16,17 @@ call, so the collectives inside (the decoder's all-reduces, the KV gathers and s
 | `LayerDone`   | -                                             | goes on to the next layer          |
 | `GatherKV`    | the request's KV, to rank 0                   | sends its heads of it              |
 | `InjectKV`    | the rows, scattered by kv heads               | writes its heads into its cache    |
+| `SendKV`      | -                                             | sends its heads of a request's KV  |
+|               |                                               | to D itself (its own connector)    |
+| `SendLayer`   | -                                             | the same, one layer, in a forward  |
+| `PollSends`   | each worker's finished sends, to rank 0       | reports what its connector         |
+|               | (gather of objects over the side group)       | finished (failures included)       |
 | `Stop`        | -                                             | returns from its loop              |
 
-`GatherLayer` and `LayerDone` come only inside a `RunStep` that streams layers: after each layer
-rank 0's hook sends a `GatherLayer` per request it streams, then `LayerDone`.
+`GatherLayer`, `SendLayer` and `LayerDone` come only inside a `RunStep` that streams layers: after
+each layer rank 0's hook sends a `GatherLayer` or a `SendLayer` per request it streams, then
+`LayerDone`. `SendKV` and `SendLayer` go only to instances that hand KV off (a prefill instance):
+their workers hold a connector; a worker that does not first hold its kv piece sends nothing.
 
 Tensors in a command are on the host (the command is pickled into the group's command channel,
 epd.parallel.channel); the image rows and the KV travel as tensors over the main group (nccl on
@@ -75,11 +82,34 @@ class InjectKV:
 
 
 @dataclass(frozen=True)
+class SendKV:
+    block_table: list[int]
+    num_tokens: int
+    dest: str  # D's data address
+    sends: dict[int, tuple[str, dict]]  # sending rank -> (key, meta) of its piece
+
+
+@dataclass(frozen=True)
+class SendLayer:
+    layer: int
+    slots: list[int]
+    dest: str
+    sends: dict[int, tuple[str, dict]]
+
+
+@dataclass(frozen=True)
+class PollSends:
+    pass
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Command = BuildRank | RunStep | GatherLayer | LayerDone | GatherKV | InjectKV | Stop
+Command = (
+    BuildRank | RunStep | GatherLayer | LayerDone | GatherKV | InjectKV | SendKV | SendLayer | PollSends
+) | Stop
 
 
 def slots_tensor(slots: list[int], device: torch.device) -> torch.Tensor:

@@ -134,6 +134,13 @@ class TensorParallelGroup:
         step's batch; tensors in it must be on the host)."""
         return _broadcast_object(obj, self.rank, self.commands, src)
 
+    def gather_objects(self, obj: object, dst: int = 0) -> list[object] | None:
+        """Every rank's `obj` (pickled, over `commands`), in rank order, on rank `dst`; None on the
+        others. For control data (what each worker's own sends became)."""
+        box = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, box, dst=dst, group=self.commands)
+        return box
+
 
 def _broadcast_object(obj: object, rank: int, group: Any, src: int = 0) -> object:
     box = [obj if rank == src else None]

@@ -9,13 +9,19 @@ for a request, [2, tokens, heads, d] for one layer). Ranks that share a kv head 
 kv heads) hold the same values: a gather takes each head from its first holder
 (`HeadSplit.kv_holders`), a scatter gives every holder a copy.
 
-The whole KV passes through rank 0 both ways (simple, and the hand-off code stays the one it is at
-degree 1). The faster way sends each piece straight between the ranks that hold it on each side
-(a P rank's heads to the D rank that keeps them, over cuda_ipc), with no gather and no scatter:
-see "KV between a tp2 P and a tp1 D" in epd.parallel.
+    HeadShares         a hand-off's KV left where it is: rank 0's heads here, each worker told to
+                       send its own heads straight to D (no gather through rank 0)
+
+Swaps, migrations and hand-offs arriving pass the whole KV through rank 0 (simple, and that code
+stays the one it is at degree 1). A prefill instance's hand-offs do not: each rank that first
+holds a kv piece sends it to D itself (`HeadShares`), and D assembles the pieces (see "KV between
+a tp2 P and a tp1 D" in epd.parallel).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,3 +52,30 @@ def scatter_kv_heads(
         pieces = whole.chunk(heads.kv_pieces, dim=HEAD_DIM)
         parts = [pieces[heads.kv_piece(rank)] for rank in range(group.world_size)]
     return group.scatter(out, parts)
+
+
+# A worker's sends for one hand-off: its rank -> (the transfer key, the meta) of its piece.
+RankSends = dict[int, tuple[str, dict]]
+
+
+@dataclass
+class HeadShares:
+    """A hand-off's KV (a request's, or one layer of it) still on the ranks that hold it.
+
+    `mine` is rank 0's piece, gathered here; the other pieces stay in the workers' caches until
+    `send_rest(dest, sends)` commands each sending rank to send its piece to `dest` under the key
+    and meta `sends` gives it (epd.cluster.kv_handoff composes those). Pieces are in head order:
+    piece i holds kv heads `head_ranges[i]` and is sent by rank `senders[i]` (rank 0 first).
+    """
+
+    mine: torch.Tensor
+    head_ranges: list[tuple[int, int]]
+    senders: list[int]
+    send_rest: Callable[[str, RankSends], None]
+
+
+def head_ranges(heads: HeadSplit) -> list[tuple[int, int]]:
+    """The [start, end) kv heads of each piece, in head order (piece i is held first by rank
+    `heads.kv_holders()[i]`)."""
+    width = heads.num_kv_heads
+    return [(piece * width, (piece + 1) * width) for piece in range(heads.kv_pieces)]

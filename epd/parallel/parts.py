@@ -42,11 +42,12 @@ from epd.parallel.runner import ParallelRunner
 from epd.parallel.sharding import HeadSplit
 
 
-def instance_parts(group: TensorParallelGroup | None) -> PartsFactory:
+def instance_parts(group: TensorParallelGroup | None, sends_by_rank: bool = False) -> PartsFactory:
     """The engine's compute on rank 0 of an instance whose workers wait in
     `epd.parallel.worker.build_worker`: they build their shares along with rank 0's, and rank 0's
     runner drives them. `load_model_parts` itself at degree 1. Builds once: a second engine would
-    need workers that build again (a role switch that rebuilds the engine: not supported)."""
+    need workers that build again (a role switch that rebuilds the engine: not supported).
+    `sends_by_rank`: the workers were built with connectors, to send their heads of hand-offs."""
     if not is_parallel(group):
         return load_model_parts
     load_share = rank_model_parts(group)
@@ -71,7 +72,8 @@ def instance_parts(group: TensorParallelGroup | None) -> PartsFactory:
         )
         text = config.model.hf.text
         heads = HeadSplit(text.num_attention_heads, text.num_key_value_heads, group.world_size)
-        return ModelParts(ParallelRunner(parts.runner, group, heads), parts.num_blocks, parts.model)
+        runner = ParallelRunner(parts.runner, group, heads, sends_by_rank)
+        return ModelParts(runner, parts.num_blocks, parts.model)
 
     return load
 

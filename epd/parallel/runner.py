@@ -4,8 +4,11 @@ The engine on rank 0 (its scheduler, block manager, sampler, connectors) calls t
 `ModelRunner` and never learns of the workers: each call sends its command (epd.parallel.commands)
 and runs rank 0's share through the `ModelRunner` of rank 0's model. Only rank 0 computes logits.
 KV crosses this interface whole (every kv head), as at degree 1: `gather_kv` gathers the heads of
-every rank to rank 0, `inject_kv` scatters them; so hand-offs, swaps and migrations need nothing
-new, and a P of one degree hands off to a D of another (epd.parallel.kv).
+every rank to rank 0, `inject_kv` scatters them; so swaps, migrations and hand-offs arriving need
+nothing new, and a P of one degree hands off to a D of another (epd.parallel.kv). A prefill
+instance's hand-offs (`handoff_kv`, `handoff_kv_layer`) leave each rank's heads where they are when
+its workers hold a connector (`sends_by_rank`): each sending rank sends its own piece to D
+(`HeadShares`), and `poll_worker_sends` brings back what became of the workers' sends.
 
 A step goes to the workers as the prepared `StepInputs` (flat ids, slots, positions, block tables),
 not as a diff of requests: the workers then need no request state at all. Its image rows are
@@ -23,18 +26,35 @@ from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.embedders import ImageEmbedder
 from epd.engine.model_runner import ModelRunner
 from epd.engine.scheduler import ScheduledBatch
-from epd.parallel.commands import Command, GatherKV, GatherLayer, InjectKV, LayerDone, RunStep, Stop
+from epd.parallel.commands import (
+    Command,
+    GatherKV,
+    GatherLayer,
+    InjectKV,
+    LayerDone,
+    PollSends,
+    RunStep,
+    SendKV,
+    SendLayer,
+    Stop,
+)
 from epd.parallel.group import TensorParallelGroup
-from epd.parallel.kv import HEAD_DIM, gather_kv_heads, scatter_kv_heads
+from epd.parallel.kv import HEAD_DIM, HeadShares, RankSends, gather_kv_heads, head_ranges, scatter_kv_heads
 from epd.parallel.sharding import HeadSplit
+from epd.transfer.base import SendResult
 
 
 class ParallelRunner:
-    def __init__(self, local: ModelRunner, group: TensorParallelGroup, heads: HeadSplit) -> None:
-        """`local`: the runner of rank 0's share; `heads`: how the kv heads are split."""
+    def __init__(
+        self, local: ModelRunner, group: TensorParallelGroup, heads: HeadSplit, sends_by_rank: bool = False
+    ) -> None:
+        """`local`: the runner of rank 0's share; `heads`: how the kv heads are split;
+        `sends_by_rank`: the workers hold connectors, so hand-offs leave each rank's heads to it."""
         if group.rank != 0:
             raise ValueError("the instance's runner is rank 0's; workers run epd.parallel.worker")
         self.local, self.group, self.heads = local, group, heads
+        self.sends_by_rank = sends_by_rank
+        self.worker_sends_pending = 0  # pieces the workers were told to send, not yet reported
 
     # ---- what the engine reads of a runner ----------------------------------------------------
 
@@ -103,6 +123,33 @@ class ParallelRunner:
         mine = torch.empty(shape, dtype=rows.dtype, device=rows.device)
         self.local.write_kv_rows(block_table, start, scatter_kv_heads(self.group, rows, self.heads, mine))
 
+    def handoff_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor | HeadShares:
+        """A hand-off's KV: whole (`gather_kv`), or left on the ranks when they send it themselves."""
+        if not self.sends_by_rank:
+            return self.gather_kv(block_table, num_tokens)
+        mine = self.local.gather_kv(block_table, num_tokens)
+        return self._shares(
+            mine, lambda dest, sends: self._send_rest(SendKV(block_table, num_tokens, dest, sends))
+        )
+
+    def handoff_kv_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor | HeadShares:
+        """One layer of a streamed hand-off (inside `run`'s `after_layer`), as `handoff_kv`."""
+        if not self.sends_by_rank:
+            return self.gather_kv_layer(layer, slots)
+        mine, where = self.local.gather_kv_layer(layer, slots), slots.tolist()
+        return self._shares(mine, lambda dest, sends: self._send_rest(SendLayer(layer, where, dest, sends)))
+
+    def poll_worker_sends(self) -> list[SendResult]:
+        """What the workers' connectors finished since the last call (each send once, failures
+        included); asks them (one gather over the side group) only while sends are outstanding."""
+        if not self.worker_sends_pending:
+            return []
+        self._send(PollSends())
+        replies = self.group.gather_objects([])
+        results = [result for reply in replies[1:] for result in reply]
+        self.worker_sends_pending -= len(results)
+        return results
+
     def stop_workers(self) -> None:
         """Let the workers return from their loop (they also exit when this process ends)."""
         self._send(Stop())
@@ -111,6 +158,13 @@ class ParallelRunner:
 
     def _send(self, command: Command) -> None:
         self.group.send_command(command)
+
+    def _shares(self, mine: torch.Tensor, send_rest: Callable[[str, RankSends], None]) -> HeadShares:
+        return HeadShares(mine, head_ranges(self.heads), self.heads.kv_holders(), send_rest)
+
+    def _send_rest(self, command: SendKV | SendLayer) -> None:
+        self._send(command)
+        self.worker_sends_pending += len(command.sends)
 
     def _then_release_layer(self, after_layer: Callable[[int], None]) -> Callable[[int], None]:
         """The engine's hook, then `LayerDone`: the workers wait after each layer for the gathers

@@ -71,6 +71,9 @@ class CostModelRunner:
     def gather_kv_layer(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return torch.zeros(2, len(slots), 1, 1)
 
+    handoff_kv = gather_kv  # a hand-off's KV: the whole of it, as ModelRunner's
+    handoff_kv_layer = gather_kv_layer
+
     def inject_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
         """Nothing to keep: no step reads the KV back."""
 

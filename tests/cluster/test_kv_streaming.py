@@ -14,7 +14,7 @@ import torch
 from test_disaggregation import PARAMS, assert_same, mixed_requests
 
 from epd import LLM, SamplingParams
-from epd.cluster.kv_handoff import LayerParts
+from epd.cluster.kv_handoff import KVParts
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.request import Request
 from epd.entrypoints.async_engine import EngineArgs
@@ -110,7 +110,7 @@ def received(key: str, meta: dict, **tensors: torch.Tensor) -> Received:
 
 
 def test_decode_side_assembles_complete_layers_and_refuses_missing_ones():
-    parts, layer = LayerParts(), [torch.full((2, 3, 1, 4), float(i)) for i in range(3)]
+    parts, layer = KVParts(), [torch.full((2, 3, 1, 4), float(i)) for i in range(3)]
     for i in (2, 0, 1):  # any arrival order
         parts.add(received(f"kvl:r:{i}", {"request_id": "r", "layer": i}, kv=layer[i]))
     parts.add(received("kvl:s:0", {"request_id": "s", "layer": 0}, kv=layer[0]))
@@ -118,7 +118,7 @@ def test_decode_side_assembles_complete_layers_and_refuses_missing_ones():
 
     kv = parts.complete(received("kv:r", {"request_id": "r", "streamed_layers": 3}))
     assert torch.equal(kv, torch.stack(layer))
-    with pytest.raises(ValueError, match="1 of 3 streamed KV layers arrived"):
+    with pytest.raises(ValueError, match="1 of 3 KV parts arrived"):
         parts.complete(received("kv:s", {"request_id": "s", "streamed_layers": 3}))
     assert parts.stats()["kv_parts_buffered"] == 0  # freed either way
     assert parts.complete(received("kv:t", {"request_id": "t"}, kv=layer[0])) is layer[0]  # sent whole

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
+from transformers import AutoConfig
 
 from epd import LLM, SamplingParams
 from epd.cluster.launcher import LocalGroup
@@ -64,16 +66,39 @@ def test_an_aggregated_tp2_instance_generates_what_tp1_does_and_its_workers_die_
 
 
 @pytest.mark.parametrize(
-    "layout, parallel, kv_streaming",
+    "layout, parallel, kv_streaming, parts_per_layer",
     [
-        ("1E+1P@tp2+1D", "P0", "layer"),  # P tp2 -> D tp1: each layer gathered from P's ranks
-        ("1E+1P+1D@tp2", "D0", "request"),  # P tp1 -> D tp2: the KV scattered to D's ranks
+        # P tp2 -> D tp1: each of P's ranks sends its kv heads (each layer's, or the whole KV's)
+        # from its own process; D assembles them
+        ("1E+1P@tp2+1D", "P0", "layer", 2),
+        ("1E+1P@tp2+1D", "P0", "request", 2),
+        ("1E+1P+1D@tp2", "D0", "request", 0),  # P tp1 -> D tp2: the KV scattered to D's ranks
     ],
 )
-def test_kv_hand_off_between_degrees(model, reference, layout, parallel, kv_streaming):
+def test_kv_hand_off_between_degrees(model, reference, layout, parallel, kv_streaming, parts_per_layer):
     with LLM(model, layout=layout, kv_streaming=kv_streaming) as llm:
         assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference)
         group = tp_group(llm, parallel)
+        layers = (
+            1
+            if kv_streaming == "request"
+            else AutoConfig.from_pretrained(model).text_config.num_hidden_layers
+        )
+        parts = len(PROMPTS) * layers * parts_per_layer
+        if parts:  # every piece came as a part of its own: none was gathered on P's rank 0
+            assert parts_received(llm, "D0", parts) == parts
     for process in group.processes:  # the instance exited when told; its worker followed by itself
         process.join(EXIT_WAIT_S)
         assert process.exitcode == 0
+
+
+def parts_received(llm: LLM, instance: str, expected: int) -> float:
+    """D's count of KV parts received, once its stats report `expected` (or, after a bound on
+    waiting for a failure, whatever they report). Idle, the router reads instance stats only
+    when polled."""
+    end, got = time.monotonic() + EXIT_WAIT_S, 0.0
+    while time.monotonic() < end and got < expected:
+        llm.engine.poll_idle()
+        got = llm.engine.instance_stats().get(instance, {}).get("kv_parts_received_total", 0.0)
+        time.sleep(0.05)
+    return got

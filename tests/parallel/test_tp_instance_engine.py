@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tp_runs import HandoffRun, hand_off_and_continue
+from tp_runs import HandoffRun, hand_off_and_continue, hand_off_by_ranks
 
 from epd.parallel.launch import run_on_ranks
 
@@ -54,3 +54,20 @@ def test_kv_gathered_from_the_ranks_and_scattered_to_them_is_one_devices(
             assert all(abs(position[t] - ref[t]) < 1e-4 for t in ref)
     # Rank 0 drove every worker through the same commands: build, steps, gathers, injections.
     assert len({w.commands_run[0] for w in workers}) == 1 and workers[0].commands_run[0] > MAX_TOKENS
+
+
+@pytest.mark.parametrize("world_size, kv_streaming", [(2, "request"), (2, "layer"), (4, "request")])
+def test_each_rank_sends_its_heads_and_the_pieces_assemble_into_one_devices_kv(
+    model_dir, single_device, world_size, kv_streaming
+):
+    """A P whose ranks send their own kv heads (no gather on rank 0): the pieces, assembled on the
+    decode side, are the KV one device hands off; at tp4 two ranks hold each kv head and only the
+    first sends it. A hand-off to an address nobody listens at fails on every rank that sends,
+    and rank 0 hears of its workers' failures as of its own."""
+    rank0, *_ = run_on_ranks(hand_off_by_ranks, world_size, model_dir, PROMPTS, kv_streaming, "1")
+    layers = single_device.handed_off["0"][1].shape[0] if kv_streaming == "layer" else 1
+    assert rank0.parts_received == layers * 2  # request 0 only: 2 kv pieces (per layer)
+    assert rank0.assembled.keys() == {"0"}
+    torch.testing.assert_close(rank0.assembled["0"], single_device.handed_off["0"][1], atol=1e-5, rtol=0)
+    dead_parts = {f"kvl:1:{part}" for part in range(layers * 2)}
+    assert sorted(rank0.failed) == sorted([*dead_parts, "kv:1"])

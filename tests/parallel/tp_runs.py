@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epd.cluster.kv_handoff import KVParts, KVSender
 from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.llm_engine import LLMEngine
 from epd.entrypoints.options import EngineArgs
@@ -15,6 +16,7 @@ from epd.parallel.group import TensorParallelGroup, is_parallel
 from epd.parallel.parts import instance_parts, rank_model_parts
 from epd.parallel.worker import build_worker
 from epd.sampling_params import SamplingParams
+from epd.transfer.base import create_connector
 
 # (token ids, {token: logprob} per position) of each request, by request id.
 Generated = dict[str, tuple[list[int], list[dict[int, float]]]]
@@ -91,6 +93,78 @@ def hand_off_and_continue(
     if is_parallel(group):
         engine.runner.stop_workers()
     return HandoffRun(handed, continued, [])
+
+
+@dataclass
+class RankSendsRun:
+    """What a decode side received from a P whose ranks send their own heads: per request id, the
+    KV assembled from the pieces; and the sends that failed (their keys), as rank 0 heard."""
+
+    assembled: dict[str, torch.Tensor]
+    parts_received: int
+    failed: list[str]
+
+
+def hand_off_by_ranks(
+    group: TensorParallelGroup, model_dir: str, prompts: list, kv_streaming: str, dead_request: str
+) -> RankSendsRun | None:
+    """A P instance of `group`'s degree whose ranks each send their heads of every hand-off
+    (`sends_by_rank`) over shm connectors of their own, to a decode side played by rank 0's
+    receiving connector; `dead_request` is routed to an address nobody listens at (its sends fail,
+    and rank 0 must hear of its workers' failures too)."""
+    torch.set_num_threads(1)  # the ranks share two cores
+    if group.rank > 0:
+        worker = build_worker(group, "cpu", create_connector("shm", retries=0, send_timeout_s=1.0))
+        worker.serve()
+        return None
+    receiver = create_connector("shm", retries=0)
+    nobody = create_connector("shm", retries=0)
+    dead_address = nobody.address
+    nobody.close()
+    sender = KVSender(create_connector("shm", retries=0, send_timeout_s=1.0))
+    processor = InputProcessor.from_pretrained(model_dir)
+    args = EngineArgs(model=model_dir, block_size=4, num_kv_blocks=64, enable_prefix_caching=False)
+    streams = kv_streaming == "layer"
+    engine = LLMEngine(
+        args.engine_config(),
+        processor.tokenizer,
+        model_parts=instance_parts(group, sends_by_rank=True),
+        handoff=sender.handoff,
+        layer_sink=sender if streams else None,
+    )
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        rid = str(i)
+        sender.route(rid, dead_address if rid == dead_request else receiver.address)
+        engine.add_request(rid, processor.process_prompt(prompt), params)
+    _drain(engine)
+    live = len(prompts) - 1
+    parts, handoffs, failed, results = KVParts(), {}, [], 0
+    expected_results = _sends_per_handoff(engine, streams) * len(prompts)
+    while len(handoffs) < live or results < expected_results:  # every send reports, failed or not
+        for received in receiver.poll_received():
+            if received.key.startswith("kvl:"):
+                parts.add(received)
+            else:
+                handoffs[received.meta["request_id"]] = received
+        for result in [*sender.connector.poll_sent(), *engine.runner.poll_worker_sends()]:
+            results += 1
+            if not result.ok:
+                failed.append(result.key)
+    engine.runner.stop_workers()
+    received_total = parts.received_total
+    assembled = {rid: parts.complete(handoff) for rid, handoff in handoffs.items()}
+    sender.connector.close()
+    receiver.close()
+    return RankSendsRun(assembled, received_total, failed)
+
+
+def _sends_per_handoff(engine: LLMEngine, streams: bool) -> int:
+    """The messages a hand-off takes: one part per kv piece (per layer when streaming) and the
+    `kv:` message."""
+    pieces = engine.runner.heads.kv_pieces
+    layers = engine.runner.local.kv_cache.shape[0] if streams else 1
+    return layers * pieces + 1
 
 
 @dataclass

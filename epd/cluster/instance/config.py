@@ -43,6 +43,12 @@ class InstanceConfig:
         """The instance's id: its name at start ("P0"), kept when its roles change later."""
         return self.spec.name
 
+    @property
+    def hands_off_kv(self) -> bool:
+        """Whether the instance sends KV to decode instances: it prefills and decodes nothing itself
+        (its ranks then send their own heads of each hand-off, epd.parallel.kv)."""
+        return self.has(Role.PREFILL) and not self.has(Role.DECODE)
+
     def has(self, role: Role) -> bool:
         """Whether the instance was *started* with `role` (its roles now: `InstanceCore.roles`)."""
         return role in self.spec.roles

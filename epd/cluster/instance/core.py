@@ -90,6 +90,7 @@ from epd.engine.llm_engine import LLMEngine
 from epd.engine.mm_cache import MMCache
 from epd.inputs.image_processor import ImageProcessorConfig
 from epd.inputs.patches import PatchPool
+from epd.parallel.runner import ParallelRunner
 from epd.transfer.base import Connector, Received, SendResult
 from epd.transfer.retry import connector_stats
 
@@ -288,6 +289,13 @@ class InstanceCore:
             self.on_transfer(received)
         for result in self.connector.poll_sent():
             self._sent(result)
+        for result in self._worker_sends():
+            self._sent(result)
+
+    def _worker_sends(self) -> list[SendResult]:
+        """What the workers of a tensor-parallel P finished sending: their heads of hand-offs."""
+        runner = None if self.llm is None else self.llm.engine.runner
+        return runner.poll_worker_sends() if isinstance(runner, ParallelRunner) else []
 
     def _sent(self, result: SendResult) -> None:
         self.transfer_totals["transfer_bytes_total"] += result.nbytes

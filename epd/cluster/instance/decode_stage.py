@@ -1,9 +1,10 @@
 """The decode stage: continues requests whose KV a prefill instance handed off.
 
 What arrives through the connector, per request (order and formats: epd.cluster.kv_handoff):
-`kvl:` layer parts (layer-wise streaming) held in `LayerParts`, then one `kv:` message that
-completes the KV (or discards it) and starts the request in the shared engine. A part sent again
-after a failed send can come after its `kv:` message, which then waits for it (`awaiting_layers`).
+`kvl:` parts (streamed layers, a tensor-parallel P's head pieces) held in `KVParts`, and one `kv:`
+message that completes the KV (or discards it) and starts the request in the shared engine. A part
+sent again after a failed send, or from another of P's ranks, can come after its `kv:` message,
+which then waits for it (`awaiting_layers`).
 An abort can overtake the KV (different paths), so the stage remembers aborts of requests it has
 not seen (`DroppedKV`) and drops their KV on arrival instead of decoding for nobody; likewise the
 parts still due behind a `kv:` message that no longer needs them (aborted while waiting, discarded).
@@ -33,7 +34,7 @@ from epd.clock import Clock
 from epd.cluster.instance.engine_host import EngineHost
 from epd.cluster.instance.stage import Outbox, StageManager
 from epd.cluster.instance.task_prompt import prompt_from_task
-from epd.cluster.kv_handoff import LAYER_KEY, DroppedKV, KVSender, LayerParts
+from epd.cluster.kv_handoff import LAYER_KEY, DroppedKV, KVParts, KVSender, part_of
 from epd.cluster.messages import MigrationRefused, PrefillTask, RequestError
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.request import Request, RequestStatus
@@ -59,16 +60,16 @@ class DecodeStage(StageManager):
         self.instance_id, self.llm, self.outbox, self.clock = instance_id, llm, outbox, clock
         self.waiting_elsewhere = waiting_elsewhere
         self.kv_sender = kv_sender
-        self.kv_parts = LayerParts()  # streamed layers waiting for their hand-off
+        self.kv_parts = KVParts()  # parts (layers, head pieces) waiting for their hand-off
         self.dropped = DroppedKV()  # requests whose late KV is dropped on arrival
         self.awaiting_layers: dict[str, Received] = {}  # request id -> its `kv:`, parts still due
         self.handoffs_received_total = 0  # `kv:` messages, whatever became of them
 
     def on_transfer(self, received: Received) -> None:
-        """A `kvl:` layer part or the `kv:` hand-off of a request."""
+        """A `kvl:` part or the `kv:` hand-off of a request."""
         if received.key.startswith(LAYER_KEY):
             rid = received.meta["request_id"]
-            if self.dropped.drop_part(rid, received.meta["layer"]):
+            if self.dropped.drop_part(rid, part_of(received.meta)):
                 return
             self.kv_parts.add(received)
             held = self.awaiting_layers.get(rid)

@@ -91,7 +91,7 @@ def compute_of(cfg: InstanceConfig) -> Compute:
             f"{cfg.name}: switchable roles are not supported with tensor parallelism (tp{degree})"
         )
     group = TensorParallelGroup.join(cfg.tp_init_method, 0, degree, backend_for(cfg.spec.device))
-    return Compute(parts=instance_parts(group))
+    return Compute(parts=instance_parts(group, sends_by_rank=cfg.hands_off_kv))
 
 
 def make_connector(cfg: InstanceConfig, name: str) -> Connector:
