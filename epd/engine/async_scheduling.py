@@ -39,19 +39,21 @@ else (prefills, chunks, admissions, preemptions, swaps) runs synchronously, as b
 waits for the step in flight to be read (one step later than in a synchronous engine).
 
 On a CPU the same path runs with no real overlap (the device is the host), which is what the tests
-check it by. Single-device instances only (a `ModelRunner`): a tensor-parallel runner is refused.
+check it by. Any runner that prepares and launches steps apart (`LaunchingRunner`): a `ModelRunner`,
+or a tensor-parallel instance's (epd.parallel.runner), whose workers get the ids in flight by a
+broadcast on the device; a scripted runner is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from epd.engine.model_runner import ModelRunner
+from epd.engine.model_runner import StepInputs
 from epd.engine.request import Request
 from epd.engine.sampler import DeviceSample, SamplerOutput, to_device
 from epd.engine.scheduler import ScheduledBatch
@@ -95,15 +97,30 @@ class InflightStep:
         return self.batch.requests
 
 
+@runtime_checkable
+class LaunchingRunner(Protocol):
+    """A runner whose steps are prepared on the host and launched on the device apart."""
+
+    def prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepInputs: ...
+
+    def forward(
+        self,
+        step: StepInputs,
+        after_layer: Callable[[int], None] | None = None,
+        logits: bool = True,
+        token_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | None: ...
+
+
 class AsyncStepper:
     """`LLMEngine.step_requests` with async scheduling; it drives its engine's parts (scheduler,
     runner, sampler) and the engine's own step phases (`_advance_computed`, `_postprocess`)."""
 
     def __init__(self, engine: LLMEngine) -> None:
-        if not isinstance(engine.runner, ModelRunner):
+        if not isinstance(engine.runner, LaunchingRunner):
             raise ValueError(
-                f"async scheduling needs a single-device ModelRunner, not {type(engine.runner).__name__} "
-                "(a tensor-parallel @tpN instance, or a scripted one): turn async_scheduling off"
+                f"async scheduling needs a runner that launches steps on a device, not "
+                f"{type(engine.runner).__name__} (a scripted one): turn async_scheduling off"
             )
         self.engine = engine
         self.inflight: InflightStep | None = None
@@ -171,7 +188,7 @@ class AsyncStepper:
     def _launch(self, batch: ScheduledBatch, token_ids: torch.Tensor | None) -> InflightStep:
         """Forward and sample `batch` without waiting; `token_ids` given: its input ids, on the device."""
         engine = self.engine
-        runner: ModelRunner = engine.runner
+        runner: LaunchingRunner = engine.runner
         tables = [engine.block_manager.block_table(r.request_id) for r in batch.requests]
         logits = runner.forward(runner.prepare(batch, tables), token_ids=token_ids)
         sample = engine.sampler.sample(

@@ -232,7 +232,7 @@ class EngineArgs:
         False,
         "launch each decode step before the host has read the last step's tokens, so that scheduling "
         "and input building overlap the device's work (pure-decode steps of greedy or seeded requests; "
-        "other steps run as before; single-device instances only, not @tpN)",
+        "other steps run as before; @tpN instances send the ids to their workers on the device)",
     )
     instance_silence_timeout: float = option(
         10.0,
@@ -324,11 +324,6 @@ class EngineArgs:
         from epd.engine.llm_engine import LLMEngine
 
         layout = Layout.parse(self.layout)
-        if self.async_scheduling and layout.num_devices > layout.num_instances:
-            raise ValueError(
-                f"async_scheduling runs on single-device instances only; layout {self.layout} has "
-                "tensor-parallel (@tpN) instances: drop --async-scheduling or the @tpN"
-            )
         config = self.engine_config()
         # A tensor-parallel instance needs its workers started by a launcher: never in process.
         in_process = layout.num_devices == 1 and layout.is_aggregated and self.devices is None

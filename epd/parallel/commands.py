@@ -10,6 +10,8 @@ call, so the collectives inside (the decoder's all-reduces, the KV gathers and s
 |               | with CUDA graphs, each size's warm-up forward | its decode graphs (the sizes and   |
 |               | (its all-reduces), sizes in the same order    | order rank 0 captures)             |
 | `RunStep`     | the step's image rows (broadcast), if any;    | runs the forward, without logits   |
+|               | its token ids (broadcast), if still on the    |                                    |
+|               | device (async scheduling);                    |                                    |
 |               | the decoder's all-reduces (eager, or replayed | (replays its graph of the padded   |
 |               | in a decode graph on every rank alike)        | size where rank 0 replays its own) |
 | `GatherLayer` | that layer's KV at the slots, to rank 0       | sends its heads of it              |
@@ -55,6 +57,9 @@ class RunStep:
     mm_shape: tuple[int, ...] | None  # the image rows' shape and dtype; None: the step has none
     mm_dtype: torch.dtype | None
     streams_layers: bool  # rank 0 gathers layers during the forward (`GatherLayer`, `LayerDone`)
+    # The step's token ids follow as a tensor (a broadcast, int64): with async scheduling rank 0
+    # launches a step from the ids the step before sampled, which no host has read yet.
+    ids_follow: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 from epd.engine.cuda_graphs import DecodeGraphs
 from epd.engine.embedders import ImageEmbedder
-from epd.engine.model_runner import ModelRunner
+from epd.engine.model_runner import ModelRunner, StepInputs
 from epd.engine.scheduler import ScheduledBatch
 from epd.parallel.commands import (
     Command,
@@ -95,14 +95,34 @@ class ParallelRunner:
         block_tables: list[list[int]],
         after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        step = self.local.prepare(batch, block_tables)
+        return self.forward(self.prepare(batch, block_tables), after_layer)
+
+    def prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepInputs:
+        """The step as plain data, on rank 0 (images encoded or read from the MM cache here)."""
+        return self.local.prepare(batch, block_tables)
+
+    def forward(
+        self,
+        step: StepInputs,
+        after_layer: Callable[[int], None] | None = None,
+        logits: bool = True,
+        token_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`ModelRunner.forward` on every rank. `token_ids` (async scheduling: the ids the step
+        before sampled, still on the device) reach the workers by a broadcast that no host waits
+        for, as the image rows do."""
+        if not logits:
+            raise ValueError("rank 0 of a tensor-parallel instance computes the logits")
         rows = step.mm_embeds
         shape, dtype = (None, None) if rows is None else (tuple(rows.shape), rows.dtype)
-        self._send(RunStep(replace(step, mm_embeds=None), shape, dtype, after_layer is not None))
+        ids_follow = token_ids is not None
+        self._send(RunStep(replace(step, mm_embeds=None), shape, dtype, after_layer is not None, ids_follow))
         if rows is not None:
             self.group.broadcast(rows.contiguous())
+        if token_ids is not None:
+            token_ids = self.group.broadcast(token_ids.to(torch.long).contiguous())
         hook = None if after_layer is None else self._then_release_layer(after_layer)
-        return self.local.forward(step, hook)
+        return self.local.forward(step, hook, token_ids=token_ids)
 
     def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """[layers, 2, num_tokens, all kv heads, head_dim]: what `ModelRunner.gather_kv` gives at degree 1."""

@@ -120,8 +120,12 @@ class RankWorker:
         if command.mm_shape is not None:
             rows = torch.empty(command.mm_shape, dtype=command.mm_dtype, device=self.device)
             step = replace(step, mm_embeds=self.group.broadcast(rows))
+        token_ids = None
+        if command.ids_follow:  # async scheduling: ids sampled on rank 0, never read by its host
+            ids = torch.empty(len(step.token_ids), dtype=torch.long, device=self.device)
+            token_ids = self.group.broadcast(ids)
         hook = self._follow_layer if command.streams_layers else None
-        self.runner.forward(step, hook, logits=False)
+        self.runner.forward(step, hook, logits=False, token_ids=token_ids)
 
     def _follow_layer(self, layer: int) -> None:
         """After a layer of a streaming step: the gathers rank 0's hook asks for, until `LayerDone`."""

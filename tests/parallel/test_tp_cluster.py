@@ -65,6 +65,14 @@ def test_an_aggregated_tp2_instance_generates_what_tp1_does_and_its_workers_die_
         assert worker.exitcode == 0  # ended by its lifeline, nobody killed it
 
 
+def test_async_scheduling_over_tp2_workers_gives_the_sync_tokens_and_overlaps(model, reference):
+    """Decode steps launched from ids still on rank 0's device: the workers get them by a
+    broadcast, and every rank runs the step tp1 runs synchronously."""
+    with LLM(model, layout="1EPD@tp2", async_scheduling=True) as llm:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference)
+        assert reported(llm, "EPD0", "overlapped_steps_total", 1) > 0
+
+
 @pytest.mark.parametrize(
     "layout, parallel, kv_streaming, parts_per_layer",
     [
@@ -93,12 +101,15 @@ def test_kv_hand_off_between_degrees(model, reference, layout, parallel, kv_stre
 
 
 def parts_received(llm: LLM, instance: str, expected: int) -> float:
-    """D's count of KV parts received, once its stats report `expected` (or, after a bound on
-    waiting for a failure, whatever they report). Idle, the router reads instance stats only
-    when polled."""
+    return reported(llm, instance, "kv_parts_received_total", expected)
+
+
+def reported(llm: LLM, instance: str, stat: str, expected: float) -> float:
+    """`instance`'s `stat`, once its reports reach `expected` (or, after a bound on waiting for a
+    failure, whatever they say). Idle, the router reads instance stats only when polled."""
     end, got = time.monotonic() + EXIT_WAIT_S, 0.0
     while time.monotonic() < end and got < expected:
         llm.engine.poll_idle()
-        got = llm.engine.instance_stats().get(instance, {}).get("kv_parts_received_total", 0.0)
+        got = llm.engine.instance_stats().get(instance, {}).get(stat, 0.0)
         time.sleep(0.05)
     return got
