@@ -6,6 +6,11 @@ boundary). No image is padded to another's size.
 
 Patch order: the image processor emits patches so that each 2x2 merge group is
 contiguous, which lets the merger fold groups with a plain reshape.
+
+Each block's projections come from epd.parallel.vision's factories: the plain layers, unless
+the tower is built split over tensor-parallel ranks (`building_rank(group, split_vision=True)`),
+when a block holds its rank's heads and MLP columns and its two row-parallel layers sum over
+the ranks themselves.
 """
 
 from __future__ import annotations
@@ -20,9 +25,15 @@ from epd.models.config import VisionConfig
 from epd.models.layers import fused
 from epd.models.layers.activation import SiluAndMul, get_activation
 from epd.models.layers.attention import varlen_attention
-from epd.models.layers.linear import MergedLinear
 from epd.models.layers.norm import RMSNorm
 from epd.models.layers.rotary import VisionRotaryEmbedding, apply_rotary
+from epd.parallel.linear import ColumnShard
+from epd.parallel.vision import (
+    vision_column_linear,
+    vision_heads,
+    vision_merged_column_linear,
+    vision_row_linear,
+)
 
 Grid = tuple[int, int, int]
 
@@ -43,9 +54,9 @@ class PatchEmbed(nn.Module):
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.num_heads = vision_heads(cfg.num_heads)  # this rank's: all of them unless split
+        self.qkv = vision_column_linear(cfg.hidden_size, 3 * cfg.hidden_size, parts=3)
+        self.proj = vision_row_linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: list[int], cos: torch.Tensor, sin: torch.Tensor
@@ -73,9 +84,9 @@ class VisionAttention(nn.Module):
 class Qwen2VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc1 = vision_column_linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = get_activation(cfg.hidden_act)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc2 = vision_row_linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -87,9 +98,11 @@ class Qwen25VisionMLP(nn.Module):
         if cfg.hidden_act != "silu":
             raise ValueError(f"Qwen2.5-VL vision MLP supports silu, got {cfg.hidden_act!r}")
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [(0, size), (1, size)], bias=True)
+        self.gate_up_proj = vision_merged_column_linear(
+            cfg.hidden_size, [ColumnShard(0, size), ColumnShard(1, size)], bias=True
+        )
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=True)
+        self.down_proj = vision_row_linear(size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

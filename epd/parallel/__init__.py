@@ -19,6 +19,7 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | `channel`   | how: a shared-memory ring (`ring`), one write for every worker, set up in `join` |
 | `worker`    | `build_worker`, `RankWorker.serve`: a worker that only executes                  |
 | `kv`        | a request's KV between whole (every kv head) and the ranks' shares              |
+| `vision`    | the vision tower split by heads and MLP columns (asked for; replicated otherwise)|
 | `lifeline`  | a worker ends when its rank 0 ends, however it ends                              |
 | `launch`    | `run_on_ranks`: a function on every rank, spawned (tests, measurements)          |
 
@@ -90,12 +91,22 @@ The rest stays whole, every kv head, as at degree 1 (`epd.parallel.kv`):
 
 The E stage: the vision tower replicated or split
 -------------------------------------------------
-Replicated (what exists: `build_rank_model` builds the whole tower on every rank): an E
+Replicated (the default: `build_rank_model` builds the whole tower on every rank): an E
 instance of degree n is n encoders, each rank encoding its own images (IRP's split by patch
 count, no collective), which should win at batch 8; an EPD rank now encodes every image
 itself, redundantly (simple; rank r encoding 1/n of them and all-gathering the rows is the fix).
-Split (Megatron on the ViT: qkv by heads, the MLP by columns, two all-reduces per block) cuts
-the latency of one large image (batch 1) when the ViT's width amortizes the all-reduces
-(Qwen2.5-VL's 1280 wide tower may not; InternViT-6B's 3200 should): the issue asks to measure
-both at batch 1 and 8 before choosing.
+Split (`build_rank_model(..., split_vision=True)`, i.e. `building_rank(group, split_vision=True)`;
+the layers are `epd.parallel.vision`'s, built by the Qwen2-VL / Qwen2.5-VL tower's factories):
+Megatron on the ViT. Each block holds its rank's heads of the fused qkv (its rows of q, of k and
+of v), attn.proj row-parallel, the MLP's fc1 / gate_up by columns and fc2 / down_proj
+row-parallel; the two row-parallel layers all-reduce [patches, hidden] themselves and add their
+bias once, after the sum. Patch embedding, norms, rotary and merger stay whole. Every rank then
+encodes the whole batch together, so it cuts the latency of one large image (batch 1) when the
+ViT's width amortizes the all-reduces (Qwen2.5-VL's 1280 wide tower may not; InternViT-6B's 3200
+should). Degree 1, and any build without the switch (the LLM's included), gets the plain layers.
+Its embeddings equal one device's (tests/parallel/test_tp_vision.py); nothing serves with it yet
+(E instances of degree > 1 are refused by the layout, and an EPD instance encodes on rank 0
+alone, where a split tower needs every rank). `python -m epd.bench.vision_tp --devices
+cuda:0,cuda:1` measures one GPU, replicated and split at sides 448-1344 px and batches 1 and 8
+(Qwen2.5-VL-7B's tower splits 2 or 4 ways: 16 heads, 3420 MLP columns), the issue's question.
 """

@@ -16,7 +16,8 @@ sums that one all-reduce per sublayer adds up. Everything else is replicated.
 | norms, q_norm/k_norm (Qwen3)           | replicated  |     |                                          |
 | model.embed_tokens, lm_head            | replicated  |     | (vocab-parallel later: each rank now     |
 |                                        |             |     |  computes the full logits itself)        |
-| visual.* (the vision tower)            | replicated  |     |                                          |
+| visual.* (the vision tower)            | replicated  |     | (or split by heads and MLP columns when |
+|                                        |             |     |  asked: epd.parallel.vision's table)     |
 
 Rank r takes piece `r * pieces // world` of a tensor cut into `pieces` equal parts along `dim`:
 piece r when every rank has its own, and the kv head of r's query heads when ranks share one
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from epd.models.config import TextConfig, VLModelConfig
+from epd.models.config import TextConfig, VisionConfig, VLModelConfig
 
 _COLUMN, _ROW = 0, 1
 _VISION_PREFIXES = ("visual.", "vision_tower.", "multi_modal_projector.")
@@ -128,6 +129,19 @@ def check_splittable(text: TextConfig, world_size: int) -> None:
     """A clear error, before anything is built, when the decoder cannot be split `world_size` ways."""
     HeadSplit(text.num_attention_heads, text.num_key_value_heads, world_size)
     intermediate_split(text, world_size)
+
+
+def check_vision_splittable(vision: VisionConfig, world_size: int) -> None:
+    """A clear error, before anything is built, when the vision tower cannot be split `world_size`
+    ways (epd.parallel.vision): by attention heads, and the MLP by columns."""
+    if vision.num_heads % world_size:
+        raise ValueError(
+            f"the vision tower's {vision.num_heads} heads cannot be split over {world_size} ranks"
+        )
+    if vision.intermediate_size % world_size:
+        raise ValueError(
+            f"the vision tower's MLP width {vision.intermediate_size} cannot be split over {world_size} ranks"
+        )
 
 
 def rank_config(config: VLModelConfig, world_size: int) -> VLModelConfig:
