@@ -19,8 +19,10 @@ Parsing rules (decided here, so every entry point agrees):
   on nodes started with `--labels epd-group=<label>`; the local launcher runs everything here.
 - A group may end in `@tpN` (`1E+1P@tp2+1D`): each of its instances is tensor-parallel over N
   devices (rank 0, the instance process, and N-1 workers: epd.parallel), started by the local
-  launcher. Only the language model is split, so the group must hold P or D; an E-only group
-  stays at degree 1 (add E instances instead). `@tp1` is the default and is not written; with
+  launcher. A group with P or D splits the language model (its vision tower, for E, is whole on
+  rank 0); an E-only group splits the vision tower, every rank encoding each batch together
+  (epd.parallel.encoder: lower latency for large images; more E instances give more images/s
+  instead). `@tp1` is the default and is not written; with
   a label too, the degree comes first (`2P@tp2@gpu-nodes`), and `tpN` is never a label.
 
 Devices (`--devices`): a single name (`cpu`, `cuda`, `cuda:1`, ...) is shared by every instance; a
@@ -264,11 +266,6 @@ def _check_groups(groups: tuple[Group, ...], text: str, degrees: tuple[int, ...]
     for (count, roles), degree in zip(groups, degrees or (1,) * len(groups)):
         if count < 1 or not roles or not roles <= set(ROLE_ORDER) or degree < 1:
             raise ValueError(f"layout {text!r}: bad group ({count}, {set(roles)}, degree {degree})")
-        if degree > 1 and not roles & {Role.PREFILL, Role.DECODE}:
-            raise ValueError(
-                f"layout {text!r}: group '{count}{role_letters(roles)}@tp{degree}' has no language model "
-                "to split (tensor parallelism splits P and D); add encoder instances instead"
-            )
     present = frozenset().union(*(roles for _, roles in groups))
     for role in ROLE_ORDER:
         if role not in present:

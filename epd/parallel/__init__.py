@@ -20,6 +20,7 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | `worker`    | `build_worker`, `RankWorker.serve`: a worker that only executes                  |
 | `kv`        | a request's KV between whole (every kv head) and the ranks' shares              |
 | `vision`    | the vision tower split by heads and MLP columns (asked for; replicated otherwise)|
+| `encoder`   | an encoder-only instance over ranks: rank 0 drives the split tower everywhere    |
 | `lifeline`  | a worker ends when its rank 0 ends, however it ends                              |
 | `launch`    | `run_on_ranks`: a function on every rank, spawned (tests, measurements)          |
 
@@ -28,9 +29,10 @@ Replicated for now: token embedding and lm_head (every rank computes the full lo
 vision tower (on rank 0 only: workers get image rows, never pixels). CUDA graphs of decode steps
 at any degree: every rank captures its share, all-reduces included, as it is built (`parts`), and
 replays the same padded size at each step; a worker's graphs stop before the LM head. Not yet:
-reading only a rank's slice of each checkpoint tensor, E instances of degree > 1 (refused by the
-layout), role switches that rebuild a tensor-parallel engine, switchable roles, the Ray launcher
-(it cannot start workers: such an instance fails to start).
+reading only a rank's slice of each checkpoint tensor, role switches that rebuild a
+tensor-parallel engine, switchable roles, the Ray launcher (it cannot start workers: such an
+instance fails to start). An encoder-only instance of degree > 1 (`1E@tp2`) splits its vision
+tower instead (`encoder`, below).
 
 How an instance becomes a group of workers
 ------------------------------------------
@@ -104,9 +106,10 @@ bias once, after the sum. Patch embedding, norms, rotary and merger stay whole. 
 encodes the whole batch together, so it cuts the latency of one large image (batch 1) when the
 ViT's width amortizes the all-reduces (Qwen2.5-VL's 1280 wide tower may not; InternViT-6B's 3200
 should). Degree 1, and any build without the switch (the LLM's included), gets the plain layers.
-Its embeddings equal one device's (tests/parallel/test_tp_vision.py); nothing serves with it yet
-(E instances of degree > 1 are refused by the layout, and an EPD instance encodes on rank 0
-alone, where a split tower needs every rank). `python -m epd.bench.vision_tp --devices
+Its embeddings equal one device's (tests/parallel/test_tp_vision.py). An encoder-only instance of
+degree > 1 (`1E@tp2+1P+1D`) serves with it (epd.parallel.encoder: rank 0's encoder worker calls
+the tower, which first has the workers encode the same batch); an EPD or EP instance keeps the
+replicated tower on rank 0, which encodes alone. `python -m epd.bench.vision_tp --devices
 cuda:0,cuda:1` measures one GPU, replicated and split at sides 448-1344 px and batches 1 and 8
 (Qwen2.5-VL-7B's tower splits 2 or 4 ways: 16 heads, 3420 MLP columns), the issue's question.
 """

@@ -23,6 +23,10 @@ call, so the collectives inside (the decoder's all-reduces, the KV gathers and s
 | `SendLayer`   | -                                             | the same, one layer, in a forward  |
 | `PollSends`   | each worker's finished sends, to rank 0       | reports what its connector         |
 |               | (gather of objects over the side group)       | finished (failures included)       |
+| `BuildVision` | -                                             | an encoder-only instance's worker: |
+|               |                                               | builds its share of the split tower|
+| `EncodeImages`| the batch's patches (broadcast); the tower's  | encodes the batch with rank 0      |
+|               | all-reduces                                   | (epd.parallel.encoder)             |
 | `Stop`        | -                                             | returns from its loop              |
 
 `GatherLayer`, `SendLayer` and `LayerDone` come only inside a `RunStep` that streams layers: after
@@ -41,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from epd.config import EngineConfig
+from epd.config import EngineConfig, ModelConfig
 from epd.engine.model_runner import StepInputs
 
 
@@ -108,13 +112,25 @@ class PollSends:
 
 
 @dataclass(frozen=True)
+class BuildVision:
+    model: ModelConfig  # rank 0's: the checkpoint, dtype and load format of the tower
+
+
+@dataclass(frozen=True)
+class EncodeImages:
+    grids: list[tuple[int, int, int]]
+    shape: tuple[int, ...]  # the patches' (they follow as a tensor)
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
 Command = (
     BuildRank | RunStep | GatherLayer | LayerDone | GatherKV | InjectKV | SendKV | SendLayer | PollSends
-) | Stop
+) | (BuildVision | EncodeImages | Stop)
 
 
 def slots_tensor(slots: list[int], device: torch.device) -> torch.Tensor:

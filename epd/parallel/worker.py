@@ -25,6 +25,7 @@ from epd.clock import WALL_CLOCK
 from epd.engine.model_runner import ModelRunner
 from epd.parallel.commands import (
     BuildRank,
+    BuildVision,
     GatherKV,
     GatherLayer,
     InjectKV,
@@ -36,6 +37,7 @@ from epd.parallel.commands import (
     Stop,
     slots_tensor,
 )
+from epd.parallel.encoder import VisionRankWorker, build_vision_worker
 from epd.parallel.group import TensorParallelGroup
 from epd.parallel.kv import gather_kv_heads, scatter_kv_heads
 from epd.parallel.parts import rank_model_parts
@@ -148,10 +150,16 @@ class RankWorker:
         self.runner.write_kv_rows(command.block_table, command.start, mine)
 
 
-def build_worker(group: TensorParallelGroup, device: str, connector: Connector | None = None) -> RankWorker:
-    """This rank's share, built when rank 0 says how (`BuildRank`), on `device`; `connector`: where
-    its heads of hand-offs leave (a prefill instance's workers; None elsewhere)."""
+def build_worker(
+    group: TensorParallelGroup, device: str, connector: Connector | None = None
+) -> RankWorker | VisionRankWorker:
+    """This rank's share, built when rank 0 says how, on `device`: of the language model
+    (`BuildRank`), or of the split vision tower of an encoder-only instance (`BuildVision`,
+    epd.parallel.encoder). `connector`: where its heads of hand-offs leave (a prefill instance's
+    workers; None elsewhere)."""
     command = group.receive_command()
+    if isinstance(command, BuildVision):
+        return build_vision_worker(group, device, command)
     if not isinstance(command, BuildRank):
         raise RuntimeError(f"tensor-parallel worker {group.rank}: expected BuildRank first, got {command!r}")
     config = replace(command.config, device=device)

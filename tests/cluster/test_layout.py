@@ -182,7 +182,6 @@ def test_tensor_parallel_instances_take_their_devices_in_order() -> None:
 @pytest.mark.parametrize(
     "text, devices, message",
     [
-        ("1E@tp2+1PD", "cpu", "group '1E@tp2' has no language model to split"),
         ("1EPD@tp0", "cpu", "has degree 0"),
         ("1EPD@tp2@tp4", "cpu", "names its degree twice"),
         ("1EPD@a@b", "cpu", "has two labels ('a', 'b')"),

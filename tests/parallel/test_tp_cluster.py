@@ -65,6 +65,18 @@ def test_an_aggregated_tp2_instance_generates_what_tp1_does_and_its_workers_die_
         assert worker.exitcode == 0  # ended by its lifeline, nobody killed it
 
 
+def test_an_encoder_split_over_two_ranks_encodes_what_one_device_does(model, reference):
+    """`1E@tp2`: the E instance's tower split by heads and MLP columns over two processes, every
+    rank encoding each batch; the request's tokens are one device's."""
+    with LLM(model, layout="1E@tp2+1P+1D") as llm:
+        assert_same(llm.generate(PROMPTS, PARAMS, use_tqdm=False), reference)
+        group = tp_group(llm, "E0")
+        assert reported(llm, "E0", "images_encoded_total", 1) == 1
+    for process in group.processes:
+        process.join(EXIT_WAIT_S)
+        assert process.exitcode == 0
+
+
 def test_async_scheduling_over_tp2_workers_gives_the_sync_tokens_and_overlaps(model, reference):
     """Decode steps launched from ids still on rank 0's device: the workers get them by a
     broadcast, and every rank runs the step tp1 runs synchronously."""

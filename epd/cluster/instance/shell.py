@@ -37,6 +37,7 @@ from epd.cluster.instance.core import MODEL_COMPUTE, Compute, InstanceCore
 from epd.cluster.layout import Role
 from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
 from epd.engine.llm_engine import LLMEngine
+from epd.parallel.encoder import split_vision_tower
 from epd.parallel.group import TensorParallelGroup, backend_for
 from epd.parallel.parts import instance_parts
 from epd.transfer.base import Connector, create_backend
@@ -91,6 +92,8 @@ def compute_of(cfg: InstanceConfig) -> Compute:
             f"{cfg.name}: switchable roles are not supported with tensor parallelism (tp{degree})"
         )
     group = TensorParallelGroup.join(cfg.tp_init_method, 0, degree, backend_for(cfg.spec.device))
+    if not (cfg.has(Role.PREFILL) or cfg.has(Role.DECODE)):  # encoder-only: the tower split
+        return Compute(vision=split_vision_tower(group))
     return Compute(parts=instance_parts(group, sends_by_rank=cfg.hands_off_kv))
 
 
