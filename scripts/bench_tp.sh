@@ -6,6 +6,10 @@
 #                                                 # P tp1 -> D tp1 against P tp2 -> D tp1
 #   PART=72b bash scripts/bench_tp.sh OUT         # 4 GPUs, ~8 min: the 72B shape in 1EPD@tp4 and
 #                                                 # 1E+1P@tp2+1D@tp2, decode time per token (its MBU)
+#   PART=async bash scripts/bench_tp.sh OUT       # 2 GPUs, ~3 min: engine decode steps at tp1 and tp2,
+#                                                 # async scheduling off and on (peer all-reduce)
+#   PART=vision bash scripts/bench_tp.sh OUT      # 2 GPUs, ~4 min: the E stage on one GPU, replicated
+#                                                 # and split; 1E@tp2+1P+1D against 1E+1P+1D served
 # Each part writes OUT/<part>/ (logs, JSON) and prints its figures. Goals (the issue): prefill 8k
 # at tp2 <= 0.6x tp1, decode b1 at tp2 <= 0.65x, the hand-off tp2 -> tp1 <= 5 ms.
 set -u
@@ -58,8 +62,24 @@ handoff)
       2>&1 | tee "$R/${layout//[@+]/_}.log" | tail -6
   done
   ;;
+async)
+  for tp in 1 2; do
+    EPD_PEER_ALL_REDUCE=1 python3 -m epd.bench.async_steps --model $Q7 --device cuda:0 --dtype bfloat16 \
+      --load-format dummy --batches 1,64 --context 1024 --steps 100 --tp $tp --json "$R/async_tp$tp.json" \
+      2>&1 | tee "$R/async_tp$tp.log" | grep "^|"
+  done
+  ;;
+vision)
+  python3 -m epd.bench.vision_tp --config-dir "$CONFIGS" --devices cuda:0,cuda:1 --sizes 448,896,1344 \
+    --batches 1,8 --dtype bfloat16 --out "$R/vision_tp.json" 2>&1 | tee "$R/vision_tp.log" | tail -20
+  # E split over both GPUs (P on cuda:0, D on cuda:1) against E on one: one request at a time.
+  EPD_PEER_ALL_REDUCE=1 python3 -m epd.bench.disagg_overhead --model $Q7 --load-format dummy \
+    --dtype bfloat16 --devices cuda:0,cuda:1,cuda:0,cuda:1 --images 4 --image-side 1344 --max-tokens 8 \
+    --requests 8 --kv-cache-gib 4 --max-model-len 16384 --json "$R/e_tp2.json" \
+    --variants 1E+1P+1D:cuda_ipc:request,1E@tp2+1P+1D:cuda_ipc:request 2>&1 | tee "$R/e_tp2.log" | tail -6
+  ;;
 *)
-  echo "PART must be steps, handoff or 72b" >&2
+  echo "PART must be steps, handoff, 72b, async or vision" >&2
   exit 2
   ;;
 esac

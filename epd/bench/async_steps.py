@@ -4,6 +4,7 @@
     python -m epd.bench.async_steps --model /tmp/qwen2_5_vl_7b --device cuda:0 --dtype bfloat16 \\
         --load-format dummy [--batches 1,16,64] [--context 1024] [--steps 100] [--json OUT]
     python -m epd.bench.async_steps --model epd/demo/model --device cpu --context 64 --steps 10   # checks it
+    python -m epd.bench.async_steps ... --tp 2        # a tensor-parallel engine on cuda:0, cuda:1
 
 One aggregated engine in this process, greedy decodes of `--context` random prompt tokens each. Per
 batch size, async off then on (the same engine: its weights, cache and graphs; `engine.async_steps`
@@ -17,6 +18,8 @@ is swapped), `--steps` timed `step_requests` calls after the prefill and a warm-
   flight, so step_ms there should fall to the device's time where the host is the shorter;
 - overlapped: the share of steps launched while the one before was still in flight.
 On a CPU the device is the host: nothing overlaps, wait_ms is 0 and the figures only check the script.
+With `--tp N` the engine is a tensor-parallel instance's rank 0 over N-1 workers (one process and
+GPU each: epd.parallel.launch; gloo ranks on a CPU), as `1EPD@tpN` runs it.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ import torch
 
 from epd import SamplingParams
 from epd.engine.async_scheduling import AsyncStepper, HostCopy
+from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import LLMEngine
 from epd.engine.sampler import DeviceSample
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputProcessor
+from epd.parallel.group import TensorParallelGroup
+from epd.parallel.launch import run_on_ranks
+from epd.parallel.parts import instance_parts
+from epd.parallel.worker import build_worker
 
 WARMUP_STEPS = 5
 PLAIN_TOKENS = 300  # prompt ids below this: no special token (image, video) of the demo or test tokenizers
@@ -65,7 +73,9 @@ class Waits:
         self.seconds += time.perf_counter() - start
 
 
-def build_engine(args: argparse.Namespace, max_batch: int) -> tuple[LLMEngine, InputProcessor]:
+def build_engine(
+    args: argparse.Namespace, max_batch: int, model_parts: PartsFactory = load_model_parts
+) -> tuple[LLMEngine, InputProcessor]:
     kv_gib = args.kv_cache_gib or (0.25 if args.device == "cpu" else 8.0)
     engine_args = EngineArgs(
         model=args.model,
@@ -77,7 +87,8 @@ def build_engine(args: argparse.Namespace, max_batch: int) -> tuple[LLMEngine, I
         max_model_len=args.context + WARMUP_STEPS + args.steps + 8,
     )
     processor = InputProcessor.from_pretrained(args.model)
-    return LLMEngine(engine_args.engine_config(), processor.tokenizer), processor
+    engine = LLMEngine(engine_args.engine_config(), processor.tokenizer, model_parts=model_parts)
+    return engine, processor
 
 
 def measure(
@@ -130,13 +141,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="timed decode calls per batch and mode")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="default: 8 on CUDA, 0.25 on a CPU")
     p.add_argument("--json", type=Path, default=None, help="write the rows here too")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (GPUs cuda:0..N-1)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.tp == 1:
+        rows = measure_all(args, load_model_parts)
+    else:
+        rows = run_on_ranks(_on_rank, args.tp, args)[0]
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"setup": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1)
+        )
+
+
+def measure_all(args: argparse.Namespace, model_parts: PartsFactory) -> list[dict]:
     batches = [int(b) for b in args.batches.split(",")]
-    engine, processor = build_engine(args, max(batches))
+    engine, processor = build_engine(args, max(batches), model_parts)
     waits = Waits()
     columns = ["async", "batch", "step_ms", "host_ms", "wait_ms", "overlapped"]
     print("| " + " | ".join(columns) + " |")
@@ -148,10 +171,19 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
             print("| " + " | ".join(cells) + " |", flush=True)
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps({"setup": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1)
-        )
+    if args.tp > 1:
+        engine.runner.stop_workers()
+    return rows
+
+
+def _on_rank(group: TensorParallelGroup, args: argparse.Namespace) -> list[dict] | None:
+    """Rank 0 measures its engine over the workers; each worker executes until it is stopped."""
+    device = args.device if args.device.startswith("cpu") else f"cuda:{group.rank}"
+    if group.rank > 0:
+        build_worker(group, device).serve()
+        return None
+    args.device = device
+    return measure_all(args, instance_parts(group))
 
 
 if __name__ == "__main__":
