@@ -33,7 +33,8 @@ at replay, so every rank captures the same sizes in the same order (they build t
 by rank 0's `BuildRank`) and replays the graph of the same padded size at each step (the same
 `StepInputs`, the same sizes). Only rank 0 samples: a worker's graphs are built without
 `logits` and end at the decoder's hidden states (the LM head's matmul is not worth replaying
-where nobody reads it).
+where nobody reads it), unless the head is split by vocabulary (epd.parallel.linear): then every
+rank's graph runs its share and the all-gather.
 """
 
 from __future__ import annotations

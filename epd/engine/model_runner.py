@@ -57,8 +57,12 @@ class ModelRunner:
         `cuda_graphs`: replay decode steps as CUDA graphs; None: whenever the device is CUDA
         and the backend allows it. `max_num_seqs` (the scheduler's limit) bounds the batch
         sizes captured. `graph_logits` False: the graphs stop at the hidden states, and
-        `forward` then serves only `logits=False` (a tensor-parallel worker's runner)."""
+        `forward` then serves only `logits=False` (a tensor-parallel worker's runner), unless
+        the LM head is a collective (vocabulary split over the ranks, epd.parallel.linear): then
+        every rank runs it, and a worker drops what it gathered."""
         self.model = model
+        # A head every rank must call in each step (its all-gather pairs up across the ranks).
+        self.head_gathers = getattr(getattr(model, "lm_head", None), "gathers", False)
         self.device = torch.device(device)
         self.block_size = block_size
         self.embedder = embedder
@@ -80,7 +84,8 @@ class ModelRunner:
             text = model.config.text
             width = min(num_blocks, -(-text.max_position_embeddings // block_size))
             sizes = graph_sizes(max_num_seqs)
-            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes, graph_logits)
+            with_head = graph_logits or self.head_gathers
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, width, self.device, sizes, with_head)
             self.graphs.capture_all()
 
     def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
@@ -200,12 +205,13 @@ class ModelRunner:
         hooked = nullcontext() if after_layer is None else self.language.after_each_layer(after_layer)
         with forward_context(meta), hooked:
             hidden = self.model(embeds, step.positions_tensor().to(self.device))
-        if not logits:
+        if not logits and not self.head_gathers:
             return None
         last = torch.tensor(
             [s + n - 1 for s, n in zip(step.query_starts, step.query_lens)], device=self.device
         )
-        return self.model.compute_logits(hidden[last])
+        out = self.model.compute_logits(hidden[last])
+        return out if logits else None
 
     def _gather_image_rows(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Image embedding rows that fall in this step's new tokens, and their flat-batch rows."""

@@ -20,6 +20,7 @@ from torch import nn
 from epd.models.config import VLModelConfig
 from epd.models.qwen2_llm import Qwen2Model
 from epd.models.qwen2_vl_vision import VisionTransformer
+from epd.parallel.linear import lm_head_linear
 
 VISION = "vision"
 LANGUAGE = "language"
@@ -52,9 +53,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.lm_head = None
         if LANGUAGE in parts:
             text = config.text
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-            if text.tie_word_embeddings:
-                self.lm_head.weight = self.model.embed_tokens.weight
+            tied = self.model.embed_tokens if text.tie_word_embeddings else None
+            self.lm_head = lm_head_linear(text.hidden_size, text.vocab_size, tied)
 
     # ---- encoder side -------------------------------------------------------------------------
 

@@ -25,10 +25,11 @@ What exists (CPU-tested over gloo; the same calls run over nccl):
 | `launch`    | `run_on_ranks`: a function on every rank, spawned (tests, measurements)          |
 
 Degree 1 costs nothing: no group, the single-device layers, one `is None` test per sublayer.
-Replicated for now: token embedding and lm_head (every rank computes the full logits), the
-vision tower (on rank 0 only: workers get image rows, never pixels). CUDA graphs of decode steps
-at any degree: every rank captures its share, all-reduces included, as it is built (`parts`), and
-replays the same padded size at each step; a worker's graphs stop before the LM head. Not yet:
+The LM head is split by vocabulary rows (each rank its rows, one all-gather of the logits; a
+worker drops what it gathered); replicated: the token embedding, the vision tower (on rank 0
+only: workers get image rows, never pixels). CUDA graphs of decode steps at any degree: every
+rank captures its share, all-reduces and the head's all-gather included, as it is built
+(`parts`), and replays the same padded size at each step. Not yet:
 reading only a rank's slice of each checkpoint tensor, role switches that rebuild a
 tensor-parallel engine, switchable roles, the Ray launcher (it cannot start workers: such an
 instance fails to start). An encoder-only instance of degree > 1 (`1E@tp2`) splits its vision

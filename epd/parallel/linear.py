@@ -13,6 +13,11 @@ Each parameter also carries `full_shape` and `load_full(full)`: its single-devic
 take its share of a tensor of that shape, so that dummy weights at any degree are slices of
 the single-device ones (`epd.parallel.build`).
 
+The LM head is split by vocabulary rows (`VocabParallelHead`): each rank multiplies its rows and
+an all-gather gives every rank the whole logits (rank 0 samples; the workers run it for the
+collective). Tied to the embedding (which stays whole on every rank), it reads its rows of the
+embedding's weight.
+
 At degree 1 the factories return exactly the single-device layers (`MergedLinear`, `nn.Linear`).
 """
 
@@ -24,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from epd.models.layers.linear import MergedLinear, default_weight_loader
 from epd.parallel.context import building_group
@@ -115,3 +121,43 @@ def _load_split(
     group: TensorParallelGroup,
 ) -> None:
     default_weight_loader(param, split.take(loaded, group.rank, group.world_size), shard_id)
+
+
+def lm_head_linear(hidden_size: int, vocab_size: int, tied: nn.Embedding | None) -> nn.Module:
+    """The LM head: at degree 1 (or a vocabulary that does not split evenly) the plain layer,
+    tied to `tied`'s weight when given; else this rank's vocabulary rows (`VocabParallelHead`)."""
+    group = building_group()
+    if group is None or vocab_size % group.world_size:
+        head = nn.Linear(hidden_size, vocab_size, bias=False)
+        if tied is not None:
+            head.weight = tied.weight
+        return head
+    return VocabParallelHead(hidden_size, vocab_size, group, tied)
+
+
+class VocabParallelHead(nn.Module):
+    """logits = all_gather(hidden @ W[this rank's vocabulary rows].T): every rank's call is one
+    collective, so every rank calls it in each step (`gathers`), graphs included."""
+
+    gathers = True
+
+    def __init__(
+        self, hidden_size: int, vocab_size: int, group: TensorParallelGroup, tied: nn.Embedding | None
+    ) -> None:
+        super().__init__()
+        self.group, self.rows = group, vocab_size // group.world_size
+        self.start = group.rank * self.rows
+        # Tied: the embedding is whole on every rank; its rows are read at each call (a view), and
+        # it is kept outside this module's parameters (the model owns it once).
+        self.__dict__["tied"] = tied
+        if tied is None:
+            self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+            split = Split(0, group.world_size)
+            self.weight.weight_loader = partial(_load_split, split=split, group=group)
+            self.weight.full_shape = (vocab_size, hidden_size)
+            self.weight.load_full = partial(_load_split, self.weight, split=split, group=group)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        tied = self.__dict__["tied"]
+        weight = self.weight if tied is None else tied.weight.narrow(0, self.start, self.rows)
+        return self.group.all_gather(F.linear(hidden, weight), dim=-1)

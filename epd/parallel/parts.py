@@ -10,10 +10,10 @@
 
 `LLMEngine(config, tokenizer, model_parts=rank_model_parts(group))` runs an engine on one rank:
 the model holds the rank's share, the KV cache its kv heads, and every rank computes the same
-logits (the all-reduces leave identical hidden states everywhere, embeddings and lm_head are
-replicated). Engines on all ranks fed the same requests therefore schedule and sample alike
-(greedy; seeded sampling likewise). An instance instead schedules on rank 0 only and sends each
-step to the others (`instance_parts`).
+logits (the all-reduces leave identical hidden states everywhere, the embedding is replicated
+and the vocabulary-split head all-gathers its logits). Engines on all ranks fed the same
+requests therefore schedule and sample alike (greedy; seeded sampling likewise). An instance
+instead schedules on rank 0 only and sends each step to the others (`instance_parts`).
 
 CUDA graphs (decode steps, epd.engine.cuda_graphs) are captured by every rank's runner as it is
 built: the ranks build together (rank 0 when it sends `BuildRank`, each worker when it receives

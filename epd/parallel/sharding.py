@@ -14,8 +14,9 @@ sums that one all-reduce per sublayer adds up. Everything else is replicated.
 | mlp.gate_proj, up_proj .weight         | its output  | 0   | world size                               |
 | mlp.down_proj.weight                   | its input   | 1   | world size (row-parallel: partial sums)  |
 | norms, q_norm/k_norm (Qwen3)           | replicated  |     |                                          |
-| model.embed_tokens, lm_head            | replicated  |     | (vocab-parallel later: each rank now     |
-|                                        |             |     |  computes the full logits itself)        |
+| lm_head.weight                         | vocabulary  | 0   | world size, when the vocabulary divides  |
+|                                        |             |     | (else replicated); all-gathered logits   |
+| model.embed_tokens                     | replicated  |     | (a tied head reads its rows of it)       |
 | visual.* (the vision tower)            | replicated  |     | (or split by heads and MLP columns when |
 |                                        |             |     |  asked: epd.parallel.vision's table)     |
 
@@ -122,6 +123,8 @@ def split_of(hf_name: str, text: TextConfig, world_size: int) -> Split | None:
         return intermediate_split(text, world_size)
     if ".mlp.down_proj." in hf_name:
         return Split(_ROW, world_size)
+    if hf_name.endswith("lm_head.weight") and text.vocab_size % world_size == 0:
+        return Split(_COLUMN, world_size)
     return None
 
 

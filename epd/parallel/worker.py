@@ -6,7 +6,8 @@ its own heads to D (`SendKV`, `SendLayer`; what became of them goes back to rank
 `PollSends`). `build_worker` waits for rank 0's
 `BuildRank` (the engine config rank 0 builds with), builds exactly what rank 0's
 `epd.parallel.parts.rank_model_parts` builds for the same config on this rank's device (CUDA
-graphs of the same sizes included, captured alongside rank 0's, but ending before the LM head),
+graphs of the same sizes included, captured alongside rank 0's; its share of the LM head runs
+for the logits' all-gather, and what it gathered is dropped),
 and `RankWorker.serve` then runs each command as it comes (epd.parallel.commands) until `Stop`.
 A decode step that rank 0 replays as a graph, the worker replays too, at the same padded size:
 the runner decides from the step alone (`ModelRunner.forward`).

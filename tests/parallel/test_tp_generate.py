@@ -2,12 +2,18 @@
 heads): one full engine per rank (its scheduler, runner, paged KV cache of its kv heads, sampler),
 ranks spawned and joined over gloo. Greedy, fp32: the same tokens as one device and as
 transformers, logprobs within 1e-4 (the row-parallel sums add in another order than one matmul).
-tp4 has fewer kv heads than ranks: pairs of ranks hold the same kv head."""
+tp4 has fewer kv heads than ranks: pairs of ranks hold the same kv head. At tp2 the LM head is
+split by vocabulary rows (654 divides by 2; not by 4: replicated there), its own rows or, tied,
+the embedding's."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tp_runs import Generated, generate
 
 from epd.parallel.launch import run_on_ranks
@@ -67,3 +73,26 @@ def test_tensor_parallel_engines_generate_what_one_device_and_transformers_do(
         assert run.kv_cache_shape[-2] == 1  # its own kv head only
         _assert_same_as_one_device(run.generated, single_device)
         _assert_same_as_transformers(run.generated, transformers_greedy)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(model_dir, tmp_path_factory) -> str:
+    """The checkpoint with its LM head tied to the token embedding (as Qwen2.5-VL-3B ships)."""
+    out = tmp_path_factory.mktemp("tied")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(config))
+    weights = out / "model.safetensors"
+    tensors = {name: t for name, t in load_file(weights).items() if not name.endswith("lm_head.weight")}
+    save_file(tensors, weights, metadata={"format": "pt"})  # no head of its own: the embedding's
+    return str(out)
+
+
+def test_a_vocabulary_split_head_tied_to_the_embedding_generates_what_one_device_does(tied_model_dir):
+    expected = generate(None, tied_model_dir, PROMPTS, MAX_TOKENS).generated
+    hf = load_hf_model(tied_model_dir)
+    reference = [hf_greedy(hf, p["prompt_token_ids"], MAX_TOKENS) for p in PROMPTS]
+    _assert_same_as_transformers(expected, reference)
+    for run in run_on_ranks(generate, 2, tied_model_dir, PROMPTS, MAX_TOKENS):
+        _assert_same_as_one_device(run.generated, expected)
