@@ -177,6 +177,7 @@ def _reported_stat(llm: LLM, instance: str, name: str, deadline_s: float = 60.0)
     0 if it has not by the deadline (a bound on a failure, not a wait for time to pass)."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        llm.engine.poll_idle()  # idle, the router reads the instances' reports only when polled
         value = llm.engine.instance_stats().get(instance, {}).get(name, 0.0)
         if value > 0:
             return value
