@@ -1,7 +1,7 @@
 """CPU time the API process spends per image: what limits how many images one front end admits.
 
     python -m epd.bench.front_end_cpu --model DIR --layout 1E+1P+1D [--images 3 --size 1280x960]
-        [--requests 24 --concurrency 4] [--server-pythonpath OLD_TREE] [--out results.json]
+        [--requests 24 --concurrency 4] [--keep-alive] [--server-pythonpath OLD_TREE] [--out results.json]
 
 Starts `epd serve`, sends chat requests whose images are distinct noise PNGs (incompressible:
 the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token each, and reads
@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,9 +67,20 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[dict]:
+def send_all(url: str, bodies: list[bytes], concurrency: int, keep_alive: bool = False) -> list[dict]:
+    """POST each body, `concurrency` at a time; each on a connection of its own (as the first
+    runs of this bench did), or, `keep_alive`, on connections each sending thread keeps (as a
+    client with a connection pool does: no connect per request, TCP windows already open)."""
+    mine, opened = threading.local(), []  # each thread's client; all of them, to close
+
     def post(body: bytes) -> dict:
-        resp = httpx.post(
+        send = httpx.post
+        if keep_alive:
+            if not hasattr(mine, "client"):
+                mine.client = httpx.Client(timeout=600)
+                opened.append(mine.client)
+            send = mine.client.post
+        resp = send(
             url + "/v1/chat/completions",
             content=body,
             headers={"content-type": "application/json"},
@@ -78,8 +90,12 @@ def send_all(url: str, bodies: list[bytes], concurrency: int) -> list[dict]:
             raise RuntimeError(f"the server answered {resp.status_code}: {resp.text[:1000]}")
         return resp.json()
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(post, bodies))
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(post, bodies))
+    finally:
+        for client in opened:
+            client.close()
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -94,10 +110,10 @@ def measure(args: argparse.Namespace) -> dict:
     server_args += args.serve_arg
     with tempfile.TemporaryDirectory() as tmp, LocalServer(server_args, Path(tmp) / "server.log") as server:
         bodies = [chat_body("m", g) for g in groups]
-        send_all(server.url, bodies[: args.warmup], args.concurrency)
+        send_all(server.url, bodies[: args.warmup], args.concurrency, args.keep_alive)
         pid = server.proc.pid
         before, faults, started = process_cpu_seconds(pid), process_minor_faults(pid), time.perf_counter()
-        replies = send_all(server.url, bodies[args.warmup :], args.concurrency)
+        replies = send_all(server.url, bodies[args.warmup :], args.concurrency, args.keep_alive)
         cpu, wall = process_cpu_seconds(pid) - before, time.perf_counter() - started
         faults = process_minor_faults(pid) - faults
     timings = [r["epd_timings"] for r in replies if r.get("epd_timings")]
@@ -109,6 +125,7 @@ def measure(args: argparse.Namespace) -> dict:
     images = args.images * args.requests
     return {
         "layout": args.layout,
+        "keep_alive": args.keep_alive,
         "server_pythonpath": args.server_pythonpath or "",
         "image_bytes": len(pngs[0]),
         "requests": args.requests,
@@ -132,6 +149,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--keep-alive", action="store_true", help="reuse connections (one per sending thread)")
     p.add_argument("--server-pythonpath", default=None, help="run the server from this tree")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `epd serve` argument (repeat)")
     p.add_argument("--out", default=None)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from epd.entrypoints.async_engine import AsyncEngine
+from epd.inputs.types import ProcessedPrompt
 from epd.outputs import Logprob, PositionLogprobs, RequestOutput
 from epd.server.body import read_json_with_images
 from epd.server.formatting import (
@@ -48,14 +51,15 @@ async def create_chat_completion(request: Request) -> Response:
     state.check_model(req.model)
     state.text_bound.check(chat_text_chars(req.messages), "messages")  # before any tokenizing
     messages = engine_messages(req.messages, state.media, images)
+    has_images = _has_images(messages)
     engine = state.engine
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     token_text = token_text_of(engine.processor.tokenizer)
     gen = Generation(
         request_id=request_id,
         timing=timing,
-        process=lambda: engine.prepare_images(engine.processor.process_chat(messages)),
-        has_images=_has_images(messages),
+        process=_processed_once(engine, messages),
+        has_images=has_images,
         params=lambda prompt_len: build_sampling_params(
             req,
             max_tokens=req.requested_max_tokens,
@@ -67,7 +71,21 @@ async def create_chat_completion(request: Request) -> Response:
         stream=req.stream,
         include_usage=req.include_usage,
     )
+    del images, messages  # `process` holds them until it runs, and no longer (_processed_once)
     return await run_generation(request, state, gen)
+
+
+def _processed_once(engine: AsyncEngine, messages: list[dict]) -> Callable[[], ProcessedPrompt]:
+    """The messages processed, by a call that lets go of them as it starts: their images are
+    slices of the request's body (megabytes of base64), which can then be freed once they are
+    decoded instead of when the response is sent, so fewer bodies' memory is in use at once and
+    the next bodies reuse it (memory used for the first time costs a page fault per 4 KiB)."""
+    held = [messages]
+
+    def process() -> ProcessedPrompt:
+        return engine.prepare_images(engine.processor.process_chat(held.pop()))
+
+    return process
 
 
 def _has_images(messages: list[dict]) -> bool:

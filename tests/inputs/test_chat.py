@@ -116,6 +116,16 @@ def test_message_spans_hold_typed_markup_not_template_markup(template: ChatTempl
     assert outside.count("<|im_start|>") == 3 and "<|vision_start|><|image_pad|><|vision_end|>" in outside
 
 
+def test_marker_lookalikes_typed_in_messages_stay_text(template: ChatTemplate) -> None:
+    """A message may hold what reads as a marker of another render (its nonce is another): it is
+    text like any other, and the spans still hold each message text whole."""
+    lookalike = "\ue000" + "0" * 32 + ":0\ue001"
+    texts = [f"before {lookalike} after", lookalike]
+    chat = template.render([{"role": role, "content": t} for role, t in zip(("user", "assistant"), texts)])
+    assert chat.message_spans is not None
+    assert [chat.text[start:end] for start, end in chat.message_spans] == texts
+
+
 def test_message_spans_unknown_when_template_rewrites_text() -> None:
     t = ChatTemplate("{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}")
     assert t.render([{"role": "user", "content": " padded "}]).message_spans is None
