@@ -142,6 +142,9 @@ class EngineConfig:
     vision_cuda_graphs: bool = False  # an encoder-only instance's tower (epd.models.vision_graphs)
     # Launch a decode step before the host has read the last one's tokens (epd.engine.async_scheduling).
     async_scheduling: bool = False
+    # Encode new requests' images beside the steps, before scheduling them (epd.engine.encode_ahead);
+    # None: where the engine holds the tower, on CUDA.
+    encode_ahead: bool | None = None
 
     @property
     def max_num_batched_tokens(self) -> int:

@@ -162,6 +162,13 @@ class BlockManager:
         return self._blocks[block_id].ref_count
 
     # ---- request lifecycle ------------------------------------------------------------------
+    def cached_prefix_tokens(self, token_ids: Sequence[int], mm_spans: Sequence[MMSpan] = ()) -> int:
+        """The prompt tokens `allocate_prompt` would take from the prefix cache now (it may have
+        changed by the time it runs), without taking anything."""
+        if not self.enable_prefix_caching or not token_ids:
+            return 0
+        return len(self._lookup_prefix(token_ids, mm_spans)[0]) * self.block_size
+
     def allocate_prompt(
         self, request_id: str, token_ids: Sequence[int], mm_spans: Sequence[MMSpan] = ()
     ) -> int | None:

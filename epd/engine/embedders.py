@@ -19,6 +19,7 @@ import torch
 from epd.clock import Clock
 from epd.engine.mm_cache import MMCache
 from epd.engine.request import Request
+from epd.inputs.types import ImageInput
 from epd.lifetime import Event
 
 
@@ -59,12 +60,16 @@ class LocalEncoder(ImageEmbedder):
         started = self.clock.now()
         for req, i in todo:
             req.record(Event.ENCODE_START, started, self.instance, i)
-        pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
-        embeds = self.model.encode_images(pixels, [img.grid_thw for img in images])
+        embeds = self.encode(images)
         ended = self.clock.now()
         for (req, i), emb in zip(todo, embeds):
             req.image_embeds[i] = emb
             req.record(Event.ENCODE_END, ended, self.instance, i)
+
+    def encode(self, images: list[ImageInput]) -> list[torch.Tensor]:
+        """The images' embeddings, one tensor each (their patches uploaded, the tower run)."""
+        pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
+        return self.model.encode_images(pixels, [img.grid_thw for img in images])
 
     def can_recompute(self, request: Request) -> bool:
         return True

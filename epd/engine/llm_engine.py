@@ -19,6 +19,8 @@ A step that computes only part of a request's prompt samples nothing for it and 
 (`step` returns only the requests that got a token).
 With `async_scheduling`, pure decode steps are launched before the host reads the last one's tokens,
 and a step reports the tokens of the step before (epd.engine.async_scheduling); outputs are the same.
+Where the engine holds the vision tower, new requests' images are encoded ahead, beside the steps
+(on CUDA by default; epd.engine.encode_ahead), and a request reaches the scheduler once they are in.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.config import EngineConfig, SchedulerConfig
 from epd.engine.async_scheduling import AsyncStepper
 from epd.engine.block_manager import BlockManager
-from epd.engine.embedders import CachedEmbeddings, NoEmbeddings
+from epd.engine.embedders import CachedEmbeddings, ImageEmbedder, LocalEncoder, NoEmbeddings
+from epd.engine.encode_ahead import EncodeAhead
 from epd.engine.factory import PartsFactory, choose_embedder, load_model_parts
 from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
 from epd.engine.mm_cache import MMCache
-from epd.engine.request import Request
+from epd.engine.request import Request, RequestStatus
 from epd.engine.sampler import Sampler
 from epd.engine.scheduler import ScheduledBatch, Scheduler
 from epd.engine.step_estimator import StepEstimator, make_step_estimator
@@ -60,6 +63,9 @@ logger = logging.getLogger(__name__)
 # runner: its ranks' pieces, epd.parallel.kv.HeadShares); the engine then frees the request's
 # blocks and forgets it.
 HandOff = Callable[[Request, Any], None]
+# How long a step with nothing to run waits for images encoded ahead (it ends early on `wake` or
+# when one is in): short, so an entry point's loop still reads new requests between waits.
+ENCODED_WAIT_S = 0.01
 
 
 class LLMEngine:
@@ -120,9 +126,12 @@ class LLMEngine:
         self.eos_token_ids = frozenset(_eos_token_ids(Path(mc.model), mc.hf.eos_token_ids))
         self.shared_generator = torch.Generator(device=self.device).manual_seed(mc.seed)
         self.requests: dict[str, Request] = {}
+        self._failed: list[tuple[Request, str]] = []  # ended before scheduling, with why (take_rejected)
         self.num_steps, self.step_seconds, self.last_batch_tokens = 0, 0.0, 0
         # Async scheduling (epd.engine.async_scheduling): decode steps launched before the last is read.
         self.async_steps = AsyncStepper(self) if config.async_scheduling else None
+        # Images encoded beside the steps, before their requests are scheduled (epd.engine.encode_ahead).
+        self.ahead = _encode_ahead(config, self.runner.embedder)
         logger.info(
             "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             instance or "",
@@ -215,7 +224,32 @@ class LLMEngine:
 
     def _enqueue(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.scheduler.add(request)
+        images = self._images_to_encode_ahead(request)
+        if images:
+            self.ahead.submit(request, images)  # to the scheduler once they are in (_admit_encoded)
+        else:
+            self.scheduler.add(request)
+
+    def _images_to_encode_ahead(self, request: Request) -> list[int]:
+        """The images of a new request worth encoding ahead: none without encode-ahead or with KV
+        brought along; else those past what the prefix cache holds of its prompt now."""
+        if self.ahead is None or not request.prompt.images or request.kv_payload is not None:
+            return []
+        cached = self.block_manager.cached_prefix_tokens(request.all_token_ids, request.prompt.mm_spans)
+        return [i for i, ph in enumerate(request.prompt.placeholders) if ph.end > cached]
+
+    def _admit_encoded(self) -> None:
+        """Requests whose images were encoded ahead go to the scheduler; those whose encoding
+        failed end with the error (reported by `take_rejected`)."""
+        for job in self.ahead.take_done():
+            req = job.request
+            if job.error is None:
+                self.scheduler.add(req)
+                continue
+            self.requests.pop(req.request_id, None)
+            req.status, req.finish_reason = RequestStatus.FINISHED, "error"
+            req.record(Event.FINISHED, self.clock.now(), self.instance)
+            self._failed.append((req, job.error))
 
     def check_fits(self, num_prompt_tokens: int) -> None:
         """Raise ValueError for a prompt this engine could never serve."""
@@ -232,12 +266,14 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
+        if self.ahead is not None:
+            self.ahead.cancel(request_id)
         if request is not None and not request.is_finished:
             request.finish_reason = "abort"
             self.scheduler.finish(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.ahead is not None and self.ahead.pending > 0)
 
     def rewire(self, handoff: HandOff | None, layer_sink: LayerSink | None, mm_cache: MMCache | None) -> None:
         """Point an idle engine at new neighbours (a role switch), keeping weights and caches: what
@@ -276,7 +312,9 @@ class LLMEngine:
         return self.instance or "EPD0"
 
     def wake(self) -> None:
-        pass  # step() never waits
+        """End a step that waits for images encoded ahead (its only wait), from any thread."""
+        if self.ahead is not None:
+            self.ahead.wake()
 
     def poll_idle(self) -> list[RequestOutput]:
         return []  # nothing arrives from elsewhere
@@ -303,15 +341,18 @@ class LLMEngine:
         return self._patch_pool.prepare(prompt, self._image_config)
 
     def shutdown(self) -> None:
-        # No process of its own: its memory goes with the last reference; its decoding threads stop.
+        # No process of its own: its memory goes with the last reference; its threads stop.
         if self._patch_pool is not None:
             self._patch_pool.close()
+        if self.ahead is not None:
+            self.ahead.close()
 
     def stats(self) -> dict[str, float]:
         """Scheduler and cache figures now (see epd.cluster.stats.STAT_HELP)."""
         blocks = self.block_manager
         return {
-            "waiting_requests": len(self.scheduler.waiting),
+            # Those whose images are being encoded ahead wait too: for the router, queued work.
+            "waiting_requests": len(self.scheduler.waiting) + (self.ahead.pending if self.ahead else 0),
             "running_requests": len(self.scheduler.running),
             "last_batch_tokens": self.last_batch_tokens,
             "kv_cache_usage": blocks.usage,
@@ -343,8 +384,15 @@ class LLMEngine:
         """The requests the scheduler refused since the last call (--reject-late: they cannot meet
         their TTFT deadline), as finished outputs with an error and a retry-after."""
         outputs = []
+        for req, error in self._failed:
+            out = request_output(req)
+            out.error = error
+            outputs.append(out)
+        self._failed.clear()
         for req, retry_after in self.scheduler.rejected:
             self.requests.pop(req.request_id, None)
+            if self.ahead is not None:
+                self.ahead.forget(req.request_id)
             req.finish_reason = "error"  # finished_time: when the scheduler refused it
             req.record(Event.FINISHED, req.metrics.finished_time or self.clock.now(), self.instance)
             out = request_output(req)
@@ -360,12 +408,24 @@ class LLMEngine:
         Their `output_text` is final once they finish; before that it is brought up to date
         only where stop strings need it (`epd.engine.stop.refresh_text` does it on demand).
         """
+        if self.ahead is not None and self._wait_for_encoded():
+            return []
         if self.async_steps is not None:
             return self.async_steps.step()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         return self._run_step(batch)
+
+    def _wait_for_encoded(self) -> bool:
+        """Admit what was encoded ahead; with nothing else to run, wait a little for more (True:
+        this step has nothing to run). The wait ends early on `wake`, so new work is not held up."""
+        self._admit_encoded()
+        if self.scheduler.has_unfinished() or not self.ahead.pending:
+            return False
+        self.ahead.wait(ENCODED_WAIT_S)
+        self._admit_encoded()
+        return not self.scheduler.has_unfinished()
 
     def _run_step(self, batch: ScheduledBatch) -> list[Request]:
         """A scheduled step, synchronously: forward, sample, postprocess."""
@@ -394,6 +454,8 @@ class LLMEngine:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+                if self.ahead is not None:
+                    self.ahead.forget(req.request_id)
                 started = Event.DECODE_START if id(req) in injected else Event.PREFILL_START
                 req.record(started, now, self.instance)
 
@@ -477,6 +539,8 @@ class LLMEngine:
     def _forget(self, req: Request) -> None:
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
+        if self.ahead is not None:
+            self.ahead.forget(req.request_id)
 
     def _swap_out(self, req: Request) -> bool:
         if self.runner.embedder.can_recompute(req) or req.num_computed_tokens == 0:
@@ -489,6 +553,13 @@ class LLMEngine:
         for token_id, lp in position.items():
             lp.decoded_token = self.tokenizer.decode([token_id], False)
         return position
+
+
+def _encode_ahead(config: EngineConfig, embedder: ImageEmbedder) -> EncodeAhead | None:
+    """Encode-ahead where this engine holds the tower: by default on CUDA (where a step would
+    otherwise wait for the tower), as `config.encode_ahead` says otherwise."""
+    wanted = config.encode_ahead if config.encode_ahead is not None else config.device.startswith("cuda")
+    return EncodeAhead(embedder) if wanted and isinstance(embedder, LocalEncoder) else None
 
 
 def request_output(req: Request) -> RequestOutput:

@@ -234,6 +234,12 @@ class EngineArgs:
         "and input building overlap the device's work (pure-decode steps of greedy or seeded requests; "
         "other steps run as before; @tpN instances send the ids to their workers on the device)",
     )
+    encode_ahead: bool | None = option(
+        None,
+        "instances that hold the vision tower and the language model encode new requests' images "
+        "beside their steps, on a CUDA stream of their own, so running decodes do not wait for the "
+        "tower (default: on CUDA devices)",
+    )
     instance_silence_timeout: float = option(
         10.0,
         "seconds without a word from an instance (its loop reports 4 times a second) before the "
@@ -314,6 +320,7 @@ class EngineArgs:
             cuda_graphs=self.cuda_graphs,
             vision_cuda_graphs=self.vision_cuda_graphs,
             async_scheduling=self.async_scheduling,
+            encode_ahead=self.encode_ahead,
         )
 
     def build(self, processor: InputProcessor) -> EngineBackend:

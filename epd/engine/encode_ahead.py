@@ -1,0 +1,185 @@
+"""Encode ahead: an engine that holds the vision tower encodes a request's images beside its
+steps, before the scheduler sees the request.
+
+Why: encoding inside a step (`LocalEncoder.ensure`) makes every running decode wait for the
+whole tower: three 1280x960 images take ~80-120 ms on an H200, 15-20 decode steps, and no token
+budget can split it (BENCHMARKS.md, "Chunked prefill"). Here a thread encodes queued requests'
+images on a CUDA stream of its own; the engine admits a request to the scheduler once its images
+are in, and steps meanwhile (on the CPU the thread simply computes beside the engine). What the
+thread fills is what `LocalEncoder.ensure` would have: `request.image_embeds`. `ensure` stays the
+embedder, so an image not encoded ahead (one the prefix cache was expected to cover, then
+evicted) is still encoded in the step, as before. The tokens are the same either way.
+
+A request's way through (engine thread unless marked):
+
+| state    | held in                  | leaves when                                                  |
+|----------|--------------------------|--------------------------------------------------------------|
+| queued   | `_queued`                | room: images in flight + encoded but unscheduled < the bound  |
+| encoding | the thread (`_jobs`)     | its images are encoded and their event reached (thread)      |
+| done     | `_done` (under `_lock`)  | `take_done` at the engine's next step: to the scheduler     |
+| released | `_released`              | its prefill starts or it ends (`forget`; its embeddings are  |
+|          |                          | then the step's, as any prefill's)                           |
+
+A cancelled request (aborted) is dropped wherever it is; one encoding is dropped when it ends.
+The bound keeps embeddings of requests that wait for KV room from piling up: the scheduler
+admits them no faster for being encoded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from epd.engine.embedders import LocalEncoder
+from epd.engine.request import Request
+from epd.lifetime import Event
+
+DEFAULT_MAX_IMAGES_AHEAD = 8
+
+
+@dataclass
+class AheadJob:
+    request: Request
+    images: list[int]  # indices into request.prompt.images to encode
+    error: str | None = None
+    embeds: list[torch.Tensor] = field(default_factory=list)
+
+
+class EncodeAhead:
+    def __init__(self, encoder: LocalEncoder, max_images: int = DEFAULT_MAX_IMAGES_AHEAD) -> None:
+        self.encoder, self.max_images = encoder, max_images
+        device = encoder.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # The engine's steps run on the stream current now (its thread's): the embeddings are
+        # read there, so their memory must not be reused before those reads (record_stream).
+        self._consumer = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._queued: deque[AheadJob] = deque()
+        self._jobs: queue.SimpleQueue[AheadJob | None] = queue.SimpleQueue()
+        self._done: deque[AheadJob] = deque()
+        self._lock = threading.Condition()
+        self._in_flight: dict[str, int] = {}  # request id -> images, fed to the thread, not taken back
+        self._released: dict[str, Request] = {}
+        self._cancelled: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self.num_images_encoded = 0  # cumulative, handed back by take_done (stats, tests)
+
+    # ---- the engine's side --------------------------------------------------------------------
+
+    def submit(self, request: Request, images: list[int]) -> None:
+        """Encode `images` (indices) of `request` ahead; `take_done` gives it back."""
+        self._queued.append(AheadJob(request, images))
+        self._feed()
+
+    def take_done(self) -> list[AheadJob]:
+        """The jobs encoded since the last call (failed ones carry `error`), less cancelled ones."""
+        with self._lock:
+            done, self._done = list(self._done), deque()
+        kept = []
+        for job in done:
+            rid = job.request.request_id
+            self._in_flight.pop(rid, None)
+            if rid in self._cancelled:
+                self._cancelled.discard(rid)
+                continue
+            for i, emb in zip(job.images, job.embeds):
+                job.request.image_embeds[i] = emb
+            if job.error is None:
+                self._released[rid] = job.request
+                self.num_images_encoded += len(job.images)
+            kept.append(job)
+        self._feed()
+        return kept
+
+    def cancel(self, request_id: str) -> None:
+        before = len(self._queued)
+        self._queued = deque(j for j in self._queued if j.request.request_id != request_id)
+        if len(self._queued) == before and request_id in self._in_flight:
+            self._cancelled.add(request_id)  # dropped when the thread hands it back
+        self._released.pop(request_id, None)
+
+    def forget(self, request_id: str) -> None:
+        """The request's prefill started, or it ended: its embeddings no longer count as ahead."""
+        self._released.pop(request_id, None)
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet handed back by `take_done` (cancelled ones included
+        while the thread still encodes them)."""
+        return len(self._queued) + len(self._in_flight)
+
+    @property
+    def num_done(self) -> int:
+        """Jobs the thread has finished that `take_done` has not taken yet."""
+        with self._lock:
+            return len(self._done)
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a job is done (or `wake`, or the timeout)."""
+        with self._lock:
+            if not self._done:
+                self._lock.wait(timeout_s)
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _feed(self) -> None:
+        """Hand queued jobs to the thread while the images ahead stay within the bound (at least
+        one job at a time, however many images it has)."""
+        while self._queued and (not self._in_flight or self._images_ahead() < self.max_images):
+            job = self._queued.popleft()
+            self._in_flight[job.request.request_id] = len(job.images)
+            self._start_thread()
+            self._jobs.put(job)
+
+    def _images_ahead(self) -> int:
+        released = sum(1 for r in self._released.values() for e in r.image_embeds if e is not None)
+        return released + sum(self._in_flight.values())
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="encode-ahead", daemon=True)
+            self._thread.start()
+
+    # ---- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job.embeds = self._encode(job)
+            except Exception as err:  # noqa: BLE001 - this request fails, the engine goes on
+                job.error = f"encoding its images failed: {err}"
+            with self._lock:
+                self._done.append(job)
+                self._lock.notify_all()
+
+    def _encode(self, job: AheadJob) -> list[torch.Tensor]:
+        encoder, req = self.encoder, job.request
+        images = [req.prompt.images[i] for i in job.images]
+        started = encoder.clock.now()
+        for i in job.images:
+            req.record(Event.ENCODE_START, started, encoder.instance, i)
+        if self._stream is None:
+            embeds = encoder.encode(images)
+        else:
+            with torch.cuda.stream(self._stream):
+                embeds = encoder.encode(images)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            done.synchronize()  # this thread only (the GIL is let go meanwhile)
+            for emb in embeds:
+                emb.record_stream(self._consumer)
+        ended = encoder.clock.now()
+        for i in job.images:
+            req.record(Event.ENCODE_END, ended, encoder.instance, i)
+        return embeds
