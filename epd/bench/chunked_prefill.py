@@ -1,7 +1,7 @@
 """Decodes under a burst of long prompts, with whole-prompt prefill and with chunked prefill budgets.
 
     python -m epd.bench.chunked_prefill --config-dir DIR [--budgets 512,1024,2048,4096,8192]
-        [--encode-ahead off|on|both]
+        [--encode-ahead off|on|both] [--vision-cuda-graphs] [--switch-interval-ms MS]
 
 One aggregated engine in this process (1EPD), dummy bf16 weights of a full-size config: 32 text
 requests of 1k prompt tokens decode; then 4 requests of 3 images of 1280x960 and 40 words arrive
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -42,10 +43,10 @@ class VisionTimer:
         self.encode, self.spans = model.encode_images, []
         model.encode_images = self
 
-    def __call__(self, pixels: torch.Tensor, grids: list) -> list[torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor, grids: list, *tower: object) -> list[torch.Tensor]:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = self.encode(pixels, grids)
+        out = self.encode(pixels, grids, *tower)
         end.record()
         self.spans.append((start, end))
         return out
@@ -132,7 +133,13 @@ def main() -> None:
         choices=("off", "on", "both"),
         help="images encoded inside the steps (off), beside them (on: epd.engine.encode_ahead), or both rows",
     )
+    parser.add_argument("--vision-cuda-graphs", action="store_true", help="encode-ahead replays the tower")
+    parser.add_argument(
+        "--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval (the GIL's hand-over)"
+    )
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     model = build_model_dir(Path("/tmp/epd-chunked-prefill-model"), args.config_dir, args.config)
     processor = InputProcessor.from_pretrained(str(model))
     engine_args = EngineArgs(
@@ -143,11 +150,12 @@ def main() -> None:
         kv_cache_memory_bytes=40 << 30,
         max_model_len=WHOLE_BUDGET,
         max_num_seqs=64,
-        encode_ahead=False,
+        encode_ahead=True,
+        vision_cuda_graphs=args.vision_cuda_graphs,
     )
     engine = LLMEngine(engine_args.engine_config(), processor.tokenizer)
     vision = VisionTimer(engine.model)
-    ahead = EncodeAhead(engine.runner.embedder)
+    ahead = engine.ahead  # rows without it set engine.ahead to None
     print("prompt tokens of a burst request:", len(burst(processor, 99)[0].prompt_token_ids))
     run(engine, processor, vision, "warm-up chunked", 2048, 0)
     run(engine, processor, vision, "warm-up whole", None, 50)

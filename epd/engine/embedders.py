@@ -13,6 +13,7 @@ is encoded (or fetched) once, in the first step that reaches it, and kept in the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -66,10 +67,16 @@ class LocalEncoder(ImageEmbedder):
             req.image_embeds[i] = emb
             req.record(Event.ENCODE_END, ended, self.instance, i)
 
-    def encode(self, images: list[ImageInput]) -> list[torch.Tensor]:
-        """The images' embeddings, one tensor each (their patches uploaded, the tower run)."""
+    def encode(self, images: list[ImageInput], tower: Callable | None = None) -> list[torch.Tensor]:
+        """The images' embeddings, one tensor each (their patches uploaded, the tower run, or
+        `tower` instead: its CUDA graphs, epd.models.vision_graphs)."""
         pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
-        return self.model.encode_images(pixels, [img.grid_thw for img in images])
+        grids = [img.grid_thw for img in images]
+        return (
+            self.model.encode_images(pixels, grids)
+            if tower is None
+            else self.model.encode_images(pixels, grids, tower)
+        )
 
     def can_recompute(self, request: Request) -> bool:
         return True

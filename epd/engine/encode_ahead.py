@@ -37,6 +37,7 @@ import torch
 from epd.engine.embedders import LocalEncoder
 from epd.engine.request import Request
 from epd.lifetime import Event
+from epd.models.vision_graphs import VisionGraphs
 
 DEFAULT_MAX_IMAGES_AHEAD = 8
 
@@ -50,8 +51,16 @@ class AheadJob:
 
 
 class EncodeAhead:
-    def __init__(self, encoder: LocalEncoder, max_images: int = DEFAULT_MAX_IMAGES_AHEAD) -> None:
-        self.encoder, self.max_images = encoder, max_images
+    def __init__(
+        self,
+        encoder: LocalEncoder,
+        max_images: int = DEFAULT_MAX_IMAGES_AHEAD,
+        tower_graphs: VisionGraphs | None = None,
+    ) -> None:
+        """`tower_graphs`: replay the tower as CUDA graphs where it can (epd.models.vision_graphs;
+        `--vision-cuda-graphs`): launched eagerly, the tower's Python dispatch holds the GIL for
+        tens of ms a batch, and the engine's thread waits for it between steps."""
+        self.encoder, self.max_images, self.tower_graphs = encoder, max_images, tower_graphs
         device = encoder.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # The engine's steps run on the stream current now (its thread's): the embeddings are
@@ -173,7 +182,9 @@ class EncodeAhead:
             embeds = encoder.encode(images)
         else:
             with torch.cuda.stream(self._stream):
-                embeds = encoder.encode(images)
+                embeds = encoder.encode(images, self.tower_graphs)
+                if self.tower_graphs is not None:  # a replay's output is its graph's buffer
+                    embeds = [emb.clone() for emb in embeds]
                 done = torch.cuda.Event()
                 done.record(self._stream)
             done.synchronize()  # this thread only (the GIL is let go meanwhile)

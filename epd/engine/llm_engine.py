@@ -53,6 +53,7 @@ from epd.inputs.patches import PatchPool
 from epd.inputs.tokenizer import Tokenizer
 from epd.inputs.types import ProcessedPrompt
 from epd.lifetime import Event
+from epd.models.vision_graphs import VisionGraphs
 from epd.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from epd.sampling_params import SamplingParams
 
@@ -66,6 +67,7 @@ HandOff = Callable[[Request, Any], None]
 # How long a step with nothing to run waits for images encoded ahead (it ends early on `wake` or
 # when one is in): short, so an entry point's loop still reads new requests between waits.
 ENCODED_WAIT_S = 0.01
+MAX_GRAPH_PATCHES = 32768  # the largest batch encode-ahead replays as a graph (--vision-cuda-graphs)
 
 
 class LLMEngine:
@@ -559,7 +561,18 @@ def _encode_ahead(config: EngineConfig, embedder: ImageEmbedder) -> EncodeAhead 
     """Encode-ahead where this engine holds the tower: by default on CUDA (where a step would
     otherwise wait for the tower), as `config.encode_ahead` says otherwise."""
     wanted = config.encode_ahead if config.encode_ahead is not None else config.device.startswith("cuda")
-    return EncodeAhead(embedder) if wanted and isinstance(embedder, LocalEncoder) else None
+    if not wanted or not isinstance(embedder, LocalEncoder):
+        return None
+    return EncodeAhead(
+        embedder, tower_graphs=_tower_graphs(config, embedder) if config.vision_cuda_graphs else None
+    )
+
+
+def _tower_graphs(config: EngineConfig, encoder: LocalEncoder) -> VisionGraphs | None:
+    tower = getattr(encoder.model, "visual", None)
+    if encoder.device.type != "cuda" or not VisionGraphs.supports(tower):
+        return None
+    return VisionGraphs(tower, encoder.model.config.vision.patch_dim, MAX_GRAPH_PATCHES, encoder.device)
 
 
 def request_output(req: Request) -> RequestOutput:

@@ -225,8 +225,9 @@ class EngineArgs:
     )
     vision_cuda_graphs: bool = option(
         False,
-        "encoder-only instances replay the vision tower as CUDA graphs, one per batch shape seen "
-        "twice (Qwen2-VL / Qwen2.5-VL towers; frees the host from launching it)",
+        "encoder-only instances, and instances encoding ahead (--encode-ahead), replay the vision "
+        "tower as CUDA graphs, one per batch shape seen twice (Qwen2-VL / Qwen2.5-VL towers; frees "
+        "the host from launching it)",
     )
     async_scheduling: bool = option(
         False,
