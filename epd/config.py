@@ -144,9 +144,8 @@ class EngineConfig:
     )
     # Launch a decode step before the host has read the last one's tokens (epd.engine.async_scheduling).
     async_scheduling: bool = False
-    # Encode new requests' images beside the steps, before scheduling them (epd.engine.encode_ahead);
-    # None: where the engine holds the tower, on CUDA.
-    encode_ahead: bool | None = None
+    # Encode new requests' images beside the steps, before scheduling them (epd.engine.encode_ahead).
+    encode_ahead: bool = False
 
     @property
     def max_num_batched_tokens(self) -> int:

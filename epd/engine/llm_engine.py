@@ -19,8 +19,8 @@ A step that computes only part of a request's prompt samples nothing for it and 
 (`step` returns only the requests that got a token).
 With `async_scheduling`, pure decode steps are launched before the host reads the last one's tokens,
 and a step reports the tokens of the step before (epd.engine.async_scheduling); outputs are the same.
-Where the engine holds the vision tower, new requests' images are encoded ahead, beside the steps
-(on CUDA by default; epd.engine.encode_ahead), and a request reaches the scheduler once they are in.
+With `encode_ahead`, where the engine holds the vision tower, new requests' images are encoded
+beside the steps (epd.engine.encode_ahead), and a request reaches the scheduler once they are in.
 """
 
 from __future__ import annotations
@@ -558,10 +558,8 @@ class LLMEngine:
 
 
 def _encode_ahead(config: EngineConfig, embedder: ImageEmbedder) -> EncodeAhead | None:
-    """Encode-ahead where this engine holds the tower: by default on CUDA (where a step would
-    otherwise wait for the tower), as `config.encode_ahead` says otherwise."""
-    wanted = config.encode_ahead if config.encode_ahead is not None else config.device.startswith("cuda")
-    if not wanted or not isinstance(embedder, LocalEncoder):
+    """Encode-ahead, if asked for and this engine holds the tower."""
+    if not config.encode_ahead or not isinstance(embedder, LocalEncoder):
         return None
     return EncodeAhead(
         embedder, tower_graphs=_tower_graphs(config, embedder) if config.vision_cuda_graphs else None

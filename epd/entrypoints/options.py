@@ -235,11 +235,12 @@ class EngineArgs:
         "and input building overlap the device's work (pure-decode steps of greedy or seeded requests; "
         "other steps run as before; @tpN instances send the ids to their workers on the device)",
     )
-    encode_ahead: bool | None = option(
-        None,
+    encode_ahead: bool = option(
+        False,
         "instances that hold the vision tower and the language model encode new requests' images "
-        "beside their steps, on a CUDA stream of their own, so running decodes do not wait for the "
-        "tower (default: on CUDA devices)",
+        "beside their steps, on a CUDA stream of their own, so that running decodes do not wait for "
+        "the tower; best with --vision-cuda-graphs (launched eagerly beside the steps, the tower runs "
+        "several times slower: BENCHMARKS.md)",
     )
     instance_silence_timeout: float = option(
         10.0,
