@@ -28,20 +28,12 @@ unchanged:
 
 Outside such bodies (headers, small bodies) a read lands in a scratch buffer and is copied out
 to h11 as uvicorn's own path would have it (a few KiB: nothing worth a second path).
-
-While a direct body arrives, the socket's SO_RCVLOWAT asks the kernel to wake the loop only once
-DIRECT_BODY_WAKE_BYTES (or the rest of the body, if less) are in: loopback TCP otherwise wakes it
-every ~150 KiB, and each wake is a round of the loop and of the app. ~100 reads of a 15 MB body
-become ~15 (4.1-4.5 -> 3.2-3.3 ms of CPU to receive it, measured alone on the 2-core box). A
-client that closes still wakes it at once; the bytes after the body (a pipelined request) are
-never waited for, as the mark never passes the body's end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,7 +51,6 @@ SCRATCH_READ_BYTES = 1 << 16  # reads outside direct bodies (asyncio's own are 2
 # (uvicorn pauses at 64 KiB): what the body budget (epd.server.body) has not counted yet stays
 # under this per connection, and a body taken as it comes never pauses.
 DIRECT_BODY_HIGH_WATER_BYTES = 4 << 20
-DIRECT_BODY_WAKE_BYTES = 1 << 20  # SO_RCVLOWAT while a direct body arrives (module docstring)
 _UNBOUNDED = 1 << 62
 
 
@@ -93,7 +84,6 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body: DirectBody | None = None  # the body being read past h11, if any
         self._scratch = memoryview(bytearray(SCRATCH_READ_BYTES))
-        self._wake_bytes = 1  # the socket's SO_RCVLOWAT as last set (1: the kernel's default)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -134,7 +124,6 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
         body = self._body = DirectBody(cycle.body, left)  # the bytes h11 passed with the head first
         cycle.body = bytearray()
         cycle.receive = _direct_receive(cycle.receive, body)  # type: ignore[method-assign]
-        self._wake_after(min(left, DIRECT_BODY_WAKE_BYTES))
 
     def _body_filled(self, nbytes: int) -> None:
         body, cycle = self._body, self.cycle
@@ -143,11 +132,9 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
         if body.complete:
             self._body = None
             self.body_buffers.give_back(body.size)
-            self._wake_after(1)  # the next request's head: as soon as it comes
             end_content_length(self.conn)
             self.handle_events()  # h11's EndOfMessage: the app's last message, or the next cycle
             return
-        self._wake_after(min(body.size - body.filled, DIRECT_BODY_WAKE_BYTES))  # never past its end
         if cycle is None or self.conn.our_state is h11.DONE:
             return  # answered already (413, 503...): the rest of the body is dropped, as uvicorn does
         if body.unread > DIRECT_BODY_HIGH_WATER_BYTES:
@@ -160,17 +147,6 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
             self.body_buffers.give_back(self._body.size)
             self._body = None
         super().connection_lost(exc)
-
-    def _wake_after(self, nbytes: int) -> None:
-        """Have the loop woken only once `nbytes` can be read (or the peer closes)."""
-        sock = self.transport.get_extra_info("socket") if nbytes != self._wake_bytes else None
-        if sock is None:
-            return  # unchanged, or no socket (a test's transport)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
-            self._wake_bytes = nbytes
-        except OSError:
-            pass  # a socket without the option: woken per read, as before
 
     def _waiting_for_headers(self) -> bool:
         return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
