@@ -74,9 +74,10 @@ def served() -> Iterator[_Served]:
     app, bypassed = _Recorder(), []
 
     class Protocol(header_timeout_protocol(TIMEOUT_S, lambda: None)):
-        def _body_filled(self, nbytes: int) -> None:  # counts what took the bypass
-            bypassed.append(nbytes)
-            super()._body_filled(nbytes)
+        def _pass_body(self, data: bytes) -> bytes:  # counts what took the bypass
+            rest = super()._pass_body(data)
+            bypassed.append(len(data) - len(rest))
+            return rest
 
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http=Protocol, lifespan="off")
     server = uvicorn.Server(config)
