@@ -8,6 +8,7 @@
 | completions   | /v1/completions                                                |
 | serving       | one generation end to end: body, admission, stream, disconnect |
 | connections   | the HTTP protocol with a header read timeout (408)             |
+| direct_body   | a large body read from the socket into one buffer, unjoined    |
 | body          | bounded body reading: per-request and all-connection limits    |
 | shape         | cheap JSON shape limits before pydantic (messages, parts...)   |
 | text_bound    | prompt text that can never fit, refused before tokenizing      |

@@ -31,6 +31,7 @@ from starlette.types import Message
 
 from epd.inputs.image import DataURL
 from epd.server.blobs import lift_data_urls
+from epd.server.direct_body import whole_body
 from epd.server.errors import APIError, ClientGone, ShuttingDown, from_validation_error
 from epd.server.shape import ObjectShape, check_shape
 from epd.server.state import ServerState
@@ -98,7 +99,7 @@ async def _parse(body: bytes | bytearray, model: type[M], shape: ObjectShape, st
 
 
 @asynccontextmanager
-async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytes]:
+async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytes | bytearray]:
     """The whole body, its bytes counted in the budget until the block ends."""
     config, budget = state.config, state.body_budget
     _check_declared_length(request, config.max_request_bytes)
@@ -124,23 +125,26 @@ async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[
 
 
 class _Body:
-    """A body's chunks as they come, joined once at the end: each byte is copied once, into
-    memory nobody zeroed first. (`bytearray(n)` filled as chunks came wrote every byte twice:
-    once with zeros, then the chunk; `bytearray +=` grows by an eighth at a time and so copies a
-    large body several times over.) The join briefly holds a body twice; it runs on the event
-    loop, so one body at a time does."""
+    """A body's chunks as they come. A large body arrives as slices of one buffer the socket
+    reads filled (epd.server.direct_body): that buffer is the body, nothing is joined. Other
+    bodies are joined once at the end, each byte copied once, into memory nobody zeroed first
+    (`bytearray +=` grows by an eighth at a time and so copies a large body several times over);
+    the join briefly holds a body twice, on the event loop, so one body at a time does."""
 
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes | memoryview] = []
         self.size = 0
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | memoryview) -> None:
         if chunk:
             self.chunks.append(chunk)
             self.size += len(chunk)
 
-    def value(self) -> bytes:
-        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+    def value(self) -> bytes | bytearray:
+        body = whole_body(self.chunks, self.size)
+        if body is None:
+            body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            body = bytes(body) if isinstance(body, memoryview) else body
         self.chunks = [body]  # the pieces go now, not when the request ends
         return body
 

@@ -13,95 +13,155 @@ connection closes:
 
 The request is unknown at that point, so the answer is written here, not by the app.
 
-A body of a known length (Content-Length) past DIRECT_BODY_MIN_BYTES skips h11 once its
-headers are parsed: each chunk read from the socket goes to the app as it is. Through h11 and
-uvicorn, each byte of a body was copied five more times (into h11's buffer, two slices of it,
-uvicorn's buffer, its `bytes()`): ~5 ms of CPU for a 15 MB body of three images (BENCHMARKS.md,
-"Pixels off the front end"). h11 still parses every request line and header, and learns where
-the body ends (epd.server.h11_body), so keep-alive, pipelining and responses are unchanged:
+A body of a known length (Content-Length) from DIRECT_BODY_MIN_BYTES to the largest allowed
+skips h11 once its headers are parsed: the socket reads land in one buffer of the body's size
+(asyncio's BufferedProtocol: `recv_into`), whose filled slices the app receives as they come
+(epd.server.direct_body). Through h11 and uvicorn, each byte of a body was copied five more
+times (into h11's buffer, two slices of it, uvicorn's buffer, its `bytes()`): ~5 ms of CPU for
+a 15 MB body of three images (BENCHMARKS.md, "Pixels off the front end"); into fresh `bytes`
+per read, then joined, still ~2.5 ms. h11 still parses every request line and header, and
+learns where the body ends (epd.server.h11_body), so keep-alive, pipelining and responses are
+unchanged:
 
-    headers (h11) -> body chunks -> app, counted down ... 0 -> h11: EndOfMessage -> next request
+    headers (h11) -> body buffer, filled read by read -> app (slices) ... full
+                  -> h11: EndOfMessage -> next request
+
+Outside such bodies (headers, small bodies) a read lands in a scratch buffer and is copied out
+to h11 as uvicorn's own path would have it (a few KiB: nothing worth a second path). A loop that
+calls `data_received` instead (uvloop does, for a protocol that is also an asyncio.Protocol) has
+its bytes copied into the body's buffer once: the same buffer, the same slices to the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from epd.server.direct_body import BufferBudget, DirectBody
 from epd.server.errors import APIError
 from epd.server.h11_body import content_length_left, end_content_length
 
 DIRECT_BODY_MIN_BYTES = 1 << 16  # smaller bodies take h11's path: a copy or two costs nothing there
-# Socket reads while passing a body: asyncio reads 256 KiB at a time, and each read is a round
-# of the loop (pause, wake the app, resume); 1 MiB ones cut ~3 ms of a 15 MB body's ~10.
-DIRECT_BODY_READ_BYTES = 1 << 20
+SCRATCH_READ_BYTES = 1 << 16  # reads outside direct bodies (asyncio's own are 256 KiB)
+# Filled bytes of a direct body the app has not taken, past which reading pauses until it asks
+# (uvicorn pauses at 64 KiB): what the body budget (epd.server.body) has not counted yet stays
+# under this per connection, and a body taken as it comes never pauses.
+DIRECT_BODY_HIGH_WATER_BYTES = 4 << 20
+_UNBOUNDED = 1 << 62
 
 
-def header_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None]) -> type[asyncio.Protocol]:
-    """uvicorn's `http` protocol class with headers due within `timeout_s`; `on_timeout` counts them."""
-    attributes = {"header_timeout_s": timeout_s, "on_header_timeout": staticmethod(on_timeout)}
+def header_timeout_protocol(
+    timeout_s: float,
+    on_timeout: Callable[[], None],
+    max_body_bytes: int = _UNBOUNDED,
+    max_buffered_bytes: int = _UNBOUNDED,
+) -> type[asyncio.Protocol]:
+    """uvicorn's `http` protocol class with headers due within `timeout_s` (`on_timeout` counts
+    them), and bodies of up to `max_body_bytes` read into one buffer each while their buffers,
+    all connections together, stay within `max_buffered_bytes` (epd.server.direct_body.BufferBudget;
+    larger bodies are the app's to refuse: no buffer is made for them)."""
+    attributes = {
+        "header_timeout_s": timeout_s,
+        "on_header_timeout": staticmethod(on_timeout),
+        "max_direct_body_bytes": max_body_bytes,
+        "body_buffers": BufferBudget(max_buffered_bytes),
+    }
     return type("H11WithHeaderTimeout", (_HeaderTimeoutProtocol,), attributes)
 
 
-class _HeaderTimeoutProtocol(H11Protocol):
+class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
     header_timeout_s: float = 30.0
     on_header_timeout: Callable[[], None] = staticmethod(lambda: None)
+    max_direct_body_bytes: int = _UNBOUNDED
+    body_buffers: BufferBudget = BufferBudget(_UNBOUNDED)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
-        self._body_left = 0  # bytes of the current body still to pass to the app past h11
+        self._body: DirectBody | None = None  # the body being read past h11, if any
+        self._scratch = memoryview(bytearray(SCRATCH_READ_BYTES))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._start_header_timer()
 
+    # asyncio.BufferedProtocol: the transport reads into the buffer given here
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._body.free_space() if self._body is not None else self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is None:
+            self.data_received(bytes(self._scratch[:nbytes]))
+        else:
+            self._body_filled(nbytes)
+
     def data_received(self, data: bytes) -> None:
-        if self._body_left:
-            data = self._pass_body(data)
+        if self._body is not None:  # a loop that hands over bytes, not our buffer (uvloop)
+            data = self._fill_body(data)
             if not data:
                 return
+        cycle_before = self.cycle
         super().data_received(data)
         if self._waiting_for_headers():
             self._start_header_timer()  # a no-op while it runs: the deadline is from the start
         else:
             self._stop_header_timer()
-        if self.cycle is not None and not self.transport.is_closing():
-            left = content_length_left(self.conn)
-            if left is not None and left >= DIRECT_BODY_MIN_BYTES:
-                self._body_left = left
-                _set_read_size(self.transport, DIRECT_BODY_READ_BYTES)
+        if self.cycle is not cycle_before and self.cycle is not None and not self.transport.is_closing():
+            self._start_direct_body(self.cycle)
 
-    def _pass_body(self, data: bytes) -> bytes:
-        """Hand the body's part of `data` to the app; return what follows it (a pipelined request)."""
-        body = data if len(data) <= self._body_left else data[: self._body_left]
-        self._body_left -= len(body)
-        self._to_app(body)
-        if not self._body_left:
-            _set_read_size(self.transport, None)
+    def _start_direct_body(self, cycle: RequestResponseCycle) -> None:
+        """Read the rest of `cycle`'s body into one buffer, if it is large and of a known length.
+        Only for a cycle that began in this read: its app has not started, so it will call the
+        `receive` set here (uvicorn's own would hand it none of the buffer)."""
+        left = content_length_left(self.conn)
+        if left is None or left < DIRECT_BODY_MIN_BYTES:
+            return
+        size = len(cycle.body) + left
+        if size > self.max_direct_body_bytes:
+            return  # the app refuses it by its Content-Length (413): no buffer is made for it
+        if not self.body_buffers.take(size):
+            return  # buffers for enough bodies exist already: this one comes through h11
+        body = self._body = DirectBody(cycle.body, left)  # the bytes h11 passed with the head first
+        cycle.body = bytearray()
+        cycle.receive = _direct_receive(cycle.receive, body)  # type: ignore[method-assign]
+
+    def _fill_body(self, data: bytes) -> bytes:
+        """Copy the body's part of `data` into its buffer; return what follows it (a pipelined
+        request). For loops that call `data_received` even on a BufferedProtocol (uvloop does,
+        for a protocol that is also an asyncio.Protocol): one copy, still no join."""
+        assert self._body is not None
+        n = min(len(data), self._body.size - self._body.filled)
+        self._body.free_space()[:n] = memoryview(data)[:n]
+        self._body_filled(n)
+        return data[n:] if n < len(data) else b""
+
+    def _body_filled(self, nbytes: int) -> None:
+        body, cycle = self._body, self.cycle
+        assert body is not None
+        body.filled_by(nbytes)
+        if body.complete:
+            self._body = None
+            self.body_buffers.give_back(body.size)
             end_content_length(self.conn)
             self.handle_events()  # h11's EndOfMessage: the app's last message, or the next cycle
-        return data[len(body) :] if len(body) < len(data) else b""
-
-    def _to_app(self, chunk: bytes) -> None:
-        """What uvicorn does with h11's Data events, minus the copies: uvicorn hands the app
-        `bytes(cycle.body)`, which is `chunk` itself when nothing else waits."""
-        cycle = self.cycle
+            return
         if cycle is None or self.conn.our_state is h11.DONE:
             return  # answered already (413, 503...): the rest of the body is dropped, as uvicorn does
-        cycle.body = cycle.body + chunk if cycle.body else chunk
-        if len(cycle.body) > HIGH_WATER_LIMIT:
-            self.flow.pause_reading()  # until the app asks for more, as uvicorn does
+        if body.unread > DIRECT_BODY_HIGH_WATER_BYTES:
+            self.flow.pause_reading()  # until the app asks for more (uvicorn's receive resumes)
         cycle.message_event.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        if self._body is not None:  # gone mid-body
+            self.body_buffers.give_back(self._body.size)
+            self._body = None
         super().connection_lost(exc)
 
     def _waiting_for_headers(self) -> bool:
@@ -125,13 +185,20 @@ class _HeaderTimeoutProtocol(H11Protocol):
         self.transport.close()
 
 
-def _set_read_size(transport: asyncio.BaseTransport, size: int | None) -> None:
-    """Read `size` bytes at a time from now on (None: the transport's default). asyncio's socket
-    transport reads `max_size` bytes a time; another loop's transport (uvloop) keeps its own."""
-    if size is None:
-        getattr(transport, "__dict__", {}).pop("max_size", None)  # the class's value shows again
-    elif hasattr(transport, "max_size"):
-        transport.max_size = size
+def _direct_receive(
+    receive: Callable[[], Awaitable[ASGIReceiveEvent]], body: DirectBody
+) -> Callable[[], Awaitable[ASGIReceiveEvent]]:
+    """uvicorn's `receive` for a cycle whose body is read into `body`: its messages as uvicorn
+    makes them (disconnects, 100-continue, `more_body`), each body the slice filled since the
+    last one."""
+
+    async def receive_direct() -> ASGIReceiveEvent:
+        message = await receive()
+        if message["type"] == "http.request":
+            message["body"] = body.take()  # type: ignore[typeddict-item]
+        return message
+
+    return receive_direct
 
 
 def _timeout_response(timeout_s: float) -> bytes:

@@ -101,7 +101,9 @@ def _uvicorn_config(app: FastAPI, state: ServerState) -> uvicorn.Config:
         app,
         host=config.host,
         port=config.port,
-        http=header_timeout_protocol(config.header_read_timeout_s, header_408s.inc),
+        http=header_timeout_protocol(
+            config.header_read_timeout_s, header_408s.inc, config.max_request_bytes, config.body_buffer_limit
+        ),
         log_config=None,  # our logging setup (epd.cli) covers uvicorn's loggers too
         log_level=config.log_level,
         lifespan="off",
