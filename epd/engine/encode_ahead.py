@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -83,6 +84,9 @@ class EncodeAhead:
         self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
         self.num_images_encoded = 0  # cumulative, handed back by take_done (stats, tests)
+        # Cumulative seconds the thread spent launching the tower (host), and until its GPU work
+        # was done: what a bench reads to tell a host-bound tower from a GPU-bound one.
+        self.launch_seconds = self.encode_seconds = 0.0
 
     # ---- the engine's side --------------------------------------------------------------------
 
@@ -186,6 +190,7 @@ class EncodeAhead:
         started = encoder.clock.now()
         for i in job.images:
             req.record(Event.ENCODE_START, started, encoder.instance, i)
+        launched = time.perf_counter()
         if self._stream is None:
             embeds = encoder.encode(images)
         else:
@@ -195,9 +200,11 @@ class EncodeAhead:
                     embeds = [emb.clone() for emb in embeds]
                 done = torch.cuda.Event()
                 done.record(self._stream)
+            self.launch_seconds += time.perf_counter() - launched
             done.synchronize()  # this thread only (the GIL is let go meanwhile)
             for emb in embeds:
                 emb.record_stream(self._consumer)
+        self.encode_seconds += time.perf_counter() - launched
         ended = encoder.clock.now()
         for i in job.images:
             req.record(Event.ENCODE_END, ended, encoder.instance, i)
