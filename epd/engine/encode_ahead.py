@@ -10,27 +10,12 @@ thread fills is what `LocalEncoder.ensure` would have: `request.image_embeds`. `
 embedder, so an image not encoded ahead (one the prefix cache was expected to cover, then
 evicted) is still encoded in the step, as before. The tokens are the same either way.
 
-Opt-in (`--encode-ahead`), best with `--vision-cuda-graphs`. On one H200 (BENCHMARKS.md, "Encode
-ahead"), 32 decodes running and 4 requests of 3 x 1280x960 images arriving at once: with the
-tower replayed as graphs, the decode steps during the burst average 51 ms against 102 encoded in
-the steps, the last request's first token comes 10% sooner, the first's 39% later; launched
-eagerly beside the steps, the tower ran 5-7x slower (the steps' kernels and its own interleave
-badly; the GIL's hand-over interval made no difference), so the burst's first tokens came 2-3x
-later though the steps averaged 9-10 ms.
-
-A request's way through (engine thread unless marked):
-
-| state    | held in                  | leaves when                                                  |
-|----------|--------------------------|--------------------------------------------------------------|
-| queued   | `_queued`                | room: images in flight + encoded but unscheduled < the bound  |
-| encoding | the thread (`_jobs`)     | its images are encoded and their event reached (thread)      |
-| done     | `_done` (under `_lock`)  | `take_done` at the engine's next step: to the scheduler     |
-| released | `_released`              | its prefill starts or it ends (`forget`; its embeddings are  |
-|          |                          | then the step's, as any prefill's)                           |
-
-A cancelled request (aborted) is dropped wherever it is; one encoding is dropped when it ends.
-The bound keeps embeddings of requests that wait for KV room from piling up: the scheduler
-admits them no faster for being encoded.
+Opt-in (`--encode-ahead`). On one H200 (BENCHMARKS.md, "Encode ahead"), 32 decodes running and
+4 requests of 3 x 1280x960 images arriving at once, chunks of 2048: the decodes wait 48 ms a token
+during the burst against 98 encoded in the steps, the last request's first token comes 6% sooner,
+the first's 40% later (the tower shares the GPU with the decodes). Before the engine read its
+samples without holding the GIL (`DeviceSample.read`), this thread launched the eager tower only
+between steps, 4x slower, and the burst's first tokens came 2-3x later.
 """
 
 from __future__ import annotations
@@ -67,8 +52,7 @@ class EncodeAhead:
         tower_graphs: VisionGraphs | None = None,
     ) -> None:
         """`tower_graphs`: replay the tower as CUDA graphs where it can (epd.models.vision_graphs;
-        `--vision-cuda-graphs`): launched eagerly beside the steps, it ran 5-7x slower than inside
-        them on an H200 (module docstring)."""
+        `--vision-cuda-graphs`): one launch a batch instead of the tower's Python dispatch."""
         self.encoder, self.max_images, self.tower_graphs = encoder, max_images, tower_graphs
         device = encoder.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None

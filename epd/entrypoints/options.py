@@ -239,8 +239,7 @@ class EngineArgs:
         False,
         "instances that hold the vision tower and the language model encode new requests' images "
         "beside their steps, on a CUDA stream of their own, so that running decodes do not wait for "
-        "the tower; best with --vision-cuda-graphs (launched eagerly beside the steps, the tower runs "
-        "several times slower: BENCHMARKS.md)",
+        "the tower (a burst's first token comes later: the tower shares the GPU; BENCHMARKS.md)",
     )
     instance_silence_timeout: float = option(
         10.0,
