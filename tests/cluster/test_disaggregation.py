@@ -90,6 +90,22 @@ def test_layouts_match_aggregated(model, requests, reference, layout, transfer):
     assert_same(outputs, reference)
 
 
+@pytest.mark.parametrize("layout", ["2EPD", "1EP+1D"])
+def test_instances_encoding_ahead_match_aggregated(model, requests, reference, layout):
+    """--encode-ahead in instance processes (epd.engine.encode_ahead): the images of each request
+    are encoded before its prefill starts, not inside it, and the tokens are the same."""
+    with LLM(model, layout=layout, encode_ahead=True) as llm:
+        outputs = llm.generate(requests, PARAMS, use_tqdm=False)
+    assert_same(outputs, reference)
+    with_images = [out for out in outputs if encode_events(out)]
+    assert with_images
+    for out in with_images:
+        times = {}
+        for e in out.metrics.events:
+            times.setdefault(e.event, []).append(e.time)
+        assert max(times[Event.ENCODE_END]) <= min(times[Event.PREFILL_START])
+
+
 def test_weights_are_split_by_role(model):
     with LLM(model, layout="1E+1P+1D") as llm:
         ready = {name: h.ready for name, h in llm.engine.router.instances.items()}
