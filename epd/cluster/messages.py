@@ -10,7 +10,7 @@ last update), not whole requests.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -44,6 +44,9 @@ class EncodeItem(msgspec.Struct):
     groups: tuple[int, int] | None = None  # a video chunk's temporal groups [first, end) in `file`
     qwen3: bool = False  # `groups` of a Qwen3-VL video file: its sampling, frames sized to `grid`
     file_from: int = -1  # on the wire: `file` is that of the message's item at this position
+    # On the wire as frames (`encode_frames`): the frames holding `file` and `pixels` (0: inline).
+    file_frame: int = 0
+    pixels_frame: int = 0
 
 
 class EncodeTask(msgspec.Struct, tag=True):
@@ -293,6 +296,57 @@ def encode(message: msgspec.Struct) -> bytes | bytearray:
     return _encoder.encode(message)
 
 
+def encode_frames(message: msgspec.Struct) -> list[bytes | bytearray]:
+    """`message` as the frames of one multipart ZMQ message: its msgpack with every item's file
+    and patches left out, then each of those, a frame of its own. The router sends them without
+    copying them (pyzmq keeps a frame alive until libzmq has sent it): into one msgpack buffer the
+    files of a request of three 3.7 MB PNGs took ~1.2 ms of the API process's CPU to copy.
+    `decode_for_instance` takes the frames back."""
+    items = _bulk_items(message)
+    if items is None:
+        return [_encoder.encode(message)]
+    wire, bulk = [], []
+    for item in _files_once(items):
+        if not item.file and not item.pixels:
+            wire.append(item)
+            continue
+        frames = {}
+        for field in ("file", "pixels"):
+            data = getattr(item, field)
+            if data:
+                bulk.append(data)
+                frames[f"{field}_frame"] = len(bulk)
+        wire.append(msgspec.structs.replace(item, file=b"", pixels=b"", **frames))
+    return [_encoder.encode(_with_items(message, wire)), *bulk]
+
+
+def _bulk_items(message: msgspec.Struct) -> list[EncodeItem] | None:
+    """The items of a message that may carry files or patches (megabytes), if it has any."""
+    if isinstance(message, EncodeTask):
+        return message.items
+    if isinstance(message, PrefillTask) and message.pixels:
+        return message.pixels
+    return None
+
+
+def _with_items(message: msgspec.Struct, items: list[EncodeItem]) -> msgspec.Struct:
+    field = "items" if isinstance(message, EncodeTask) else "pixels"
+    return msgspec.structs.replace(message, **{field: items})
+
+
+def _frames_in_line(items: list[EncodeItem], frames: Sequence[bytes]) -> None:
+    """Undo `encode_frames` on received items: each takes its file and patches from their frames."""
+    for item in items:
+        for field in ("file", "pixels"):
+            k = getattr(item, f"{field}_frame")
+            if k == 0:
+                continue
+            if not 0 < k < len(frames):
+                raise ValueError(f"item {item.index} names frame {k} of a message of {len(frames)}")
+            setattr(item, field, frames[k])
+            setattr(item, f"{field}_frame", 0)
+
+
 # Room for all but the bulk of a message that carries files: ids, keys, grids, the framing.
 _SMALL_FIELDS_BYTES = 4096
 _ITEM_FIELDS_BYTES = 256
@@ -335,12 +389,14 @@ def _bulk_bytes(items: list[EncodeItem]) -> int:
     return _SMALL_FIELDS_BYTES + sum(len(i.file) + len(i.pixels) + _ITEM_FIELDS_BYTES for i in items)
 
 
-def decode_for_instance(data: bytes) -> ToInstance:
-    message = _instance_decoder.decode(data)
-    if isinstance(message, EncodeTask):
-        _share_files(message.items)
-    elif isinstance(message, PrefillTask) and message.pixels:
-        _share_files(message.pixels)
+def decode_for_instance(data: bytes | Sequence[bytes]) -> ToInstance:
+    """A message for an instance from `encode`'s bytes or `encode_frames`' frames."""
+    frames = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    message = _instance_decoder.decode(frames[0])
+    items = _bulk_items(message)
+    if items is not None:
+        _frames_in_line(items, frames)
+        _share_files(items)
     return message
 
 

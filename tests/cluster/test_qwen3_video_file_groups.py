@@ -27,6 +27,7 @@ from epd.cluster.messages import (
     PrefillTask,
     decode_for_instance,
     encode,
+    encode_frames,
 )
 from epd.cluster.pixel_decoder import PixelDecoder
 from epd.entrypoints.async_engine import EngineArgs
@@ -125,6 +126,9 @@ def test_each_encoder_gets_the_file_once_and_decodes_it_once(processor, data, fr
         for task in tasks.values():
             wire = encode(task)
             assert wire.count(data) == 1, "the file's bytes once per task, whatever its group count"
+            frames = encode_frames(task)  # as the router sends it: the file a frame of its own, once
+            assert [f for f in frames[1:] if f == data] == [data] and data not in frames[0]
+            assert decode_for_instance(frames) == decode_for_instance(wire)
             received = decode_for_instance(wire)
             assert all(item.file == data and item.qwen3 for item in received.items)
             opens[0] = 0
@@ -165,6 +169,9 @@ def test_an_encoding_prefill_instance_gets_the_file_once(processor, data):
     wire = encode(task)
     assert wire.count(data) == 1
     assert all(item.file == data for item in decode_for_instance(wire).pixels)
+    frames = encode_frames(task)
+    assert len(frames) == 2 and frames[1] == data
+    assert all(item.file == data for item in decode_for_instance(frames).pixels)
     assert all(item.file == data for item in task.pixels), "the sent task itself is left whole"
 
 

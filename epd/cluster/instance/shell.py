@@ -182,7 +182,7 @@ class Instance:
     def _receive_control(self) -> None:
         while True:
             try:
-                data = self.inbox.recv(zmq.NOBLOCK)
+                data = self.inbox.recv_multipart(zmq.NOBLOCK)  # files come as frames of their own
             except zmq.Again:
                 return
             self.last_heard = self.clock.monotonic()

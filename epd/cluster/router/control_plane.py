@@ -4,7 +4,8 @@
 |------------------------|-------------------------------|-----------------------------------------|---------|
 | `ZmqControlPlane`      | msgpack on a PUSH socket to   | waits up to timeout_s on the PULL inbox | Cluster |
 |                        | the instance's control inbox  | for the first message (or a `wake()`    |         |
-|                        |                               | from another thread), then drains it    |         |
+|                        | (image files as frames of     | from another thread), then drains it    |         |
+|                        | their own)                    |                                         |         |
 | `InMemoryControlPlane` | onto the instance's queue     | everything queued, never waits          | tests,  |
 |                        |                               |                                         | the sim |
 
@@ -21,7 +22,7 @@ from typing import Protocol
 
 import zmq
 
-from epd.cluster.messages import ToInstance, ToRouter, decode_for_router, encode
+from epd.cluster.messages import ToInstance, ToRouter, decode_for_router, encode_frames
 
 
 class ControlPlane(Protocol):
@@ -66,10 +67,10 @@ class ZmqControlPlane:
         self._poller.register(self._wake_rx, zmq.POLLIN)
 
     def send(self, instance: str, message: ToInstance) -> None:
-        # Not copied into a zmq message: an encode task carries its image files (megabytes).
-        # pyzmq copies small messages anyway (below its copy_threshold) and keeps a large one
-        # alive until libzmq has sent it.
-        self._outboxes[instance].send(encode(message), copy=False)
+        # An encode task's image files (megabytes) go as frames of their own, not copied into a
+        # msgpack buffer nor into zmq messages: pyzmq copies small frames anyway (below its
+        # copy_threshold) and keeps a large one alive until libzmq has sent it.
+        self._outboxes[instance].send_multipart(encode_frames(message), copy=False)
 
     def connect(self, instance: str, control_address: str) -> None:
         old = self._outboxes.pop(instance, None)
