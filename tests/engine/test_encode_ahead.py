@@ -5,11 +5,13 @@ while the others finish."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
 
 from epd import LLM, SamplingParams
+from epd.entrypoints.async_engine import AsyncEngine, EngineArgs
 from epd.testing.images import noise_image
 from epd.testing.reference import load_hf_model
 from tests.entrypoints.test_llm_vs_hf import GREEDY, assert_matches_hf, mixed_prompts, reference, user_prompt
@@ -107,3 +109,27 @@ def test_a_request_whose_images_fail_to_encode_ends_with_an_error_and_others_fin
         assert outputs["bad"].outputs[0].finish_reason == "error"
         assert outputs["good"].error is None and len(outputs["good"].outputs[0].token_ids) > 0
         assert not engine.requests
+
+
+def test_the_server_engine_loop_serves_concurrent_requests_encoded_ahead(checkpoint, hf):
+    """AsyncEngine's loop (the server's): requests come in while it waits for encodes, and each
+    gets transformers' tokens."""
+    prompts = mixed_prompts(8, seed=13)
+    engine = AsyncEngine(EngineArgs(model=str(checkpoint), encode_ahead=True))
+    try:
+        processed = [engine.processor.process_prompt(p) for p in prompts]
+
+        async def last(i: int):
+            outs = [out async for out in engine.generate(processed[i], GREEDY, f"r{i}")]
+            return outs[-1]
+
+        async def together():
+            return await asyncio.gather(*(last(i) for i in range(len(prompts))))
+
+        outputs = asyncio.run(together())
+        assert engine.engine.ahead.num_images_encoded == sum(len(p.images) for p in processed) > 0
+    finally:
+        engine.shutdown()
+    for prompt, out in zip(processed, outputs):
+        expected, _ = reference(hf, prompt, GREEDY.max_tokens)
+        assert out.outputs[0].token_ids == expected
