@@ -11,8 +11,8 @@ batch size, async off then on (the same engine: its weights, cache and graphs; `
 is swapped), `--steps` timed `step_requests` calls after the prefill and a warm-up:
 - step_ms: wall time of a call (median): with async on, steady calls each read one step, so this is
   the time per token of every request in the batch;
-- wait_ms: what of it the host spends blocked on the device (the synchronous engine in the sampler's
-  read-back of the tokens, the async one on its step's event);
+- wait_ms: what of it the host spends blocked on the device (both engines on the event after
+  their step's tokens are copied out: `HostCopy`, the synchronous one in the sampler's read);
 - host_ms: the rest (step_ms - wait_ms): scheduling, input building, launches, stops, outputs. The
   synchronous engine adds it to the device's time; async scheduling hides it behind the step in
   flight, so step_ms there should fall to the device's time where the host is the shorter;
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from epd import SamplingParams
-from epd.engine.async_scheduling import AsyncStepper, HostCopy
+from epd.engine.async_scheduling import AsyncStepper
 from epd.engine.factory import PartsFactory, load_model_parts
 from epd.engine.llm_engine import LLMEngine
-from epd.engine.sampler import DeviceSample
+from epd.engine.sampler import HostCopy
 from epd.entrypoints.options import EngineArgs
 from epd.inputs.processor import InputProcessor
 from epd.parallel.group import TensorParallelGroup
@@ -53,19 +53,14 @@ class Waits:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        to_host, result = DeviceSample.to_host, HostCopy.result
+        result = HostCopy.result
 
-        def timed_to_host(sample: DeviceSample):  # the synchronous step's read-back
-            if sample.token_ids.is_cuda:
-                self._timed(torch.cuda.current_stream(sample.token_ids.device).synchronize)
-            return to_host(sample)
-
-        def timed_result(copy: HostCopy):  # the async step's read
+        def timed_result(copy: HostCopy):  # every step's read, synchronous or async
             if copy.event is not None:
                 self._timed(copy.event.synchronize)
             return result(copy)
 
-        DeviceSample.to_host, HostCopy.result = timed_to_host, timed_result
+        HostCopy.result = timed_result
 
     def _timed(self, wait) -> None:
         start = time.perf_counter()

@@ -55,32 +55,13 @@ import torch
 
 from epd.engine.model_runner import StepInputs
 from epd.engine.request import Request
-from epd.engine.sampler import DeviceSample, SamplerOutput, to_device
+from epd.engine.sampler import HostCopy, to_device
 from epd.engine.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
     from epd.engine.llm_engine import LLMEngine
 
 PLACEHOLDER = 0  # the id a not yet known token holds in `output_token_ids`; the device has the real one
-
-
-class HostCopy:
-    """A step's draws on their way to the host: copied into pinned memory without blocking, and an
-    event after the copy, so that reading them waits for that step alone, not for any launched after."""
-
-    def __init__(self, sample: DeviceSample) -> None:
-        self.event: torch.cuda.Event | None = None
-        if sample.token_ids.is_cuda:
-            self.host = sample.to("cpu", non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = sample  # on the CPU the draws are done when `sample` returns
-
-    def result(self) -> SamplerOutput:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.to_host()
 
 
 @dataclass

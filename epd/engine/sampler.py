@@ -99,23 +99,36 @@ class DeviceSample:
         return DeviceSample(self.token_ids.to(device, non_blocking=non_blocking), logprobs)
 
     def read(self) -> SamplerOutput:
-        """The draws as lists, waiting for the device on an event, which lets go of the GIL.
+        """The draws as lists, waited for on an event (`HostCopy`), which lets go of the GIL.
         `tolist()` on a device tensor waited holding it, so any other thread of the process ran
         only between steps: encode-ahead's eager tower launch took 1.92 s instead of 0.50 beside
         32 decodes on an H200, 0.44 s with this (BENCHMARKS.md, "Encode ahead")."""
-        if not self.token_ids.is_cuda:
-            return self.to_host()
-        host = self.to("cpu", non_blocking=True)  # pinned memory, valid once the event is reached
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return host.to_host()
+        return HostCopy(self).result()
 
     def to_host(self) -> SamplerOutput:
         """The draws as lists (a host sync where they are on the device)."""
         num_rows = self.token_ids.shape[0]
         logprobs = [None] * num_rows if self.logprobs is None else self.logprobs.entries(num_rows)
         return SamplerOutput(self.token_ids.tolist(), logprobs)
+
+
+class HostCopy:
+    """A step's draws on their way to the host: copied into pinned memory without blocking, and an
+    event after the copy, so that reading them waits for that step alone, not for any launched after."""
+
+    def __init__(self, sample: DeviceSample) -> None:
+        self.event: torch.cuda.Event | None = None
+        if sample.token_ids.is_cuda:
+            self.host = sample.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = sample  # on the CPU the draws are done when `sample` returns
+
+    def result(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.to_host()
 
 
 class Sampler:
