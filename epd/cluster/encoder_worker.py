@@ -115,14 +115,10 @@ class EncoderWorker:
         self.num_encoded = 0
         self.phase_s: Counter[str] = Counter()  # host seconds by phase: expand, launch, wait
         self.device_clock = DeviceClock(clock, device) if device.type == "cuda" else None
-        self.tower_graphs = self._graphs(model, vision_graphs)
+        self.tower_graphs = (
+            VisionGraphs.for_model(model, max_batch_patches, device) if vision_graphs else None
+        )
         self.unconfirmed: Counter[tuple[str, str]] = Counter()  # (hash, dest) -> copies sent, pinned
-
-    def _graphs(self, model: torch.nn.Module, wanted: bool) -> VisionGraphs | None:
-        tower = getattr(model, "visual", None)
-        if not wanted or self.device.type != "cuda" or not VisionGraphs.supports(tower):
-            return None
-        return VisionGraphs(tower, model.config.vision.patch_dim, self.max_batch_patches, self.device)
 
     def has_work(self) -> bool:
         """Whether a step would do something: an image whose patches are made (or failed), or a

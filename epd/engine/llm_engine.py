@@ -561,16 +561,10 @@ def _encode_ahead(config: EngineConfig, embedder: ImageEmbedder) -> EncodeAhead 
     """Encode-ahead, if asked for and this engine holds the tower."""
     if not config.encode_ahead or not isinstance(embedder, LocalEncoder):
         return None
-    return EncodeAhead(
-        embedder, tower_graphs=_tower_graphs(config, embedder) if config.vision_cuda_graphs else None
-    )
-
-
-def _tower_graphs(config: EngineConfig, encoder: LocalEncoder) -> VisionGraphs | None:
-    tower = getattr(encoder.model, "visual", None)
-    if encoder.device.type != "cuda" or not VisionGraphs.supports(tower):
-        return None
-    return VisionGraphs(tower, encoder.model.config.vision.patch_dim, MAX_GRAPH_PATCHES, encoder.device)
+    graphs = None
+    if config.vision_cuda_graphs:  # its input buffer alone is ~150 MB of device memory
+        graphs = VisionGraphs.for_model(embedder.model, MAX_GRAPH_PATCHES, embedder.device)
+    return EncodeAhead(embedder, tower_graphs=graphs)
 
 
 def request_output(req: Request) -> RequestOutput:

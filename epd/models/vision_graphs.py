@@ -62,6 +62,15 @@ class VisionGraphs:
         self.seen: Counter[tuple[Grid, ...]] = Counter()
         self.replays = 0
 
+    @classmethod
+    def for_model(cls, model: nn.Module, max_patches: int, device: torch.device) -> VisionGraphs | None:
+        """Graphs of `model`'s tower (`model.visual`), or None where they cannot be: off CUDA, or a
+        tower that does not split into `plan` and `run`."""
+        tower = getattr(model, "visual", None)
+        if device.type != "cuda" or not cls.supports(tower):
+            return None
+        return cls(tower, model.config.vision.patch_dim, max_patches, device)
+
     @staticmethod
     def supports(tower: nn.Module | None) -> bool:
         return tower is not None and hasattr(tower, "plan") and hasattr(tower, "run")
