@@ -16,6 +16,20 @@ during the burst against 98 encoded in the steps, the last request's first token
 the first's 40% later (the tower shares the GPU with the decodes). Before the engine read its
 samples without holding the GIL (`DeviceSample.read`), this thread launched the eager tower only
 between steps, 4x slower, and the burst's first tokens came 2-3x later.
+
+A request's way through (engine thread unless marked):
+
+| state    | held in                  | leaves when                                                  |
+|----------|--------------------------|--------------------------------------------------------------|
+| queued   | `_queued`                | room: images in flight + encoded and waiting < the bound     |
+| encoding | the thread (`_jobs`)     | its images are encoded and their event reached (thread)      |
+| done     | `_done` (under `_lock`)  | `take_done` at the engine's next step: to the scheduler      |
+| waiting  | the scheduler's queue    | its prefill starts (its embeddings are then the step's, as   |
+|          |                          | any prefill's), or it ends                                   |
+
+A cancelled request (aborted) is dropped wherever it is; one encoding is dropped when it ends.
+The bound keeps embeddings of requests that wait for KV room from piling up: the scheduler
+admits them no faster for being encoded.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,12 +63,16 @@ class EncodeAhead:
     def __init__(
         self,
         encoder: LocalEncoder,
+        images_waiting: Callable[[], int],
         max_images: int = DEFAULT_MAX_IMAGES_AHEAD,
         tower_graphs: VisionGraphs | None = None,
     ) -> None:
-        """`tower_graphs`: replay the tower as CUDA graphs where it can (epd.models.vision_graphs;
-        `--vision-cuda-graphs`): one launch a batch instead of the tower's Python dispatch."""
+        """`images_waiting`: the images encoded ahead whose requests the scheduler has not
+        started (the engine counts them in its queue). `tower_graphs`: replay the tower as CUDA
+        graphs where it can (epd.models.vision_graphs; `--vision-cuda-graphs`): one launch a batch
+        instead of the tower's Python dispatch."""
         self.encoder, self.max_images, self.tower_graphs = encoder, max_images, tower_graphs
+        self.images_waiting = images_waiting
         device = encoder.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # The engine's steps run on the stream current now (its thread's): the embeddings are
@@ -64,13 +83,12 @@ class EncodeAhead:
         self._done: deque[AheadJob] = deque()
         self._lock = threading.Condition()
         self._in_flight: dict[str, int] = {}  # request id -> images, fed to the thread, not taken back
-        self._released: dict[str, Request] = {}
         self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
         self.num_images_encoded = 0  # cumulative, handed back by take_done (stats, tests)
-        # Cumulative seconds the thread spent launching the tower (host), and until its GPU work
-        # was done: what a bench reads to tell a host-bound tower from a GPU-bound one.
-        self.launch_seconds = self.encode_seconds = 0.0
+        # Cumulative seconds the thread spent launching the tower (host): what a bench compares
+        # with the tower's GPU time, to tell a host-bound tower from a GPU-bound one.
+        self.launch_seconds = 0.0
 
     # ---- the engine's side --------------------------------------------------------------------
 
@@ -93,7 +111,6 @@ class EncodeAhead:
             for i, emb in zip(job.images, job.embeds):
                 job.request.image_embeds[i] = emb
             if job.error is None:
-                self._released[rid] = job.request
                 self.num_images_encoded += len(job.images)
             kept.append(job)
         self._feed()
@@ -104,11 +121,6 @@ class EncodeAhead:
         self._queued = deque(j for j in self._queued if j.request.request_id != request_id)
         if len(self._queued) == before and request_id in self._in_flight:
             self._cancelled.add(request_id)  # dropped when the thread hands it back
-        self._released.pop(request_id, None)
-
-    def forget(self, request_id: str) -> None:
-        """The request's prefill started, or it ended: its embeddings no longer count as ahead."""
-        self._released.pop(request_id, None)
 
     @property
     def pending(self) -> int:
@@ -148,8 +160,7 @@ class EncodeAhead:
             self._jobs.put(job)
 
     def _images_ahead(self) -> int:
-        released = sum(1 for r in self._released.values() for e in r.image_embeds if e is not None)
-        return released + sum(self._in_flight.values())
+        return self.images_waiting() + sum(self._in_flight.values())
 
     def _start_thread(self) -> None:
         if self._thread is None:
@@ -188,7 +199,6 @@ class EncodeAhead:
             done.synchronize()  # this thread only (the GIL is let go meanwhile)
             for emb in embeds:
                 emb.record_stream(self._consumer)
-        self.encode_seconds += time.perf_counter() - launched
         ended = encoder.clock.now()
         for i in job.images:
             req.record(Event.ENCODE_END, ended, encoder.instance, i)

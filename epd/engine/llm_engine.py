@@ -133,7 +133,7 @@ class LLMEngine:
         # Async scheduling (epd.engine.async_scheduling): decode steps launched before the last is read.
         self.async_steps = AsyncStepper(self) if config.async_scheduling else None
         # Images encoded beside the steps, before their requests are scheduled (epd.engine.encode_ahead).
-        self.ahead = _encode_ahead(config, self.runner.embedder)
+        self.ahead = _encode_ahead(config, self.runner.embedder, self._images_encoded_waiting)
         logger.info(
             "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             instance or "",
@@ -393,8 +393,6 @@ class LLMEngine:
         self._failed.clear()
         for req, retry_after in self.scheduler.rejected:
             self.requests.pop(req.request_id, None)
-            if self.ahead is not None:
-                self.ahead.forget(req.request_id)
             req.finish_reason = "error"  # finished_time: when the scheduler refused it
             req.record(Event.FINISHED, req.metrics.finished_time or self.clock.now(), self.instance)
             out = request_output(req)
@@ -418,6 +416,12 @@ class LLMEngine:
         if not batch:
             return []
         return self._run_step(batch)
+
+    def _images_encoded_waiting(self) -> int:
+        """Images encoded ahead of requests the scheduler has not started (encode-ahead's bound):
+        before its prefill starts, only encode-ahead fills a request's embeddings."""
+        waiting = (r for r in self.scheduler.waiting if r.metrics.first_scheduled_time is None)
+        return sum(e is not None for r in waiting for e in r.image_embeds)
 
     def _wait_for_encoded(self) -> bool:
         """Admit what was encoded ahead; with nothing else to run, wait a little for more (True:
@@ -456,8 +460,6 @@ class LLMEngine:
         for req in batch.requests:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-                if self.ahead is not None:
-                    self.ahead.forget(req.request_id)
                 started = Event.DECODE_START if id(req) in injected else Event.PREFILL_START
                 req.record(started, now, self.instance)
 
@@ -541,8 +543,6 @@ class LLMEngine:
     def _forget(self, req: Request) -> None:
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
-        if self.ahead is not None:
-            self.ahead.forget(req.request_id)
 
     def _swap_out(self, req: Request) -> bool:
         if self.runner.embedder.can_recompute(req) or req.num_computed_tokens == 0:
@@ -557,14 +557,16 @@ class LLMEngine:
         return position
 
 
-def _encode_ahead(config: EngineConfig, embedder: ImageEmbedder) -> EncodeAhead | None:
+def _encode_ahead(
+    config: EngineConfig, embedder: ImageEmbedder, images_waiting: Callable[[], int]
+) -> EncodeAhead | None:
     """Encode-ahead, if asked for and this engine holds the tower."""
     if not config.encode_ahead or not isinstance(embedder, LocalEncoder):
         return None
     graphs = None
     if config.vision_cuda_graphs:  # its input buffer alone is ~150 MB of device memory
         graphs = VisionGraphs.for_model(embedder.model, MAX_GRAPH_PATCHES, embedder.device)
-    return EncodeAhead(embedder, tower_graphs=graphs)
+    return EncodeAhead(embedder, images_waiting, tower_graphs=graphs)
 
 
 def request_output(req: Request) -> RequestOutput:
