@@ -9,8 +9,7 @@ last update), not whole requests.
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 
@@ -286,13 +285,12 @@ _instance_decoder = msgspec.msgpack.Decoder(ToInstance)
 _router_decoder = msgspec.msgpack.Decoder(ToRouter)
 
 
-def encode(message: msgspec.Struct) -> bytes | bytearray:
-    if isinstance(message, EncodeTask):
-        wire = _files_once(message.items)
-        return _encode_sized(msgspec.structs.replace(message, items=wire), _bulk_bytes(wire))
-    if isinstance(message, PrefillTask) and message.pixels:
-        wire = _files_once(message.pixels)
-        return _encode_sized(msgspec.structs.replace(message, pixels=wire), _bulk_bytes(wire))
+def encode(message: msgspec.Struct) -> bytes:
+    """`message` as one msgpack buffer, files and patches inside it (the router sends tasks with
+    `encode_frames`; this serves the other senders and tests)."""
+    items = _bulk_items(message)
+    if items is not None:
+        message = _with_items(message, _files_once(items))
     return _encoder.encode(message)
 
 
@@ -345,48 +343,6 @@ def _frames_in_line(items: list[EncodeItem], frames: Sequence[bytes]) -> None:
                 raise ValueError(f"item {item.index} names frame {k} of a message of {len(frames)}")
             setattr(item, field, frames[k])
             setattr(item, f"{field}_frame", 0)
-
-
-# Room for all but the bulk of a message that carries files: ids, keys, grids, the framing.
-_SMALL_FIELDS_BYTES = 4096
-_ITEM_FIELDS_BYTES = 256
-
-
-def _encode_sized(message: msgspec.Struct, bulk: int) -> bytearray:
-    """msgpack of a message carrying megabytes (image files, patches), into a buffer sized for
-    them up front. msgspec's own buffer grows by half again whenever it fills, so the files were
-    copied about three times over: 2.9 ms of CPU for three 3.7 MB PNGs in cold memory, against
-    1.2 ms copied once (measured alone; BENCHMARKS.md, "Pixels off the front end"). A message
-    larger than the guess (a long prompt) still encodes: the buffer grows as before."""
-    buffer = unzeroed_bytearray(bulk)
-    _encoder.encode_into(message, buffer)  # truncates it to the message: only written bytes remain
-    return buffer
-
-
-def unzeroed_bytearray(size: int) -> bytearray:
-    """A bytearray of `size` bytes holding whatever its memory held, for a caller that writes every
-    byte before any is read (here the message; request bodies: epd.server.direct_body).
-    `bytearray(size)` writes zeros first, 0.3 ms per 11 MB; CPython's constructor given no
-    source copies nothing. Elsewhere than CPython, it is `bytearray(size)`."""
-    if _from_string_and_size is None or size <= 0:
-        return bytearray(size)
-    return _from_string_and_size(None, size)
-
-
-def _c_bytearray_constructor() -> Callable[[None, int], bytearray] | None:
-    try:
-        function = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    except (AttributeError, ValueError):  # not CPython
-        return None
-    function.restype, function.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_ssize_t]
-    return function
-
-
-_from_string_and_size = _c_bytearray_constructor()
-
-
-def _bulk_bytes(items: list[EncodeItem]) -> int:
-    return _SMALL_FIELDS_BYTES + sum(len(i.file) + len(i.pixels) + _ITEM_FIELDS_BYTES for i in items)
 
 
 def decode_for_instance(data: bytes | Sequence[bytes]) -> ToInstance:

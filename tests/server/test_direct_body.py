@@ -15,9 +15,8 @@ import os
 import uvicorn
 from uvicorn.server import ServerState
 
-from epd.cluster.messages import unzeroed_bytearray
 from epd.server.connections import DIRECT_BODY_HIGH_WATER_BYTES, header_timeout_protocol
-from epd.server.direct_body import DirectBody, whole_body
+from epd.server.direct_body import DirectBody, unzeroed_bytearray, whole_body
 
 BODY = os.urandom(DIRECT_BODY_HIGH_WATER_BYTES + (3 << 20) + 12345)
 
