@@ -71,7 +71,12 @@ class LocalEncoder(ImageEmbedder):
         """The images' embeddings, one tensor each (their patches uploaded, the tower run, or
         `tower` instead: its CUDA graphs, epd.models.vision_graphs)."""
         pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
-        return self.model.encode_images(pixels, [img.grid_thw for img in images], tower)
+        grids = [img.grid_thw for img in images]
+        return (
+            self.model.encode_images(pixels, grids)
+            if tower is None
+            else self.model.encode_images(pixels, grids, tower)
+        )
 
     def can_recompute(self, request: Request) -> bool:
         return True
