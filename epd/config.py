@@ -139,9 +139,8 @@ class EngineConfig:
     device: str = "cpu"
     attention_backend: str = "auto"  # triton on CUDA, torch_sdpa elsewhere (epd.attention.backend)
     cuda_graphs: bool | None = None  # None: for decode steps whenever the device and backend allow
-    vision_cuda_graphs: bool = (
-        False  # the tower of an E-only instance or encode-ahead (epd.models.vision_graphs)
-    )
+    # Replay the vision tower as CUDA graphs: E-only instances and encode-ahead (epd.models.vision_graphs).
+    vision_cuda_graphs: bool = False
     # Launch a decode step before the host has read the last one's tokens (epd.engine.async_scheduling).
     async_scheduling: bool = False
     # Encode new requests' images beside the steps, before scheduling them (epd.engine.encode_ahead).

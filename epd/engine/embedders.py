@@ -69,7 +69,8 @@ class LocalEncoder(ImageEmbedder):
 
     def encode(self, images: list[ImageInput], tower: Callable | None = None) -> list[torch.Tensor]:
         """The images' embeddings, one tensor each (their patches uploaded, the tower run, or
-        `tower` instead: its CUDA graphs, epd.models.vision_graphs)."""
+        `tower` instead: its CUDA graphs, epd.models.vision_graphs). Called without a tower when
+        none is given: the scripted runner's stand-in model takes none."""
         pixels = torch.cat([img.pixel_values for img in images]).to(self.device)
         grids = [img.grid_thw for img in images]
         return (
