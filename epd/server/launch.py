@@ -15,6 +15,7 @@ instead of dying of the signal it already honoured.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -49,6 +50,8 @@ def serve(engine_args: EngineArgs, config: ServerConfig) -> int:
         engine_args.devices or engine_args.device,
         engine_args.transfer,
     )
+    # Before the engine starts its threads: they keep the malloc arena they first allocate in.
+    reuse_large_blocks(config.max_request_bytes, config.body_buffer_limit)  # epd.server.malloc_tuning
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         engine = AsyncEngine(engine_args)
@@ -85,7 +88,6 @@ def serve(engine_args: EngineArgs, config: ServerConfig) -> int:
 
 
 def _build_server(engine: AsyncEngine, config: ServerConfig) -> _Server:
-    reuse_large_blocks(config.max_request_bytes, config.body_buffer_limit)  # epd.server.malloc_tuning
     app = build_app(engine, config)
     state: ServerState = app.state.epd
     _log_limits(engine, state)
@@ -152,6 +154,10 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            # What start-up built (torch, transformers, the engine, the app: ~10^6 objects) lives
+            # as long as the process. Left to the collector, every full collection that request
+            # parsing triggers walks all of it: 9-13% of the API process's CPU on image requests.
+            gc.freeze()
             host, port = _bound_address(self)
             logger.info("ready: OpenAI API at http://%s:%d/v1 (health /health, metrics /metrics)", host, port)
 

@@ -11,6 +11,14 @@ So the API process raises both thresholds once, at start: blocks up to the large
 from the heap, and up to the body budget (--max-buffered-request-bytes, what the server may hold
 of bodies anyway) stays mapped once freed. Only glibc has `mallopt`; elsewhere nothing changes.
 Instance processes are spawned, not forked: they keep glibc's defaults.
+
+It also keeps every thread on the main heap (one arena). glibc gives threads that allocate at
+once arenas of their own, which grow in extra heaps of at most 64 MiB each and unmap such a heap
+as soon as it empties, whatever the trim threshold. The input threads that decode each
+request's base64 still faulted their megabytes in afresh: 80-380 page faults per request (each
+may clear a huge page), 50-175 with one arena (BENCHMARKS.md, "The front end's heap and garbage
+collector"). One arena costs little here: nearly all of this process's allocating holds the GIL.
+Call this before the threads it is for first allocate: a thread keeps its arena.
 """
 
 from __future__ import annotations
@@ -23,13 +31,15 @@ from collections.abc import Callable
 logger = logging.getLogger("epd.server")
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 HEADROOM_BYTES = 1 << 20  # past the largest body: its request line and headers, a message's framing
 INT_MAX = (1 << 31) - 1
 
 
 def reuse_large_blocks(largest_block: int, retained_bytes: int) -> bool:
-    """Serve blocks up to `largest_block` bytes from the heap and keep up to `retained_bytes`
-    of freed heap mapped. False where this is not glibc (or it refused a value)."""
+    """Serve blocks up to `largest_block` bytes from the main heap, for every thread, and keep up
+    to `retained_bytes` of freed heap mapped. False where this is not glibc (or it refused a
+    value)."""
     mallopt = _glibc_mallopt()
     largest_block, retained_bytes = largest_block + HEADROOM_BYTES, max(retained_bytes, largest_block)
     if mallopt is None or retained_bytes > INT_MAX:  # mallopt takes an int
@@ -39,7 +49,7 @@ def reuse_large_blocks(largest_block: int, retained_bytes: int) -> bool:
     if not mallopt(M_MMAP_THRESHOLD, largest_block):
         logger.debug("glibc refused an mmap threshold of %d bytes: its defaults stay", largest_block)
         return False
-    return bool(mallopt(M_TRIM_THRESHOLD, retained_bytes))
+    return bool(mallopt(M_TRIM_THRESHOLD, retained_bytes)) and bool(mallopt(M_ARENA_MAX, 1))
 
 
 def _glibc_mallopt() -> Callable[[int, int], int] | None:
