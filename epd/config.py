@@ -144,7 +144,8 @@ class EngineConfig:
     # Launch a decode step before the host has read the last one's tokens (epd.engine.async_scheduling).
     async_scheduling: bool = False
     # Encode new requests' images beside the steps, before scheduling them (epd.engine.encode_ahead).
-    encode_ahead: bool = False
+    # None: where the tower runs on a CUDA device (on the CPU it would only take the steps' cores).
+    encode_ahead: bool | None = None
 
     @property
     def max_num_batched_tokens(self) -> int:

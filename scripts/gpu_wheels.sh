@@ -13,7 +13,7 @@ shift
 # The GPU image ships torch, transformers, tokenizers, numpy, pillow, prometheus-client, rich,
 # httpx, matplotlib, pytest; these are the rest (openai: the server tests' client).
 PACKAGES=("$@")
-[ ${#PACKAGES[@]} -gt 0 ] || PACKAGES=(fastapi uvicorn pydantic pyzmq msgspec openai blake3 pybase64)
+[ ${#PACKAGES[@]} -gt 0 ] || PACKAGES=(fastapi uvicorn uvloop pydantic pyzmq msgspec openai blake3 pybase64)
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 mkdir -p "$DIR"
 PINS=$(.venv/bin/python scripts/lock_subset.py --python 3.12 "${PACKAGES[@]}")

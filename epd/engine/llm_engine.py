@@ -19,8 +19,9 @@ A step that computes only part of a request's prompt samples nothing for it and 
 (`step` returns only the requests that got a token).
 With `async_scheduling`, pure decode steps are launched before the host reads the last one's tokens,
 and a step reports the tokens of the step before (epd.engine.async_scheduling); outputs are the same.
-With `encode_ahead`, where the engine holds the vision tower, new requests' images are encoded
-beside the steps (epd.engine.encode_ahead), and a request reaches the scheduler once they are in.
+With `encode_ahead` (by default where the vision tower runs on CUDA), new requests' images are
+encoded beside the steps (epd.engine.encode_ahead), and a request reaches the scheduler once they
+are in.
 """
 
 from __future__ import annotations
@@ -560,8 +561,11 @@ class LLMEngine:
 def _encode_ahead(
     config: EngineConfig, embedder: ImageEmbedder, images_waiting: Callable[[], int]
 ) -> EncodeAhead | None:
-    """Encode-ahead, if asked for and this engine holds the tower."""
-    if not config.encode_ahead or not isinstance(embedder, LocalEncoder):
+    """Encode-ahead, if this engine holds the tower and it is asked for (by default: on CUDA)."""
+    if not isinstance(embedder, LocalEncoder):
+        return None
+    wanted = config.encode_ahead
+    if not (embedder.device.type == "cuda" if wanted is None else wanted):
         return None
     graphs = None
     if config.vision_cuda_graphs:  # its input buffer alone is ~150 MB of device memory

@@ -235,11 +235,12 @@ class EngineArgs:
         "and input building overlap the device's work (pure-decode steps of greedy or seeded requests; "
         "other steps run as before; @tpN instances send the ids to their workers on the device)",
     )
-    encode_ahead: bool = option(
-        False,
+    encode_ahead: bool | None = option(
+        None,
         "instances that hold the vision tower and the language model encode new requests' images "
         "beside their steps, on a CUDA stream of their own, so that running decodes do not wait for "
-        "the tower (a burst's first token comes later: the tower shares the GPU; BENCHMARKS.md)",
+        "the tower (default: where the tower runs on a CUDA device; --no-encode-ahead: inside the "
+        "steps; BENCHMARKS.md weighs both)",
     )
     instance_silence_timeout: float = option(
         10.0,

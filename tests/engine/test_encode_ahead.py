@@ -35,6 +35,19 @@ def test_mixed_requests_encoded_ahead_give_transformers_tokens(checkpoint, hf):
         assert_matches_hf(llm, hf, prompts, outputs, GREEDY.max_tokens)
 
 
+def test_by_default_images_are_encoded_ahead_exactly_where_the_tower_is_on_cuda(checkpoint, hf):
+    """On the CPU the tower would take the steps' own cores: encoded in the steps. On CUDA (this
+    suite's GPU copy, tests/gpu/test_encode_ahead_cuda.py) it has a stream of its own: ahead."""
+    prompts = mixed_prompts(6, seed=3)
+    with LLM(str(checkpoint)) as llm:
+        on_cuda = llm.engine.runner.embedder.device.type == "cuda"
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert (llm.engine.ahead is not None) == on_cuda
+        if on_cuda:
+            assert llm.engine.ahead.num_images_encoded == _images(llm, prompts) > 0
+        assert_matches_hf(llm, hf, prompts, outputs, GREEDY.max_tokens)
+
+
 def test_preempted_requests_keep_the_images_encoded_ahead(checkpoint, hf):
     prompts = mixed_prompts(8, seed=5)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
