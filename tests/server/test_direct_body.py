@@ -45,6 +45,9 @@ class _Transport(asyncio.Transport):
     def close(self) -> None:
         self.closing = True
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
 
 class _App:
     """Takes the body once `go` is set; keeps the chunks as they came."""
@@ -73,7 +76,11 @@ def _protocol(
     protocol = cls(config=uvicorn.Config(app, lifespan="off"), server_state=ServerState(), app_state={})
     transport = _Transport()
     protocol.connection_made(transport)
-    return protocol, transport
+    # What a transport calls from then on: a BufferedProtocol only (uvloop hands any
+    # asyncio.Protocol new bytes instead of reading into its buffers).
+    assert isinstance(transport.protocol, asyncio.BufferedProtocol)
+    assert not isinstance(transport.protocol, asyncio.Protocol)
+    return transport.protocol, transport
 
 
 def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> int:
@@ -143,7 +150,7 @@ def test_buffers_are_counted_until_their_body_is_in_or_its_client_gone() -> None
         app = _App()
         app.go.set()
         protocol, _ = _protocol(app, max_buffered_bytes=2 * len(BODY))
-        budget = protocol.body_buffers
+        budget = protocol.http.body_buffers
         sent = _head(len(BODY)) + BODY
         offset = _feed(protocol, sent)
         assert budget.used == len(BODY)
