@@ -36,7 +36,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -341,7 +341,7 @@ def read_video_bytes(source: VideoFileSource, limits: InputLimits) -> bytes:
     """The bytes of a video file given as bytes, a path (within the allowed media path), a data
     URL (`data:video/...`) or, with a remote fetcher, an http(s) URL; the byte limit applies."""
     if isinstance(source, DataURL):
-        source = DataURL(_video_media_type(source.media_type), source.payload)
+        source = replace(source, media_type=_video_media_type(source.media_type))
     elif isinstance(source, str) and source[:5].lower() == "data:":
         header, comma, payload = source[5:].partition(",")
         media_type, *params = header.split(";")

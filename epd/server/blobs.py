@@ -11,9 +11,12 @@ slice of the body, decoded later in a preprocessing thread (epd.inputs.image.Dat
     ..."image_url": {"url": "epd-blob:0"}...          blobs[0] = DataURL("image/png", <slice>)
 
 Only what cannot change the request's meaning is lifted: a JSON string that starts a raw
-(unescaped) quote, is the value of a `"url"` key, reads `data:<type>;base64,` and holds no
-escape. Anything else stays in the body and takes the ordinary path, errors included. A client
-that writes `epd-blob:N` itself can only name its own request's images.
+(unescaped) quote, is the value of a `"url"` key, reads `data:<type>;base64,` and ends at the
+first quote after that with no backslash before it (so it is the string's own end). Escapes
+inside it (`\\/` for `/`, as some JSON writers do) are replaced when the image is decoded, and
+only if its text is not plain base64: no scan of every payload for them (`DataURL.json_escapes`).
+Anything else stays in the body and takes the ordinary path, errors included. A client that
+writes `epd-blob:N` itself can only name its own request's images.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def lift_data_urls(body: bytes | bytearray) -> tuple[bytes | bytearray, list[Dat
             continue
         end, media_type, payload_start = lifted
         pieces += [view[kept : quote + 1], f"{BLOB_SCHEME}{len(blobs)}".encode()]
-        blobs.append(DataURL(media_type, view[payload_start:end]))
+        blobs.append(DataURL(media_type, view[payload_start:end], json_escapes=True))
         kept = start = end
     if not blobs:
         return body, []
@@ -60,7 +63,8 @@ def _liftable(body: bytes | bytearray, quote: int) -> tuple[int, str, int] | Non
     if "base64" not in (p.strip().lower() for p in params) or '"' in header or "\\" in header:
         return None
     end = body.find(b'"', comma)
-    if end < 0 or end - comma < MIN_LIFTED_CHARS or body.find(b"\\", comma, end) >= 0:
+    # A backslash before it: an escaped quote (or an escaped backslash): the parser's to read.
+    if end < 0 or end - comma < MIN_LIFTED_CHARS or body[end - 1] == 0x5C:
         return None
     return end, media_type.strip().lower(), comma + 1
 

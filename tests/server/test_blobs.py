@@ -7,6 +7,7 @@ import base64
 import json
 import os
 
+from epd.inputs.image import read_image_bytes
 from epd.server.blobs import MIN_LIFTED_CHARS, blob_index, lift_data_urls
 
 
@@ -66,12 +67,37 @@ def test_what_could_change_the_meaning_stays_in_the_body() -> None:
         chat({"type": "text", "text": f'"url": "data:image/png;base64,{big}"'}),  # escaped quotes
         chat(image(f"data:image/png,{big}")),  # not base64: percent-encoded bytes
         chat(image("data:image/png;base64,iVBORw0KGgo=")),  # small: nothing to gain
-        chat(image(f"data:image/png;base64,{big[:100]}\\n{big[100:]}")),  # an escape inside
+        chat(image(f"data:image/png;base64,{big}\\")),  # a backslash before the closing quote
     ]
     for sent in keep:
         body = json.dumps(sent).encode()
         rest, blobs = lift_data_urls(bytearray(body))
         assert blobs == [] and bytes(rest) == body
+
+
+def test_escapes_inside_a_lifted_url_decode_as_the_parsed_url_does() -> None:
+    """JSON writers that escape "/" as "\\/" (PHP's json_encode), base64 broken into lines
+    (a "\\n" escape), any escape at all: the image's bytes are those of the URL parsed whole."""
+    image_bytes = os.urandom(3 * MIN_LIFTED_CHARS)
+    text = base64.b64encode(image_bytes).decode()
+    assert "/" in text
+    lines = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    plain = json.dumps(chat(image(f"data:image/png;base64,{text}")))
+    bodies = [
+        plain.replace(text, text.replace("/", "\\/")),  # slashes escaped
+        json.dumps(chat(image(f"data:image/png;base64,{lines}"))),  # line breaks, escaped
+        plain.replace(text, text[:99] + "\\u0041" + text[100:]),  # a character escaped: another byte
+    ]
+    for body in bodies:
+        rest, blobs = lift_data_urls(bytearray(body.encode()))
+        assert len(blobs) == 1 and blobs[0].json_escapes and b"\\" in bytes(blobs[0].payload)
+        parsed = json.loads(body)["messages"][0]["content"][0]["image_url"]["url"]
+        assert read_image_bytes(blobs[0]) == read_image_bytes(parsed)
+    assert [read_image_bytes(lift_data_urls(bytearray(b.encode()))[1][0]) == image_bytes for b in bodies] == [
+        True,
+        True,
+        text[99] == "A",
+    ]
 
 
 def test_formatting_of_the_json_does_not_matter() -> None:
