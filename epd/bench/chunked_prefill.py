@@ -1,7 +1,7 @@
 """Decodes under a burst of long prompts, with whole-prompt prefill and with chunked prefill budgets.
 
     python -m epd.bench.chunked_prefill --config-dir DIR [--budgets 512,1024,2048,4096,8192]
-        [--encode-ahead off|on|both] [--vision-cuda-graphs] [--switch-interval-ms MS]
+        [--encode-ahead off|on|both] [--ahead-priority P] [--vision-cuda-graphs] [--switch-interval-ms MS]
 
 One aggregated engine in this process (1EPD), dummy bf16 weights of a full-size config: 32 text
 requests of 1k prompt tokens decode; then 4 requests of 3 images of 1280x960 and 40 words arrive
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--decodes", type=int, default=DECODES, help="requests decoding when the burst comes")
     parser.add_argument("--vision-cuda-graphs", action="store_true", help="encode-ahead replays the tower")
     parser.add_argument(
+        "--ahead-priority", type=int, default=0, help="encode-ahead stream's CUDA priority (-1: first)"
+    )
+    parser.add_argument(
         "--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval (the GIL's hand-over)"
     )
     args = parser.parse_args()
@@ -161,6 +164,10 @@ def main() -> None:
     engine = LLMEngine(engine_args.engine_config(), processor.tokenizer)
     vision = VisionTimer(engine.model)
     ahead = engine.ahead  # rows without it set engine.ahead to None
+    if args.ahead_priority:
+        ahead.close()
+        encoder, waiting, graphs = ahead.encoder, ahead.images_waiting, ahead.tower_graphs
+        ahead = EncodeAhead(encoder, waiting, tower_graphs=graphs, stream_priority=args.ahead_priority)
     print("prompt tokens of a burst request:", len(burst(processor, 99)[0].prompt_token_ids))
     run(engine, processor, vision, "warm-up chunked", 2048, 0)
     run(engine, processor, vision, "warm-up whole", None, 50)

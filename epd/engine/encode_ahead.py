@@ -10,12 +10,13 @@ thread fills is what `LocalEncoder.ensure` would have: `request.image_embeds`. `
 embedder, so an image not encoded ahead (one the prefix cache was expected to cover, then
 evicted) is still encoded in the step, as before. The tokens are the same either way.
 
-Opt-in (`--encode-ahead`). On one H200 (BENCHMARKS.md, "Encode ahead"), 32 decodes running and
-4 requests of 3 x 1280x960 images arriving at once, chunks of 2048: the decodes wait 48 ms a token
-during the burst against 98 encoded in the steps, the last request's first token comes 6% sooner,
-the first's 40% later (the tower shares the GPU with the decodes). Before the engine read its
-samples without holding the GIL (`DeviceSample.read`), this thread launched the eager tower only
-between steps, 4x slower, and the burst's first tokens came 2-3x later.
+On by default where the tower runs on CUDA (`--no-encode-ahead`: in the steps). On one H200
+(BENCHMARKS.md, "Encode ahead"), 32 decodes running and 4 requests of 3 x 1280x960 images
+arriving at once, chunks of 2048: the decodes wait 48 ms a token during the burst against 98
+encoded in the steps, the last request's first token comes 6% sooner, the first's 40% later (the
+tower shares the GPU with the decodes). Before the engine read its samples without holding the
+GIL (`DeviceSample.read`), this thread launched the eager tower only between steps, 4x slower,
+and the burst's first tokens came 2-3x later.
 
 A request's way through (engine thread unless marked):
 
@@ -66,18 +67,21 @@ class EncodeAhead:
         images_waiting: Callable[[], int],
         max_images: int = DEFAULT_MAX_IMAGES_AHEAD,
         tower_graphs: VisionGraphs | None = None,
+        stream_priority: int = 0,
     ) -> None:
         """`images_waiting`: the images encoded ahead whose requests the scheduler has not
         started (the engine counts them in its queue). `tower_graphs`: replay the tower as CUDA
         graphs where it can (epd.models.vision_graphs; `--vision-cuda-graphs`): one launch a batch
-        instead of the tower's Python dispatch."""
+        instead of the tower's Python dispatch. `stream_priority`: CUDA's, of the tower's stream
+        (0 the steps' own; lower is sooner: its kernels go first where both wait)."""
         self.encoder, self.max_images, self.tower_graphs = encoder, max_images, tower_graphs
         self.images_waiting = images_waiting
         device = encoder.device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device, priority=stream_priority) if cuda else None
         # The engine's steps run on the stream current now (its thread's): the embeddings are
         # read there, so their memory must not be reused before those reads (record_stream).
-        self._consumer = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._consumer = torch.cuda.current_stream(device) if cuda else None
         self._queued: deque[AheadJob] = deque()
         self._jobs: queue.SimpleQueue[AheadJob | None] = queue.SimpleQueue()
         self._done: deque[AheadJob] = deque()
