@@ -6,32 +6,14 @@ steps holding a prompt chunk never replay a decode graph.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-import pytest
-import torch
-
 from epd import LLM, SamplingParams
+from tests.gpu.cpu_suite import ON_CUDA, collected_from, load_suite
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.usefixtures("engines_on_cuda"),
-]
+pytestmark = ON_CUDA
 
-
-def _load_suite():
-    path = Path(__file__).parents[1] / "entrypoints" / "test_chunked_prefill_vs_hf.py"
-    spec = importlib.util.spec_from_file_location("_chunked_prefill_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_suite = _load_suite()
+_suite = load_suite("entrypoints/test_chunked_prefill_vs_hf.py")
 hf = _suite.hf  # the fixture
-globals().update({name: getattr(_suite, name) for name in dir(_suite) if name.startswith("test_")})
+globals().update(collected_from(_suite))
 
 
 def test_steps_with_a_prompt_chunk_run_eagerly_and_decodes_replay_graphs(checkpoint):

@@ -7,27 +7,10 @@ the hand-over between the streams (events, no device-wide synchronise) is what t
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from tests.gpu.cpu_suite import ON_CUDA, collected_from, load_suite
 
-import pytest
-import torch
+pytestmark = ON_CUDA
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.usefixtures("engines_on_cuda"),
-]
-
-
-def _load_suite():
-    path = Path(__file__).parents[1] / "engine" / "test_encode_ahead.py"
-    spec = importlib.util.spec_from_file_location("_encode_ahead_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_suite = _load_suite()
+_suite = load_suite("engine/test_encode_ahead.py")
 hf = _suite.hf  # the fixture
-globals().update({name: getattr(_suite, name) for name in dir(_suite) if name.startswith("test_")})
+globals().update(collected_from(_suite))

@@ -7,27 +7,10 @@ decode steps. Prefix-cache hits, preemption and mixed batches go through the GPU
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from tests.gpu.cpu_suite import ON_CUDA, collected_from, load_suite
 
-import pytest
-import torch
+pytestmark = ON_CUDA
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.usefixtures("engines_on_cuda"),
-]
-
-
-def _load_suite():
-    path = Path(__file__).parents[1] / "entrypoints" / "test_llm_vs_hf.py"
-    spec = importlib.util.spec_from_file_location("_llm_vs_hf_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_suite = _load_suite()
+_suite = load_suite("entrypoints/test_llm_vs_hf.py")
 hf = _suite.hf  # the fixture
-globals().update({name: getattr(_suite, name) for name in dir(_suite) if name.startswith("test_")})
+globals().update(collected_from(_suite))
