@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from epd.models.config import InternVisionOptions, VisionConfig
 from epd.models.layers.activation import get_activation
-from epd.models.layers.linear import MergedLinear
+from epd.models.layers.linear import MergedLinear, patch_projection
 from epd.models.layers.norm import RMSNorm
 from epd.models.qwen2_vl_vision import Qwen2VisionMLP
 
@@ -49,7 +49,7 @@ class InternVisionPatchEmbeddings(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         weight = self.projection.weight.view(self.projection.out_channels, -1)
-        return torch.addmm(self.projection.bias, patches.to(weight.dtype), weight.t())
+        return patch_projection(patches, weight, self.projection.bias)
 
 
 class InternVisionEmbeddings(nn.Module):

@@ -25,6 +25,7 @@ from epd.models.config import VisionConfig
 from epd.models.layers import fused
 from epd.models.layers.activation import SiluAndMul, get_activation
 from epd.models.layers.attention import varlen_attention
+from epd.models.layers.linear import patch_projection
 from epd.models.layers.norm import RMSNorm
 from epd.models.layers.rotary import VisionRotaryEmbedding, apply_rotary
 from epd.parallel.linear import ColumnShard
@@ -47,8 +48,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight.view(self.proj.out_channels, -1)
-        return patches.to(weight.dtype) @ weight.t()
+        return patch_projection(patches, self.proj.weight.view(self.proj.out_channels, -1))
 
 
 class VisionAttention(nn.Module):

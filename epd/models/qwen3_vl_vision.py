@@ -20,6 +20,7 @@ from torch import nn
 
 from epd.models.config import VisionConfig
 from epd.models.layers.activation import get_activation
+from epd.models.layers.linear import patch_projection
 from epd.models.layers.rotary import VisionRotaryEmbedding
 from epd.models.qwen2_vl_vision import Grid, VisionAttention, _cumulative, vision_hw_positions
 
@@ -33,8 +34,7 @@ class Qwen3VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=True)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight.view(self.proj.out_channels, -1)
-        return torch.addmm(self.proj.bias, patches.to(weight.dtype), weight.t())
+        return patch_projection(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
 class Qwen3VisionMLP(nn.Module):
