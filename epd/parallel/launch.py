@@ -6,11 +6,16 @@ Waits on events, not time: each rank's result pipe and its process sentinel. A r
 sends its traceback; a rank that dies without a word is reported by its exit code; either way
 the other ranks (which may be blocked in a collective the dead one will never join) are
 terminated and the caller gets the error.
+
+A result travels as the bytes of a plain pickle, tensors by value. Sent as an object, torch
+would share each tensor's memory through a file descriptor that this process fetches from the
+rank's own process, which may have exited by then (seen under load: FileNotFoundError).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -74,7 +79,7 @@ def _collect(procs: list[mp.process.BaseProcess], conns: list[Connection]) -> li
 def _outcome(rank: int, proc: mp.process.BaseProcess, conn: Connection) -> tuple[bool, Any]:
     """(True, what the rank returned) or (False, why it has nothing)."""
     try:
-        ok, value = conn.recv()
+        ok, value = pickle.loads(conn.recv_bytes())
     except EOFError:  # exited without sending
         proc.join()
         return False, f"tensor-parallel rank {rank} exited with code {proc.exitcode}"
@@ -94,9 +99,13 @@ def _rank_main(
         torch.cuda.set_device(rank)
     group = TensorParallelGroup.join(init_method, rank, world_size, backend)
     try:
-        conn.send((True, fn(group, *args)))
+        outcome = (True, fn(group, *args))
     except BaseException:
-        conn.send((False, traceback.format_exc()))
+        outcome = (False, traceback.format_exc())
+    try:
+        conn.send_bytes(pickle.dumps(outcome))
+    except Exception:  # noqa: BLE001 - a result that does not pickle: say so, as a failure
+        conn.send_bytes(pickle.dumps((False, traceback.format_exc())))
     finally:
         group.leave()
         conn.close()
