@@ -151,3 +151,7 @@ class EngineConfig:
     def max_num_batched_tokens(self) -> int:
         """Tokens in the largest step (what the memory profile runs), see SchedulerConfig.budget."""
         return self.scheduler.budget(self.model.derived_max_model_len)
+
+    def encodes_ahead(self, device: torch.device) -> bool:
+        """Whether an engine of this config that holds the vision tower on `device` encodes ahead."""
+        return device.type == "cuda" if self.encode_ahead is None else self.encode_ahead

@@ -167,7 +167,7 @@ def main() -> None:
     if args.ahead_priority:
         ahead.close()
         encoder, waiting, graphs = ahead.encoder, ahead.images_waiting, ahead.tower_graphs
-        ahead = EncodeAhead(encoder, waiting, tower_graphs=graphs, stream_priority=args.ahead_priority)
+        ahead = EncodeAhead(encoder, waiting, ahead.max_images, graphs, stream_priority=args.ahead_priority)
     print("prompt tokens of a burst request:", len(burst(processor, 99)[0].prompt_token_ids))
     run(engine, processor, vision, "warm-up chunked", 2048, 0)
     run(engine, processor, vision, "warm-up whole", None, 50)

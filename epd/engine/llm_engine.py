@@ -562,10 +562,7 @@ def _encode_ahead(
     config: EngineConfig, embedder: ImageEmbedder, images_waiting: Callable[[], int]
 ) -> EncodeAhead | None:
     """Encode-ahead, if this engine holds the tower and it is asked for (by default: on CUDA)."""
-    if not isinstance(embedder, LocalEncoder):
-        return None
-    wanted = config.encode_ahead
-    if not (embedder.device.type == "cuda" if wanted is None else wanted):
+    if not isinstance(embedder, LocalEncoder) or not config.encodes_ahead(embedder.device):
         return None
     graphs = None
     if config.vision_cuda_graphs:  # its input buffer alone is ~150 MB of device memory

@@ -9,6 +9,8 @@ of `max_num_batched_tokens` tokens in one sequence (EngineConfig's: the step bud
 prefill, else at least max_model_len; a prefill-only engine profiles whole prompts), preceded,
 where the instance holds the vision tower, by encoding images that fill those tokens (a step
 encodes the images of the tokens it prefills), and followed by logits for `max_num_seqs` rows.
+An engine that encodes ahead (epd.engine.encode_ahead) runs the tower beside its steps, on a
+stream of its own: their peaks add up, so the tower's alone is measured too and added.
 
 Figures are the caching allocator's reserved bytes: what it holds is what the device cannot give
 the KV cache, rounding and fragmentation included. The share left over, 1 - utilization, covers
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +79,9 @@ def resolve_kv_cache_bytes(config: EngineConfig, model: nn.Module) -> int:
         )
     num_tokens = config.max_num_batched_tokens
     profile = profile_memory(
-        model, device, num_tokens, config.scheduler.max_num_seqs, config.attention_backend, cache.block_size
-    )
+        model, device, num_tokens, config.scheduler.max_num_seqs, config.attention_backend, cache.block_size,
+        encoder_beside=config.encodes_ahead(device),
+    )  # fmt: skip
     total = torch.cuda.get_device_properties(device).total_memory
     kv = kv_cache_bytes(total, utilization, profile.used_after_load, profile.activation_peak)
     logger.info(
@@ -95,16 +99,30 @@ def profile_memory(
     max_num_seqs: int = 1,
     attention_backend: str = "auto",
     block_size: int = 16,
+    encoder_beside: bool = False,
 ) -> MemoryProfile:
-    """What this process holds now and what `run_dummy_step` needs on top (CUDA only)."""
+    """What this process holds now and what `run_dummy_step` needs on top (CUDA only);
+    `encoder_beside`: plus what encoding its images needs, where the tower runs beside the steps."""
     free_cached_memory(device)
     used = torch.cuda.memory_reserved(device)
+
+    def step() -> None:
+        run_dummy_step(model, device, num_tokens, max_num_seqs, attention_backend, block_size)
+
+    peak = _peak_above(used, device, step)
+    if encoder_beside and model.visual is not None:
+        peak += _peak_above(used, device, lambda: _encode_dummy_images(model, device, num_tokens))
+    return MemoryProfile(used_after_load=used, activation_peak=peak)
+
+
+def _peak_above(used: int, device: torch.device, work: Callable[[], object]) -> int:
+    """The allocator's peak while `work` runs, above `used`; its memory is freed after."""
     torch.cuda.reset_peak_memory_stats(device)
-    run_dummy_step(model, device, num_tokens, max_num_seqs, attention_backend, block_size)
+    work()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_reserved(device) - used
     free_cached_memory(device)
-    return MemoryProfile(used_after_load=used, activation_peak=peak)
+    return peak
 
 
 def free_cached_memory(device: torch.device) -> None:

@@ -225,7 +225,7 @@ class EngineArgs:
     )
     vision_cuda_graphs: bool = option(
         False,
-        "encoder-only instances, and instances encoding ahead (--encode-ahead), replay the vision "
+        "encoder-only instances, and instances encoding ahead (see --encode-ahead), replay the vision "
         "tower as CUDA graphs, one per batch shape seen twice (Qwen2-VL / Qwen2.5-VL towers; frees "
         "the host from launching it)",
     )

@@ -271,15 +271,24 @@ def _check_media_type(media_type: str) -> None:
 def _decode_base64(
     payload: str | bytes | memoryview, max_image_bytes: int | None, json_escapes: bool = False
 ) -> bytes:
-    # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them (JSON
-    # escapes, "\\/" for "/", lengthen a payload by ~2% at most: so much looser a bound there).
-    _check_bytes(len(payload) // 4 * 3 - 2, max_image_bytes)
+    _check_base64_length(len(payload), max_image_bytes)
     try:
         data = _b64decode(payload, json_escapes)
     except (binascii.Error, ValueError) as e:
         raise InvalidInputError(f"data URL has invalid base64: {e}") from None
     _check_bytes(len(data), max_image_bytes)
     return data
+
+
+def _check_base64_length(chars: int, max_image_bytes: int | None) -> None:
+    """Refuse a payload far too long before decoding it. 4 base64 characters carry 3 bytes, but
+    line breaks and JSON escapes ("\\/" for "/") add characters that carry none: only a text
+    that would hold twice the limit is refused here; the decoded bytes are checked after."""
+    if max_image_bytes is not None and chars // 4 * 3 > 2 * max_image_bytes:
+        raise InvalidInputError(
+            f"image is too large: {chars} characters of base64 hold over {2 * max_image_bytes} bytes "
+            f"> limit {max_image_bytes}"
+        )
 
 
 def _b64decode(payload: str | bytes | memoryview, json_escapes: bool = False) -> bytes:

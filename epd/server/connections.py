@@ -32,8 +32,7 @@ to h11 as uvicorn's own path would have it (a few KiB: nothing worth a second pa
 The transport sees the connection through `_BufferedReads`, a BufferedProtocol and nothing
 else: uvloop reads into a protocol's buffers only if it is not also an asyncio.Protocol, as
 uvicorn's is, and otherwise hands over each read as new `bytes` (copied once more into the body's
-buffer: two copies of every body byte, 6.5% of the API process's CPU on image requests). A loop
-that still calls `data_received` has its bytes copied into the body's buffer once.
+buffer: two copies of every body byte, 6.5% of the API process's CPU on image requests).
 """
 
 from __future__ import annotations
@@ -107,10 +106,7 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
             self._body_filled(nbytes)
 
     def data_received(self, data: bytes) -> None:
-        if self._body is not None:  # a loop that hands over bytes, not our buffer (uvloop)
-            data = self._fill_body(data)
-            if not data:
-                return
+        """What was read outside a direct body (from `buffer_updated`): h11's to parse."""
         cycle_before = self.cycle
         super().data_received(data)
         if self._waiting_for_headers():
@@ -135,16 +131,6 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
         body = self._body = DirectBody(cycle.body, left)  # the bytes h11 passed with the head first
         cycle.body = bytearray()
         cycle.receive = _direct_receive(cycle.receive, body)  # type: ignore[method-assign]
-
-    def _fill_body(self, data: bytes) -> bytes:
-        """Copy the body's part of `data` into its buffer; return what follows it (a pipelined
-        request). For loops that call `data_received` even on a BufferedProtocol (uvloop does,
-        for a protocol that is also an asyncio.Protocol): one copy, still no join."""
-        assert self._body is not None
-        n = min(len(data), self._body.size - self._body.filled)
-        self._body.free_space()[:n] = memoryview(data)[:n]
-        self._body_filled(n)
-        return data[n:] if n < len(data) else b""
 
     def _body_filled(self, nbytes: int) -> None:
         body, cycle = self._body, self.cycle

@@ -3,13 +3,23 @@ by it that leaves the largest step room within the share."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from epd import LLM, SamplingParams
 from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.kv_cache import bytes_per_block
-from epd.engine.memory import GIB, profile_memory, resolve_kv_cache_bytes, run_dummy_step
+from epd.engine.memory import (
+    GIB,
+    dummy_image_grids,
+    free_cached_memory,
+    profile_memory,
+    resolve_kv_cache_bytes,
+    run_dummy_step,
+)
 from epd.models.layers.attention import PagedAttention
 from epd.models.loader import build_model
 
@@ -60,6 +70,39 @@ def test_sized_cache_leaves_the_largest_step_within_the_share(checkpoints):
     torch.cuda.synchronize(CUDA)
     assert torch.cuda.max_memory_reserved(CUDA) <= budget
     del kv_cache
+
+
+def test_a_cache_sized_to_encode_ahead_leaves_room_for_the_tower_beside_the_step(checkpoints):
+    """Encode-ahead runs the tower on a stream of its own while the steps run: the caching
+    allocator keeps each stream's freed blocks for that stream, so their peaks add up."""
+    checkpoint = checkpoints["qwen2_5_vl"]
+    model = build_model(checkpoint, device=CUDA)
+    config = EngineConfig(
+        model=ModelConfig(str(checkpoint), max_model_len=STEP_TOKENS),
+        cache=CacheConfig(gpu_memory_utilization=_utilization_for(2.0)),
+        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=STEP_TOKENS),
+        device="cuda",
+    )
+    assert config.encodes_ahead(CUDA)  # the default on CUDA
+    kv = resolve_kv_cache_bytes(config, model)
+    assert kv < resolve_kv_cache_bytes(dataclasses.replace(config, encode_ahead=False), model)
+    budget = round(config.cache.gpu_memory_utilization * torch.cuda.get_device_properties(CUDA).total_memory)
+    kv_cache = torch.empty(kv, dtype=torch.uint8, device=CUDA)
+    torch.cuda.reset_peak_memory_stats(CUDA)
+    side = torch.cuda.Stream(CUDA)
+    with torch.cuda.stream(side):  # the tower's blocks stay with its stream once freed
+        model.encode_images(*_dummy_pixels(model, STEP_TOKENS))
+    run_dummy_step(model, CUDA, STEP_TOKENS, max_num_seqs=16)
+    torch.cuda.synchronize(CUDA)
+    assert torch.cuda.max_memory_reserved(CUDA) <= budget
+    del kv_cache
+    free_cached_memory(CUDA)
+
+
+def _dummy_pixels(model: torch.nn.Module, num_tokens: int) -> tuple[torch.Tensor, list]:
+    vision = model.config.vision
+    grids = dummy_image_grids(num_tokens, vision.spatial_merge_size)
+    return torch.randn(sum(math.prod(g) for g in grids), vision.patch_dim, device=CUDA), grids
 
 
 @pytest.mark.usefixtures("engines_on_cuda")

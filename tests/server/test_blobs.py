@@ -93,6 +93,10 @@ def test_escapes_inside_a_lifted_url_decode_as_the_parsed_url_does() -> None:
         assert len(blobs) == 1 and blobs[0].json_escapes and b"\\" in bytes(blobs[0].payload)
         parsed = json.loads(body)["messages"][0]["content"][0]["image_url"]["url"]
         assert read_image_bytes(blobs[0]) == read_image_bytes(parsed)
+        # An image at the byte limit passes both ways: its escapes do not count against it.
+        limit = len(read_image_bytes(parsed))
+        at_limit = read_image_bytes(parsed, max_image_bytes=limit)
+        assert read_image_bytes(blobs[0], max_image_bytes=limit) == at_limit
     assert [read_image_bytes(lift_data_urls(bytearray(b.encode()))[1][0]) == image_bytes for b in bodies] == [
         True,
         True,

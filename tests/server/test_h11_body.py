@@ -70,8 +70,9 @@ class _Served:
         self.port, self.app, self.bypassed = port, app, bypassed
 
 
-# The event loops uvicorn may run on: asyncio's reads into a BufferedProtocol's buffer, uvloop
-# hands bytes to data_received (and is what uvicorn takes wherever it is installed).
+# The event loops uvicorn may run on (uvloop wherever it is installed). Both read into the
+# buffers of the protocol the transport sees (epd.server.connections._BufferedReads); uvloop
+# would hand a protocol that is also an asyncio.Protocol its reads as bytes instead.
 LOOPS = [
     "asyncio",
     pytest.param(

@@ -111,7 +111,9 @@ class EngineHost:
         return self.engine.has_unfinished_requests()
 
     def busy_requests(self) -> int:
-        return len(self.engine.requests)
+        # An aborted request whose images are still encoding ahead holds the tower until they are.
+        ahead = self.engine.ahead
+        return len(self.engine.requests) + (ahead.pending if ahead is not None else 0)
 
     def rewire(self, wiring: EngineWiring) -> None:
         """Point a running, idle engine at the neighbours of new roles, keeping its weights and caches."""
