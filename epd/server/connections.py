@@ -78,7 +78,7 @@ def header_timeout_protocol(
     return type("H11WithHeaderTimeout", (_HeaderTimeoutProtocol,), attributes)
 
 
-class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
+class _HeaderTimeoutProtocol(H11Protocol):
     header_timeout_s: float = 30.0
     on_header_timeout: Callable[[], None] = staticmethod(lambda: None)
     max_direct_body_bytes: int = _UNBOUNDED
@@ -95,7 +95,7 @@ class _HeaderTimeoutProtocol(H11Protocol, asyncio.BufferedProtocol):
         transport.set_protocol(_BufferedReads(self))  # before the transport starts reading
         self._start_header_timer()
 
-    # asyncio.BufferedProtocol: the transport reads into the buffer given here
+    # What the transport calls through `_BufferedReads`: it reads into the buffer given here
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._body.free_space() if self._body is not None else self._scratch
 
