@@ -110,13 +110,14 @@ def profile_memory(
         # As encode-ahead does: the tower on a stream of its own, whose freed blocks the
         # allocator keeps for that stream, so the step after it cannot reuse them.
         with torch.cuda.stream(torch.cuda.Stream(device)):
-            _encode_dummy_images(model, device, num_tokens)
+            encode_dummy_images(model, device, num_tokens)
     run_dummy_step(model, device, num_tokens, max_num_seqs, attention_backend, block_size)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_reserved(device) - used
     free_cached_memory(device)
-    # What the run leaves held stays held: a stream's first matmuls give cuBLAS a workspace that
-    # outlives the stream (the tower's stream here: 34 MiB on an H200).
+    # What the run leaves held stays held. Without this, a cache sized for the tower's own stream
+    # came out 34 MiB over on an H200, most likely the cuBLAS workspace that a stream's first
+    # matmuls make and that outlives the stream.
     kept = max(0, torch.cuda.memory_reserved(device) - used)
     return MemoryProfile(used_after_load=used + kept, activation_peak=peak)
 
@@ -166,7 +167,7 @@ def _prefill_with_images(
     model: nn.Module, device: torch.device, num_tokens: int, meta: AttentionMetadata
 ) -> torch.Tensor:
     """Hidden states of one prompt of `num_tokens` (image rows first, where the model encodes)."""
-    mm_embeds = _encode_dummy_images(model, device, num_tokens)
+    mm_embeds = encode_dummy_images(model, device, num_tokens)
     mm_index = None if mm_embeds is None else torch.arange(len(mm_embeds), device=device)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     embeds = model.embed_tokens(ids, mm_embeds, mm_index)
@@ -186,7 +187,8 @@ def dummy_image_grids(num_tokens: int, merge: int = 2, side: int = DUMMY_IMAGE_P
     return grids
 
 
-def _encode_dummy_images(model: nn.Module, device: torch.device, num_tokens: int) -> torch.Tensor | None:
+def encode_dummy_images(model: nn.Module, device: torch.device, num_tokens: int) -> torch.Tensor | None:
+    """Embeddings of dummy images that fill `num_tokens` (None: the model has no tower)."""
     if model.visual is None:
         return None
     vision = model.config.vision

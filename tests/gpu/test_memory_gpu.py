@@ -4,7 +4,6 @@ by it that leaves the largest step room within the share."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.kv_cache import bytes_per_block
 from epd.engine.memory import (
     GIB,
-    dummy_image_grids,
+    encode_dummy_images,
     free_cached_memory,
     profile_memory,
     resolve_kv_cache_bytes,
@@ -91,18 +90,12 @@ def test_a_cache_sized_to_encode_ahead_leaves_room_for_the_tower_beside_the_step
     torch.cuda.reset_peak_memory_stats(CUDA)
     side = torch.cuda.Stream(CUDA)
     with torch.cuda.stream(side):  # the tower's blocks stay with its stream once freed
-        model.encode_images(*_dummy_pixels(model, STEP_TOKENS))
+        encode_dummy_images(model, CUDA, STEP_TOKENS)
     run_dummy_step(model, CUDA, STEP_TOKENS, max_num_seqs=16)
     torch.cuda.synchronize(CUDA)
     assert torch.cuda.max_memory_reserved(CUDA) <= budget
     del kv_cache
     free_cached_memory(CUDA)
-
-
-def _dummy_pixels(model: torch.nn.Module, num_tokens: int) -> tuple[torch.Tensor, list]:
-    vision = model.config.vision
-    grids = dummy_image_grids(num_tokens, vision.spatial_merge_size)
-    return torch.randn(sum(math.prod(g) for g in grids), vision.patch_dim, device=CUDA), grids
 
 
 @pytest.mark.usefixtures("engines_on_cuda")
