@@ -15,8 +15,8 @@ Instance processes are spawned, not forked: they keep glibc's defaults.
 It also keeps every thread on the main heap (one arena). glibc gives threads that allocate at
 once arenas of their own, which grow in extra heaps of at most 64 MiB each and unmap such a heap
 as soon as it empties, whatever the trim threshold. The input threads that decode each
-request's base64 still faulted their megabytes in afresh: 80-380 page faults per request (each
-may clear a huge page), 1-175 with one arena, 1 on a GPU host (BENCHMARKS.md, "The front end's
+request's base64 still faulted their megabytes in afresh: 80-380 page faults per request,
+1-175 with one arena, 1 on a GPU host (BENCHMARKS.md, "The front end's
 heap, garbage collector and uvloop reads"). One arena costs little here: most of this process's
 allocating holds the GIL, and the threads that allocate without it (image decoding, in an engine
 that runs in this process) take its lock for a few large blocks an image. Call this before the
