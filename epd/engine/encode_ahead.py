@@ -18,13 +18,17 @@ tower shares the GPU with the decodes). Before the engine read its samples witho
 GIL (`DeviceSample.read`), this thread launched the eager tower only between steps, 4x slower,
 and the burst's first tokens came 2-3x later.
 
+The bookkeeping (`EncodeAhead`: the queue, the bound, what is done, cancellations) is apart from
+what runs the tower (an `AheadTower`): `TowerThread` here, or the simulator's lane on virtual time
+(epd.sim.tower_lane), so that `epd simulate` drives this same state machine.
+
 A request's way through (engine thread unless marked):
 
 | state    | held in                  | leaves when                                                  |
 |----------|--------------------------|--------------------------------------------------------------|
 | queued   | `_queued`                | room: images in flight + encoded and waiting < the bound     |
-| encoding | the thread (`_jobs`)     | its images are encoded and their event reached (thread)      |
-| done     | `_done` (under `_lock`)  | `take_done` at the engine's next step: to the scheduler      |
+| encoding | the tower (`_in_flight`) | its images are encoded (the thread: and their event reached) |
+| done     | the tower's finished     | `take_done` at the engine's next step: to the scheduler      |
 | waiting  | the scheduler's queue    | its prefill starts (its embeddings are then the step's, as   |
 |          |                          | any prefill's), or it ends                                   |
 
@@ -41,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -60,6 +65,35 @@ class AheadJob:
     embeds: list[torch.Tensor] = field(default_factory=list)
 
 
+class AheadTower(Protocol):
+    """What runs the tower for `EncodeAhead`: it takes jobs one at a time, in order, and hands
+    each back once its images are encoded (`embeds` filled, or `error` set). Called from the
+    engine's thread only."""
+
+    launch_seconds: float  # cumulative host time spent launching the tower (0: not measured)
+
+    def put(self, job: AheadJob) -> None:
+        """Encode `job`'s images after the jobs put before it."""
+        ...
+
+    def take_finished(self) -> list[AheadJob]:
+        """The jobs finished since the last call, in order."""
+        ...
+
+    @property
+    def num_finished(self) -> int:
+        """Jobs finished and not taken yet."""
+        ...
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a job finishes (or `wake`, or the timeout)."""
+        ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class EncodeAhead:
     def __init__(
         self,
@@ -68,33 +102,18 @@ class EncodeAhead:
         max_images: int = DEFAULT_MAX_IMAGES_AHEAD,
         tower_graphs: VisionGraphs | None = None,
         stream_priority: int = 0,
+        tower: AheadTower | None = None,
     ) -> None:
         """`images_waiting`: the images encoded ahead whose requests the scheduler has not
-        started (the engine counts them in its queue). `tower_graphs`: replay the tower as CUDA
-        graphs where it can (epd.models.vision_graphs; `--vision-cuda-graphs`): one launch a batch
-        instead of the tower's Python dispatch. `stream_priority`: CUDA's, of the tower's stream
-        (0 the steps' own; lower is sooner: its kernels go first where both wait)."""
+        started (the engine counts them in its queue). `tower`: what encodes (default: a
+        `TowerThread` of `encoder`, with `tower_graphs` and `stream_priority`, see there)."""
         self.encoder, self.max_images, self.tower_graphs = encoder, max_images, tower_graphs
         self.images_waiting = images_waiting
-        device = encoder.device
-        cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device, priority=stream_priority) if cuda else None
-        # The engine's steps run on the stream current now (its thread's): the embeddings are
-        # read there, so their memory must not be reused before those reads (record_stream).
-        self._consumer = torch.cuda.current_stream(device) if cuda else None
+        self.tower = tower or TowerThread(encoder, tower_graphs, stream_priority)
         self._queued: deque[AheadJob] = deque()
-        self._jobs: queue.SimpleQueue[AheadJob | None] = queue.SimpleQueue()
-        self._done: deque[AheadJob] = deque()
-        self._lock = threading.Condition()
-        self._in_flight: dict[str, int] = {}  # request id -> images, fed to the thread, not taken back
+        self._in_flight: dict[str, int] = {}  # request id -> images, put to the tower, not taken back
         self._cancelled: set[str] = set()
-        self._thread: threading.Thread | None = None
         self.num_images_encoded = 0  # cumulative, handed back by take_done (stats, tests)
-        # Cumulative seconds the thread spent launching the tower (host): what a bench compares
-        # with the tower's GPU time, to tell a host-bound tower from a GPU-bound one.
-        self.launch_seconds = 0.0
-
-    # ---- the engine's side --------------------------------------------------------------------
 
     def submit(self, request: Request, images: list[int]) -> None:
         """Encode `images` (indices) of `request` ahead; `take_done` gives it back."""
@@ -103,10 +122,8 @@ class EncodeAhead:
 
     def take_done(self) -> list[AheadJob]:
         """The jobs encoded since the last call (failed ones carry `error`), less cancelled ones."""
-        with self._lock:
-            done, self._done = list(self._done), deque()
         kept = []
-        for job in done:
+        for job in self.tower.take_finished():
             rid = job.request.request_id
             self._in_flight.pop(rid, None)
             if rid in self._cancelled:
@@ -124,22 +141,88 @@ class EncodeAhead:
         before = len(self._queued)
         self._queued = deque(j for j in self._queued if j.request.request_id != request_id)
         if len(self._queued) == before and request_id in self._in_flight:
-            self._cancelled.add(request_id)  # dropped when the thread hands it back
+            self._cancelled.add(request_id)  # dropped when the tower hands it back
 
     @property
     def pending(self) -> int:
         """Requests submitted and not yet handed back by `take_done` (cancelled ones included
-        while the thread still encodes them)."""
+        while the tower still encodes them)."""
         return len(self._queued) + len(self._in_flight)
 
     @property
     def num_done(self) -> int:
-        """Jobs the thread has finished that `take_done` has not taken yet."""
+        """Jobs the tower has finished that `take_done` has not taken yet."""
+        return self.tower.num_finished
+
+    @property
+    def launch_seconds(self) -> float:
+        """Cumulative seconds spent launching the tower (host): what a bench compares with the
+        tower's GPU time, to tell a host-bound tower from a GPU-bound one."""
+        return self.tower.launch_seconds
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a job is done (or `wake`, or the timeout)."""
+        self.tower.wait(timeout_s)
+
+    def wake(self) -> None:
+        self.tower.wake()
+
+    def close(self) -> None:
+        self.tower.close()
+
+    def _feed(self) -> None:
+        """Hand queued jobs to the tower while the images ahead stay within the bound (at least
+        one job at a time, however many images it has)."""
+        while self._queued and (not self._in_flight or self._images_ahead() < self.max_images):
+            job = self._queued.popleft()
+            self._in_flight[job.request.request_id] = len(job.images)
+            self.tower.put(job)
+
+    def _images_ahead(self) -> int:
+        return self.images_waiting() + sum(self._in_flight.values())
+
+
+class TowerThread:
+    """An `AheadTower`: a thread that runs the tower, on a CUDA stream of its own where the
+    encoder is on CUDA (else it simply computes beside the engine)."""
+
+    def __init__(
+        self, encoder: LocalEncoder, tower_graphs: VisionGraphs | None = None, stream_priority: int = 0
+    ) -> None:
+        """`tower_graphs`: replay the tower as CUDA graphs where it can (epd.models.vision_graphs;
+        `--vision-cuda-graphs`): one launch a batch instead of the tower's Python dispatch.
+        `stream_priority`: CUDA's, of the tower's stream (0 the steps' own; lower is sooner: its
+        kernels go first where both wait)."""
+        self.encoder, self.tower_graphs = encoder, tower_graphs
+        device = encoder.device
+        cuda = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device, priority=stream_priority) if cuda else None
+        # The engine's steps run on the stream current now (its thread's): the embeddings are
+        # read there, so their memory must not be reused before those reads (record_stream).
+        self._consumer = torch.cuda.current_stream(device) if cuda else None
+        self._jobs: queue.SimpleQueue[AheadJob | None] = queue.SimpleQueue()
+        self._done: deque[AheadJob] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.launch_seconds = 0.0
+
+    # ---- the engine's side --------------------------------------------------------------------
+
+    def put(self, job: AheadJob) -> None:
+        self._start_thread()
+        self._jobs.put(job)
+
+    def take_finished(self) -> list[AheadJob]:
+        with self._lock:
+            done, self._done = list(self._done), deque()
+        return done
+
+    @property
+    def num_finished(self) -> int:
         with self._lock:
             return len(self._done)
 
     def wait(self, timeout_s: float) -> None:
-        """Block until a job is done (or `wake`, or the timeout)."""
         with self._lock:
             if not self._done:
                 self._lock.wait(timeout_s)
@@ -153,18 +236,6 @@ class EncodeAhead:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
-
-    def _feed(self) -> None:
-        """Hand queued jobs to the thread while the images ahead stay within the bound (at least
-        one job at a time, however many images it has)."""
-        while self._queued and (not self._in_flight or self._images_ahead() < self.max_images):
-            job = self._queued.popleft()
-            self._in_flight[job.request.request_id] = len(job.images)
-            self._start_thread()
-            self._jobs.put(job)
-
-    def _images_ahead(self) -> int:
-        return self.images_waiting() + sum(self._in_flight.values())
 
     def _start_thread(self) -> None:
         if self._thread is None:

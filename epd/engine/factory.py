@@ -14,6 +14,9 @@ factory:
 |  instance_parts`     |  of an instance, driving  |                | (`@tpN` layouts)                 |
 |                      |  its workers)             |                |                                  |
 
+A factory may also give the engine what encodes images ahead (`ahead_tower`, epd.engine.encode_ahead)
+in place of the engine's own thread: the simulator's lane on virtual time (epd.sim.tower_lane).
+
 A runner is whatever offers `merge_size`, `embedder`, `run`, `inject_kv`, `gather_kv`, `slots`,
 `gather_kv_layer`, `handoff_kv` and `handoff_kv_layer` as `ModelRunner` does (epd.engine.model_runner).
 """
@@ -28,6 +31,7 @@ import torch
 from epd.clock import Clock
 from epd.config import EngineConfig
 from epd.engine.embedders import CachedEmbeddings, ImageEmbedder, LocalEncoder, NoEmbeddings
+from epd.engine.encode_ahead import AheadTower
 from epd.engine.kv_cache import num_blocks_for_memory
 from epd.engine.memory import resolve_kv_cache_bytes
 from epd.engine.mm_cache import MMCache
@@ -41,6 +45,7 @@ class ModelParts:
     runner: Any  # ModelRunner, or anything with its interface (see the module docstring)
     num_blocks: int  # KV blocks the runner holds for the block manager
     model: torch.nn.Module | None = None  # the loaded model, when there is one
+    ahead_tower: AheadTower | None = None  # encodes ahead, if the engine does; None: a thread of its own
 
 
 class PartsFactory(Protocol):

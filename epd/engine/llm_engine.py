@@ -40,7 +40,7 @@ from epd.config import EngineConfig, SchedulerConfig
 from epd.engine.async_scheduling import AsyncStepper
 from epd.engine.block_manager import BlockManager
 from epd.engine.embedders import CachedEmbeddings, ImageEmbedder, LocalEncoder, NoEmbeddings
-from epd.engine.encode_ahead import EncodeAhead
+from epd.engine.encode_ahead import AheadTower, EncodeAhead
 from epd.engine.factory import PartsFactory, choose_embedder, load_model_parts
 from epd.engine.layer_stream import LayerSink, LayerStreamer, NoLayerStreaming
 from epd.engine.mm_cache import MMCache
@@ -134,7 +134,8 @@ class LLMEngine:
         # Async scheduling (epd.engine.async_scheduling): decode steps launched before the last is read.
         self.async_steps = AsyncStepper(self) if config.async_scheduling else None
         # Images encoded beside the steps, before their requests are scheduled (epd.engine.encode_ahead).
-        self.ahead = _encode_ahead(config, self.runner.embedder, self._images_encoded_waiting)
+        waiting = self._images_encoded_waiting
+        self.ahead = _encode_ahead(config, self.runner.embedder, waiting, parts.ahead_tower)
         logger.info(
             "engine %s ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             instance or "",
@@ -559,11 +560,17 @@ class LLMEngine:
 
 
 def _encode_ahead(
-    config: EngineConfig, embedder: ImageEmbedder, images_waiting: Callable[[], int]
+    config: EngineConfig,
+    embedder: ImageEmbedder,
+    images_waiting: Callable[[], int],
+    tower: AheadTower | None = None,
 ) -> EncodeAhead | None:
-    """Encode-ahead, if this engine holds the tower and it is asked for (by default: on CUDA)."""
+    """Encode-ahead, if this engine holds the tower and it is asked for (by default: on CUDA);
+    `tower`: what encodes (None: a thread of the engine's, epd.engine.encode_ahead.TowerThread)."""
     if not isinstance(embedder, LocalEncoder) or not config.encodes_ahead(embedder.device):
         return None
+    if tower is not None:
+        return EncodeAhead(embedder, images_waiting, tower=tower)
     graphs = None
     if config.vision_cuda_graphs:  # its input buffer alone is ~150 MB of device memory
         graphs = VisionGraphs.for_model(embedder.model, MAX_GRAPH_PATCHES, embedder.device)
