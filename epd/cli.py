@@ -48,6 +48,7 @@ SIMULATED_OPTIONS = (
     "num_kv_blocks", "kv_cache_memory_bytes", "mm_cache_bytes", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "enable_chunked_prefill", "scheduling_policy", "max_queue_wait",
     "role_switching", "role_switching_margin", "role_switching_dwell", "role_switching_window",
+    "encode_ahead",
 )  # fmt: skip
 
 
@@ -241,7 +242,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group(
         "simulation",
         "The instances run here, on virtual time: --device, --devices and --transfer only pick the "
-        "connector between them (as epd serve does), hence the profile's link costs and KV streaming. "
+        "connector between them (as epd serve does), hence the profile's link costs and KV streaming, "
+        "and, with --encode-ahead, whether the instances that encode and prefill encode ahead. "
         "Each rate starts on a fresh cluster; --warmup requests are not simulated.",
     )
     g.add_argument("--profile", default=None, help="fitted costs of compute and links (epd profile's JSON)")

@@ -111,6 +111,7 @@ class Cluster:
             from epd.cluster.router.auto_roles_sim import auto_policy  # the simulator: only when asked
 
             options = {"layout": layout.text, "transfer": transfer, "kv_streaming": kv_streaming}
+            options["devices"] = [s.device for s in specs]  # where each instance encodes ahead or not
             self._auto = auto_policy(role_switching, engine, mm_cache_bytes=mm_cache_bytes, **options)
         self.launcher = launcher or LocalProcessLauncher(host)
         self.ctx = zmq.Context()

@@ -5,6 +5,8 @@
 | router       | `RouterCore` on the harness's virtual clock | the harness delivers its `Outgoing`         |
 | instance     | `InstanceCore` with scripted (or cost-model)| `SimInstance` (epd.sim.node): own clock,    |
 |              | compute: no weights are loaded              | inbox, stamped outbox                       |
+| encode-ahead | the engine's `EncodeAhead`, where the config| its tower on the second lane of the         |
+|              | encodes ahead (epd.sim.command: as served)  | instance's clock (epd.sim.gpu_share)        |
 | connectors   | `MemoryConnector`s of one `MemoryNetwork`   | the harness lands transfers when due        |
 | role switches| `RoleSwitches` (by hand: `switches.request`)| the harness feeds it replies and ticks it;  |
 |              | and, with `role_switching`, the automatic   | the policy looks every `SWITCH_TICK_S` of   |
@@ -19,6 +21,7 @@ The checkpoint directory is still read for its config, tokenizer and image proce
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +40,10 @@ from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
 from epd.engine.step_estimator import prefill_seconds_of
 from epd.sim.costs import LinearCosts, costs_at_degree
+from epd.sim.gpu_share import DEFAULT_TOWER_SHARE, SharedGpuClock
 from epd.sim.host_costs import HostCosts
 from epd.sim.node import SimInstance, StampedOutbox
+from epd.sim.tower_lane import with_tower_lane
 from epd.transfer.memory import MemoryNetwork, WireBytes, tensor_bytes
 
 ROUTER = "router"
@@ -61,6 +66,8 @@ class ClusterSpec:
     # Automatic role switching (epd.cluster.router.auto_roles); None: the layout stays as it is.
     role_switching: RoleSwitchingOptions | None = None
     host_costs: HostCosts | None = None  # the CPU's work around the model (None: free)
+    # The GPU's share a tower encoding ahead gets beside the steps (epd.sim.gpu_share).
+    tower_share: float = DEFAULT_TOWER_SHARE
 
 
 def engine_config(
@@ -127,9 +134,10 @@ class SimCluster:
             max_encode_batch_patches=spec.max_encode_batch_patches,
             kv_streaming=spec.kv_streaming,
         )
-        clock = VirtualClock()
+        clock = SharedGpuClock(spec.tower_share)
         connector = self.network.connector(instance.name, clock)
         outbox = StampedOutbox(clock)
+        compute = dataclasses.replace(compute, parts=with_tower_lane(compute.parts))
         return SimInstance(InstanceCore(cfg, connector, outbox, clock, compute), clock, connector, outbox)
 
     def _handle(self, node: SimInstance) -> InstanceHandle:

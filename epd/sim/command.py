@@ -3,9 +3,11 @@
 The engine flags are `epd serve`'s and are read the way it reads them (`EngineArgs`): the same
 command line sizes the same KV cache, MM caches and batches (counted from the real model config;
 the simulation then runs with narrow embeddings, epd.sim.model_shape). The instances themselves run
-here on the CPU, whatever `--device` says; the devices only decide the connector between them, as
-in `epd serve` (cuda_ipc between GPUs of this host, else shm), and so the profile's link costs and
-whether KV streams by layer.
+here on the CPU, whatever `--device` says; the devices decide what they decide in `epd serve`: the
+connector between instances (cuda_ipc between GPUs of this host, else shm), and so the profile's
+link costs and whether KV streams by layer; and whether an instance that holds the tower and the
+language model encodes ahead (`EngineConfig.encodes_ahead`: by default on CUDA; --no-encode-ahead:
+in the steps), which the simulation models on a second lane of its GPU (epd.sim.gpu_share).
 
 Costs: `--profile` (epd.plan.profile: fitted compute costs, per-connector links and, when measured,
 the host CPU's front end and image decoding, epd.sim.host_costs); without it
@@ -21,8 +23,10 @@ import dataclasses
 import hashlib
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from epd.bench.serve.cli import arrivals_from_args, out_dir_of, workload_from_args
@@ -58,10 +62,12 @@ def run_simulate_command(args: argparse.Namespace, engine_args: EngineArgs) -> i
 
 def simulate_spec(args: argparse.Namespace, engine_args: EngineArgs) -> SimulateSpec:
     real = engine_args.engine_config()
-    engine = sim_engine_config(real)
+    devices = serve_devices(engine_args)
+    engine = sim_engine_config(real, devices)
     connector = connector_of(engine_args)
     costs = cost_source(args.profile, args.costs, connector)
     _check_dtype(costs.profile, engine_args.dtype)
+    _check_device(costs.profile, devices)
     _check_degrees(costs.compute, engine_args.layout)
     latency, bandwidth = costs.link
     cluster = ClusterSpec(
@@ -101,15 +107,27 @@ def bench_spec(args: argparse.Namespace, engine_args: EngineArgs) -> BenchSpec:
     )
 
 
-def sim_engine_config(config: EngineConfig) -> EngineConfig:
-    """`config` (`epd serve`'s for the flags) as simulated: on the CPU, narrow embeddings, and the
-    KV block count the engine derives from --kv-cache-memory-bytes and the real model's shape."""
+def sim_engine_config(config: EngineConfig, devices: Sequence[str] = ()) -> EngineConfig:
+    """`config` (`epd serve`'s for the flags) as simulated: on the CPU, narrow embeddings, the KV
+    block count the engine derives from --kv-cache-memory-bytes and the real model's shape, and
+    encode-ahead as `config` decides it on the instances' `devices` (default: its own device).
+    A layout on both CPUs and GPUs encodes ahead only if every instance's device would, as it
+    gets cuda_ipc only if every one is a GPU (the simulated instances share one config)."""
     cache, model = config.cache, config.model
     blocks = cache.num_kv_blocks or num_blocks_for_memory(
         model.hf.text, cache.block_size, model.torch_dtype, cache.kv_cache_memory_bytes
     )
     cache = dataclasses.replace(cache, num_kv_blocks=blocks)
-    return dataclasses.replace(config, model=narrow_model(model), cache=cache, device="cpu")
+    ahead = all(config.encodes_ahead(torch.device(d)) for d in devices or [config.device])
+    return dataclasses.replace(
+        config, model=narrow_model(model), cache=cache, device="cpu", encode_ahead=ahead
+    )
+
+
+def serve_devices(engine_args: EngineArgs) -> list[str]:
+    """The device of each instance (its rank 0's) where `epd serve` would start it."""
+    layout = Layout.parse(engine_args.layout)
+    return [spec.device for spec in layout.instances(engine_args.devices or engine_args.device)]
 
 
 def connector_of(engine_args: EngineArgs) -> str:
@@ -160,6 +178,19 @@ def _check_degrees(costs: ComputeCosts, layout: str) -> None:
     check_degrees(costs, degrees)
     if max(degrees) > 1 and not isinstance(costs, DegreeCosts):
         logger.warning("linear costs price a tensor-parallel instance as one of degree 1")
+
+
+def _check_device(profile: dict | None, devices: Sequence[str]) -> None:
+    """A profile measured on a GPU, instances placed on CPUs: allowed, but said, as `epd serve`
+    would then encode in the steps and send by shm, which the simulation follows."""
+    measured = ((profile or {}).get("meta") or {}).get("device") or ""
+    if measured.startswith("cuda") and not all(d.startswith("cuda") for d in devices):
+        logger.warning(
+            "the profile measured %s; --device/--devices place instances on %s, where epd serve "
+            "would encode images in the steps and send by shm (serve's devices give its choices)",
+            measured,
+            ",".join(sorted(set(devices))),
+        )
 
 
 def _check_dtype(profile: dict | None, dtype: str) -> None:

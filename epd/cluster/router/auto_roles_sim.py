@@ -137,6 +137,7 @@ def sim_setup(
     slo: SLOTargets,
     costs: ComputeCosts | None = None,
     link: tuple[float, float] | None = None,
+    devices: Sequence[str] = (),
 ) -> ScoringSetup:
     """The simulator as `epd simulate` sets it up for these serve options (epd.sim.command):
     the profile's costs and links for `transfer`, else `costs` (given: the simulation's own) or
@@ -152,7 +153,7 @@ def sim_setup(
     latency, bandwidth = link or (0.0, float("inf"))
     base = ClusterSpec(
         layout,
-        sim_engine_config(engine),
+        sim_engine_config(engine, devices),
         costs,
         transfer_latency_s=latency,
         transfer_bandwidth=bandwidth,
@@ -173,6 +174,7 @@ def auto_policy(
     kv_streaming: str,
     costs: ComputeCosts | None = None,
     link: tuple[float, float] | None = None,
+    devices: Sequence[str] = (),
 ) -> AutoRoles:
     """The policy `--role-switching auto` runs, its scorer the simulator set up as served."""
     setup = sim_setup(
@@ -185,6 +187,7 @@ def auto_policy(
         slo=SLOTargets(options.slo_ttft_s, options.slo_tpot_s),
         costs=costs,
         link=link,
+        devices=devices,
     )
     return AutoRoles(options.config, setup.scorer, setup.units, calibrate=setup.calibrate)
 
