@@ -26,7 +26,7 @@ A request's way through (engine thread unless marked):
 
 | state    | held in                  | leaves when                                                  |
 |----------|--------------------------|--------------------------------------------------------------|
-| queued   | `_queued`                | room: images in flight + encoded and waiting < the bound     |
+| queued   | `_queued`                | room: in flight + encoded and waiting < the bound, or none   |
 | encoding | the tower (`_in_flight`) | its images are encoded (the thread: and their event reached) |
 | done     | the tower's finished     | `take_done` at the engine's next step: to the scheduler      |
 | waiting  | the scheduler's queue    | its prefill starts (its embeddings are then the step's, as   |
@@ -134,7 +134,9 @@ class EncodeAhead:
             if job.error is None:
                 self.num_images_encoded += len(job.images)
             kept.append(job)
-        self._feed()
+        # Their requests reach the scheduler's queue only after this returns: counted as ahead
+        # meanwhile, or the bound would let as many more in (all the queue, where the tower is fast).
+        self._feed(handed_back=sum(len(job.images) for job in kept if job.error is None))
         return kept
 
     def cancel(self, request_id: str) -> None:
@@ -170,10 +172,15 @@ class EncodeAhead:
     def close(self) -> None:
         self.tower.close()
 
-    def _feed(self) -> None:
-        """Hand queued jobs to the tower while the images ahead stay within the bound (at least
-        one job at a time, however many images it has)."""
-        while self._queued and (not self._in_flight or self._images_ahead() < self.max_images):
+    def _feed(self, handed_back: int = 0) -> None:
+        """Hand queued jobs to the tower while the images ahead (`handed_back`: also those just
+        taken back) stay within the bound; with none ahead, one job, however many images it has.
+        (Not "one whenever none is in flight": requests encoded and waiting would then pile up
+        past the bound, one job at a time, wherever the tower outruns the scheduler.)"""
+        while self._queued:
+            ahead = self._images_ahead() + handed_back
+            if ahead and ahead >= self.max_images:
+                return
             job = self._queued.popleft()
             self._in_flight[job.request.request_id] = len(job.images)
             self.tower.put(job)
