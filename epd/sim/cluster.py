@@ -40,7 +40,7 @@ from epd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from epd.engine.scripted_runner import ComputeCosts, scripted_parts, scripted_vision
 from epd.engine.step_estimator import prefill_seconds_of
 from epd.sim.costs import LinearCosts, costs_at_degree
-from epd.sim.gpu_share import DEFAULT_TOWER_SHARE, SharedGpuClock
+from epd.sim.gpu_share import DEFAULT_OVERLAP_SPEED, SharedGpuClock
 from epd.sim.host_costs import HostCosts
 from epd.sim.node import SimInstance, StampedOutbox
 from epd.sim.tower_lane import with_tower_lane
@@ -66,8 +66,8 @@ class ClusterSpec:
     # Automatic role switching (epd.cluster.router.auto_roles); None: the layout stays as it is.
     role_switching: RoleSwitchingOptions | None = None
     host_costs: HostCosts | None = None  # the CPU's work around the model (None: free)
-    # The GPU's share a tower encoding ahead gets beside the steps (epd.sim.gpu_share).
-    tower_share: float = DEFAULT_TOWER_SHARE
+    # The speed of steps and a tower encoding ahead while both run (epd.sim.gpu_share).
+    overlap_speed: float = DEFAULT_OVERLAP_SPEED
 
 
 def engine_config(
@@ -134,7 +134,7 @@ class SimCluster:
             max_encode_batch_patches=spec.max_encode_batch_patches,
             kv_streaming=spec.kv_streaming,
         )
-        clock = SharedGpuClock(spec.tower_share)
+        clock = SharedGpuClock(spec.overlap_speed)
         connector = self.network.connector(instance.name, clock)
         outbox = StampedOutbox(clock)
         compute = dataclasses.replace(compute, parts=with_tower_lane(compute.parts))

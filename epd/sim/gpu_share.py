@@ -8,20 +8,22 @@ tower encoding ahead beside them (epd.engine.encode_ahead), in virtual time.
 |       | runner), an E instance's encode batches          | any virtual clock                   |
 | tower | jobs encoded ahead, one after another (FIFO)     | `encode_beside(seconds)`            |
 
-Interference rule (one parameter, `tower_share`): while both lanes have work, the tower runs at
-`tower_share` of its solo speed and the steps at the rest, `1 - tower_share`; a lane alone runs at
-full speed. Overlap so does no more work than running the two one after the other: it lets the steps
-go on, slower, while the tower runs, instead of waiting for all of it. `advance_to` (the instance
+Interference rule (one parameter, `overlap_speed`): while both lanes have work, each runs at
+`overlap_speed` of its solo speed; a lane alone runs at full speed. `advance_to` (the instance
 idle, or its engine waiting for an encode) runs the tower alone.
 
-The default share, 0.63, is the tower's span alone over its span beside the steps on one H200
-(BENCHMARKS.md, "Encode-ahead's stream at a higher CUDA priority": 3 x 1280x960 images x 4 requests
-beside 32 decodes and their 2048-token chunks, stream priority 0: 345.3 ms in the steps, 548.3 ms
-ahead). That the steps get the rest, rather than as much again, follows from that burst ending at
-about the same time either way (last first token 1006 ms ahead, 980 in the steps). It ignores:
-that the eager tower there is bound by launching its kernels from Python (its span equals its
-launch time; `--vision-cuda-graphs` or another host shifts the share); that a decode step and a
-2048-token chunk do not slow alike; any gain from overlap; and the host CPU the two lanes share.
+The default, 0.63, is the tower's span alone over its span beside the steps on one H200
+(BENCHMARKS.md, "Encode-ahead's stream at a higher CUDA priority": 4 requests of 3 x 1280x960
+images beside 32 decodes and 2048-token chunks, stream priority 0: 345.3 ms in the steps, 548.3
+ms ahead), given to the steps too. The burst's end checks it roughly: the steps' own work there
+(~635 ms: 980 ms in the steps less the tower) and ~9 more decode steps of ~6 ms beside a tower
+at 0.63 end ~890 ms after it began, against 923 and 1006 ms measured in two runs (the steps ran
+at ~0.45-0.57 of their speed by that reckoning). At 0.63 the GPU does 1.26x the work of either
+lane alone while both run: the serving runs (BENCHMARKS.md, "Encode-ahead under load") gained
+1-9% in requests/s. It ignores: that the eager tower there is bound by launching its kernels from
+Python (its span equals its launch time; `--vision-cuda-graphs` or another host shifts the
+figure); that a decode step and a 2048-token chunk do not slow alike; the stream's priority; and
+the host CPU the two lanes share (in-process 1EPD: with the API process's threads too).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from dataclasses import dataclass
 
 from epd.clock import VirtualClock
 
-DEFAULT_TOWER_SHARE = round(345.3 / 548.3, 2)  # see the module docstring
+DEFAULT_OVERLAP_SPEED = round(345.3 / 548.3, 2)  # see the module docstring
+# Work left below this is rounding (a job worn down by many steps): the job has ended.
+DONE_S = 1e-12
 
 
 @dataclass
@@ -57,11 +61,11 @@ class TowerWork:
 
 
 class SharedGpuClock(VirtualClock):
-    def __init__(self, tower_share: float = DEFAULT_TOWER_SHARE, start: float = 0.0) -> None:
-        if not 0 < tower_share < 1:
-            raise ValueError(f"tower_share must be in (0, 1), got {tower_share}")
+    def __init__(self, overlap_speed: float = DEFAULT_OVERLAP_SPEED, start: float = 0.0) -> None:
+        if not 0 < overlap_speed <= 1:
+            raise ValueError(f"overlap_speed must be in (0, 1], got {overlap_speed}")
         super().__init__(start)
-        self.tower_share = tower_share
+        self.overlap_speed = overlap_speed
         self._tower: deque[TowerSpan] = deque()  # unfinished, the first one running
         self._work: TowerWork | None = None  # set inside tower_work
 
@@ -81,16 +85,15 @@ class SharedGpuClock(VirtualClock):
 
     def _beside_tower(self, step_work: float) -> float:
         """Both lanes run until one of them is done; the steps' work left."""
-        span, tower_rate = self._tower[0], self.tower_share
-        step_rate = 1.0 - tower_rate
-        if span.work / tower_rate <= step_work / step_rate:  # the tower's job ends first
-            elapsed = span.work / tower_rate
-            super().advance(elapsed)
+        span = self._tower[0]  # both at the same speed: the one with less work left ends first
+        if span.work <= step_work:
+            super().advance(span.work / self.overlap_speed)
+            left = step_work - span.work
             self._finish_first()
-            return max(0.0, step_work - elapsed * step_rate)
-        elapsed = step_work / step_rate
-        span.work -= elapsed * tower_rate
-        super().advance(elapsed)
+            return left
+        span.work -= step_work
+        super().advance(step_work / self.overlap_speed)
+        self._finish_empty()
         return 0.0
 
     def advance_to(self, when: float) -> None:
@@ -136,6 +139,6 @@ class SharedGpuClock(VirtualClock):
         self._finish_empty()
 
     def _finish_empty(self) -> None:
-        """Jobs that take no time (free costs) end as they start."""
-        if self._tower and self._tower[0].work <= 0:
+        """A job with no work left ends now (free costs: as it starts)."""
+        if self._tower and self._tower[0].work <= DONE_S:
             self._finish_first()

@@ -105,6 +105,8 @@ def simulation_record(spec: SimulateSpec, figures: list[dict]) -> dict:
         "control_latency_s": c.control_latency_s,
         "kv_streaming": c.kv_streaming,
         "max_encode_batch_patches": c.max_encode_batch_patches,
+        # Instances that encode and prefill: images beside the steps, the GPU shared (epd.sim.gpu_share).
+        "encode_ahead": {"on": bool(engine.encode_ahead), "overlap_speed": c.overlap_speed},
         "num_kv_blocks": engine.cache.num_kv_blocks,  # per instance, derived as the engine does
         "serve_options": spec.options,
         "warmup": "not simulated: each rate starts on a fresh cluster",
