@@ -8,6 +8,9 @@
 |                   | `costs_at_degree`: an `@tpN` instance's (a profile's entry at N)              |
 | cluster.py        | `SimCluster`: a layout's cores with scripted compute, memory connectors       |
 | node.py           | `SimInstance`: one instance's shell (own clock, inbox, stamped outbox, turns) |
+| gpu_share.py      | `SharedGpuClock`: an instance's clock, its GPU shared by the steps and a      |
+|                   | tower encoding ahead (both slowed while they overlap: one documented speed)   |
+| tower_lane.py     | `VirtualTower`: the engine's own encode-ahead, its tower on that second lane  |
 | events.py         | `EventQueue` (what is due when), `EventLog` (what happened, and its digest)   |
 | harness.py        | `Harness` / `simulate`: the event loop; `SimResult`                           |
 | __main__.py       | `python -m epd.sim`: one run, its digest and figures as JSON                  |
