@@ -243,7 +243,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
         "simulation",
         "The instances run here, on virtual time: --device, --devices and --transfer only pick the "
         "connector between them (as epd serve does), hence the profile's link costs and KV streaming, "
-        "and, with --encode-ahead, whether the instances that encode and prefill encode ahead. "
+        "and whether instances that encode and prefill encode ahead (by default on CUDA, as in epd "
+        "serve; --encode-ahead / --no-encode-ahead decide it). "
         "Each rate starts on a fresh cluster; --warmup requests are not simulated.",
     )
     g.add_argument("--profile", default=None, help="fitted costs of compute and links (epd profile's JSON)")
