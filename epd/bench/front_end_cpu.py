@@ -7,9 +7,9 @@ Starts `epd serve`, sends chat requests whose images are distinct noise PNGs (in
 the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token each, and reads
 the API process's own CPU time (utime + stime of its pid in /proc, its instance processes not
 included) and minor page faults before and after. Prints CPU ms per image and per request, page
-faults per request, and the server's mean `preprocess` (epd_timings). `--server-pythonpath`
-runs the server from another tree (e.g. a worktree of an older commit), for a before/after in
-one run.
+faults per request, the server's mean `preprocess` (epd_timings), and the CPU per image by thread
+(event loop, zmq I/O, the rest). `--server-pythonpath` runs the server from another tree (e.g. a
+worktree of an older commit), for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -62,9 +62,27 @@ def process_minor_faults(pid: int) -> int:
     return int(_stat_fields(pid)[7])
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 (state) first."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    """/proc/<pid>/stat (or a thread's) after the command name (which may hold spaces): field 3
+    (state) first."""
+    path = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime by kind of thread: the event loop (the main thread: HTTP reads, JSON, the
+    app), zmq's I/O threads (sends to the instances) and the rest (the input pool: base64,
+    hashing, image headers). A thread that ended meanwhile is not counted."""
+    seconds = {"event loop": 0.0, "zmq I/O": 0.0, "other threads": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = _stat_fields(pid, int(tid))
+        except OSError:
+            continue  # ended between the listing and the read
+        kind = "event loop" if int(tid) == pid else "zmq I/O" if name.startswith("ZMQ") else "other threads"
+        seconds[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def send_all(url: str, bodies: list[bytes], concurrency: int, keep_alive: bool = False) -> list[dict]:
@@ -113,8 +131,10 @@ def measure(args: argparse.Namespace) -> dict:
         send_all(server.url, bodies[: args.warmup], args.concurrency, args.keep_alive)
         pid = server.proc.pid
         before, faults, started = process_cpu_seconds(pid), process_minor_faults(pid), time.perf_counter()
+        threads_before = thread_cpu_seconds(pid)
         replies = send_all(server.url, bodies[args.warmup :], args.concurrency, args.keep_alive)
         cpu, wall = process_cpu_seconds(pid) - before, time.perf_counter() - started
+        threads = {kind: t - threads_before[kind] for kind, t in thread_cpu_seconds(pid).items()}
         faults = process_minor_faults(pid) - faults
     timings = [r["epd_timings"] for r in replies if r.get("epd_timings")]
     preprocess = [t["preprocess"] for t in timings]
@@ -132,6 +152,7 @@ def measure(args: argparse.Namespace) -> dict:
         "images": images,
         "api_cpu_ms_per_image": 1000 * cpu / images,
         "api_cpu_ms_per_request": 1000 * cpu / args.requests,
+        "api_cpu_ms_per_image_by_thread": {kind: 1000 * t / images for kind, t in threads.items()},
         "api_minor_faults_per_request": faults / args.requests,
         "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
         "wall_s": wall,
@@ -162,6 +183,8 @@ def main() -> None:
         f"preprocess {result['preprocess_ms_mean']:.2f} ms  ({result['images']} images of "
         f"{result['image_bytes'] / 1e6:.1f} MB)  {args.server_pythonpath or 'this tree'}"
     )
+    by_thread = result["api_cpu_ms_per_image_by_thread"]
+    print("              by thread, ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in by_thread.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

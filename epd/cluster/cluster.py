@@ -28,6 +28,7 @@ from epd.cluster.instance import InstanceConfig
 from epd.cluster.instance.config import TRANSFER_TIMEOUT_S
 from epd.cluster.launcher import LaunchedInstance, Launcher, LocalProcessLauncher, kill_all
 from epd.cluster.layout import ROLE_ORDER, InstanceSpec, Layout
+from epd.cluster.local_sockets import SocketDir, bind_router_locally
 from epd.cluster.messages import InstanceFailed, InstanceReady, Shutdown, decode_for_router
 from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
@@ -117,6 +118,9 @@ class Cluster:
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         router_address = f"tcp://{host}:{self.inbox.bind_to_random_port(f'tcp://{host}')}"
+        # Instances on this host and the router talk by Unix sockets here (epd.cluster.local_sockets).
+        self.sockets = SocketDir()
+        bind_router_locally(self.inbox, self.sockets.path)
         threads = max(1, (os.cpu_count() or 1) // len(specs))
         configs = [
             InstanceConfig(
@@ -132,13 +136,14 @@ class Cluster:
                 transfer_timeout_s=transfer_timeout_s,
                 heartbeat_timeout_s=heartbeat_timeout_s,
                 switchable_roles=switchable_roles,
+                socket_dir=self.sockets.path,
             )
             for spec in specs
         ]
         self.heartbeats = HeartbeatSender(heartbeat_interval(heartbeat_timeout_s))
         self.launched: dict[str, LaunchedInstance] = {}
         # Holds no reference to self: it runs when the cluster is collected or the interpreter exits.
-        self._finalizer = weakref.finalize(self, _stop, self.heartbeats, self.launched)
+        self._finalizer = weakref.finalize(self, _stop, self.heartbeats, self.launched, self.sockets)
         try:
             for cfg in configs:
                 self.launched[cfg.name] = self.launcher.start(cfg)
@@ -287,6 +292,7 @@ class Cluster:
         self.ctx.destroy(linger=0)
 
 
-def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance]) -> None:
+def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance], sockets: SocketDir) -> None:
     heartbeats.stop()
     kill_all(launched.values())
+    sockets.remove()

@@ -19,6 +19,9 @@ class InstanceConfig:
     router_address: str
     transfer: str = "shm"
     host: str = "127.0.0.1"  # this instance's own interface (its launcher's choice): binds, advertises
+    # The router's directory of Unix sockets (epd.cluster.local_sockets): where this process sees
+    # it, the instance talks to the router through it instead of TCP.
+    socket_dir: str | None = None
     mm_cache_bytes: int = 256 << 20
     mm_block_size: int = 16
     max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch

@@ -35,6 +35,7 @@ from epd.clock import WALL_CLOCK, Clock
 from epd.cluster.instance.config import InstanceConfig
 from epd.cluster.instance.core import MODEL_COMPUTE, Compute, InstanceCore
 from epd.cluster.layout import Role
+from epd.cluster.local_sockets import bind_inbox, reach_router
 from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
 from epd.engine.llm_engine import LLMEngine
 from epd.parallel.encoder import split_vision_tower
@@ -59,7 +60,7 @@ def instance_main(cfg: InstanceConfig) -> None:
         torch.cuda.set_device(torch.device(cfg.engine.device))
     ctx = zmq.Context()
     outbox = ctx.socket(zmq.PUSH)
-    outbox.connect(cfg.router_address)
+    outbox.connect(reach_router(cfg.socket_dir, cfg.router_address))
     try:
         instance = Instance(cfg, ctx, outbox, compute=compute_of(cfg))
     except Exception:
@@ -131,8 +132,7 @@ class Instance:
         self.cfg, self.name, self.outbox, self.clock = cfg, cfg.name, outbox, clock
         self.last_heard = clock.monotonic()  # from the router: anything on the control socket
         self.inbox = ctx.socket(zmq.PULL)
-        port = self.inbox.bind_to_random_port(f"tcp://{cfg.host}")
-        self.control_address = f"tcp://{cfg.host}:{port}"
+        self.control_address = bind_inbox(self.inbox, cfg.host, cfg.socket_dir, cfg.name)
         # An instance that does everything moves nothing between instances.
         all_roles = all(cfg.has(role) for role in (Role.ENCODE, Role.PREFILL, Role.DECODE))
         connector = make_connector(cfg, "local" if all_roles else cfg.transfer)

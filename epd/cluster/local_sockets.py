@@ -1,0 +1,85 @@
+"""Where the router and an instance on one host talk: a Unix-domain socket (ZMQ `ipc://`), not TCP
+on loopback.
+
+Why: an encode task carries its image files (megabytes each) router -> E on these sockets, and
+every token comes back on them. Loopback TCP runs each byte through the TCP stack on both sides;
+a Unix socket copies it in and out. A 3.7 MB frame, PUSH -> PULL, on the 2-core box: sender CPU
+0.59-0.69 ms on TCP, 0.31-0.36 on ipc; receiver 0.77-0.92 ms on TCP, 0.33-0.36 on ipc.
+
+How an instance knows it shares the router's host: the router makes a private directory
+(`SocketDir`) and names it in every `InstanceConfig`. An instance that sees that directory runs
+where the router runs, on the same filesystem (the name is random: another host or another
+container's /tmp has no such directory), and binds its inbox and reaches the router's there;
+one that does not (a Ray worker on another node) uses TCP, as before.
+
+| end       | the directory is visible       | it is not          |
+|-----------|--------------------------------|--------------------|
+| router    | binds its inbox on both        | (it made it)       |
+| instance  | binds ipc, connects to the     | binds TCP, connects|
+|           | router's ipc inbox             | to the router's TCP|
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+
+import zmq
+
+# sockaddr_un's sun_path holds 108 bytes with its NUL: a longer path cannot be bound.
+MAX_SOCKET_PATH = 107
+ROUTER_SOCKET = "router"
+
+
+class SocketDir:
+    """A private directory for one cluster's Unix sockets; `remove` (idempotent) deletes it."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="epd-sockets-")  # mode 0700: this user's only
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def local_address(socket_dir: str | None, name: str) -> str | None:
+    """A fresh `ipc://` address in `socket_dir` for `name`, or None where this process does not see
+    the directory (another host) or the path would be too long to bind."""
+    if socket_dir is None or not os.path.isdir(socket_dir):
+        return None
+    # A restarted instance binds anew while its predecessor's file may linger: a name of its own.
+    path = os.path.join(socket_dir, f"{name}-{uuid.uuid4().hex[:8]}")
+    return f"ipc://{path}" if len(path) <= MAX_SOCKET_PATH else None
+
+
+def bind_inbox(sock: zmq.Socket, host: str, socket_dir: str | None, name: str) -> str:
+    """Bind `sock` where its peers on this host reach it fastest; the address they connect to."""
+    address = local_address(socket_dir, name)
+    if address is not None:
+        sock.bind(address)
+        return address
+    port = sock.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{port}"
+
+
+def router_inbox_path(socket_dir: str) -> str:
+    """The router's inbox in its own socket directory (fixed: instances derive it from the dir)."""
+    return os.path.join(socket_dir, ROUTER_SOCKET)
+
+
+def bind_router_locally(inbox: zmq.Socket, socket_dir: str) -> None:
+    """Bind the router's inbox in its socket directory too (it stays bound on TCP for instances on
+    other hosts); skipped where the path would be too long to bind (instances then use TCP)."""
+    path = router_inbox_path(socket_dir)
+    if len(path) <= MAX_SOCKET_PATH:
+        inbox.bind(f"ipc://{path}")
+
+
+def reach_router(socket_dir: str | None, tcp_address: str) -> str:
+    """The address an instance sends to the router on: its Unix socket if this process sees it."""
+    if socket_dir is not None:
+        path = router_inbox_path(socket_dir)
+        if os.path.exists(path):
+            return f"ipc://{path}"
+    return tcp_address
