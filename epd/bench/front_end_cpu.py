@@ -8,8 +8,9 @@ the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token 
 the API process's own CPU time (utime + stime of its pid in /proc, its instance processes not
 included) and minor page faults before and after. Prints CPU ms per image and per request, page
 faults per request, the server's mean `preprocess` (epd_timings), and the CPU per image by thread
-(event loop, zmq I/O, the rest). `--server-pythonpath` runs the server from another tree (e.g. a
-worktree of an older commit), for a before/after in one run.
+(the server's epd_api_thread_cpu_seconds: its event loop, router, input pool, zmq I/O).
+`--server-pythonpath` runs the server from another tree (e.g. a worktree of an older commit),
+for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -69,19 +70,15 @@ def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
     return path.read_text().rsplit(")", 1)[1].split()
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """utime + stime by kind of thread: the event loop (the main thread: HTTP reads, JSON, the
-    app), zmq's I/O threads (sends to the instances) and the rest (the input pool: base64,
-    hashing, image headers). A thread that ended meanwhile is not counted."""
-    seconds = {"event loop": 0.0, "zmq I/O": 0.0, "other threads": 0.0}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            fields = _stat_fields(pid, int(tid))
-        except OSError:
-            continue  # ended between the listing and the read
-        kind = "event loop" if int(tid) == pid else "zmq I/O" if name.startswith("ZMQ") else "other threads"
-        seconds[kind] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def thread_cpu_seconds(url: str) -> dict[str, float]:
+    """The server's CPU seconds by thread or pool (epd_api_thread_cpu_seconds on /metrics: the
+    event loop, the router's thread, the input pool, zmq's I/O); {} where it has none (an older
+    tree run with --server-pythonpath)."""
+    seconds = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith("epd_api_thread_cpu_seconds{"):
+            labels, value = line.rsplit(" ", 1)
+            seconds[labels.split('thread="', 1)[1].split('"', 1)[0]] = float(value)
     return seconds
 
 
@@ -131,10 +128,11 @@ def measure(args: argparse.Namespace) -> dict:
         send_all(server.url, bodies[: args.warmup], args.concurrency, args.keep_alive)
         pid = server.proc.pid
         before, faults, started = process_cpu_seconds(pid), process_minor_faults(pid), time.perf_counter()
-        threads_before = thread_cpu_seconds(pid)
+        threads_before = thread_cpu_seconds(server.url)
         replies = send_all(server.url, bodies[args.warmup :], args.concurrency, args.keep_alive)
         cpu, wall = process_cpu_seconds(pid) - before, time.perf_counter() - started
-        threads = {kind: t - threads_before[kind] for kind, t in thread_cpu_seconds(pid).items()}
+        threads_after = thread_cpu_seconds(server.url)
+        threads = {name: t - threads_before.get(name, 0.0) for name, t in threads_after.items()}
         faults = process_minor_faults(pid) - faults
     timings = [r["epd_timings"] for r in replies if r.get("epd_timings")]
     preprocess = [t["preprocess"] for t in timings]
@@ -152,7 +150,7 @@ def measure(args: argparse.Namespace) -> dict:
         "images": images,
         "api_cpu_ms_per_image": 1000 * cpu / images,
         "api_cpu_ms_per_request": 1000 * cpu / args.requests,
-        "api_cpu_ms_per_image_by_thread": {kind: 1000 * t / images for kind, t in threads.items()},
+        "api_cpu_ms_per_image_by_thread": {name: 1000 * t / images for name, t in threads.items() if t > 0},
         "api_minor_faults_per_request": faults / args.requests,
         "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
         "wall_s": wall,
@@ -183,8 +181,9 @@ def main() -> None:
         f"preprocess {result['preprocess_ms_mean']:.2f} ms  ({result['images']} images of "
         f"{result['image_bytes'] / 1e6:.1f} MB)  {args.server_pythonpath or 'this tree'}"
     )
-    by_thread = result["api_cpu_ms_per_image_by_thread"]
-    print("              by thread, ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in by_thread.items()))
+    by_thread = sorted(result["api_cpu_ms_per_image_by_thread"].items(), key=lambda kv: -kv[1])
+    if by_thread:
+        print("              by thread, ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in by_thread))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -21,6 +21,9 @@
 | epd_role_switches_auto_total             | counter   | from_roles,        | those of them started by      |
 |                                          |           | to_roles, reason,  | --role-switching auto; reason:|
 |                                          |           | outcome            | the stage relieved            |
+| epd_api_thread_cpu_seconds               | gauge     | thread             | /proc/self/task: the API      |
+|                                          |           |                    | process's CPU by thread/pool  |
+|                                          |           |                    | (epd.server.thread_cpu)       |
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
@@ -41,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from epd.cluster.stats import STAT_HELP
 from epd.outputs import RequestOutput
+from epd.server.thread_cpu import ThreadCpuCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -94,6 +98,7 @@ class ServerMetrics:
         )
         reg.register(_EngineCollector(instance_stats, instances_up, admitted))
         reg.register(_SwitchCollector(role_switches))
+        reg.register(ThreadCpuCollector())
 
     def observe_finished(self, out: RequestOutput, timing: RequestTiming) -> None:
         """Record a generation that ran to its end (stop or length); aborted ones are not latencies."""

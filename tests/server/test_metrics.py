@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -69,3 +70,17 @@ def test_counters_move_as_requests_are_served(server: ServerProcess):
     assert moved("epd_instance_transfer_bytes_total", instance="E0") > 0  # embeddings to P0
     assert moved("epd_instance_transfer_bytes_total", instance="P0") > 0  # KV to D0
     assert moved("epd_instance_steps_total", instance="D0") >= 3
+
+
+def test_cpu_by_thread_names_the_servers_threads_and_stays_within_the_process(server: ServerProcess):
+    chat(server, seed=502)  # an image: the input pool has run
+    by_thread = metrics(server.url)["epd_api_thread_cpu_seconds"]
+    names = {dict(labels)["thread"]: seconds for labels, seconds in by_thread.items()}
+    assert {"MainThread", "epd-engine", "epd-input-images"} <= set(names), names
+    assert not [n for n in names if n[-1].isdigit()], names  # a pool is one series, not one per thread
+    assert all(seconds >= 0 for seconds in names.values())
+    fields = open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+    process_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # Read before /proc: the threads' sum can only have grown since. Every thread counted once:
+    # their sum is at most the process's (which also holds the threads that have ended).
+    assert 0 < sum(names.values()) <= process_s + 1e-9
