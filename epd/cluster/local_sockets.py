@@ -2,9 +2,10 @@
 on loopback.
 
 Why: an encode task carries its image files (megabytes each) router -> E on these sockets, and
-every token comes back on them. Loopback TCP runs each byte through the TCP stack on both sides;
-a Unix socket copies it in and out. A 3.7 MB frame, PUSH -> PULL, on the 2-core box: sender CPU
-0.59-0.69 ms on TCP, 0.31-0.36 on ipc; receiver 0.77-0.92 ms on TCP, 0.33-0.36 on ipc.
+every token comes back on them. On the H200 host (16 cores; BENCHMARKS.md, `epd.bench.zmq_frames`)
+a 3.7 MB frame costs its sender 0.45-0.47 ms of CPU on ipc against 0.66-0.68 on loopback TCP, its
+receiver about the same (0.46-0.47 against 0.45-0.54), and arrives in 0.46-0.48 ms against
+0.72-0.81. (On the 2-core development VM the two are alike, ipc's sender at times slower.)
 
 How an instance knows it shares the router's host: the router makes a private directory
 (`SocketDir`) and names it in every `InstanceConfig`. An instance that sees that directory runs

@@ -1,14 +1,17 @@
 """`Cluster` starts its instances through the `Launcher` it is given, and the router's view of each
 instance is that launcher's `is_alive`.
 
-The launcher here is the local one with two changes a real launcher would make: D1 binds another
-loopback address (its own host, advertised in its InstanceReady), and every started instance is
-kept so the test can kill it through the launcher, as a controller would.
+The launcher here is the local one with the changes a real launcher would make: D1 binds another
+loopback address (its own host, advertised in its InstanceReady) and, as on another host, does
+not see the router's directory of Unix sockets (epd.cluster.local_sockets), so it talks TCP
+where the others use those sockets; and every started instance is kept so the test can kill it
+through the launcher, as a controller would.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from epd.cluster.cluster import Cluster
 from epd.cluster.instance import InstanceConfig
@@ -44,6 +47,8 @@ class RecordingLauncher(LocalProcessLauncher):
         return OTHER_HOST if spec.name == "D1" else super().host_for(spec)
 
     def start(self, cfg: InstanceConfig) -> ProbedProcess:
+        if cfg.host == OTHER_HOST:  # that host's filesystem has no such directory
+            cfg = replace(cfg, socket_dir=f"{cfg.socket_dir}-not-on-this-host")
         self.configs[cfg.name] = cfg
         self.started[cfg.name] = ProbedProcess(super().start(cfg))
         return self.started[cfg.name]
@@ -74,7 +79,8 @@ def test_cluster_runs_on_the_launcher_it_is_given(checkpoints):
         }
         for name, handle in router.instances.items():
             host = launcher.configs[name].host
-            assert handle.ready.control_address.startswith(f"tcp://{host}:")
+            control = f"tcp://{host}:" if host == OTHER_HOST else f"ipc://{cluster.sockets.path}/{name}-"
+            assert handle.ready.control_address.startswith(control)
             assert handle.ready.data_address.startswith(f"tcp://{host}:")
 
         processor = InputProcessor.from_pretrained(model)
