@@ -18,30 +18,70 @@ one that does not (a Ray worker on another node) uses TCP, as before.
 | router    | binds its inbox on both        | (it made it)       |
 | instance  | binds ipc, connects to the     | binds TCP, connects|
 |           | router's ipc inbox             | to the router's TCP|
+
+The cluster removes its directory when it stops. A router process killed (SIGKILL) cannot: the
+next `SocketDir` made on the host removes the directories whose owner (a pid and its start time,
+written in each) no longer runs.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
 import uuid
+from pathlib import Path
 
 import zmq
 
 # sockaddr_un's sun_path holds 108 bytes with its NUL: a longer path cannot be bound.
 MAX_SOCKET_PATH = 107
 ROUTER_SOCKET = "router"
+PREFIX = "epd-sockets-"
+OWNER = "owner"  # "<pid> <its start time>": who made the directory
 
 
 class SocketDir:
     """A private directory for one cluster's Unix sockets; `remove` (idempotent) deletes it."""
 
-    def __init__(self) -> None:
-        self.path = tempfile.mkdtemp(prefix="epd-sockets-")  # mode 0700: this user's only
+    def __init__(self, parent: str | None = None) -> None:
+        parent = parent or tempfile.gettempdir()
+        remove_abandoned(parent)
+        self.path = tempfile.mkdtemp(prefix=PREFIX, dir=parent)  # mode 0700: this user's only
+        Path(self.path, OWNER).write_text(_owner_of(os.getpid()) or "")
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_abandoned(parent: str) -> list[str]:
+    """Remove this user's socket directories in `parent` whose owner no longer runs (a router
+    killed before it could remove its own); the paths removed. One without an owner file is
+    left: it may be a router's that has not written it yet."""
+    removed = []
+    for path in glob.glob(os.path.join(parent, PREFIX + "*")):
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            owner = Path(path, OWNER).read_text()
+        except OSError:
+            continue
+        pid = owner.split()[0] if owner.split() else ""
+        if pid.isdigit() and _owner_of(int(pid)) != owner:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owner_of(pid: int) -> str | None:
+    """ "<pid> <start time>" of a running process (the start time tells a reused pid apart);
+    None if none runs under that pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return f"{pid} {fields[19]}"  # field 22 of stat: the start time, in clock ticks since boot
 
 
 def local_address(socket_dir: str | None, name: str) -> str | None:

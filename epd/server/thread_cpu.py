@@ -6,7 +6,8 @@
     epd_api_thread_cpu_seconds{thread="ZMQbg/IO"}           zmq's I/O threads: the sends to instances
 
 A pool's threads are summed under the pool's name ("epd-input-images_3" -> "epd-input-images");
-threads started outside Python (zmq's, libuv's) go by their OS name. Read from
+threads started outside Python go by their OS name (zmq's and libuv's name theirs; others, such
+as torch's, carry the process's own name: "python", or "epd" when started as `epd serve`). Read from
 /proc/self/task at scrape time (Linux; elsewhere the metric is absent). A thread that has ended
 is no longer counted, so a sum may drop when a pool shrinks: a gauge of the threads alive, in
 seconds since each started.

@@ -7,6 +7,8 @@ Real zmq sockets and, last, a real cluster of processes on the tiny checkpoint.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,22 @@ def _image():
     from PIL import Image
 
     return Image.new("RGB", (64, 48), (200, 30, 30))
+
+
+def test_directories_of_routers_that_no_longer_run_are_removed_by_the_next(tmp_path: Path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process (or a later one, with another start time)
+    abandoned = tmp_path / "epd-sockets-killed"
+    abandoned.mkdir()
+    (abandoned / "owner").write_text(f"{gone.pid} 1")
+    (abandoned / "router").write_text("")  # what a killed router leaves
+    alive = SocketDir(str(tmp_path))  # its owner runs: this process
+    unowned = tmp_path / "epd-sockets-just-made"  # made, its owner not written yet
+    unowned.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+
+    SocketDir(str(tmp_path)).remove()
+    assert not abandoned.exists()
+    assert os.path.isdir(alive.path) and unowned.is_dir() and other.is_dir()
+    alive.remove()
