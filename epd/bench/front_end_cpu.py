@@ -63,11 +63,9 @@ def process_minor_faults(pid: int) -> int:
     return int(_stat_fields(pid)[7])
 
 
-def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
-    """/proc/<pid>/stat (or a thread's) after the command name (which may hold spaces): field 3
-    (state) first."""
-    path = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    return path.read_text().rsplit(")", 1)[1].split()
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 (state) first."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def thread_cpu_seconds(url: str) -> dict[str, float]:
