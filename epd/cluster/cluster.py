@@ -34,6 +34,7 @@ from epd.cluster.restarts import MAX_RESTARTS, Restarter
 from epd.cluster.router import InstanceHandle, Router, ZmqControlPlane
 from epd.cluster.router.auto_roles import RoleSwitchingOptions
 from epd.cluster.router.placement import placement_for
+from epd.cluster.shared_files import SharedFiles
 from epd.cluster.spawn import exited_during_startup, refuse_in_bootstrapping_child
 from epd.config import EngineConfig
 from epd.engine.step_estimator import prefill_seconds_of
@@ -49,6 +50,10 @@ STARTUP_TIMEOUT_S = 300.0
 # engine step (a long prefill on a slow device) delays its reports by that step's length.
 SILENCE_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 10.0
+# Image files in flight that the encoders of this host read in place (epd.cluster.shared_files): room
+# for ~290 files of 3.7 MB; memory is taken only as files fill it, and a file that finds no room
+# goes as ZMQ frames.
+SHARED_FILE_BYTES = 1 << 30
 # How long an instance found dead during start-up may take to deliver the report it sent before
 # exiting (it waits until the report is out): only ever spent on a death without a report.
 DEATH_REPORT_GRACE_S = 5.0
@@ -87,6 +92,7 @@ class Cluster:
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
+        shared_file_bytes: int = SHARED_FILE_BYTES,
         launcher: Launcher | None = None,
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         silence_timeout_s: float | None = SILENCE_TIMEOUT_S,
@@ -100,7 +106,9 @@ class Cluster:
         that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work.
         A failed transfer is sent again `transfer_retries` times on the same pair, each attempt
         waiting `transfer_timeout_s` for its receiver, before the router places its request anew.
-        `role_switching`: switch roles automatically (epd.cluster.router.auto_roles); None: by hand only."""
+        `role_switching`: switch roles automatically (epd.cluster.router.auto_roles); None: by hand only.
+        `shared_file_bytes`: memory for image files that the encoders of this host read in place
+        (epd.cluster.shared_files; 0: every file goes as ZMQ frames)."""
         refuse_in_bootstrapping_child()
         specs = layout.instances(devices)
         multi_host = getattr(launcher, "multi_host", False)
@@ -121,6 +129,8 @@ class Cluster:
         # Instances on this host and the router talk by Unix sockets here (epd.cluster.local_sockets).
         self.sockets = SocketDir()
         bind_router_locally(self.inbox, self.sockets.path)
+        # Image files the encoders of this host read in place (epd.cluster.shared_files).
+        self.shared_files = SharedFiles(shared_file_bytes) if shared_file_bytes > 0 else None
         threads = max(1, (os.cpu_count() or 1) // len(specs))
         configs = [
             InstanceConfig(
@@ -137,6 +147,7 @@ class Cluster:
                 heartbeat_timeout_s=heartbeat_timeout_s,
                 switchable_roles=switchable_roles,
                 socket_dir=self.sockets.path,
+                shared_files=self.shared_files and (self.shared_files.path, self.shared_files.token),
             )
             for spec in specs
         ]
@@ -152,7 +163,8 @@ class Cluster:
             self.shutdown()
             raise
         addresses = {h.name: h.ready.control_address for h in handles}
-        control = ZmqControlPlane(self.ctx, self.inbox, addresses)
+        readers = [h.name for h in handles if h.ready.reads_shared_files]
+        control = ZmqControlPlane(self.ctx, self.inbox, addresses, self.shared_files, readers)
         placement = placement_for(engine.scheduler.policies.prefill)  # slo: prefills placed by slack
         self.router = Router(
             handles, control, placement=placement, silence_timeout_s=silence_timeout_s, auto_policy=self._auto
@@ -290,6 +302,8 @@ class Cluster:
             router.close()
             router.control.close()
         self.ctx.destroy(linger=0)
+        if self.shared_files is not None:
+            self.shared_files.close()
 
 
 def _stop(heartbeats: HeartbeatSender, launched: dict[str, LaunchedInstance], sockets: SocketDir) -> None:

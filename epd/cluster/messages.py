@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from epd.cluster.shared_files import SharedFileReader, SharedFiles
 from epd.engine.queue_policy import Urgency
 from epd.lifetime import LifetimeEvent
 from epd.outputs import PositionLogprobs
@@ -46,6 +47,8 @@ class EncodeItem(msgspec.Struct):
     # On the wire as frames (`encode_frames`): the frames holding `file` and `pixels` (0: inline).
     file_frame: int = 0
     pixels_frame: int = 0
+    # Or the file lies in the API process's shared memory (epd.cluster.shared_files): (offset, length).
+    file_at: tuple[int, int] | None = None
 
 
 class EncodeTask(msgspec.Struct, tag=True):
@@ -155,6 +158,7 @@ class InstanceReady(msgspec.Struct, tag=True):
     language_parameters: int
     max_model_len: int  # 0 for an instance without the language model
     switchable: bool = False  # both parts in host memory: it may add or drop E (instance.roles)
+    reads_shared_files: bool = False  # it maps the API process's image files (cluster.shared_files)
 
 
 class InstanceFailed(msgspec.Struct, tag=True):
@@ -294,12 +298,13 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def encode_frames(message: msgspec.Struct) -> list[bytes | bytearray]:
+def encode_frames(message: msgspec.Struct, shared: SharedFiles | None = None) -> list[bytes | bytearray]:
     """`message` as the frames of one multipart ZMQ message: its msgpack with every item's file
     and patches left out, then each of those, a frame of its own. The router sends them without
     copying them (pyzmq keeps a frame alive until libzmq has sent it): into one msgpack buffer the
     files of a request of three 3.7 MB PNGs took ~1.2 ms of the API process's CPU to copy.
-    `decode_for_instance` takes the frames back."""
+    `shared`: the API process's shared files, which the receiver maps: an image's file that lies
+    there goes as its place (`file_at`), not as a frame. `decode_for_instance` takes them back."""
     items = _bulk_items(message)
     if items is None:
         return [_encoder.encode(message)]
@@ -308,14 +313,25 @@ def encode_frames(message: msgspec.Struct) -> list[bytes | bytearray]:
         if not item.file and not item.pixels:
             wire.append(item)
             continue
-        frames = {}
-        for field in ("file", "pixels"):
+        fields: dict = {"file": b"", "pixels": b""}
+        place = _shared_place(item, shared)
+        if place is not None:
+            fields["file_at"] = place
+        for field in ("file", "pixels") if place is None else ("pixels",):
             data = getattr(item, field)
             if data:
                 bulk.append(data)
-                frames[f"{field}_frame"] = len(bulk)
-        wire.append(msgspec.structs.replace(item, file=b"", pixels=b"", **frames))
+                fields[f"{field}_frame"] = len(bulk)
+        wire.append(msgspec.structs.replace(item, **fields))
     return [_encoder.encode(_with_items(message, wire)), *bulk]
+
+
+def _shared_place(item: EncodeItem, shared: SharedFiles | None) -> tuple[int, int] | None:
+    """Where an image's file lies in `shared`, if it does. Only whole images: a video chunk's or a
+    Qwen3-VL group's key is not its file's hash, which the reader checks."""
+    if shared is None or not item.file or item.groups is not None or item.qwen3:
+        return None
+    return shared.locate(item.file)
 
 
 def _bulk_items(message: msgspec.Struct) -> list[EncodeItem] | None:
@@ -345,15 +361,27 @@ def _frames_in_line(items: list[EncodeItem], frames: Sequence[bytes]) -> None:
             setattr(item, f"{field}_frame", 0)
 
 
-def decode_for_instance(data: bytes | Sequence[bytes]) -> ToInstance:
-    """A message for an instance from `encode`'s bytes or `encode_frames`' frames."""
+def decode_for_instance(data: bytes | Sequence[bytes], shared: SharedFileReader | None = None) -> ToInstance:
+    """A message for an instance from `encode`'s bytes or `encode_frames`' frames; a file in the
+    API process's shared memory becomes a `SharedFile` (read, and checked, where it is decoded)."""
     frames = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     message = _instance_decoder.decode(frames[0])
     items = _bulk_items(message)
     if items is not None:
         _frames_in_line(items, frames)
+        _shared_in_line(items, shared)
         _share_files(items)
     return message
+
+
+def _shared_in_line(items: list[EncodeItem], shared: SharedFileReader | None) -> None:
+    for item in items:
+        if item.file_at is None:
+            continue
+        if shared is None:
+            raise ValueError(f"item {item.index} lies in shared memory this instance does not map")
+        item.file = shared.file(*item.file_at, item.content_hash)
+        item.file_at = None
 
 
 def _files_once(items: list[EncodeItem]) -> list[EncodeItem]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from epd.cluster.messages import EncodeItem
+from epd.cluster.shared_files import SharedFile
 from epd.inputs.image_processor import ImageProcessorConfig, expand_patches, normalization_table
 from epd.inputs.patches import PatchPool, done_future, patches_from_file
 from epd.inputs.video_file import qwen3_group_patches, video_patches_from_file
@@ -70,6 +71,8 @@ class PixelDecoder:
             return pool.submit(
                 self._pinned, video_patches_from_file, item.file, self.cfg, grid, tuple(item.groups)
             )
+        if isinstance(item.file, SharedFile):  # read (copied, its key checked) on the pool thread
+            return pool.submit(self._pinned, _patches_from_shared, item.file, self.cfg, grid)
         return pool.submit(self._pinned, patches_from_file, item.file, self.cfg, grid)
 
     def _decode_groups(self, items: list[EncodeItem], futures: list[Future[torch.Tensor]]) -> None:
@@ -103,3 +106,9 @@ class PixelDecoder:
         rows = torch.empty(values.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         rows.numpy()[:] = values
         return rows.view(-1, width)
+
+
+def _patches_from_shared(
+    file: SharedFile, cfg: ImageProcessorConfig, grid: tuple[int, int, int]
+) -> torch.Tensor:
+    return patches_from_file(file.read(), cfg, grid)

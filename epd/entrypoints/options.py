@@ -169,6 +169,11 @@ class EngineArgs:
         parse=parse_utilization,
     )
     mm_cache_bytes: int = _bytes_option(256 << 20, "multimodal embedding cache per encode/prefill instance")
+    shared_file_bytes: int = _bytes_option(
+        1 << 30,
+        "shared memory for the image files in flight, which encoders on the server's host read in "
+        "place instead of receiving them over a socket (0: always over the socket)",
+    )
     enable_prefix_caching: bool = option(
         True, "never reuse KV blocks across requests", flag="--disable-prefix-caching"
     )
@@ -343,7 +348,7 @@ class EngineArgs:
                 )
             return LLMEngine(config, processor.tokenizer)
         launcher = make_launcher(self.launcher, self.ray_address)
-        return Cluster(
+        cluster = Cluster(
             layout,
             config,
             launcher=launcher,
@@ -354,11 +359,15 @@ class EngineArgs:
             transfer_retries=self.transfer_retries,
             transfer_timeout_s=self.transfer_timeout,
             mm_cache_bytes=self.mm_cache_bytes,
+            shared_file_bytes=self.shared_file_bytes,
             silence_timeout_s=self.instance_silence_timeout,
             max_restarts=self.instance_restarts,
             switchable_roles=self.switchable_roles,
             role_switching=self.role_switching_options(),
         )
+        if cluster.shared_files is not None:  # data URLs are decoded where the encoders read them
+            processor.file_buffers = cluster.shared_files.take
+        return cluster
 
     def role_switching_options(self) -> RoleSwitchingOptions | None:
         """The automatic role switching these options ask for; None when off. ValueError if bad."""

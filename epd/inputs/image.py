@@ -38,6 +38,7 @@ import blake3
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from epd.inputs import base64_into
 from epd.inputs.errors import InvalidInputError
 
 
@@ -60,6 +61,9 @@ ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike |
 # (url, max_image_bytes) -> the bytes behind an http(s) URL; raises InvalidInputError. The
 # server's epd.server.fetch.RemoteMediaFetcher is one (it refuses private addresses).
 RemoteFetcher = Callable[[str, int | None], bytes]
+# nbytes -> a writable buffer of that size where a data URL's file is decoded (memory the encoders
+# read: epd.cluster.shared_files), or None (no room: new bytes, as without it).
+FileBuffers = Callable[[int], memoryview | None]
 
 # Formats we let Pillow decode from untrusted bytes. Pillow can also open formats that run
 # external programs (EPS calls Ghostscript) or are rarely fuzzed, so we allow only these.
@@ -102,15 +106,18 @@ def read_image_bytes(
     allowed_local_media_path: str | None = None,
     max_image_bytes: int | None = None,
     fetch_remote: RemoteFetcher | None = None,
-) -> bytes:
-    """The encoded bytes behind a non-PIL source, with the URL scheme, path and byte checks applied."""
+    buffers: FileBuffers | None = None,
+) -> bytes | memoryview:
+    """The encoded bytes behind a non-PIL source, with the URL scheme, path and byte checks applied.
+    A data URL's given as a `DataURL` is decoded into a buffer from `buffers` where it gives one
+    (then a memoryview of it comes back)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         _check_bytes(len(data), max_image_bytes)
         return data
     if isinstance(source, DataURL):
         _check_media_type(source.media_type)
-        return _decode_base64(source.payload, max_image_bytes, source.json_escapes)
+        return _decode_base64(source.payload, max_image_bytes, source.json_escapes, buffers)
     if isinstance(source, os.PathLike):
         return _read_local_file(os.fspath(source), allowed_local_media_path, max_image_bytes)
     if not isinstance(source, str):
@@ -130,10 +137,13 @@ def decode_image_bytes(data: bytes, *, max_image_pixels: int | None = None) -> I
     return _finish(img)
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes | memoryview) -> Image.Image:
     """The image behind `data`, header parsed, no pixel decoded; input errors for anything else."""
+    # BytesIO shares a bytes object but copies any other buffer: a memoryview (a file in shared
+    # memory) is read in place instead, as far as the header goes.
+    fp = io.BytesIO(data) if isinstance(data, bytes) else _ViewFile(data)
     try:
-        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        return Image.open(fp, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
         raise InvalidInputError(f"image has too many pixels: {e}") from None
     except UnidentifiedImageError:
@@ -142,6 +152,35 @@ def _open(data: bytes) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidInputError(f"cannot read image header: {e}") from None
+
+
+class _ViewFile(io.RawIOBase):
+    """A read-only file over a buffer, without copying it (for the header only)."""
+
+    def __init__(self, view: bytes | bytearray | memoryview) -> None:
+        self._view, self._pos = memoryview(view).cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -269,9 +308,17 @@ def _check_media_type(media_type: str) -> None:
 
 
 def _decode_base64(
-    payload: str | bytes | memoryview, max_image_bytes: int | None, json_escapes: bool = False
-) -> bytes:
+    payload: str | bytes | memoryview,
+    max_image_bytes: int | None,
+    json_escapes: bool = False,
+    buffers: FileBuffers | None = None,
+) -> bytes | memoryview:
     _check_base64_length(len(payload), max_image_bytes)
+    if buffers is not None and not isinstance(payload, str):
+        data = _decoded_into_buffer(payload, buffers)
+        if data is not None:
+            _check_bytes(len(data), max_image_bytes)
+            return data
     try:
         data = _b64decode(payload, json_escapes)
     except (binascii.Error, ValueError) as e:
@@ -289,6 +336,18 @@ def _check_base64_length(chars: int, max_image_bytes: int | None) -> None:
             f"image is too large: {chars} characters of base64 hold over {2 * max_image_bytes} bytes "
             f"> limit {max_image_bytes}"
         )
+
+
+def _decoded_into_buffer(payload: bytes | memoryview, buffers: FileBuffers) -> memoryview | None:
+    """The file decoded into a buffer from `buffers`; None where it gives none or the text is not
+    strict base64 (the buffer is dropped: freed)."""
+    if not base64_into.AVAILABLE:
+        return None
+    out = buffers(base64_into.decoded_size_bound(len(payload)))
+    if out is None:
+        return None
+    written = base64_into.decode_into(payload, out)
+    return None if written is None else out[:written]
 
 
 def _b64decode(payload: str | bytes | memoryview, json_escapes: bool = False) -> bytes:

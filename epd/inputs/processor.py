@@ -46,6 +46,7 @@ from epd.inputs.cancel import image_loading_cancel_event, stop_if_cancelled
 from epd.inputs.chat import ChatTemplate, RenderedChat, load_chat_template
 from epd.inputs.errors import InvalidInputError
 from epd.inputs.image import (
+    FileBuffers,
     ImageSource,
     RemoteFetcher,
     image_key,
@@ -109,6 +110,9 @@ class InputProcessor:
         self.chat_template = chat_template
         self.limits = limits
         self.video = video
+        # Where data URLs' files are decoded: memory the encoding instances read (set by the
+        # cluster that serves this processor's requests: epd.cluster.shared_files); None: bytes.
+        self.file_buffers: FileBuffers | None = None
 
     @classmethod
     def from_pretrained(
@@ -201,6 +205,7 @@ class InputProcessor:
                 allowed_local_media_path=lim.allowed_local_media_path,
                 max_image_bytes=lim.max_image_bytes,
                 fetch_remote=lim.remote_fetcher,
+                buffers=self.file_buffers,
             )
             header = read_image_header(data, max_image_pixels=lim.max_image_pixels)
             grid = image_grid_thw(header.height, header.width, self.image_config)

@@ -22,6 +22,9 @@ class InstanceConfig:
     # The router's directory of Unix sockets (epd.cluster.local_sockets): where this process sees
     # it, the instance talks to the router through it instead of TCP.
     socket_dir: str | None = None
+    # The API process's shared image files (epd.cluster.shared_files), their path and token: mapped
+    # where this process can.
+    shared_files: tuple[str, bytes] | None = None
     mm_cache_bytes: int = 256 << 20
     mm_block_size: int = 16
     max_encode_batch_patches: int = 49152  # four 1344 px images (9216 patches each) in one batch

@@ -37,6 +37,7 @@ from epd.cluster.instance.core import MODEL_COMPUTE, Compute, InstanceCore
 from epd.cluster.layout import Role
 from epd.cluster.local_sockets import bind_inbox, reach_router
 from epd.cluster.messages import Heartbeat, InstanceFailed, decode_for_instance, encode
+from epd.cluster.shared_files import SharedFileReader
 from epd.engine.llm_engine import LLMEngine
 from epd.parallel.encoder import split_vision_tower
 from epd.parallel.group import TensorParallelGroup, backend_for
@@ -133,6 +134,9 @@ class Instance:
         self.last_heard = clock.monotonic()  # from the router: anything on the control socket
         self.inbox = ctx.socket(zmq.PULL)
         self.control_address = bind_inbox(self.inbox, cfg.host, cfg.socket_dir, cfg.name)
+        # The API process's image files, where this process can map them (same host): the router
+        # then names a file's place there instead of sending it (epd.cluster.shared_files).
+        self.shared_files = SharedFileReader.open(cfg.shared_files)
         # An instance that does everything moves nothing between instances.
         all_roles = all(cfg.has(role) for role in (Role.ENCODE, Role.PREFILL, Role.DECODE))
         connector = make_connector(cfg, "local" if all_roles else cfg.transfer)
@@ -150,7 +154,9 @@ class Instance:
         return self.core.stats()
 
     def serve(self) -> None:
-        self.core.outbox.send(self.core.ready_message(self.control_address))
+        ready = self.core.ready_message(self.control_address)
+        ready.reads_shared_files = self.shared_files is not None
+        self.core.outbox.send(ready)
         self.last_heard = self.clock.monotonic()
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
@@ -186,7 +192,7 @@ class Instance:
             except zmq.Again:
                 return
             self.last_heard = self.clock.monotonic()
-            message = decode_for_instance(data)
+            message = decode_for_instance(data, self.shared_files)
             if not isinstance(message, Heartbeat):  # it said all it had to by arriving
                 self.core.on_message(message)
 

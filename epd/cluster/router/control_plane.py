@@ -5,7 +5,8 @@
 | `ZmqControlPlane`      | msgpack on a PUSH socket to   | waits up to timeout_s on the PULL inbox | Cluster |
 |                        | the instance's control inbox  | for the first message (or a `wake()`    |         |
 |                        | (image files as frames of     | from another thread), then drains it    |         |
-|                        | their own)                    |                                         |         |
+|                        | their own, or their place in  |                                         |         |
+|                        | shared memory: shared_files)  |                                         |         |
 | `InMemoryControlPlane` | onto the instance's queue     | everything queued, never waits          | tests,  |
 |                        |                               |                                         | the sim |
 
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import zmq
 
 from epd.cluster.messages import ToInstance, ToRouter, decode_for_router, encode_frames
+from epd.cluster.shared_files import SharedFiles
 
 
 class ControlPlane(Protocol):
@@ -30,8 +32,9 @@ class ControlPlane(Protocol):
         """Queue `message` for `instance` (never blocks on the instance reading it)."""
         ...
 
-    def connect(self, instance: str, control_address: str) -> None:
-        """Send to `instance` at this address from now on (a restarted instance binds a new one)."""
+    def connect(self, instance: str, control_address: str, reads_shared_files: bool = False) -> None:
+        """Send to `instance` at this address from now on (a restarted instance binds a new one);
+        `reads_shared_files`: it maps the API process's image files (cluster.shared_files)."""
         ...
 
     def receive(self, timeout_s: float) -> list[ToRouter]:
@@ -51,11 +54,20 @@ class ControlPlane(Protocol):
 class ZmqControlPlane:
     """One PUSH socket per instance (to its control inbox) and the router's PULL inbox."""
 
-    def __init__(self, context: zmq.Context, inbox: zmq.Socket, addresses: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        inbox: zmq.Socket,
+        addresses: Mapping[str, str],
+        shared: SharedFiles | None = None,
+        readers: Iterable[str] = (),
+    ) -> None:
         self.inbox, self._context = inbox, context
         self._outboxes: dict[str, zmq.Socket] = {}
+        # The API process's shared image files, and the instances that map them (cluster.shared_files).
+        self.shared, self._readers = shared, set(readers)
         for instance, address in addresses.items():
-            self.connect(instance, address)
+            self.connect(instance, address, instance in self._readers)
         # A socket pair, not a zmq socket: wake() comes from other threads, and a zmq socket
         # belongs to one thread. (Not a bare pipe either: a wake after close() must fail, not
         # write to whatever reused the descriptor number.)
@@ -70,9 +82,14 @@ class ZmqControlPlane:
         # An encode task's image files (megabytes) go as frames of their own, not copied into a
         # msgpack buffer nor into zmq messages: pyzmq copies small frames anyway (below its
         # copy_threshold) and keeps a large one alive until libzmq has sent it.
-        self._outboxes[instance].send_multipart(encode_frames(message), copy=False)
+        shared = self.shared if instance in self._readers else None
+        self._outboxes[instance].send_multipart(encode_frames(message, shared), copy=False)
 
-    def connect(self, instance: str, control_address: str) -> None:
+    def connect(self, instance: str, control_address: str, reads_shared_files: bool = False) -> None:
+        if reads_shared_files:
+            self._readers.add(instance)
+        else:
+            self._readers.discard(instance)
         old = self._outboxes.pop(instance, None)
         if old is not None:
             old.close(linger=0)  # what is queued there was for the process that died
@@ -124,7 +141,7 @@ class InMemoryControlPlane:
     def send(self, instance: str, message: ToInstance) -> None:
         self._sent.setdefault(instance, deque()).append(message)
 
-    def connect(self, instance: str, control_address: str) -> None:
+    def connect(self, instance: str, control_address: str, reads_shared_files: bool = False) -> None:
         self._sent.pop(instance, None)  # queued for the instance that died
 
     def receive(self, timeout_s: float = 0.0) -> list[ToRouter]:

@@ -72,7 +72,7 @@ class Router:
         (cumulative, as in RequestOutput) of every request that advanced or finished."""
         for message in self.control.receive(timeout_ms / 1000):
             if isinstance(message, InstanceReady):  # a restarted instance, at its new address
-                self.control.connect(message.instance, message.control_address)
+                self.control.connect(message.instance, message.control_address, message.reads_shared_files)
             self._deliver(self.core.handle(message))
             if isinstance(message, SetRolesReply):
                 self.switches.on_reply(message)
