@@ -21,6 +21,11 @@ writes `epd-blob:N` itself can only name its own request's images.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
 from epd.inputs.image import DataURL
 
 BLOB_SCHEME = "epd-blob:"
@@ -29,15 +34,19 @@ _HEADER_MAX = 256  # "data:<media type>;<params>;base64," is short
 _WHITESPACE = b" \t\r\n"
 
 
-def lift_data_urls(body: bytes | bytearray) -> tuple[bytes | bytearray, list[DataURL]]:
-    """(the body with each liftable data URL replaced by `"epd-blob:<i>"`, the lifted URLs)."""
+def lift_data_urls(
+    body: bytes | bytearray, quotes: Sequence[int] | None = None
+) -> tuple[bytes | bytearray, list[DataURL]]:
+    """(the body with each liftable data URL replaced by `"epd-blob:<i>"`, the lifted URLs).
+    `quotes`: where every `"` of the body is, ascending, if the reader noted them as the body came
+    (`QuoteIndex`); the payloads are then not scanned again for their closing quote."""
     view = memoryview(body)
     pieces: list[bytes | memoryview] = []
     blobs: list[DataURL] = []
     start = kept = 0
     while (quote := body.find(b'"data:', start)) >= 0:
         start = quote + 1
-        lifted = _liftable(body, quote)
+        lifted = _liftable(body, quote, quotes)
         if lifted is None:
             continue
         end, media_type, payload_start = lifted
@@ -50,7 +59,9 @@ def lift_data_urls(body: bytes | bytearray) -> tuple[bytes | bytearray, list[Dat
     return b"".join(pieces), blobs
 
 
-def _liftable(body: bytes | bytearray, quote: int) -> tuple[int, str, int] | None:
+def _liftable(
+    body: bytes | bytearray, quote: int, quotes: Sequence[int] | None
+) -> tuple[int, str, int] | None:
     """(index of the closing quote, media type, payload start) of the data URL string opening
     at `quote`, if it may be lifted (module docstring)."""
     if _escaped(body, quote) or not _is_url_value(body, quote):
@@ -62,11 +73,49 @@ def _liftable(body: bytes | bytearray, quote: int) -> tuple[int, str, int] | Non
     media_type, *params = header.split(";")
     if "base64" not in (p.strip().lower() for p in params) or '"' in header or "\\" in header:
         return None
-    end = body.find(b'"', comma)
+    end = _next_quote(body, comma, quotes)
     # A backslash before it: an escaped quote (or an escaped backslash): the parser's to read.
     if end < 0 or end - comma < MIN_LIFTED_CHARS or body[end - 1] == 0x5C:
         return None
     return end, media_type.strip().lower(), comma + 1
+
+
+def _next_quote(body: bytes | bytearray, start: int, quotes: Sequence[int] | None) -> int:
+    """The first `"` at or after `start` (-1: none)."""
+    if quotes is None:
+        return body.find(b'"', start)
+    i = bisect.bisect_left(quotes, start)
+    return quotes[i] if i < len(quotes) else -1
+
+
+class QuoteIndex:
+    """Where the `"` of a body are, noted chunk by chunk as it arrives. A chunk the socket just
+    wrote is still in the core's cache: scanning it there cost a third of scanning the whole 15 MB
+    body once it was complete (0.2 against 0.65 ms, 256 KB chunks, 2-core box), and the lift
+    then finds each 5 MB payload's end without reading it again."""
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.size = 0
+
+    def add(self, chunk: bytes | memoryview) -> None:
+        """Note the quotes of the body's next chunk."""
+        base, end = self.size, self.size + len(chunk)
+        if isinstance(chunk, memoryview) and isinstance(chunk.obj, bytearray) and chunk.contiguous and chunk:
+            # A slice of the buffer the socket fills (epd.server.direct_body): search it in place.
+            whole, offset = chunk.obj, _offset_in(chunk)
+        else:
+            whole, offset = chunk, 0
+        i = whole.find(b'"', offset, offset + len(chunk))
+        while i >= 0:
+            self.positions.append(base + i - offset)
+            i = whole.find(b'"', i + 1, offset + len(chunk))
+        self.size = end
+
+
+def _offset_in(chunk: memoryview) -> int:
+    """Where a contiguous slice starts in the bytearray it was taken from."""
+    return np.frombuffer(chunk, np.uint8).ctypes.data - np.frombuffer(chunk.obj, np.uint8).ctypes.data
 
 
 def _escaped(body: bytes | bytearray, index: int) -> bool:

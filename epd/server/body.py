@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import Message
 
 from epd.inputs.image import DataURL
-from epd.server.blobs import lift_data_urls
+from epd.server.blobs import QuoteIndex, lift_data_urls
 from epd.server.direct_body import whole_body
 from epd.server.errors import APIError, ClientGone, ShuttingDown, from_validation_error
 from epd.server.shape import ObjectShape, check_shape
@@ -71,7 +71,7 @@ class BodyBudget:
 async def read_json(request: Request, model: type[M], shape: ObjectShape, state: ServerState) -> M:
     """The body parsed into `model`: 4xx/503 as in the module docstring, 400 if invalid."""
     async with _buffered_body(request, state) as body:
-        return await _parse(body, model, shape, state)
+        return await _parse(body.value(), model, shape, state)
 
 
 async def read_json_with_images(
@@ -80,8 +80,8 @@ async def read_json_with_images(
     """Like `read_json`, with large base64 image URLs lifted out before parsing (epd.server.blobs):
     the model names them `epd-blob:N`, N indexing the list. They hold slices of the body, which
     the body budget stops counting once parsed, as it does the parsed strings."""
-    async with _buffered_body(request, state) as body:
-        rest, blobs = lift_data_urls(body)
+    async with _buffered_body(request, state, note_quotes=True) as body:
+        rest, blobs = lift_data_urls(body.value(), body.quotes and body.quotes.positions)
         return await _parse(rest, model, shape, state), blobs
 
 
@@ -99,11 +99,14 @@ async def _parse(body: bytes | bytearray, model: type[M], shape: ObjectShape, st
 
 
 @asynccontextmanager
-async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[bytes | bytearray]:
-    """The whole body, its bytes counted in the budget until the block ends."""
+async def _buffered_body(
+    request: Request, state: ServerState, note_quotes: bool = False
+) -> AsyncIterator[_Body]:
+    """The whole body, its bytes counted in the budget until the block ends; `note_quotes`: where
+    its quotes are, noted as each chunk comes (epd.server.blobs.QuoteIndex)."""
     config, budget = state.config, state.body_budget
     _check_declared_length(request, config.max_request_bytes)
-    body = _Body()
+    body = _Body(QuoteIndex() if note_quotes else None)
     drained = asyncio.ensure_future(state.drain.wait())
     try:
         more = True
@@ -115,7 +118,7 @@ async def _buffered_body(request: Request, state: ServerState) -> AsyncIterator[
             budget.take(len(chunk))
             body.add(chunk)
             more = message.get("more_body", False)
-        yield body.value()
+        yield body
     except ShuttingDown:
         state.drain.ended_requests += 1
         raise
@@ -131,14 +134,17 @@ class _Body:
     (`bytearray +=` grows by an eighth at a time and so copies a large body several times over);
     the join briefly holds a body twice, on the event loop, so one body at a time does."""
 
-    def __init__(self) -> None:
+    def __init__(self, quotes: QuoteIndex | None = None) -> None:
         self.chunks: list[bytes | memoryview] = []
         self.size = 0
+        self.quotes = quotes
 
     def add(self, chunk: bytes | memoryview) -> None:
         if chunk:
             self.chunks.append(chunk)
             self.size += len(chunk)
+            if self.quotes is not None:
+                self.quotes.add(chunk)
 
     def value(self) -> bytes | bytearray:
         body = whole_body(self.chunks, self.size)

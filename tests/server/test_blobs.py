@@ -8,7 +8,7 @@ import json
 import os
 
 from epd.inputs.image import read_image_bytes
-from epd.server.blobs import MIN_LIFTED_CHARS, blob_index, lift_data_urls
+from epd.server.blobs import MIN_LIFTED_CHARS, QuoteIndex, blob_index, lift_data_urls
 
 
 def b64(n: int, seed: int = 0) -> str:
@@ -117,3 +117,36 @@ def test_blob_references() -> None:
     assert blob_index("epd-blob:0") == 0 and blob_index("epd-blob:12") == 12
     assert blob_index("epd-blob:x") == -1 and blob_index("epd-blob:") == -1
     assert blob_index("data:image/png;base64,xx") is None
+
+
+def chunks_of(body: bytes, cut: list[int], as_slices: bool) -> list[bytes | memoryview]:
+    """`body` cut at these offsets: slices of one buffer (as the socket fills it) or new bytes."""
+    buffer = bytearray(body)
+    edges = [0, *cut, len(body)]
+    pieces = [memoryview(buffer)[a:b] for a, b in zip(edges, edges[1:])]
+    return pieces if as_slices else [bytes(p) for p in pieces]
+
+
+def test_quotes_noted_chunk_by_chunk_lift_what_a_scan_of_the_whole_body_lifts() -> None:
+    big = [b64(3 * MIN_LIFTED_CHARS) for _ in range(2)]
+    bodies = [
+        json.dumps(chat(image(f"data:image/png;base64,{big[0]}"), image(f"data:image/jpeg;base64,{big[1]}"))),
+        json.dumps(chat({"type": "text", "text": f'"url": "data:image/png;base64,{big[0]}"'})),  # kept
+        json.dumps(chat(image(f"data:image/png;base64,{big[0]}\\"))),  # a backslash before the quote
+        json.dumps(chat(image(f"data:image/png;base64,{big[0]}")))[:-40],  # cut short: no closing quote
+    ]
+    for text in bodies:
+        body = text.encode()
+        expected_rest, expected = lift_data_urls(bytearray(body))
+        # Cuts everywhere: inside payloads, on quotes, at the very start and end.
+        for cut in ([], [1], [body.index(b'"data:') + 1], [len(body) // 3, len(body) // 2, len(body) - 1]):
+            for as_slices in (True, False):
+                index = QuoteIndex()
+                for piece in chunks_of(body, cut, as_slices):
+                    index.add(piece)
+                assert index.positions == [i for i, c in enumerate(body) if c == ord('"')]
+                rest, blobs = lift_data_urls(bytearray(body), index.positions)
+                assert bytes(rest) == bytes(expected_rest)
+                assert [(b.media_type, bytes(b.payload)) for b in blobs] == [
+                    (b.media_type, bytes(b.payload)) for b in expected
+                ]
