@@ -8,7 +8,9 @@ the worst case, ~3.7 MB a 1280x960 image) as base64 data URLs, one output token 
 the API process's own CPU time (utime + stime of its pid in /proc, its instance processes not
 included) and minor page faults before and after. Prints CPU ms per image and per request, page
 faults per request, the server's mean `preprocess` (epd_timings), and the CPU per image by thread
-(the server's epd_api_thread_cpu_seconds: its event loop, router, input pool, zmq I/O).
+(the server's epd_api_thread_cpu_seconds: its event loop, router, input pool, zmq I/O). The CPU
+figure includes what the process spends with nothing to do over the run's wall time; its idle
+rate, measured first (`--idle-seconds`), says how much of the figure that is.
 `--server-pythonpath` runs the server from another tree (e.g. a worktree of an older commit),
 for a before/after in one run.
 """
@@ -80,6 +82,15 @@ def thread_cpu_seconds(url: str) -> dict[str, float]:
     return seconds
 
 
+def idle_cpu_rate(pid: int, seconds: float) -> float:
+    """CPU seconds per second the process spends while no request is in flight."""
+    if seconds <= 0:
+        return 0.0
+    before, started = process_cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    return (process_cpu_seconds(pid) - before) / (time.perf_counter() - started)
+
+
 def send_all(url: str, bodies: list[bytes], concurrency: int, keep_alive: bool = False) -> list[dict]:
     """POST each body, `concurrency` at a time; each on a connection of its own (as the first
     runs of this bench did), or, `keep_alive`, on connections each sending thread keeps (as a
@@ -125,6 +136,7 @@ def measure(args: argparse.Namespace) -> dict:
         bodies = [chat_body("m", g) for g in groups]
         send_all(server.url, bodies[: args.warmup], args.concurrency, args.keep_alive)
         pid = server.proc.pid
+        idle_rate = idle_cpu_rate(pid, args.idle_seconds)
         before, faults, started = process_cpu_seconds(pid), process_minor_faults(pid), time.perf_counter()
         threads_before = thread_cpu_seconds(server.url)
         replies = send_all(server.url, bodies[args.warmup :], args.concurrency, args.keep_alive)
@@ -151,6 +163,10 @@ def measure(args: argparse.Namespace) -> dict:
         "api_cpu_ms_per_image_by_thread": {name: 1000 * t / images for name, t in threads.items() if t > 0},
         "api_minor_faults_per_request": faults / args.requests,
         "preprocess_ms_mean": 1000 * float(np.mean(preprocess)) if preprocess else None,
+        # What the process spends with no request (router loop, heartbeats, instance stats) over
+        # the run's wall time, per image: part of the figure above, not of any request's path.
+        "idle_cpu_ms_per_s": 1000 * idle_rate,
+        "idle_cpu_ms_per_image": 1000 * idle_rate * wall / images,
         "wall_s": wall,
         "ttft_s_mean": float(np.mean([t["ttft"] for t in timings])) if timings else None,
         "stage_s_mean": stage_means,
@@ -167,6 +183,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--keep-alive", action="store_true", help="reuse connections (one per sending thread)")
+    p.add_argument(
+        "--idle-seconds", type=float, default=3.0, help="measure the idle CPU rate this long first"
+    )
     p.add_argument("--server-pythonpath", default=None, help="run the server from this tree")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `epd serve` argument (repeat)")
     p.add_argument("--out", default=None)
@@ -178,6 +197,10 @@ def main() -> None:
         f"{result['api_minor_faults_per_request']:6.0f} page faults/request  "
         f"preprocess {result['preprocess_ms_mean']:.2f} ms  ({result['images']} images of "
         f"{result['image_bytes'] / 1e6:.1f} MB)  {args.server_pythonpath or 'this tree'}"
+    )
+    print(
+        f"              idle baseline {result['idle_cpu_ms_per_s']:.1f} ms/s: "
+        f"{result['idle_cpu_ms_per_image']:.2f} ms of each image's figure"
     )
     by_thread = sorted(result["api_cpu_ms_per_image_by_thread"].items(), key=lambda kv: -kv[1])
     if by_thread:
