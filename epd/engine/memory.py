@@ -105,6 +105,7 @@ def profile_memory(
     `encoder_beside`: plus what encoding its images needs, where the tower runs beside the steps."""
     free_cached_memory(device)
     used = torch.cuda.memory_reserved(device)
+    allocated = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     if encoder_beside and model.visual is not None:
         # As encode-ahead does: the tower on a stream of its own, whose freed blocks the
@@ -113,7 +114,13 @@ def profile_memory(
             encode_dummy_images(model, device, num_tokens)
     run_dummy_step(model, device, num_tokens, max_num_seqs, attention_backend, block_size)
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_reserved(device) - used
+    # What the step made the allocator reserve; at least what it allocated: where this process
+    # still holds segments with free room (tensors of earlier work), the step may fit in them and
+    # reserve nothing new, but that room is not the cache's to count on.
+    peak = max(
+        torch.cuda.max_memory_reserved(device) - used,
+        torch.cuda.max_memory_allocated(device) - allocated,
+    )
     free_cached_memory(device)
     # What the run leaves held stays held. Without this, a cache sized for the tower's own stream
     # came out 34 MiB over on an H200, most likely the cuBLAS workspace that a stream's first
