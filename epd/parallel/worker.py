@@ -17,6 +17,7 @@ Rank 0 is its only source of work: when rank 0 is gone the worker has nothing le
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -47,6 +48,8 @@ from epd.transfer.base import Connector, SendResult
 
 # How long a stopping worker waits for its last sends to finish (then they are abandoned).
 DRAIN_TIMEOUT_S = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 class RankWorker:
@@ -103,7 +106,16 @@ class RankWorker:
         self.sends_pending += 1
 
     def _collect_sends(self) -> None:
-        if self.connector is not None and self.sends_pending:
+        if self.connector is None:
+            return
+        # A cuda_ipc producer's staging regions come back with its consumers' acks, which arrive
+        # on this connector's inbox: unread, they filled the 1 GiB staging buffer after four 9k-token
+        # hand-offs and every later send failed "staging buffer full". A worker receives nothing else.
+        for received in self.connector.poll_received():
+            logger.warning(
+                "tensor-parallel worker %d got %r: workers only send", self.group.rank, received.key
+            )
+        if self.sends_pending:
             done = self.connector.poll_sent()
             self.sends_pending -= len(done)
             self.finished += done

@@ -9,12 +9,27 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from epd.entrypoints.async_engine import EngineArgs
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+@pytest.fixture(autouse=True)
+def _current_device_restored():
+    """Each test leaves this process's current CUDA device as it found it. A connector on a second
+    device makes that device its thread's current one (an instance serves one device); left so,
+    every later test in the process launched its Triton kernels and captured its graphs on
+    cuda:1 with tensors on cuda:0 (83 failures on a two-GPU host, none on one)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    device = torch.cuda.current_device()
+    yield
+    torch.cuda.set_device(device)
 
 
 @pytest.fixture
