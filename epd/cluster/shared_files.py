@@ -34,6 +34,7 @@ frames. The memfd dies with the API process; no name is left behind after a cras
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import mmap
 import os
@@ -68,7 +69,10 @@ class SharedFiles:
         self._map[:TOKEN_BYTES] = self.token
         self._lock = threading.Lock()
         self._free_starts, self._free_sizes = [ALIGN], [self.size - ALIGN]  # sorted by start, coalesced
-        self.used = 0
+        # Buffers whose last reference went, given back at the next take: a finalizer may run in
+        # the middle of a take (a garbage collection there), which must not wait for the lock.
+        self._released: collections.deque[tuple[int, int]] = collections.deque()
+        self._used = 0
         self.taken = self.refused = 0  # files placed here / that went to the heap (arena full)
 
     def take(self, nbytes: int) -> memoryview | None:
@@ -76,18 +80,26 @@ class SharedFiles:
         it) is left; None when the arena has no room (the caller uses the heap)."""
         size = _aligned(max(nbytes, 1))
         with self._lock:
+            self._give_back_released()
             start = self._allocate(size)
             if start is None:
                 self.refused += 1
                 if self.refused == 1:
                     logger.warning("shared image files full (%d bytes): files go by ZMQ frames", self.size)
                 return None
-            self.used += size
+            self._used += size
             self.taken += 1
         # A copy of the view (not a slice of `_whole`), so that the finalizer sees its own object.
         buffer = np.frombuffer(self._map, np.uint8, count=nbytes, offset=start)
-        weakref.finalize(buffer, self._release, start, size)
+        weakref.finalize(buffer, self._released.append, (start, size))
         return memoryview(buffer)
+
+    @property
+    def used(self) -> int:
+        """Bytes of buffers still referenced (alignment included)."""
+        with self._lock:
+            self._give_back_released()
+            return self._used
 
     def locate(self, data: object) -> tuple[int, int] | None:
         """(offset, length) of `data` if it lies in this arena (a buffer `take` gave, or a slice of
@@ -119,9 +131,11 @@ class SharedFiles:
                 return start
         return None
 
-    def _release(self, start: int, size: int) -> None:
-        with self._lock:
-            self.used -= size
+    def _give_back_released(self) -> None:
+        """Return released buffers to the free list, joining neighbours (under the lock)."""
+        while self._released:
+            start, size = self._released.popleft()
+            self._used -= size
             i = bisect.bisect(self._free_starts, start)
             self._free_starts.insert(i, start)
             self._free_sizes.insert(i, size)
