@@ -42,6 +42,7 @@ from epd.inputs.types import ProcessedPrompt
 from epd.outputs import RequestOutput
 from epd.sampling_params import SamplingParams
 from epd.transfer.base import DEFAULT_RETRIES
+from epd.transfer.cuda_ipc import DEFAULT_STAGING_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Cluster:
         kv_streaming: str = "auto",
         transfer_retries: int = DEFAULT_RETRIES,
         transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
+        transfer_staging_bytes: int = DEFAULT_STAGING_BYTES,
         host: str = "127.0.0.1",
         mm_cache_bytes: int = 256 << 20,
         shared_file_bytes: int = SHARED_FILE_BYTES,
@@ -105,7 +107,8 @@ class Cluster:
         they hear nothing from this process for `heartbeat_timeout_s`; the router takes an instance
         that sends nothing for `silence_timeout_s` (stopped, hung) for dead and redoes its work.
         A failed transfer is sent again `transfer_retries` times on the same pair, each attempt
-        waiting `transfer_timeout_s` for its receiver, before the router places its request anew.
+        waiting `transfer_timeout_s` for its receiver, before the router places its request anew;
+        a cuda_ipc sender stages what it sends in `transfer_staging_bytes` of its GPU's memory.
         `role_switching`: switch roles automatically (epd.cluster.router.auto_roles); None: by hand only.
         `shared_file_bytes`: memory for image files that the encoders of this host read in place
         (epd.cluster.shared_files; 0: every file goes as ZMQ frames)."""
@@ -144,6 +147,7 @@ class Cluster:
                 kv_streaming=kv_streaming,
                 transfer_retries=transfer_retries,
                 transfer_timeout_s=transfer_timeout_s,
+                transfer_staging_bytes=transfer_staging_bytes,
                 heartbeat_timeout_s=heartbeat_timeout_s,
                 switchable_roles=switchable_roles,
                 socket_dir=self.sockets.path,

@@ -148,6 +148,11 @@ class EngineArgs:
     transfer_timeout: float = option(
         30.0, "seconds one attempt of a transfer waits for its receiver to take it before it fails"
     )
+    transfer_staging_bytes: int = _bytes_option(
+        1 << 30,
+        "GPU memory each cuda_ipc sender (an instance, each rank of a tensor-parallel one) keeps to "
+        "stage what it sends until the receiver has copied it; a send waits for room",
+    )
     dtype: str = option("float32", "weights", choices=("float32", "float16", "bfloat16"))
     load_format: str = option(
         "safetensors",
@@ -358,6 +363,7 @@ class EngineArgs:
             kv_streaming=self.kv_streaming,
             transfer_retries=self.transfer_retries,
             transfer_timeout_s=self.transfer_timeout,
+            transfer_staging_bytes=self.transfer_staging_bytes,
             mm_cache_bytes=self.mm_cache_bytes,
             shared_file_bytes=self.shared_file_bytes,
             silence_timeout_s=self.instance_silence_timeout,

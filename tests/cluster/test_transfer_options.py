@@ -8,10 +8,12 @@ KV did not reach D anew, and has P ask again for embeddings that did not come.
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+import torch
 from flaky_transfer import Drop, FlakyLauncher
 
 from epd import LLM, SamplingParams
@@ -42,10 +44,23 @@ def test_engine_args_pass_the_transfer_options_to_the_cluster(model, monkeypatch
     import epd.cluster.cluster
 
     seen: dict = {}
-    monkeypatch.setattr(epd.cluster.cluster, "Cluster", lambda *args, **kwargs: seen.update(kwargs))
-    args = EngineArgs(model=model, layout="1E+1P+1D", transfer_retries=0, transfer_timeout=1.5)
+
+    def cluster(*args, **kwargs):  # records the options; a cluster without shared image files
+        seen.update(kwargs)
+        return types.SimpleNamespace(shared_files=None)
+
+    monkeypatch.setattr(epd.cluster.cluster, "Cluster", cluster)
+    args = EngineArgs(
+        model=model,
+        layout="1E+1P+1D",
+        transfer_retries=0,
+        transfer_timeout=1.5,
+        transfer_staging_bytes=1 << 20,
+        shared_file_bytes=0,
+    )
     args.build(InputProcessor.from_pretrained(model))
     assert seen["transfer_retries"] == 0 and seen["transfer_timeout_s"] == 1.5
+    assert seen["transfer_staging_bytes"] == 1 << 20 and seen["shared_file_bytes"] == 0
 
 
 def test_an_instances_connector_takes_its_retries_and_timeout(model):
@@ -58,6 +73,10 @@ def test_an_instances_connector_takes_its_retries_and_timeout(model):
         assert connector.inner._send_timeout_s == 1.5
     with make_connector(replace(cfg, transfer_retries=4), "local") as connector:  # takes no timeout
         assert connector.retries == 4 and connector.name == "local"
+    if torch.cuda.is_available():  # a cuda_ipc sender stages its sends in the memory it is given
+        gpu = replace(cfg, engine=replace(cfg.engine, device="cuda:0"), transfer_staging_bytes=1 << 20)
+        with make_connector(gpu, "cuda_ipc") as connector:
+            assert connector.inner._regions.capacity == 1 << 20
 
 
 def run_until(cluster: Cluster, done: Callable[[], bool], what: str, outputs: dict) -> None:

@@ -96,3 +96,18 @@ def assert_same_generated(got: Generated, want: Generated) -> None:
         for position, ref in zip(logprobs, want_logprobs, strict=True):
             assert position.keys() == ref.keys(), rid
             assert all(abs(position[t] - ref[t]) < 1e-4 for t in ref), rid
+
+
+def test_hand_offs_past_the_staging_buffer_wait_for_room_on_every_rank(model, reference):
+    """P tp2 -> D tp1 over cuda_ipc, each rank's staging buffer holding a few hand-offs of this
+    model's prompts (a rank's piece: ~5-15 KB): twenty go through, so every rank got its regions
+    back from D's acks (a worker that never read them failed from the fifth 9k-token hand-off on)."""
+    with LLM(
+        model,
+        layout="1E+1P@tp2+1D",
+        devices="cuda:0,cuda:0,cuda:1,cuda:1",
+        kv_streaming="request",
+        transfer_staging_bytes=48 << 10,
+    ) as llm:
+        outputs = llm.generate(PROMPTS * 10, PARAMS, use_tqdm=False)
+    assert_same(outputs, reference * 10)

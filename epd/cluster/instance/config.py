@@ -8,6 +8,7 @@ from epd.cluster.heartbeat import HEARTBEAT_TIMEOUT_S
 from epd.cluster.layout import InstanceSpec, Role
 from epd.config import EngineConfig
 from epd.transfer.base import DEFAULT_RETRIES
+from epd.transfer.cuda_ipc import DEFAULT_STAGING_BYTES
 
 TRANSFER_TIMEOUT_S = 30.0  # what one attempt of a send waits for its receiver (the backends' default)
 
@@ -34,6 +35,8 @@ class InstanceConfig:
     # (epd.transfer.retry); each attempt waits this long for its receiver.
     transfer_retries: int = DEFAULT_RETRIES
     transfer_timeout_s: float = TRANSFER_TIMEOUT_S
+    # What a cuda_ipc sender keeps of its GPU's memory to stage sends until they are copied.
+    transfer_staging_bytes: int = DEFAULT_STAGING_BYTES
     # Exits when nothing came from the router for this long (epd.cluster.heartbeat).
     heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
     # Both parts of the model (vision tower, language model) stay in host memory (pinned on a GPU

@@ -104,7 +104,9 @@ def make_connector(cfg: InstanceConfig, name: str) -> Connector:
     a failed send then still reads "gave up after 1 attempt", so the router places its request anew
     rather than failing it. Each attempt waits `cfg.transfer_timeout_s` for its receiver (the local
     backend moves nothing between instances: it takes no timeout)."""
-    options = {} if name == "local" else {"send_timeout_s": cfg.transfer_timeout_s}
+    options: dict = {} if name == "local" else {"send_timeout_s": cfg.transfer_timeout_s}
+    if name == "cuda_ipc":
+        options["staging_bytes"] = cfg.transfer_staging_bytes
     backend = create_backend(name, device=cfg.engine.device, host=cfg.host, **options)
     return RetryingConnector(backend, cfg.transfer_retries)
 
