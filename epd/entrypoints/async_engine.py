@@ -63,6 +63,10 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (asyncio.get_running_loop(), stream, params)
         self._post(("add", request_id, prompt, params, time.time()))
+        # The engine holds the prompt now. This frame may outlive the request in a garbage cycle
+        # (a cancelled stream's traceback) until a full collection: it must not keep the prompt's
+        # images (shared memory: epd.cluster.shared_files) that long.
+        del prompt
         finished = False
         try:
             while True:

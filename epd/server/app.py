@@ -54,7 +54,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 def _state(engine: AsyncEngine, config: ServerConfig) -> ServerState:
     admission = Admission(config.max_queued_requests, config.retry_after_s, lambda: engine_healthy(engine))
     metrics = ServerMetrics(
-        engine.instance_stats, engine.instances_up, lambda: admission.count, engine.role_switches
+        engine.instance_stats,
+        engine.instances_up,
+        lambda: admission.count,
+        engine.role_switches,
+        getattr(engine.engine, "shared_files", None),  # a cluster's; the in-process engine has none
     )
     return ServerState(
         engine=engine,

@@ -24,6 +24,10 @@
 | epd_api_thread_cpu_seconds               | gauge     | thread             | /proc/self/task: the API      |
 |                                          |           |                    | process's CPU by thread/pool  |
 |                                          |           |                    | (epd.server.thread_cpu)       |
+| epd_shared_file_bytes_in_use / _capacity | gauge     |                    | image files in the memory the |
+| epd_shared_files_placed_total            | counter   |                    | encoders of this host read    |
+| epd_shared_files_refused_total           | counter   |                    | (cluster.shared_files); those |
+|                                          |           |                    | refused went by the socket    |
 
 Instance counters are cumulative totals kept by the instances: a collector reads them at
 scrape time instead of re-incrementing our own counters (which would double count).
@@ -42,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from epd.cluster.shared_files import SharedFiles
 from epd.cluster.stats import STAT_HELP
 from epd.outputs import RequestOutput
 from epd.server.thread_cpu import ThreadCpuCollector
@@ -61,6 +66,7 @@ class ServerMetrics:
         instances_up: Callable[[], dict[str, bool]],
         admitted: Callable[[], int],
         role_switches: Callable[[], list[dict]] = list,
+        shared_files: SharedFiles | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
@@ -99,6 +105,8 @@ class ServerMetrics:
         reg.register(_EngineCollector(instance_stats, instances_up, admitted))
         reg.register(_SwitchCollector(role_switches))
         reg.register(ThreadCpuCollector())
+        if shared_files is not None:
+            reg.register(_SharedFilesCollector(shared_files))
 
     def observe_finished(self, out: RequestOutput, timing: RequestTiming) -> None:
         """Record a generation that ran to its end (stop or length); aborted ones are not latencies."""
@@ -120,6 +128,33 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SharedFilesCollector:
+    """The shared image files at scrape time: what they hold now, and where files went."""
+
+    def __init__(self, shared: SharedFiles) -> None:
+        self.shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "epd_shared_file_bytes_in_use",
+            "bytes of image files in flight in shared memory",
+            self.shared.used,
+        )
+        yield GaugeMetricFamily(
+            "epd_shared_file_bytes_capacity",
+            "the shared memory for image files (--shared-file-bytes)",
+            self.shared.size,
+        )
+        yield CounterMetricFamily(
+            "epd_shared_files_placed", "image files decoded into shared memory", self.shared.taken
+        )
+        yield CounterMetricFamily(
+            "epd_shared_files_refused",
+            "image files that found the shared memory full and went over the socket",
+            self.shared.refused,
+        )
 
 
 class RequestTiming:

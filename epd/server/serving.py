@@ -81,6 +81,9 @@ async def _start(
     params = gen.params(len(prompt.prompt_token_ids))
     gen.timing.preprocess = time.time() - started
     outputs = _tracked(state, prompt, params, gen, slot)
+    # Frames of a cancelled request (a client gone) can end up in garbage cycles that live until a
+    # full collection: they must not hold its prompt, whose image files are shared memory.
+    del prompt
     # Wait for the first output here, so that errors before it are plain HTTP errors.
     try:
         first = await outputs.__anext__()
@@ -95,6 +98,7 @@ async def _tracked(
     """The engine's outputs, with engine failures turned into APIErrors and the timing kept."""
     timing = gen.timing
     outputs = state.engine.generate(prompt, params, gen.request_id)
+    del prompt  # the engine has it (see _start)
     try:
         async for out in outputs:
             if out.error is not None and out.invalid_input:

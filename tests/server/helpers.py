@@ -28,8 +28,9 @@ from epd.testing.images import noise_image
 READY = re.compile(r"ready: OpenAI API at http://([\d.]+):(\d+)/v1")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
-# Zero when nothing runs: pinned KV and MM blocks, admitted requests.
+# Zero when nothing runs: pinned KV and MM blocks, admitted requests, image files in shared memory.
 IDLE_ZERO = ("epd_instance_kv_cache_usage", "epd_instance_mm_cache_usage", "epd_requests_admitted")
+IDLE_ZERO += ("epd_shared_file_bytes_in_use",)
 
 
 def png_data_url(img: Image.Image) -> str:
