@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from epd.bench.serve.launcher import LocalServer
+from epd.proc_stat import MINFLT, STIME, UTIME, stat_fields
 
 
 def noise_png(width: int, height: int, seed: int) -> bytes:
@@ -55,19 +56,14 @@ def chat_body(model: str, pngs: list[bytes]) -> bytes:
 
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of the process itself (all its threads), from /proc/<pid>/stat."""
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return (int(fields[UTIME]) + int(fields[STIME])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_minor_faults(pid: int) -> int:
     """Minor page faults of the process itself: memory it touched for the first time (each costs
     microseconds of CPU in a VM, so a buffer mapped afresh per request shows here)."""
-    return int(_stat_fields(pid)[7])
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name (which may hold spaces): field 3 (state) first."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(stat_fields(f"/proc/{pid}/stat")[MINFLT])
 
 
 def thread_cpu_seconds(url: str) -> dict[str, float]:

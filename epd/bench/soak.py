@@ -45,6 +45,7 @@ from epd.bench.serve.launcher import LocalServer
 from epd.bench.serve.runner import run_requests
 from epd.bench.serve.shapes_task import shapes_requests
 from epd.bench.serve.spec import ArrivalSpec, WorkloadSpec
+from epd.proc_stat import PPID, stat_fields
 from epd.transfer.shm import SEGMENT_PREFIX, default_shm_dir
 
 Metrics = dict[str, dict[tuple, float]]  # sample name -> {sorted label items: value}
@@ -117,10 +118,10 @@ def process_tree(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent = int(stat_fields(f"/proc/{entry}/stat")[PPID])
         except OSError:
             continue
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        children.setdefault(parent, []).append(int(entry))
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import zmq
 
+from epd.proc_stat import STARTTIME, stat_fields
+
 # sockaddr_un's sun_path holds 108 bytes with its NUL: a longer path cannot be bound.
 MAX_SOCKET_PATH = 107
 ROUTER_SOCKET = "router"
@@ -78,10 +80,9 @@ def _owner_of(pid: int) -> str | None:
     """ "<pid> <start time>" of a running process (the start time tells a reused pid apart);
     None if none runs under that pid."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{pid} {stat_fields(f'/proc/{pid}/stat')[STARTTIME]}"
     except OSError:
         return None
-    return f"{pid} {fields[19]}"  # field 22 of stat: the start time, in clock ticks since boot
 
 
 def local_address(socket_dir: str | None, name: str) -> str | None:

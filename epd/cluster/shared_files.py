@@ -60,8 +60,7 @@ class SharedFiles:
         self._fd = os.memfd_create("epd-image-files", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, self.size)
         self._map = mmap.mmap(self._fd, self.size)
-        self._whole = np.frombuffer(self._map, np.uint8)
-        self._base = self._whole.ctypes.data
+        self._base = np.frombuffer(self._map, np.uint8, count=1).ctypes.data  # the mapping's address
         # A path another process opens the memfd by, and what its first line holds: on another host
         # the same path may name some other process's file, which the token tells apart.
         self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
@@ -89,7 +88,7 @@ class SharedFiles:
                 return None
             self._used += size
             self.taken += 1
-        # A copy of the view (not a slice of `_whole`), so that the finalizer sees its own object.
+        # An array of its own per buffer (not slices of one array), so that its finalizer runs when it goes.
         buffer = np.frombuffer(self._map, np.uint8, count=nbytes, offset=start)
         weakref.finalize(buffer, self._released.append, (start, size))
         return memoryview(buffer)
@@ -104,13 +103,10 @@ class SharedFiles:
     def locate(self, data: object) -> tuple[int, int] | None:
         """(offset, length) of `data` if it lies in this arena (a buffer `take` gave, or a slice of
         one), else None."""
-        if not isinstance(data, memoryview) or not isinstance(data.obj, np.ndarray):
+        if not isinstance(data, memoryview) or not isinstance(data.obj, np.ndarray) or not len(data):
             return None
-        address = np.frombuffer(data, np.uint8).ctypes.data if len(data) else 0
-        offset = address - self._base
-        if not 0 <= offset <= self.size - len(data) or not len(data):
-            return None
-        return offset, len(data)
+        offset = np.frombuffer(data, np.uint8).ctypes.data - self._base
+        return (offset, len(data)) if 0 <= offset <= self.size - len(data) else None
 
     def close(self) -> None:
         """Give back the file descriptor; the mapping goes with the last buffer out."""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from epd.proc_stat import STIME, UTIME, stat_fields
+
 TASKS = Path("/proc/self/task")
 _NUMBERED = re.compile(r"[_/-]?\d+$")  # "epd-input-images_3", "ZMQbg/IO/0": one name per pool
 
@@ -36,13 +38,12 @@ def thread_cpu_seconds() -> dict[str, float]:
     seconds: dict[str, float] = {}
     for task in TASKS.iterdir():
         try:
-            stat = (task / "stat").read_text()
+            fields = stat_fields(task / "stat")
             name = python_names.get(int(task.name)) or (task / "comm").read_text().strip()
         except (OSError, ValueError):
             continue  # ended between the listing and the read
-        fields = stat.rsplit(")", 1)[1].split()
         group = _NUMBERED.sub("", name) or name
-        seconds[group] = seconds.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        seconds[group] = seconds.get(group, 0.0) + (int(fields[UTIME]) + int(fields[STIME])) / ticks
     return seconds
 
 
